@@ -1,0 +1,1 @@
+//! Datasets, reproducible splits and re-identification metrics (pure Rust).

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test command (README): sets everything up, starts a throwaway Postgres,
+# runs the whole test suite against it, and stops it.
+#
+#   scripts/test.sh                 # all tests
+#   scripts/test.sh -p handid-model # extra arguments go to `cargo test`
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$(dirname "$here")"
+"$here/setup.sh"
+# shellcheck source=scripts/env.sh
+source "$here/env.sh"
+if [ $# -eq 0 ]; then set -- --workspace; fi
+exec "$here/with-postgres.sh" cargo test --locked "$@"

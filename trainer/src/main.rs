@@ -1,0 +1,42 @@
+//! handid-trainer: fine-tunes CLIP for hand identity, evaluates it and
+//! exports serving checkpoints.
+//!
+//! # Layout
+//! - `main.rs`: the command line.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+/// Command-line interface of the trainer.
+#[derive(Debug, Parser)]
+#[command(
+    name = "handid-trainer",
+    version,
+    about = "Fine-tune, evaluate and export CLIP hand-identity models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check that libtorch loads and runs on the given device.
+    Doctor {
+        /// `cpu`, `cuda` or `cuda:N`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Doctor { device } => {
+            let device = handid_model::parse_device(&device).context("choosing the device")?;
+            let x = tch::Tensor::ones([2, 2], (tch::Kind::Float, device));
+            let sum = x.sum(tch::Kind::Float).double_value(&[]);
+            println!("libtorch OK on {device:?} (2x2 ones sum to {sum})");
+        }
+    }
+    Ok(())
+}
