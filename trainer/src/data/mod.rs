@@ -1,0 +1,5 @@
+//! Training data pipeline.
+
+mod sampler;
+
+pub use sampler::{PkSampler, SamplerError};
