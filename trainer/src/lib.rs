@@ -2,7 +2,9 @@
 //!
 //! # Layout
 //! - [`data`]: the training data pipeline (P x K identity sampler).
+//! - [`engine`]: training building blocks (learning-rate schedules).
 //! - [`losses`]: one loss per file, each citing its paper.
 
 pub mod data;
+pub mod engine;
 pub mod losses;

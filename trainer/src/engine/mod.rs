@@ -1,0 +1,5 @@
+//! The training engine's building blocks.
+
+mod schedule;
+
+pub use schedule::Schedule;
