@@ -110,7 +110,7 @@ impl Identity {
         });
         let tone = rng.unit();
         let skin =
-            [0.35 + 0.6 * tone, 0.22 + 0.5 * tone, 0.15 + 0.42 * tone].map(|c| c + 0.08 * rng.normal());
+            [0.35 + 0.6 * tone, 0.22 + 0.5 * tone, 0.15 + 0.42 * tone].map(|c| c + 0.05 * rng.normal());
         let marks = (0..1 + rng.below(3))
             .map(|_| Mark {
                 x: rng.range(-0.25, 0.25),
@@ -128,9 +128,9 @@ impl Identity {
     }
 
     /// Colour of the hand at `(x, y)` (hand coordinates, y down, palm centre
-    /// at (0, 0.25)), or `None` off the hand.
+    /// at (0, 0.15)), or `None` off the hand.
     fn colour_at(&self, x: f64, y: f64) -> Option<[f64; 3]> {
-        let (cx, cy) = (0.0, 0.25);
+        let (cx, cy) = (0.0, 0.15);
         let (px, py) = ((x - cx) / self.palm.0, (y - cy) / self.palm.1);
         let in_palm = px * px + py * py <= 1.0;
         let in_finger = self.fingers.iter().any(|f| {
@@ -175,18 +175,15 @@ struct View {
 
 impl View {
     fn random(rng: &mut Rng) -> Self {
-        let grey = rng.range(0.55, 0.95);
+        let grey = rng.range(0.65, 0.9);
         Self {
-            rotation: rng.range(-0.3, 0.3),
-            scale: rng.range(0.85, 1.12),
-            shift: (rng.range(-0.08, 0.08), rng.range(-0.08, 0.08)),
-            brightness: rng.range(0.8, 1.15),
+            rotation: rng.range(-0.2, 0.2),
+            // The hand fills most of the frame, as in the 11k photographs.
+            scale: 1.15 * rng.range(0.9, 1.1),
+            shift: (rng.range(-0.06, 0.06), rng.range(-0.06, 0.06)),
+            brightness: rng.range(0.85, 1.15),
             gradient: rng.range(-0.15, 0.15),
-            background: [
-                grey + rng.range(-0.05, 0.05),
-                grey + rng.range(-0.05, 0.05),
-                grey + rng.range(-0.05, 0.05),
-            ],
+            background: [0, 1, 2].map(|_| grey + rng.range(-0.04, 0.04)),
             noise: rng.range(0.01, 0.04),
         }
     }
