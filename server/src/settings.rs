@@ -1,0 +1,407 @@
+//! Server settings: one YAML file, `HANDID__SECTION__KEY` environment
+//! overrides, defaults in Rust, validated once at start.
+//!
+//! Loading goes YAML text -> `serde_yaml::Value` -> environment overrides
+//! merged into that value -> typed [`Settings`]. Deserialising only once,
+//! after the merge, means an override is checked exactly like a key of the
+//! file: an unknown section or key is refused, and every error names the key
+//! (`batch.max_wait_ms: invalid type ...`) thanks to `serde_path_to_error`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_yaml::{Mapping, Value};
+
+/// Prefix of the environment overrides: `HANDID__BATCH__MAX_WAIT_MS=5`.
+pub const ENV_PREFIX: &str = "HANDID__";
+
+/// A setting that cannot be read or makes no sense.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// The file cannot be read.
+    #[error("cannot read settings file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The YAML is not well formed.
+    #[error("settings file is not valid YAML: {0}")]
+    Yaml(#[source] serde_yaml::Error),
+    /// A key is unknown or its value has the wrong type.
+    #[error("setting {key}: {message}")]
+    Key {
+        /// The dotted key, e.g. `batch.max_wait_ms`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// All settings of the server.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Where the gRPC server listens and how it sheds load.
+    pub server: ServerSettings,
+    /// The PostgreSQL store.
+    pub database: DatabaseSettings,
+    /// The serving checkpoint.
+    pub model: ModelSettings,
+    /// Gathering requests into forward passes.
+    pub batch: BatchSettings,
+    /// Limits on what one request may ask for.
+    pub limits: LimitSettings,
+}
+
+/// The gRPC listener and its middleware.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// Address the `serve` command binds (tests bind their own port 0).
+    pub listen: SocketAddr,
+    /// Requests handled at once across all connections; more are refused
+    /// with RESOURCE_EXHAUSTED instead of queueing without bound.
+    pub max_concurrent_requests: usize,
+    /// A request running longer than this is cancelled (DEADLINE_EXCEEDED).
+    pub request_timeout_ms: u64,
+    /// How often the health check probes the database.
+    pub health_check_interval_ms: u64,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            max_concurrent_requests: 256,
+            request_timeout_ms: 30_000,
+            health_check_interval_ms: 1_000,
+        }
+    }
+}
+
+/// PostgreSQL connection pool.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// `postgres://user@host:port/db`.
+    pub url: String,
+    /// Connections in the pool.
+    pub max_connections: u32,
+    /// How long a call waits for a connection before answering UNAVAILABLE.
+    /// Short, so an unreachable database fails calls fast instead of piling
+    /// them up.
+    pub acquire_timeout_ms: u64,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: "postgres://handid@127.0.0.1:5432/handid".to_owned(),
+            max_connections: 16,
+            acquire_timeout_ms: 2_000,
+        }
+    }
+}
+
+/// The serving checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSettings {
+    /// Checkpoint folder (`model.safetensors` + `handid.yaml`).
+    pub path: PathBuf,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("checkpoints/serving"),
+            device: "cpu".to_owned(),
+        }
+    }
+}
+
+/// Dynamic batching of forward passes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchSettings {
+    /// Images in one forward pass at most.
+    pub max_batch_size: usize,
+    /// How long the first image of a batch waits for company.
+    pub max_wait_ms: u64,
+}
+
+impl Default for BatchSettings {
+    fn default() -> Self {
+        Self {
+            max_batch_size: 32,
+            max_wait_ms: 5,
+        }
+    }
+}
+
+/// Limits on one request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitSettings {
+    /// Largest gRPC message accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Largest encoded image, in bytes.
+    pub max_image_bytes: usize,
+    /// Largest decoded image, in pixels (width x height).
+    pub max_pixels: u64,
+    /// Images in one Enroll (and one Embed) at most.
+    pub max_images_per_request: usize,
+    /// Largest `top_k` of Identify.
+    pub max_top_k: u32,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 64 * 1024 * 1024,
+            max_image_bytes: 16 * 1024 * 1024,
+            max_pixels: 40_000_000,
+            max_images_per_request: 16,
+            max_top_k: 100,
+        }
+    }
+}
+
+impl Settings {
+    /// Reads `path` (when given), applies the `HANDID__*` variables of the
+    /// process environment and validates the result.
+    pub fn load(path: Option<&Path>) -> Result<Self, SettingsError> {
+        let text = match path {
+            Some(path) => std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
+                path: path.to_owned(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        Self::from_yaml_and_env(&text, std::env::vars())
+    }
+
+    /// Parses YAML text, applies the `HANDID__SECTION__KEY` pairs among
+    /// `env` and validates. Separate from [`Settings::load`] so tests need
+    /// not touch the process environment.
+    pub fn from_yaml_and_env(
+        yaml: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, SettingsError> {
+        let mut root = match serde_yaml::from_str::<Value>(yaml).map_err(SettingsError::Yaml)? {
+            // An empty file means "all defaults".
+            Value::Null => Value::Mapping(Mapping::new()),
+            value => value,
+        };
+        for (name, value) in env {
+            if let Some(path) = name.strip_prefix(ENV_PREFIX) {
+                apply_override(&mut root, &name, path, &value)?;
+            }
+        }
+        let settings: Settings = serde_path_to_error::deserialize(root).map_err(|e| SettingsError::Key {
+            key: e.path().to_string(),
+            message: e.inner().to_string(),
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks the values that types alone cannot.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        fn bad(key: &str, message: &str) -> Result<(), SettingsError> {
+            Err(SettingsError::Key {
+                key: key.to_owned(),
+                message: message.to_owned(),
+            })
+        }
+        let s = self;
+        if s.server.max_concurrent_requests == 0 {
+            return bad("server.max_concurrent_requests", "must be at least 1");
+        }
+        if s.server.request_timeout_ms == 0 {
+            return bad("server.request_timeout_ms", "must be at least 1");
+        }
+        if s.server.health_check_interval_ms == 0 {
+            return bad("server.health_check_interval_ms", "must be at least 1");
+        }
+        if !(s.database.url.starts_with("postgres://") || s.database.url.starts_with("postgresql://")) {
+            return bad("database.url", "must be a postgres:// or postgresql:// URL");
+        }
+        if s.database.max_connections == 0 {
+            return bad("database.max_connections", "must be at least 1");
+        }
+        if s.database.acquire_timeout_ms == 0 {
+            return bad("database.acquire_timeout_ms", "must be at least 1");
+        }
+        if s.model.path.as_os_str().is_empty() {
+            return bad("model.path", "must name the checkpoint folder");
+        }
+        if let Err(e) = validate_device(&s.model.device) {
+            return bad("model.device", &e);
+        }
+        if s.batch.max_batch_size == 0 {
+            return bad("batch.max_batch_size", "must be at least 1");
+        }
+        if s.limits.max_message_bytes == 0 {
+            return bad("limits.max_message_bytes", "must be at least 1");
+        }
+        if s.limits.max_image_bytes == 0 {
+            return bad("limits.max_image_bytes", "must be at least 1");
+        }
+        if s.limits.max_image_bytes > s.limits.max_message_bytes {
+            return bad(
+                "limits.max_image_bytes",
+                "must not exceed limits.max_message_bytes (such an image could never arrive)",
+            );
+        }
+        if s.limits.max_pixels == 0 {
+            return bad("limits.max_pixels", "must be at least 1");
+        }
+        if s.limits.max_images_per_request == 0 {
+            return bad("limits.max_images_per_request", "must be at least 1");
+        }
+        if s.limits.max_top_k == 0 {
+            return bad("limits.max_top_k", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The request timeout as a duration.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.request_timeout_ms)
+    }
+}
+
+/// Syntax check only: whether CUDA is present is the model loader's
+/// business, at start, with its own explanation.
+fn validate_device(spec: &str) -> Result<(), String> {
+    match spec {
+        "cpu" | "cuda" => Ok(()),
+        _ => match spec.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(_)) => Ok(()),
+            _ => Err(format!("{spec:?} is not \"cpu\", \"cuda\" or \"cuda:N\"")),
+        },
+    }
+}
+
+/// Sets `SECTION.KEY` (lower-cased) in `root` to `value`, parsed as a YAML
+/// scalar so `HANDID__BATCH__MAX_WAIT_MS=5` becomes a number.
+fn apply_override(root: &mut Value, name: &str, path: &str, value: &str) -> Result<(), SettingsError> {
+    let parts: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+    let [section, key] = parts.as_slice() else {
+        return Err(SettingsError::Key {
+            key: name.to_owned(),
+            message: "environment overrides are named HANDID__SECTION__KEY".to_owned(),
+        });
+    };
+    let parsed = serde_yaml::from_str::<Value>(value).unwrap_or_else(|_| Value::String(value.to_owned()));
+    let not_a_section = || SettingsError::Key {
+        key: section.clone(),
+        message: "is not a section (a mapping of keys)".to_owned(),
+    };
+    let Value::Mapping(top) = root else {
+        return Err(SettingsError::Key {
+            key: "(root)".to_owned(),
+            message: "the settings file must be a mapping of sections".to_owned(),
+        });
+    };
+    let entry = top
+        .entry(Value::String(section.clone()))
+        .or_insert_with(|| Value::Mapping(Mapping::new()));
+    let Value::Mapping(section_map) = entry else {
+        return Err(not_a_section());
+    };
+    section_map.insert(Value::String(key.clone()), parsed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn key_of(err: SettingsError) -> String {
+        match err {
+            SettingsError::Key { key, .. } => key,
+            other => panic!("expected a key error, got {other}"),
+        }
+    }
+
+    #[test]
+    fn empty_file_gives_the_defaults() {
+        let s = Settings::from_yaml_and_env("", env(&[])).expect("defaults are valid");
+        assert_eq!(s.batch.max_batch_size, BatchSettings::default().max_batch_size);
+        assert_eq!(s.limits.max_top_k, 100);
+    }
+
+    #[test]
+    fn the_committed_example_parses_and_is_valid() {
+        let text = include_str!("../../configs/server.yaml");
+        let s = Settings::from_yaml_and_env(text, env(&[])).expect("configs/server.yaml is valid");
+        assert_eq!(s.model.device, "cpu");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let yaml = "batch:\n  max_wait_ms: 2\ndatabase:\n  url: postgres://a@h/db\n";
+        let s = Settings::from_yaml_and_env(
+            yaml,
+            env(&[
+                ("HANDID__BATCH__MAX_WAIT_MS", "9"),
+                ("HANDID__DATABASE__URL", "postgres://b@h:7/x"),
+                ("HANDID__LIMITS__MAX_TOP_K", "7"),
+                // Single-underscore variables are the scripts' (HANDID_CACHE), not overrides.
+                ("HANDID_CACHE", "/nowhere"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(s.batch.max_wait_ms, 9);
+        assert_eq!(s.database.url, "postgres://b@h:7/x");
+        assert_eq!(s.limits.max_top_k, 7);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        let err = Settings::from_yaml_and_env("batch:\n  max_wiat_ms: 3\n", env(&[])).expect_err("typo");
+        assert!(err.to_string().contains("max_wiat_ms"), "{err}");
+        let err = Settings::from_yaml_and_env("", env(&[("HANDID__MODLE__PATH", "/x")])).expect_err("typo");
+        assert!(err.to_string().contains("modle"), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_name_the_key() {
+        let err = Settings::from_yaml_and_env("", env(&[("HANDID__BATCH__MAX_BATCH_SIZE", "many")]))
+            .expect_err("not a number");
+        assert_eq!(key_of(err), "batch.max_batch_size");
+    }
+
+    #[test]
+    fn nonsense_values_name_the_key() {
+        for (yaml, key) in [
+            ("batch:\n  max_batch_size: 0\n", "batch.max_batch_size"),
+            ("model:\n  device: gpu\n", "model.device"),
+            ("database:\n  url: mysql://x\n", "database.url"),
+            ("limits:\n  max_top_k: 0\n", "limits.max_top_k"),
+            (
+                "limits:\n  max_image_bytes: 100\n  max_message_bytes: 10\n",
+                "limits.max_image_bytes",
+            ),
+            ("server:\n  listen: not-an-address\n", "server.listen"),
+        ] {
+            let err = Settings::from_yaml_and_env(yaml, env(&[])).expect_err(yaml);
+            assert_eq!(key_of(err), key, "{yaml}");
+        }
+    }
+}
