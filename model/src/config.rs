@@ -73,9 +73,9 @@ impl ClipVisionConfig {
         Self::resnet([4, 6, 10, 6], 80, 288, 640)
     }
 
-    /// A one-block-per-stage ResNet of width 8 on 64x64 inputs, for fast tests.
+    /// A one-block-per-stage ResNet of width 4 on 64x64 inputs, for fast tests.
     pub fn tiny_resnet() -> Self {
-        Self::resnet([1, 1, 1, 1], 8, 64, 16)
+        Self::resnet([1, 1, 1, 1], 4, 64, 16)
     }
 
     /// A modified ResNet with OpenAI's head count (`width * 32 / 64`).

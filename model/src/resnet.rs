@@ -276,8 +276,8 @@ mod tests {
         );
         assert!(!has("visual.layer1.1.downsample.0.weight"));
         assert!(has("visual.layer2.0.downsample.0.weight"));
-        assert_eq!(vars["visual.attnpool.positional_embedding"].size(), [5, 256]);
-        assert_eq!(vars["visual.attnpool.c_proj.weight"].size(), [16, 256]);
-        assert_eq!(vars["visual.conv1.weight"].size(), [4, 3, 3, 3]);
+        assert_eq!(vars["visual.attnpool.positional_embedding"].size(), [5, 128]);
+        assert_eq!(vars["visual.attnpool.c_proj.weight"].size(), [16, 128]);
+        assert_eq!(vars["visual.conv1.weight"].size(), [2, 3, 3, 3]);
     }
 }
