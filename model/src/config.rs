@@ -18,6 +18,12 @@ pub enum Backbone {
         /// Number of residual attention blocks.
         layers: i64,
     },
+    /// `ModifiedResNet` (OpenAI CLIP `model.py`); `width` is the stem width
+    /// and the attention pool works on `32 * width` channels.
+    ModifiedResnet {
+        /// Bottleneck counts of `layer1` .. `layer4`.
+        layers: [i64; 4],
+    },
 }
 
 /// Configuration of CLIP's image encoder (`visual.*`).
@@ -26,7 +32,7 @@ pub enum Backbone {
 pub struct ClipVisionConfig {
     /// Backbone kind and depth.
     pub backbone: Backbone,
-    /// Transformer width (ViT).
+    /// Transformer width (ViT) or stem width (ResNet: 64 for RN50).
     pub width: i64,
     /// Attention heads.
     pub heads: i64,
@@ -49,6 +55,37 @@ impl ClipVisionConfig {
             heads: 12,
             image_size: 224,
             output_dim: 512,
+        }
+    }
+
+    /// OpenAI CLIP RN50.
+    pub fn rn50() -> Self {
+        Self::resnet([3, 4, 6, 3], 64, 224, 1024)
+    }
+
+    /// OpenAI CLIP RN101.
+    pub fn rn101() -> Self {
+        Self::resnet([3, 4, 23, 3], 64, 224, 512)
+    }
+
+    /// OpenAI CLIP RN50x4.
+    pub fn rn50x4() -> Self {
+        Self::resnet([4, 6, 10, 6], 80, 288, 640)
+    }
+
+    /// A one-block-per-stage ResNet of width 4 on 64x64 inputs, for fast tests.
+    pub fn tiny_resnet() -> Self {
+        Self::resnet([1, 1, 1, 1], 4, 64, 16)
+    }
+
+    /// A modified ResNet with OpenAI's head count (`width * 32 / 64`).
+    fn resnet(layers: [i64; 4], width: i64, image_size: i64, output_dim: i64) -> Self {
+        Self {
+            backbone: Backbone::ModifiedResnet { layers },
+            width,
+            heads: width * 32 / 64,
+            image_size,
+            output_dim,
         }
     }
 
@@ -77,6 +114,20 @@ impl ClipVisionConfig {
                     format!("vit-w{}-l{layers}-p{patch_size}-r{}", self.width, self.image_size)
                 }
             }
+            Backbone::ModifiedResnet { layers } => {
+                let named = [
+                    (Self::rn50(), "rn50"),
+                    (Self::rn101(), "rn101"),
+                    (Self::rn50x4(), "rn50x4"),
+                ];
+                match named.iter().find(|(preset, _)| preset == self) {
+                    Some((_, name)) => (*name).to_owned(),
+                    None => format!(
+                        "resnet-w{}-l{}-{}-{}-{}-r{}",
+                        self.width, layers[0], layers[1], layers[2], layers[3], self.image_size
+                    ),
+                }
+            }
         }
     }
 
@@ -97,11 +148,31 @@ impl ClipVisionConfig {
                 if patch_size <= 0 || layers <= 0 {
                     return bad("patch_size and layers must be positive".to_owned());
                 }
+                if self.width % self.heads != 0 {
+                    return bad(format!(
+                        "width {} is not a multiple of heads {}",
+                        self.width, self.heads
+                    ));
+                }
                 if self.image_size % patch_size != 0 {
                     return bad(format!(
                         "image_size {} is not a multiple of patch_size {patch_size}",
                         self.image_size
                     ));
+                }
+            }
+            Backbone::ModifiedResnet { layers } => {
+                if layers.iter().any(|&n| n <= 0) || self.width % 2 != 0 {
+                    return bad("every stage needs a block, and the width must be even".to_owned());
+                }
+                if (self.width * 32) % self.heads != 0 {
+                    return bad(format!(
+                        "32 * width {} is not a multiple of heads {}",
+                        self.width, self.heads
+                    ));
+                }
+                if self.image_size % 32 != 0 {
+                    return bad(format!("image_size {} is not a multiple of 32", self.image_size));
                 }
             }
         }
@@ -115,13 +186,22 @@ mod tests {
 
     #[test]
     fn presets_round_trip_through_yaml_and_validate() {
-        for config in [ClipVisionConfig::vit_b16(), ClipVisionConfig::tiny_vit()] {
+        for config in [
+            ClipVisionConfig::vit_b16(),
+            ClipVisionConfig::tiny_vit(),
+            ClipVisionConfig::rn50(),
+            ClipVisionConfig::rn101(),
+            ClipVisionConfig::rn50x4(),
+            ClipVisionConfig::tiny_resnet(),
+        ] {
             config.validate().expect("preset is valid");
             let yaml = serde_yaml::to_string(&config).expect("yaml");
             let back: ClipVisionConfig = serde_yaml::from_str(&yaml).expect("parse");
             assert_eq!(back, config);
         }
         assert_eq!(ClipVisionConfig::vit_b16().architecture(), "vit-b/16");
+        assert_eq!(ClipVisionConfig::rn50().architecture(), "rn50");
+        assert_eq!(ClipVisionConfig::rn50().heads, 32);
     }
 
     #[test]

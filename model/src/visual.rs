@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 use tch::{Tensor, nn};
 
 use crate::config::{Backbone, ClipVisionConfig};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::resnet::ModifiedResNet;
 use crate::vit::VisionTransformer;
 
 /// Which output of the image tower is the embedding.
@@ -25,6 +26,8 @@ pub enum Feature {
 pub enum ImageEncoder {
     /// A vision transformer.
     Vit(VisionTransformer),
+    /// A modified ResNet.
+    ModifiedResnet(ModifiedResNet),
 }
 
 impl ImageEncoder {
@@ -35,6 +38,9 @@ impl ImageEncoder {
             Backbone::Vit { patch_size, layers } => {
                 ImageEncoder::Vit(VisionTransformer::new(p, cfg, patch_size, layers))
             }
+            Backbone::ModifiedResnet { layers } => {
+                ImageEncoder::ModifiedResnet(ModifiedResNet::new(p, cfg, layers))
+            }
         })
     }
 
@@ -43,6 +49,10 @@ impl ImageEncoder {
         match (feature, &cfg.backbone) {
             (Feature::Projected, _) => Ok(cfg.output_dim),
             (Feature::ClassToken, Backbone::Vit { .. }) => Ok(cfg.width),
+            (Feature::ClassToken, Backbone::ModifiedResnet { .. }) => Err(Error::InvalidInput(format!(
+                "a modified ResNet ({}) has no class token feature",
+                cfg.architecture()
+            ))),
         }
     }
 
@@ -56,6 +66,12 @@ impl ImageEncoder {
                     Feature::ClassToken => out.cls,
                 })
             }
+            ImageEncoder::ModifiedResnet(resnet) => match feature {
+                Feature::Projected => resnet.forward(pixels),
+                Feature::ClassToken => Err(Error::InvalidInput(
+                    "a modified ResNet has no class token feature".to_owned(),
+                )),
+            },
         }
     }
 }

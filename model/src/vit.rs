@@ -93,7 +93,8 @@ impl VisionTransformer {
             .class_embedding
             .view([1, 1, channels])
             .expand([batch, 1, channels], true);
-        let x = Tensor::cat(&[cls, patches], 1) + self.positional_embedding_for(grid_h, grid_w);
+        let x = Tensor::cat(&[cls, patches], 1)
+            + resample_positional_embedding(&self.positional_embedding, self.grid, grid_h, grid_w);
         let x = self
             .transformer
             .forward(&x.apply(&self.ln_pre), false)
@@ -105,32 +106,31 @@ impl VisionTransformer {
             cls,
         })
     }
+}
 
-    /// The positional embedding for a `grid_h` x `grid_w` patch grid:
-    /// `[1 + grid_h * grid_w, width]`, the stored one resampled bicubically
-    /// (align_corners false) when the grid differs.
-    fn positional_embedding_for(&self, grid_h: i64, grid_w: i64) -> Tensor {
-        if (grid_h, grid_w) == (self.grid, self.grid) {
-            return self.positional_embedding.shallow_clone();
-        }
-        let width = self.positional_embedding.size()[1];
-        let cls = self.positional_embedding.narrow(0, 0, 1);
-        // [grid * grid, width] -> [1, width, grid, grid]
-        let kind = self.positional_embedding.kind();
-        let grid = self
-            .positional_embedding
-            .narrow(0, 1, self.grid * self.grid)
-            .to_kind(Kind::Float)
-            .view([1, self.grid, self.grid, width])
-            .permute([0, 3, 1, 2]);
-        // [1, width, grid_h, grid_w] -> [grid_h * grid_w, width]
-        let resized = grid
-            .upsample_bicubic2d([grid_h, grid_w], false, None, None)
-            .permute([0, 2, 3, 1])
-            .reshape([grid_h * grid_w, width])
-            .to_kind(kind);
-        Tensor::cat(&[cls, resized], 0)
+/// A CLIP positional embedding `[1 + grid * grid, width]` (a leading class or
+/// mean token, then a square grid) laid out for a `grid_h` x `grid_w` grid:
+/// the grid part is resampled bicubically (align_corners false, in f32) when
+/// the sizes differ; the leading token is kept.
+pub(crate) fn resample_positional_embedding(pos: &Tensor, grid: i64, grid_h: i64, grid_w: i64) -> Tensor {
+    if (grid_h, grid_w) == (grid, grid) {
+        return pos.shallow_clone();
     }
+    let width = pos.size()[1];
+    let kind = pos.kind();
+    // [grid * grid, width] -> [1, width, grid, grid]
+    let square = pos
+        .narrow(0, 1, grid * grid)
+        .to_kind(Kind::Float)
+        .view([1, grid, grid, width])
+        .permute([0, 3, 1, 2]);
+    // [1, width, grid_h, grid_w] -> [grid_h * grid_w, width]
+    let resized = square
+        .upsample_bicubic2d([grid_h, grid_w], false, None, None)
+        .permute([0, 2, 3, 1])
+        .reshape([grid_h * grid_w, width])
+        .to_kind(kind);
+    Tensor::cat(&[pos.narrow(0, 0, 1), resized], 0)
 }
 
 #[cfg(test)]
@@ -201,9 +201,9 @@ mod tests {
     fn positional_embedding_is_kept_at_the_native_grid_and_resampled_otherwise() {
         let vs = nn::VarStore::new(Device::Cpu);
         let vit = VisionTransformer::new(vs.root() / "visual", &ClipVisionConfig::tiny_vit(), 8, 2);
-        let native = vit.positional_embedding_for(4, 4);
+        let native = resample_positional_embedding(&vit.positional_embedding, 4, 4, 4);
         assert_eq!(max_abs(&(&native - &vit.positional_embedding)), 0.0);
-        let tall = vit.positional_embedding_for(8, 4);
+        let tall = resample_positional_embedding(&vit.positional_embedding, 4, 8, 4);
         assert_eq!(tall.size(), [33, 32]);
         // The class position is never resampled.
         assert_eq!(max_abs(&(tall.get(0) - vit.positional_embedding.get(0))), 0.0);
