@@ -3,6 +3,13 @@
 //!
 //! # Layout
 //! - `main.rs`: the command line.
+//! - `commands/`: one file per subcommand (`splits`, `synth`, `eval`).
+
+mod commands {
+    pub mod eval;
+    pub mod splits;
+    pub mod synth;
+}
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -27,6 +34,12 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Draw the protocol's seeded splits and write them as a manifest.
+    Splits(commands::splits::Args),
+    /// Write a synthetic identity-labelled hand dataset.
+    Synth(commands::synth::Args),
+    /// Evaluate precomputed embeddings over their splits; write a report.
+    Eval(commands::eval::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,6 +50,9 @@ fn main() -> anyhow::Result<()> {
             let sum = x.sum(tch::Kind::Float).double_value(&[]);
             println!("libtorch OK on {device:?} (2x2 ones sum to {sum})");
         }
+        Command::Splits(args) => commands::splits::run(args)?,
+        Command::Synth(args) => commands::synth::run(args)?,
+        Command::Eval(args) => commands::eval::run(args)?,
     }
     Ok(())
 }

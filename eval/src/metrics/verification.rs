@@ -73,11 +73,58 @@ pub struct Verification {
     /// Number of impostor pairs.
     pub n_impostor: usize,
     /// ROC from the strictest threshold (nothing accepted) to the loosest.
+    /// Left out of JSON reports: it has one point per distinct score.
+    #[serde(skip)]
     pub roc: Vec<RocPoint>,
+    /// Genuine and impostor score distributions.
+    pub histogram: ScoreHistogram,
     /// One point per requested FMR.
     pub at_fmr: Vec<FmrPoint>,
     /// Equal error rate (FMR = FNMR), linearly interpolated on the ROC.
     pub eer: f64,
+}
+
+/// Genuine and impostor score counts over equal-width bins.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ScoreHistogram {
+    /// Lower edge of the first bin (lowest score).
+    pub lo: f64,
+    /// Upper edge of the last bin (highest score).
+    pub hi: f64,
+    /// Genuine pairs per bin.
+    pub genuine: Vec<usize>,
+    /// Impostor pairs per bin.
+    pub impostor: Vec<usize>,
+}
+
+/// Number of histogram bins in reports.
+pub const HISTOGRAM_BINS: usize = 50;
+
+/// Histogram of both score sets over `bins` bins spanning all scores.
+pub fn histogram(pairs: &PairScores, bins: usize) -> ScoreHistogram {
+    let all = || pairs.genuine.iter().chain(&pairs.impostor).copied();
+    let lo = all().fold(f64::INFINITY, f64::min);
+    let hi = all().fold(f64::NEG_INFINITY, f64::max);
+    let bins = bins.max(1);
+    let count = |scores: &[f64]| {
+        let mut counts = vec![0; bins];
+        for &s in scores {
+            // The top score falls in the last bin; equal lo and hi in the first.
+            let b = if hi > lo {
+                (((s - lo) / (hi - lo)) * bins as f64) as usize
+            } else {
+                0
+            };
+            counts[b.min(bins - 1)] += 1;
+        }
+        counts
+    };
+    ScoreHistogram {
+        lo,
+        hi,
+        genuine: count(&pairs.genuine),
+        impostor: count(&pairs.impostor),
+    }
 }
 
 fn rate(count: usize, n: usize) -> f64 {
@@ -164,6 +211,7 @@ pub fn evaluate(pairs: &PairScores, fmrs: &[f64]) -> Result<Verification> {
         eer: eer(&roc),
         at_fmr: fmrs.iter().map(|&f| at_fmr(pairs, f)).collect(),
         roc,
+        histogram: histogram(pairs, HISTOGRAM_BINS),
     })
 }
 
@@ -242,5 +290,13 @@ mod tests {
         let v = evaluate(&pairs(&[0.9, 0.8], &[0.1, 0.2, 0.3]), &DEFAULT_FMRS).unwrap();
         assert_eq!((v.n_genuine, v.n_impostor, v.eer), (2, 3, 0.0));
         assert!(v.at_fmr.iter().all(|p| p.tpr == 1.0 && p.fmr == 0.0));
+    }
+
+    #[test]
+    fn histogram_by_hand() {
+        let h = histogram(&pairs(&[1.0, 0.9], &[0.0, 0.2, 0.5]), 4);
+        assert_eq!((h.lo, h.hi), (0.0, 1.0));
+        assert_eq!(h.genuine, vec![0, 0, 0, 2]);
+        assert_eq!(h.impostor, vec![2, 0, 1, 0]);
     }
 }
