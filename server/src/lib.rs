@@ -1,14 +1,29 @@
 //! handid-server: the handid.v1 gRPC service.
 //!
 //! # Layout
-//! - [`settings`]: the YAML settings with `HANDID__SECTION__KEY` overrides.
-//! - [`store`]: PostgreSQL (sqlx): galleries, subjects, templates, audit log.
+//! - [`server`]: [`run`]: start-up, the middleware stack, health, reflection,
+//!   graceful shutdown.
+//! - [`service`]: the thin gRPC handlers (protobuf <-> domain types).
+//! - [`engine`]: the core: Enroll, Identify, Verify, ... and the audit log.
+//! - [`error`]: [`ServiceError`] and its one conversion to `tonic::Status`.
+//! - [`batcher`]: decoding off the runtime, dynamic batching of forward passes.
 //! - [`index`]: the in-memory gallery matrices that Identify searches.
+//! - [`store`]: PostgreSQL (sqlx): galleries, subjects, templates, audit log.
+//! - [`settings`]: the YAML settings with `HANDID__SECTION__KEY` overrides.
 //! - [`MIGRATOR`]: the migrations, embedded so the binary applies them at start.
 
+pub mod batcher;
+pub mod engine;
+pub mod error;
 pub mod index;
+pub mod server;
+pub mod service;
 pub mod settings;
 pub mod store;
+
+pub use error::ServiceError;
+pub use server::{ServeError, run};
+pub use settings::Settings;
 
 /// The SQL migrations of `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");

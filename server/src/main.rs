@@ -1,11 +1,14 @@
 //! handid-server binary.
 //!
 //! # Layout
-//! - `main.rs`: the command line (`migrate` for now; serving arrives with the
-//!   server issue).
+//! - `main.rs`: the command line: `serve` (the gRPC service until SIGTERM or
+//!   ctrl-c, then a graceful drain) and `migrate` (apply migrations, exit).
+
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use handid_server::Settings;
 
 /// Command-line interface of the server.
 #[derive(Debug, Parser)]
@@ -17,6 +20,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Serve the handid.v1 API until SIGTERM / ctrl-c.
+    Serve {
+        /// Settings file (YAML); HANDID__SECTION__KEY variables override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Apply the database migrations and exit.
     Migrate {
         /// PostgreSQL URL.
@@ -27,7 +36,22 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
     match Cli::parse().command {
+        Command::Serve { config } => {
+            let settings = Settings::load(config.as_deref()).context("reading the settings")?;
+            let listener = tokio::net::TcpListener::bind(settings.server.listen)
+                .await
+                .with_context(|| format!("binding {}", settings.server.listen))?;
+            handid_server::run(listener, settings, shutdown_signal())
+                .await
+                .context("serving")?;
+        }
         Command::Migrate { database_url } => {
             let pool = sqlx::PgPool::connect(&database_url)
                 .await
@@ -40,4 +64,29 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Completes on SIGTERM (what orchestrators send) or ctrl-c.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("ctrl-c received"),
+        _ = terminate => tracing::info!("SIGTERM received"),
+    }
 }

@@ -255,7 +255,9 @@ impl Store {
     /// call is first, not a read-then-write check.
     pub async fn enroll(&self, new: &NewEnrollment<'_>) -> StoreResult<Enrolled> {
         if let Some(key) = new.idempotency_key
-            && let Some(first) = self.replay(key, new).await?
+            && let Some(first) = self
+                .find_replay(key, new.gallery_id, new.subject_id, new.embeddings.len())
+                .await?
         {
             return Ok(first);
         }
@@ -289,7 +291,7 @@ impl Store {
             if claimed.is_none() {
                 tx.rollback().await?;
                 return self
-                    .replay(key, new)
+                    .find_replay(key, new.gallery_id, new.subject_id, new.embeddings.len())
                     .await?
                     .ok_or_else(|| StoreError::Conflict("enrollments_pkey".to_owned()));
             }
@@ -324,8 +326,15 @@ impl Store {
         })
     }
 
-    /// The first result of the call that used `key`, if there was one.
-    async fn replay(&self, key: &str, new: &NewEnrollment<'_>) -> StoreResult<Option<Enrolled>> {
+    /// The first result of the Enroll that used `key`, if there was one; a
+    /// key used for another gallery, subject or number of images is refused.
+    pub async fn find_replay(
+        &self,
+        key: &str,
+        gallery: &str,
+        subject_id_wanted: &str,
+        images: usize,
+    ) -> StoreResult<Option<Enrolled>> {
         let mut tx = self.pool.begin().await?;
         let Some(row) = sqlx::query(
             "SELECT s.id, s.gallery_id, s.subject_id FROM enrollments e
@@ -346,12 +355,11 @@ impl Store {
         .bind(key)
         .fetch_all(&mut *tx)
         .await?;
-        if gallery_id != new.gallery_id || subject_id != new.subject_id || rows.len() != new.embeddings.len()
-        {
+        if gallery_id != gallery || subject_id != subject_id_wanted || rows.len() != images {
             return Err(StoreError::IdempotencyKeyReused);
         }
         let mut templates = Vec::with_capacity(rows.len());
-        let mut model_id = new.model_id.to_owned();
+        let mut model_id = String::new();
         for row in rows {
             templates.push(CreatedTemplate {
                 template_id: row.try_get("template_id")?,

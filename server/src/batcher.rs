@@ -1,0 +1,293 @@
+//! Turning encoded images into embeddings under concurrent load.
+//!
+//! Two stages, neither on the async runtime:
+//! 1. decode + preprocess each image on tokio's blocking pool (CPU work that
+//!    would otherwise stall every other call on the worker thread);
+//! 2. one dedicated forward thread gathers the preprocessed tensors of all
+//!    concurrent calls into batches (up to `max_batch_size`, waiting at most
+//!    `max_wait` after the first arrives) and runs one forward pass per batch,
+//!    which is what keeps a GPU busy. Each image gets its own row back.
+//!
+//! A bad image fails in stage 1 and never reaches a batch, so it fails only
+//! the call that sent it.
+
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use handid_model::{DecodeLimits, Embedder, Error as ModelError, Preprocess};
+use tch::Tensor;
+use tokio::sync::oneshot;
+
+use crate::error::ImageProblem;
+use crate::settings::BatchSettings;
+
+/// Why embedding failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    /// One image of the call is unusable.
+    #[error("image {index} {problem}")]
+    BadImage {
+        /// 0-based position in the call.
+        index: usize,
+        /// Why.
+        problem: ImageProblem,
+    },
+    /// The forward thread has stopped (server shutting down).
+    #[error("the embedding thread has stopped")]
+    Stopped,
+    /// The model failed on a batch (a server fault).
+    #[error("{0}")]
+    Model(String),
+}
+
+/// One preprocessed image waiting for a forward pass.
+struct Job {
+    /// `[3, H, W]` on the CPU.
+    pixels: Tensor,
+    reply: oneshot::Sender<Result<Vec<f32>, String>>,
+}
+
+/// Handle of the embedding pipeline; cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Batcher {
+    jobs: mpsc::Sender<Job>,
+    preprocess: Arc<Preprocess>,
+    limits: DecodeLimits,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("pixels", &self.pixels.size())
+            .finish()
+    }
+}
+
+impl Batcher {
+    /// Starts the forward thread for `embedder`. It stops once the
+    /// `Batcher` (and so the job queue) is dropped.
+    pub fn start(
+        embedder: Arc<Embedder>,
+        settings: &BatchSettings,
+        limits: DecodeLimits,
+    ) -> std::io::Result<Self> {
+        let (jobs, queue) = mpsc::channel();
+        let preprocess = Arc::new(embedder.manifest().preprocess.clone());
+        let max_batch = settings.max_batch_size.max(1);
+        let max_wait = Duration::from_millis(settings.max_wait_ms);
+        std::thread::Builder::new()
+            .name("handid-forward".to_owned())
+            .spawn(move || forward_loop(&embedder, &queue, max_batch, max_wait))?;
+        Ok(Self {
+            jobs,
+            preprocess,
+            limits,
+        })
+    }
+
+    /// Embeds the images of one call, in order. Fails on the first unusable
+    /// image (by position), without embedding any.
+    pub async fn embed(&self, images: Vec<Vec<u8>>) -> Result<Vec<Vec<f32>>, BatchError> {
+        let decoding: Vec<_> = images
+            .into_iter()
+            .enumerate()
+            .map(|(index, bytes)| {
+                let preprocess = Arc::clone(&self.preprocess);
+                let limits = self.limits;
+                tokio::task::spawn_blocking(move || prepare(index, &bytes, &limits, &preprocess))
+            })
+            .collect();
+        let mut pixels = Vec::with_capacity(decoding.len());
+        for task in decoding {
+            let prepared = task
+                .await
+                .map_err(|e| BatchError::Model(format!("preprocessing task failed: {e}")))?;
+            pixels.push(prepared?);
+        }
+        let mut replies = Vec::with_capacity(pixels.len());
+        for pixels in pixels {
+            let (reply, answer) = oneshot::channel();
+            self.jobs
+                .send(Job { pixels, reply })
+                .map_err(|_| BatchError::Stopped)?;
+            replies.push(answer);
+        }
+        let mut embeddings = Vec::with_capacity(replies.len());
+        for answer in replies {
+            embeddings.push(
+                answer
+                    .await
+                    .map_err(|_| BatchError::Stopped)?
+                    .map_err(BatchError::Model)?,
+            );
+        }
+        Ok(embeddings)
+    }
+}
+
+/// Stage 1 for one image: limits, decode, preprocess.
+fn prepare(
+    index: usize,
+    bytes: &[u8],
+    limits: &DecodeLimits,
+    preprocess: &Preprocess,
+) -> Result<Tensor, BatchError> {
+    let bad = |problem| BatchError::BadImage { index, problem };
+    if bytes.is_empty() {
+        return Err(bad(ImageProblem::Empty));
+    }
+    if bytes.len() <= limits.max_bytes && jpeg_is_truncated(bytes) {
+        return Err(bad(ImageProblem::Undecodable(
+            "truncated JPEG: the data ends before the end-of-image marker".to_owned(),
+        )));
+    }
+    let image = handid_model::decode(bytes, limits).map_err(|e| match e {
+        ModelError::ImageTooManyBytes { bytes, max_bytes } => bad(ImageProblem::TooManyBytes {
+            bytes,
+            max: max_bytes,
+        }),
+        ModelError::ImageTooManyPixels {
+            width,
+            height,
+            max_pixels,
+        } => bad(ImageProblem::TooManyPixels {
+            width,
+            height,
+            max: max_pixels,
+        }),
+        // The model crate guarantees its errors never contain image bytes.
+        other => bad(ImageProblem::Undecodable(other.to_string())),
+    })?;
+    preprocess
+        .apply(&image)
+        .map_err(|e| BatchError::Model(format!("preprocessing: {e}")))
+}
+
+/// Whether `bytes` is a JPEG whose data stops before its end-of-image
+/// marker. The decoder (`image`'s zune-jpeg) pads a truncated scan with grey
+/// and reports success, and an embedding of half a hand must not be
+/// enrolled. Walks the marker segments (so an EXIF thumbnail's own EOI is
+/// skipped with its APP1 segment) and the entropy-coded data of each scan,
+/// where a 0xFF byte is always followed by 0x00 (stuffing) or a restart
+/// marker, until EOI. Bytes that are not a JPEG are left to the decoder.
+fn jpeg_is_truncated(bytes: &[u8]) -> bool {
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return false;
+    }
+    let len = bytes.len();
+    let mut i = 2;
+    loop {
+        // A marker: 0xFF (any number of fill bytes), then its code.
+        while i < len && bytes[i] == 0xFF {
+            i += 1;
+        }
+        let Some(&marker) = bytes.get(i) else {
+            return true;
+        };
+        i += 1;
+        match marker {
+            0xD9 => return false,
+            // Standalone markers carry no length.
+            0x01 | 0xD0..=0xD7 => continue,
+            _ => {}
+        }
+        let Some(&[high, low]) = bytes.get(i..i + 2) else {
+            return true;
+        };
+        let segment = usize::from(u16::from_be_bytes([high, low]));
+        if segment < 2 || i + segment > len {
+            return true;
+        }
+        i += segment;
+        if marker == 0xDA {
+            // Entropy-coded data of the scan, up to the next real marker.
+            loop {
+                match bytes.get(i..i + 2) {
+                    None => return true,
+                    Some(&[0xFF, next]) if next != 0x00 && !(0xD0..=0xD7).contains(&next) => break,
+                    Some(_) => i += 1,
+                }
+            }
+        } else if bytes.get(i) != Some(&0xFF) {
+            // Segments follow each other directly; anything else is damage.
+            return true;
+        }
+    }
+}
+
+/// Stage 2: the forward thread. Runs until every sender is gone.
+fn forward_loop(embedder: &Embedder, queue: &mpsc::Receiver<Job>, max_batch: usize, max_wait: Duration) {
+    while let Ok(first) = queue.recv() {
+        let deadline = Instant::now() + max_wait;
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match queue.recv_timeout(left) {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        // A caller that went away (cancelled, timed out) needs no forward pass.
+        batch.retain(|job| !job.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        tracing::debug!(batch_size = batch.len(), "forward pass");
+        match run_batch(embedder, &batch) {
+            Ok(rows) => {
+                for (job, row) in batch.into_iter().zip(rows) {
+                    // The caller may have gone meanwhile; nothing to do then.
+                    let _ = job.reply.send(Ok(row));
+                }
+            }
+            Err(message) => {
+                for job in batch {
+                    let _ = job.reply.send(Err(message.clone()));
+                }
+            }
+        }
+    }
+}
+
+fn run_batch(embedder: &Embedder, batch: &[Job]) -> Result<Vec<Vec<f32>>, String> {
+    let pixels: Vec<&Tensor> = batch.iter().map(|job| &job.pixels).collect();
+    // [N, 3, H, W]
+    let stacked = Tensor::f_stack(&pixels, 0).map_err(|e| format!("stacking a batch: {e}"))?;
+    // [N, D], L2-normalised, on the CPU
+    let embeddings = embedder.embed_batch(&stacked).map_err(|e| e.to_string())?;
+    Vec::<Vec<f32>>::try_from(&embeddings).map_err(|e| format!("reading embeddings: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_jpeg() -> Vec<u8> {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/data/11k-hands-sample/Hands/Hand_0000005.jpg"
+        );
+        std::fs::read(path).expect("the 11k Hands sample")
+    }
+
+    #[test]
+    fn complete_jpegs_pass_and_cut_ones_are_caught() {
+        let jpeg = sample_jpeg();
+        assert!(!jpeg_is_truncated(&jpeg));
+        // Trailing bytes after EOI (some cameras append data) are not damage.
+        assert!(!jpeg_is_truncated(&[jpeg.as_slice(), b"trailer"].concat()));
+        for tenth in 1..10 {
+            let cut = &jpeg[..jpeg.len() * tenth / 10];
+            assert!(jpeg_is_truncated(cut), "cut at {tenth}/10 passed");
+        }
+        assert!(
+            jpeg_is_truncated(&jpeg[..jpeg.len() - 1]),
+            "missing the last byte of EOI"
+        );
+        assert!(
+            !jpeg_is_truncated(b"\x89PNG not a jpeg"),
+            "other formats are the decoder's business"
+        );
+    }
+}

@@ -1,0 +1,265 @@
+//! The service's error type and its one conversion to a gRPC status.
+//!
+//! Every failure of a call ends up as a [`ServiceError`]; the single
+//! `From<ServiceError> for tonic::Status` below decides the code and the
+//! message a client sees. Messages name the problem (which field, which
+//! image, which limit) but never carry database text, image bytes or
+//! embedding values; server faults are logged here in full and answered
+//! with a generic message.
+
+use crate::batcher::BatchError;
+use crate::index::IndexError;
+use crate::store::StoreError;
+
+/// Why one image of a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ImageProblem {
+    /// No bytes at all.
+    #[error("is empty (0 bytes)")]
+    Empty,
+    /// Over the byte limit.
+    #[error("is {bytes} bytes, over the limit of {max}")]
+    TooManyBytes {
+        /// Its size.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Over the pixel limit (judged from the header, before decoding).
+    #[error("is {width}x{height} pixels, over the limit of {max} pixels")]
+    TooManyPixels {
+        /// Declared width.
+        width: u32,
+        /// Declared height.
+        height: u32,
+        /// The limit.
+        max: u64,
+    },
+    /// Not a JPEG/PNG/BMP/PGM, or truncated or corrupt.
+    #[error("is not a decodable image ({0})")]
+    Undecodable(String),
+}
+
+/// A failed call, by cause.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// A gallery or subject id that is empty or outside `[A-Za-z0-9._:-]{1,128}`.
+    #[error("{field} {problem}")]
+    BadId {
+        /// `gallery_id` or `subject_id`.
+        field: &'static str,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// A request without the image(s) it needs.
+    #[error("{0}")]
+    MissingImage(&'static str),
+    /// More images than the server takes in one call.
+    #[error("{got} images in one call, over the limit of {max}")]
+    TooManyImages {
+        /// Images sent.
+        got: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// One image is unusable.
+    #[error("image {index} {problem}")]
+    BadImage {
+        /// 0-based position in the request.
+        index: usize,
+        /// Why.
+        problem: ImageProblem,
+    },
+    /// `top_k` of 0 or above the limit.
+    #[error("top_k must be 1..={max}, got {got}")]
+    TopK {
+        /// Asked for.
+        got: u32,
+        /// The server's limit.
+        max: u32,
+    },
+    /// A decision rule the server cannot apply.
+    #[error("{0}")]
+    BadRule(String),
+    /// The model has no calibrated default threshold.
+    #[error("the model has no threshold calibrated at FMR {fmr}; send an explicit threshold")]
+    NotCalibrated {
+        /// The default FMR looked for.
+        fmr: f64,
+    },
+    /// A page token this server did not issue.
+    #[error("page_token is not a token this server issued")]
+    BadPageToken,
+    /// A page size outside 0..=1000.
+    #[error("page_size must be 0 (default) to {max}, got {got}")]
+    PageSize {
+        /// Asked for.
+        got: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// An idempotency key longer than the schema allows.
+    #[error("idempotency_key must be at most {max} characters")]
+    IdempotencyKeyTooLong {
+        /// The limit.
+        max: usize,
+    },
+    /// The idempotency key was used for another enrolment.
+    #[error("idempotency_key was already used for a different gallery, subject or number of images")]
+    IdempotencyKeyReused,
+    /// No such gallery.
+    #[error("gallery {0:?} not found")]
+    GalleryNotFound(String),
+    /// No such subject.
+    #[error("subject {subject:?} not found in gallery {gallery:?}")]
+    SubjectNotFound {
+        /// Gallery id.
+        gallery: String,
+        /// Subject id.
+        subject: String,
+    },
+    /// The subject exists, but none of its templates was made by the
+    /// serving model, so it cannot be compared.
+    #[error("subject {subject:?} has no template of the serving model {model_id}")]
+    NoTemplatesForModel {
+        /// Subject id.
+        subject: String,
+        /// Serving model.
+        model_id: String,
+    },
+    /// A concurrent change (e.g. the gallery was deleted meanwhile); retry.
+    #[error("the gallery changed during the call; retry")]
+    Conflict,
+    /// The database cannot be reached.
+    #[error("the database is unavailable; retry with backoff")]
+    Unavailable,
+    /// The server is stopping.
+    #[error("the server is shutting down; retry on another replica")]
+    ShuttingDown,
+    /// Not in this version.
+    #[error("{0} is not implemented yet")]
+    Unimplemented(&'static str),
+    /// A server fault; the detail is logged, never sent.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl From<StoreError> for ServiceError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(cause) => {
+                tracing::warn!(error = %cause, "database unavailable");
+                ServiceError::Unavailable
+            }
+            StoreError::IdempotencyKeyReused => ServiceError::IdempotencyKeyReused,
+            StoreError::Conflict(constraint) => {
+                tracing::info!(%constraint, "concurrent modification");
+                ServiceError::Conflict
+            }
+            // The gallery / subject names are filled in by the caller, which
+            // knows them; these two are mapped there.
+            StoreError::GalleryNotFound | StoreError::SubjectNotFound => {
+                ServiceError::Internal(format!("unmapped store outcome: {e}"))
+            }
+            StoreError::Database(cause) => ServiceError::Internal(format!("database: {cause}")),
+        }
+    }
+}
+
+impl From<IndexError> for ServiceError {
+    fn from(e: IndexError) -> Self {
+        ServiceError::Internal(format!("gallery index: {e}"))
+    }
+}
+
+impl From<BatchError> for ServiceError {
+    fn from(e: BatchError) -> Self {
+        match e {
+            BatchError::BadImage { index, problem } => ServiceError::BadImage { index, problem },
+            BatchError::Stopped => ServiceError::ShuttingDown,
+            BatchError::Model(message) => ServiceError::Internal(format!("embedding: {message}")),
+        }
+    }
+}
+
+impl ServiceError {
+    /// The gRPC code of this error.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            ServiceError::BadId { .. }
+            | ServiceError::MissingImage(_)
+            | ServiceError::TooManyImages { .. }
+            | ServiceError::BadImage { .. }
+            | ServiceError::TopK { .. }
+            | ServiceError::BadRule(_)
+            | ServiceError::BadPageToken
+            | ServiceError::PageSize { .. }
+            | ServiceError::IdempotencyKeyTooLong { .. } => Code::InvalidArgument,
+            ServiceError::NotCalibrated { .. } => Code::FailedPrecondition,
+            ServiceError::IdempotencyKeyReused => Code::AlreadyExists,
+            ServiceError::GalleryNotFound(_)
+            | ServiceError::SubjectNotFound { .. }
+            | ServiceError::NoTemplatesForModel { .. } => Code::NotFound,
+            ServiceError::Conflict => Code::Aborted,
+            ServiceError::Unavailable | ServiceError::ShuttingDown => Code::Unavailable,
+            ServiceError::Unimplemented(_) => Code::Unimplemented,
+            ServiceError::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<ServiceError> for tonic::Status {
+    fn from(e: ServiceError) -> Self {
+        if let ServiceError::Internal(detail) = &e {
+            // The only place server faults are reported in full.
+            tracing::error!(%detail, "internal error");
+        }
+        tonic::Status::new(e.code(), e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn internal_details_stay_on_the_server() {
+        let status = tonic::Status::from(ServiceError::Internal(
+            "relation \"templates\" is broken".to_owned(),
+        ));
+        assert_eq!(status.code(), Code::Internal);
+        assert_eq!(status.message(), "internal error");
+        let status = tonic::Status::from(ServiceError::from(StoreError::Database(sqlx::Error::RowNotFound)));
+        assert_eq!(status.message(), "internal error");
+    }
+
+    #[test]
+    fn codes_follow_the_api_contract() {
+        let cases = [
+            (ServiceError::TopK { got: 0, max: 10 }, Code::InvalidArgument),
+            (
+                ServiceError::BadImage {
+                    index: 2,
+                    problem: ImageProblem::Empty,
+                },
+                Code::InvalidArgument,
+            ),
+            (ServiceError::GalleryNotFound("g".to_owned()), Code::NotFound),
+            (ServiceError::IdempotencyKeyReused, Code::AlreadyExists),
+            (
+                ServiceError::from(StoreError::Unavailable(sqlx::Error::PoolTimedOut)),
+                Code::Unavailable,
+            ),
+        ];
+        for (error, code) in cases {
+            assert_eq!(tonic::Status::from(error).code(), code);
+        }
+        let status = tonic::Status::from(ServiceError::BadImage {
+            index: 2,
+            problem: ImageProblem::TooManyBytes { bytes: 10, max: 5 },
+        });
+        assert_eq!(status.message(), "image 2 is 10 bytes, over the limit of 5");
+    }
+}

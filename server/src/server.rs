@@ -1,0 +1,221 @@
+//! Start-up, the middleware stack, health, and graceful shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use handid_model::{DecodeLimits, Embedder};
+use handid_proto::v1::{admin_server::AdminServer, hand_id_server::HandIdServer};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower::load_shed::LoadShedLayer;
+
+use crate::batcher::Batcher;
+use crate::engine::{ActiveModel, Engine};
+use crate::index::{DEFAULT_CHUNK_ROWS, Indexes};
+use crate::service::{AdminService, HandIdService};
+use crate::settings::Settings;
+use crate::store::{ModelRecord, Store, StoreError};
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Invalid settings.
+    #[error(transparent)]
+    Settings(#[from] crate::settings::SettingsError),
+    /// The device or the checkpoint could not be loaded.
+    #[error("loading the model from {path}: {source}")]
+    Model {
+        /// The checkpoint folder.
+        path: String,
+        /// Why.
+        source: handid_model::Error,
+    },
+    /// The database could not be prepared (connect, migrate, load).
+    #[error("preparing the database: {0}")]
+    Store(#[from] StoreError),
+    /// The forward thread could not be started.
+    #[error("starting the embedding thread: {0}")]
+    Thread(#[source] std::io::Error),
+    /// The gRPC transport failed.
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// A start-up task panicked.
+    #[error("start-up task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// The reflection service could not be built.
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// The gRPC service names whose health is reported ("" is the whole server).
+const HEALTH_SERVICES: [&str; 3] = ["", "handid.v1.HandId", "handid.v1.Admin"];
+
+/// Loads the model, connects and migrates the database, loads the gallery
+/// indexes, then serves on `listener` until `shutdown` completes; in-flight
+/// calls are then drained before this returns.
+pub async fn run(
+    listener: TcpListener,
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    settings.validate()?;
+    let model_error = |source| ServeError::Model {
+        path: settings.model.path.display().to_string(),
+        source,
+    };
+    let device = handid_model::parse_device(&settings.model.device).map_err(model_error)?;
+    let path = settings.model.path.clone();
+    // Loading reads and hashes the weights: blocking work.
+    let embedder = tokio::task::spawn_blocking(move || Embedder::load(&path, device))
+        .await?
+        .map_err(model_error)?;
+    let embedder = Arc::new(embedder);
+    let store = Store::connect(&settings.database).await?;
+    let manifest = embedder.manifest();
+    store
+        .record_model(&ModelRecord {
+            model_id: manifest.model_id.clone(),
+            embedding_space: manifest.embedding_space.clone(),
+            architecture: manifest.architecture.clone(),
+            embedding_dim: manifest.embedding_dim,
+            manifest_json: serde_json::to_string(manifest).unwrap_or_else(|_| "{}".to_owned()),
+        })
+        .await?;
+    let batcher = Batcher::start(
+        Arc::clone(&embedder),
+        &settings.batch,
+        DecodeLimits {
+            max_bytes: settings.limits.max_image_bytes,
+            max_pixels: settings.limits.max_pixels,
+        },
+    )
+    .map_err(ServeError::Thread)?;
+    let model = ActiveModel {
+        device: device_name(device),
+        path: settings.model.path.clone(),
+        loaded_at: chrono::Utc::now(),
+        embedder: Arc::clone(&embedder),
+    };
+    let indexes = Indexes::new(embedder.dim(), device, DEFAULT_CHUNK_ROWS);
+    let engine =
+        Arc::new(Engine::start(store.clone(), indexes, batcher, model, settings.limits.clone()).await?);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, ServingStatus::NotServing).await;
+    let (stop_health, health_stopped) = tokio::sync::watch::channel(false);
+    let health_task = tokio::spawn(watch_database(
+        store,
+        health.clone(),
+        Duration::from_millis(settings.server.health_check_interval_ms),
+        health_stopped,
+    ));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(handid_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let max_message = settings.limits.max_message_bytes;
+    let handid = HandIdServer::new(HandIdService::new(Arc::clone(&engine)))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let admin = AdminServer::new(AdminService::new(engine));
+
+    let local = listener.local_addr().ok();
+    tracing::info!(address = ?local, "serving");
+    let drain = {
+        let health = health.clone();
+        async move {
+            shutdown.await;
+            // Tell load balancers first, then stop accepting and drain.
+            let _ = stop_health.send(true);
+            set_health(&health, ServingStatus::NotServing).await;
+            tracing::info!("shutting down: draining in-flight calls");
+        }
+    };
+    let served = tonic::transport::Server::builder()
+        // One span per call, named by its method, so a call's log lines can
+        // be found together. Only the path is recorded: never a payload.
+        .trace_fn(|request| tracing::info_span!("grpc", method = %request.uri().path()))
+        // A call may not run forever: past the deadline it is cancelled and
+        // the client gets DEADLINE_EXCEEDED / CANCELLED.
+        .timeout(settings.request_timeout())
+        .layer(
+            tower::ServiceBuilder::new()
+                // Shed load when the limit below is reached: the call is
+                // refused at once with RESOURCE_EXHAUSTED rather than queued,
+                // so overload shows up as errors instead of growing latency.
+                .layer(LoadShedLayer::new())
+                // Limit the number of calls in flight across all connections
+                // (one semaphore for the whole server, not per connection):
+                // each call may hold decoded images and a batch slot.
+                .layer(GlobalConcurrencyLimitLayer::new(
+                    settings.server.max_concurrent_requests,
+                )),
+        )
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(handid)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
+        .await;
+    health_task.abort();
+    tracing::info!("server stopped");
+    Ok(served?)
+}
+
+/// Probes the database every `interval`; SERVING only while it answers.
+/// The model is loaded before this starts, so reachability is the only
+/// condition left. The pool reconnects by itself, so recovery needs nothing
+/// but the next successful probe.
+async fn watch_database(
+    store: Store,
+    health: HealthReporter,
+    interval: Duration,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut serving = None;
+    loop {
+        if *stopped.borrow() {
+            return;
+        }
+        let up = matches!(
+            tokio::time::timeout(interval.max(Duration::from_millis(500)), store.ping()).await,
+            Ok(Ok(()))
+        );
+        // A shutdown that began during the probe has already said NOT_SERVING.
+        if *stopped.borrow() {
+            return;
+        }
+        if serving != Some(up) {
+            if up {
+                tracing::info!("database reachable: SERVING");
+                set_health(&health, ServingStatus::Serving).await;
+            } else {
+                tracing::warn!("database unreachable: NOT_SERVING");
+                set_health(&health, ServingStatus::NotServing).await;
+            }
+            serving = Some(up);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stopped.changed() => {}
+        }
+    }
+}
+
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    for service in HEALTH_SERVICES {
+        health.set_service_status(service, status).await;
+    }
+}
+
+fn device_name(device: tch::Device) -> String {
+    match device {
+        tch::Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".to_owned(),
+    }
+}

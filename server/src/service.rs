@@ -1,0 +1,311 @@
+//! The gRPC handlers: validate, convert to domain types, call the
+//! [`Engine`], convert back. No logic lives here.
+
+use std::sync::Arc;
+
+use handid_proto::v1::{self as pb, admin_server::Admin, decision_rule, hand_id_server::HandId};
+use tonic::{Request, Response, Status};
+
+use crate::engine::{ActiveModel, Caller, Decision, Engine, Id, Rule};
+use crate::error::ServiceError;
+use crate::store::SubjectRecord;
+
+/// The `handid.v1.HandId` service.
+#[derive(Debug, Clone)]
+pub struct HandIdService {
+    engine: Arc<Engine>,
+}
+
+/// The `handid.v1.Admin` service.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    engine: Arc<Engine>,
+}
+
+impl HandIdService {
+    /// Serves `engine`.
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
+    }
+}
+
+impl AdminService {
+    /// Serves `engine`.
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
+    }
+}
+
+/// The audit log's "who": the peer address until API keys arrive.
+fn caller<T>(request: &Request<T>) -> Caller {
+    Caller(match request.remote_addr() {
+        Some(addr) => format!("anonymous@{addr}"),
+        None => "anonymous".to_owned(),
+    })
+}
+
+fn gallery(id: String) -> Result<Id, ServiceError> {
+    Id::parse("gallery_id", id)
+}
+
+fn subject(id: String) -> Result<Id, ServiceError> {
+    Id::parse("subject_id", id)
+}
+
+fn rule(rule: Option<pb::DecisionRule>) -> Rule {
+    match rule.and_then(|r| r.rule) {
+        None => Rule::Default,
+        Some(decision_rule::Rule::Threshold(t)) => Rule::Threshold(t),
+        Some(decision_rule::Rule::TargetFmr(f)) => Rule::TargetFmr(f),
+    }
+}
+
+fn probe(image: Option<pb::Image>) -> Result<Vec<u8>, ServiceError> {
+    image
+        .map(|i| i.data)
+        .ok_or(ServiceError::MissingImage("image is required"))
+}
+
+fn decision(d: Decision) -> pb::Decision {
+    pb::Decision {
+        is_match: d.is_match,
+        threshold: d.threshold,
+        fmr: d.fmr,
+    }
+}
+
+fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+fn subject_record(gallery_id: &str, s: SubjectRecord) -> pb::Subject {
+    pb::Subject {
+        gallery_id: gallery_id.to_owned(),
+        subject_id: s.subject_id,
+        templates: s
+            .templates
+            .into_iter()
+            .map(|t| pb::TemplateInfo {
+                template_id: t.template_id.to_string(),
+                model_id: t.model_id,
+                quality: t.quality,
+                created_at: Some(timestamp(t.created_at)),
+            })
+            .collect(),
+        created_at: Some(timestamp(s.created_at)),
+    }
+}
+
+fn model_info(m: &ActiveModel) -> pb::ModelInfo {
+    let manifest = m.embedder.manifest();
+    pb::ModelInfo {
+        model_id: manifest.model_id.clone(),
+        embedding_space: manifest.embedding_space.clone(),
+        compatible_spaces: manifest.compatible_spaces.clone(),
+        architecture: manifest.architecture.clone(),
+        embedding_dim: u32::try_from(manifest.embedding_dim).unwrap_or(u32::MAX),
+        operating_points: manifest
+            .thresholds
+            .iter()
+            .map(|p| pb::OperatingPoint {
+                fmr: p.fmr,
+                threshold: p.threshold,
+            })
+            .collect(),
+        path: m.path.display().to_string(),
+        device: m.device.clone(),
+        loaded_at: Some(timestamp(m.loaded_at)),
+    }
+}
+
+#[tonic::async_trait]
+impl HandId for HandIdService {
+    #[tracing::instrument(skip_all, fields(gallery = %request.get_ref().gallery_id, images = request.get_ref().images.len()))]
+    async fn enroll(
+        &self,
+        request: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let caller = caller(&request);
+        let r = request.into_inner();
+        let (g, s) = (gallery(r.gallery_id)?, subject(r.subject_id)?);
+        let key = Some(r.idempotency_key).filter(|k| !k.is_empty());
+        let images = r.images.into_iter().map(|i| i.data).collect();
+        let out = self
+            .engine
+            .enroll(&caller, g.clone(), s.clone(), images, key)
+            .await?;
+        Ok(Response::new(pb::EnrollResponse {
+            gallery_id: g.as_str().to_owned(),
+            subject_id: s.as_str().to_owned(),
+            template_ids: out.templates.iter().map(|t| t.template_id.to_string()).collect(),
+            template_count: out.template_count,
+            replayed: out.replayed,
+            model_id: out.model_id,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(gallery = %request.get_ref().gallery_id, top_k = request.get_ref().top_k))]
+    async fn identify(
+        &self,
+        request: Request<pb::IdentifyRequest>,
+    ) -> Result<Response<pb::IdentifyResponse>, Status> {
+        let caller = caller(&request);
+        let r = request.into_inner();
+        let g = gallery(r.gallery_id)?;
+        let out = self
+            .engine
+            .identify(&caller, g, probe(r.image)?, r.top_k, rule(r.rule))
+            .await?;
+        let matched_subject_id = match (out.decision.is_match, out.hits.first()) {
+            (true, Some(top)) => top.subject_id.clone(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::IdentifyResponse {
+            candidates: out
+                .hits
+                .into_iter()
+                .zip(1u32..)
+                .map(|(h, rank)| pb::Candidate {
+                    subject_id: h.subject_id,
+                    score: h.score,
+                    rank,
+                })
+                .collect(),
+            decision: Some(decision(out.decision)),
+            matched_subject_id,
+            gallery_size: out.gallery_size,
+            model_id: self.engine.model_id().to_owned(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(gallery = %request.get_ref().gallery_id))]
+    async fn verify(
+        &self,
+        request: Request<pb::VerifyRequest>,
+    ) -> Result<Response<pb::VerifyResponse>, Status> {
+        let caller = caller(&request);
+        let r = request.into_inner();
+        let (g, s) = (gallery(r.gallery_id)?, subject(r.subject_id)?);
+        let out = self
+            .engine
+            .verify(&caller, g, s, probe(r.image)?, rule(r.rule))
+            .await?;
+        Ok(Response::new(pb::VerifyResponse {
+            score: out.score,
+            decision: Some(decision(out.decision)),
+            model_id: self.engine.model_id().to_owned(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(images = request.get_ref().images.len()))]
+    async fn embed(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
+        let images = request.into_inner().images.into_iter().map(|i| i.data).collect();
+        let embeddings = self.engine.embed(images).await?;
+        Ok(Response::new(pb::EmbedResponse {
+            dimension: u32::try_from(self.engine.model().embedder.dim()).unwrap_or(u32::MAX),
+            embeddings: embeddings
+                .into_iter()
+                .map(|values| pb::Embedding { values })
+                .collect(),
+            model_id: self.engine.model_id().to_owned(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(gallery = %request.get_ref().gallery_id))]
+    async fn delete_subject(
+        &self,
+        request: Request<pb::DeleteSubjectRequest>,
+    ) -> Result<Response<pb::DeleteSubjectResponse>, Status> {
+        let caller = caller(&request);
+        let r = request.into_inner();
+        let (g, s) = (gallery(r.gallery_id)?, subject(r.subject_id)?);
+        let templates_deleted = self.engine.delete_subject(&caller, g, s).await?;
+        Ok(Response::new(pb::DeleteSubjectResponse {
+            templates_deleted,
+            model_id: self.engine.model_id().to_owned(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(gallery = %request.get_ref().gallery_id))]
+    async fn delete_gallery(
+        &self,
+        request: Request<pb::DeleteGalleryRequest>,
+    ) -> Result<Response<pb::DeleteGalleryResponse>, Status> {
+        let caller = caller(&request);
+        let g = gallery(request.into_inner().gallery_id)?;
+        let erased = self.engine.delete_gallery(&caller, g).await?;
+        Ok(Response::new(pb::DeleteGalleryResponse {
+            subjects_deleted: erased.subjects,
+            templates_deleted: erased.templates,
+            model_id: self.engine.model_id().to_owned(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(gallery = %request.get_ref().gallery_id))]
+    async fn get_subject(
+        &self,
+        request: Request<pb::GetSubjectRequest>,
+    ) -> Result<Response<pb::GetSubjectResponse>, Status> {
+        let r = request.into_inner();
+        let (g, s) = (gallery(r.gallery_id)?, subject(r.subject_id)?);
+        let record = self.engine.get_subject(g.clone(), s).await?;
+        Ok(Response::new(pb::GetSubjectResponse {
+            subject: Some(subject_record(g.as_str(), record)),
+            model_id: self.engine.model_id().to_owned(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(gallery = %request.get_ref().gallery_id))]
+    async fn list_subjects(
+        &self,
+        request: Request<pb::ListSubjectsRequest>,
+    ) -> Result<Response<pb::ListSubjectsResponse>, Status> {
+        let r = request.into_inner();
+        let g = gallery(r.gallery_id)?;
+        let page = self
+            .engine
+            .list_subjects(g.clone(), r.page_size, &r.page_token)
+            .await?;
+        Ok(Response::new(pb::ListSubjectsResponse {
+            subjects: page
+                .subjects
+                .into_iter()
+                .map(|s| subject_record(g.as_str(), s))
+                .collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+            model_id: self.engine.model_id().to_owned(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn get_model(
+        &self,
+        _: Request<pb::GetModelRequest>,
+    ) -> Result<Response<pb::GetModelResponse>, Status> {
+        Ok(Response::new(pb::GetModelResponse {
+            active: Some(model_info(self.engine.model())),
+            // Migrations (a staged second model) arrive with hot reload.
+            staged: None,
+            coverage: Vec::new(),
+        }))
+    }
+
+    async fn reload_model(
+        &self,
+        _: Request<pb::ReloadModelRequest>,
+    ) -> Result<Response<pb::ReloadModelResponse>, Status> {
+        Err(ServiceError::Unimplemented("ReloadModel (hot reload)").into())
+    }
+
+    async fn promote_model(
+        &self,
+        _: Request<pb::PromoteModelRequest>,
+    ) -> Result<Response<pb::PromoteModelResponse>, Status> {
+        Err(ServiceError::Unimplemented("PromoteModel (model migration)").into())
+    }
+}

@@ -1,0 +1,260 @@
+//! Shared by the integration tests: a real server on 127.0.0.1:0 over a
+//! fresh `#[sqlx::test]` database, a tiny random checkpoint, the 11k Hands
+//! sample photos, and a capture of every log line the server writes.
+
+#![allow(dead_code)] // each test binary uses its own part of this module
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use handid_model::{ClipVisionConfig, Embedder, OperatingPoint, create_random_checkpoint};
+use handid_proto::v1::hand_id_client::HandIdClient;
+use handid_server::Settings;
+use sqlx::postgres::PgConnectOptions;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+/// The real photo sample (outside the repository; README "The data").
+pub const SAMPLE: &str = "../../shared/data/11k-hands-sample";
+
+/// Every log line written by the server in this test binary.
+static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+struct Capture;
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs the capturing subscriber once per test binary, at debug level
+/// so the check covers the most verbose output.
+pub fn capture_logs() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("debug,h2=info,hyper=info,tower=info,sqlx=debug")
+            .with_writer(|| Capture)
+            .with_ansi(false)
+            .try_init();
+    });
+}
+
+/// A copy of the logs captured so far.
+pub fn logs() -> Vec<u8> {
+    LOGS.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
+/// A tiny random checkpoint with calibrated-looking thresholds, so the
+/// default FMR 1e-3 rule and target FMRs resolve.
+pub fn checkpoint() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut manifest =
+        create_random_checkpoint(dir.path(), &ClipVisionConfig::tiny_vit(), 11).expect("checkpoint");
+    manifest.thresholds = vec![
+        OperatingPoint {
+            fmr: 1e-2,
+            threshold: 0.5,
+        },
+        OperatingPoint {
+            fmr: 1e-3,
+            threshold: 0.8,
+        },
+        OperatingPoint {
+            fmr: 1e-4,
+            threshold: 0.95,
+        },
+    ];
+    manifest.write(dir.path()).expect("rewrite manifest");
+    dir
+}
+
+/// The URL of the test's own database.
+pub fn database_url(options: &PgConnectOptions) -> String {
+    format!(
+        "postgres://{}@{}:{}/{}",
+        options.get_username(),
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("postgres")
+    )
+}
+
+/// Settings for a test server: small limits, fast health probes.
+pub fn settings(options: &PgConnectOptions, checkpoint: &Path) -> Settings {
+    let mut s = Settings::default();
+    s.database.url = database_url(options);
+    s.database.max_connections = 4;
+    s.database.acquire_timeout_ms = 1_000;
+    s.model.path = checkpoint.to_owned();
+    s.server.health_check_interval_ms = 200;
+    s.batch.max_wait_ms = 2;
+    s.limits.max_message_bytes = 8 << 20;
+    s.limits.max_image_bytes = 1 << 20;
+    s.limits.max_pixels = 1_000_000;
+    s.limits.max_images_per_request = 4;
+    s.limits.max_top_k = 10;
+    s
+}
+
+/// A server running in this process.
+pub struct TestServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), handid_server::ServeError>>,
+}
+
+impl TestServer {
+    /// Starts `handid_server::run` on 127.0.0.1:0.
+    pub async fn start(settings: Settings) -> Self {
+        capture_logs();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(handid_server::run(listener, settings, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// A connected client (retries while the server is still starting).
+    pub async fn client(&self) -> HandIdClient<Channel> {
+        let url = format!("http://{}", self.addr);
+        for _ in 0..200 {
+            if let Ok(client) = HandIdClient::connect(url.clone()).await {
+                return client.max_decoding_message_size(16 << 20);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("server at {url} never accepted a connection");
+    }
+
+    /// Graceful shutdown; returns `run`'s result.
+    pub async fn stop(mut self) -> Result<(), handid_server::ServeError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.expect("server task")
+    }
+}
+
+/// The sample's photos by person id, in file order.
+pub fn sample_by_person() -> BTreeMap<String, Vec<PathBuf>> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(SAMPLE);
+    let csv = std::fs::read_to_string(root.join("HandInfo.csv")).expect("HandInfo.csv of the sample");
+    let mut people: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+    for line in csv.lines().skip(1) {
+        let fields: Vec<&str> = line.split(',').map(|f| f.trim_matches('"')).collect();
+        if let (Some(id), Some(name)) = (fields.first(), fields.get(7)) {
+            people
+                .entry((*id).to_owned())
+                .or_default()
+                .push(root.join("Hands").join(name));
+        }
+    }
+    people
+}
+
+/// Reads a file.
+pub fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The offline reference: the same checkpoint, decode + preprocess + one
+/// forward pass per image, as the server does with a batch size of 1.
+pub fn offline_embedding(embedder: &Embedder, bytes: &[u8]) -> Vec<f32> {
+    let image = handid_model::decode(bytes, &handid_model::DecodeLimits::default()).expect("decode");
+    let pixels = embedder.manifest().preprocess.apply(&image).expect("preprocess");
+    let out = embedder.embed_batch(&pixels.unsqueeze(0)).expect("embed");
+    Vec::<f32>::try_from(&out.get(0)).expect("to vec")
+}
+
+/// Windows of a payload's bytes to look for in dumps and logs: raw, as hex
+/// and as Rust's `{:?}` of a byte slice. 24 bytes taken from the middle of
+/// a JPEG are entropy-coded data: they occur nowhere else by chance.
+pub fn fingerprints(payload: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let len = payload.len();
+    for start in [len / 4, len / 2, 3 * len / 4] {
+        let window = &payload[start..(start + 24).min(len)];
+        out.push(window.to_vec());
+        out.push(
+            window
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+                .into_bytes(),
+        );
+        out.push(
+            format!("{:?}", &window[..8])
+                .trim_end_matches(']')
+                .as_bytes()
+                .to_vec(),
+        );
+    }
+    out
+}
+
+/// Whether `haystack` contains `needle`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// `pg_dump` of the test's database (PG_BIN is exported by
+/// scripts/with-postgres.sh).
+pub fn pg_dump(options: &PgConnectOptions) -> Vec<u8> {
+    let bin = std::env::var("PG_BIN").expect("PG_BIN: run through scripts/with-postgres.sh");
+    let out = std::process::Command::new(Path::new(&bin).join("pg_dump"))
+        .args(["--no-owner", "--dbname", &database_url(options)])
+        .output()
+        .expect("run pg_dump");
+    assert!(
+        out.status.success(),
+        "pg_dump failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Polls gRPC health until `handid.v1.HandId` reports `want` (10 s at most).
+pub async fn wait_for_health(server: &TestServer, want: ServingStatus) {
+    let mut health = HealthClient::new(
+        Channel::from_shared(format!("http://{}", server.addr))
+            .expect("url")
+            .connect()
+            .await
+            .expect("health channel"),
+    );
+    for _ in 0..100 {
+        let status = health
+            .check(HealthCheckRequest {
+                service: "handid.v1.HandId".to_owned(),
+            })
+            .await
+            .map(|r| r.into_inner().status);
+        if status.is_ok_and(|s| s == want as i32) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("health never became {want:?}");
+}
