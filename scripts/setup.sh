@@ -23,6 +23,8 @@ command -v protoc >/dev/null || apt_needed+=(protobuf-compiler)
 [ -f /usr/include/google/protobuf/timestamp.proto ] || apt_needed+=(libprotobuf-dev)
 [ -x /usr/lib/postgresql/15/bin/initdb ] || apt_needed+=(postgresql-15 postgresql-client-15)
 command -v unzip >/dev/null || apt_needed+=(unzip)
+# Text in the evaluation plots (PNG) is drawn with DejaVu Sans.
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || apt_needed+=(fonts-dejavu-core)
 command -v pkg-config >/dev/null || apt_needed+=(pkg-config)
 if [ "${SKIP_APT:-0}" != 1 ] && [ ${#apt_needed[@]} -gt 0 ]; then
   say "apt: installing ${apt_needed[*]}"
