@@ -1,0 +1,77 @@
+//! CLIP's image tower, whichever backbone the config names.
+
+use std::borrow::Borrow;
+
+use serde::{Deserialize, Serialize};
+use tch::{Tensor, nn};
+
+use crate::config::{Backbone, ClipVisionConfig};
+use crate::error::{Error, Result};
+use crate::resnet::ModifiedResNet;
+use crate::vit::VisionTransformer;
+
+/// Which output of the image tower is the embedding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Feature {
+    /// CLIP's image feature in the joint space (`... @ visual.proj`): `output_dim` wide.
+    Projected,
+    /// The ViT's `ln_post(class token)` before the projection (CLIP-ReID's
+    /// `img_feature`): `width` wide. ViT only.
+    ClassToken,
+}
+
+/// `model.visual` of OpenAI CLIP `model.py`.
+#[derive(Debug)]
+pub enum ImageEncoder {
+    /// A vision transformer.
+    Vit(VisionTransformer),
+    /// A modified ResNet.
+    ModifiedResnet(ModifiedResNet),
+}
+
+impl ImageEncoder {
+    /// Creates the encoder under `p` (normally `root / "visual"`) after validating `cfg`.
+    pub fn new<'a>(p: impl Borrow<nn::Path<'a>>, cfg: &ClipVisionConfig) -> Result<Self> {
+        cfg.validate()?;
+        Ok(match cfg.backbone {
+            Backbone::Vit { patch_size, layers } => {
+                ImageEncoder::Vit(VisionTransformer::new(p, cfg, patch_size, layers))
+            }
+            Backbone::ModifiedResnet { layers } => {
+                ImageEncoder::ModifiedResnet(ModifiedResNet::new(p, cfg, layers))
+            }
+        })
+    }
+
+    /// The width of `feature` for this config, or an error when the backbone lacks it.
+    pub fn feature_dim(cfg: &ClipVisionConfig, feature: Feature) -> Result<i64> {
+        match (feature, &cfg.backbone) {
+            (Feature::Projected, _) => Ok(cfg.output_dim),
+            (Feature::ClassToken, Backbone::Vit { .. }) => Ok(cfg.width),
+            (Feature::ClassToken, Backbone::ModifiedResnet { .. }) => Err(Error::InvalidInput(format!(
+                "a modified ResNet ({}) has no class token feature",
+                cfg.architecture()
+            ))),
+        }
+    }
+
+    /// `[batch, 3, H, W]` -> `[batch, dim]`, the chosen feature (not normalised).
+    pub fn forward_feature(&self, pixels: &Tensor, feature: Feature) -> Result<Tensor> {
+        match self {
+            ImageEncoder::Vit(vit) => {
+                let out = vit.forward(pixels)?;
+                Ok(match feature {
+                    Feature::Projected => out.pooled,
+                    Feature::ClassToken => out.cls,
+                })
+            }
+            ImageEncoder::ModifiedResnet(resnet) => match feature {
+                Feature::Projected => resnet.forward(pixels),
+                Feature::ClassToken => Err(Error::InvalidInput(
+                    "a modified ResNet has no class token feature".to_owned(),
+                )),
+            },
+        }
+    }
+}
