@@ -9,12 +9,15 @@ pub enum Error {
     #[error("invalid input: {0}")]
     Invalid(String),
     /// A file or folder could not be read or written.
-    #[error("{path}: {source}")]
+    // The cause is part of the message (not a `source`), so that a reason
+    // kept as text (skipped images) is complete and anyhow chains do not
+    // repeat it.
+    #[error("{path}: {cause}")]
     Io {
         /// The file or folder.
         path: PathBuf,
         /// The underlying error.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A line of a text file (CSV, manifest) that cannot be understood.
     #[error("{path}:{line}: {message}")]
@@ -27,12 +30,12 @@ pub enum Error {
         message: String,
     },
     /// An image that is missing or whose header does not decode.
-    #[error("image {path}: {source}")]
+    #[error("image {path}: {cause}")]
     Image {
         /// The image file.
         path: PathBuf,
         /// The decoder's error.
-        source: image::ImageError,
+        cause: image::ImageError,
     },
 }
 
@@ -43,6 +46,6 @@ impl Error {
     /// An [`Error::Io`] for `path`.
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
-        move |source| Self::Io { path, source }
+        move |cause| Self::Io { path, cause }
     }
 }

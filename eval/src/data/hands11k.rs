@@ -136,7 +136,9 @@ pub fn read_hand_info(path: &Path) -> Result<Vec<HandInfo>> {
         line,
         message,
     };
+    // A spreadsheet may have saved it with a byte-order mark.
     let mut lines = text
+        .trim_start_matches('\u{feff}')
         .lines()
         .enumerate()
         .map(|(i, l)| (i + 1, l.trim_end_matches('\r')));
@@ -256,6 +258,10 @@ mod tests {
         let rows = read_hand_info(&path).unwrap();
         assert_eq!(rows[0].id, 1_200_000);
         assert_eq!(rows[0].person(), rows[1].person());
+        // Saved with a byte-order mark, the header still parses.
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("\u{feff}{text}")).unwrap();
+        assert_eq!(read_hand_info(&path).unwrap(), rows);
         assert_eq!((rows[1].accessories, rows[1].aspect), (1, Aspect::PalmarLeft));
     }
 

@@ -56,7 +56,7 @@ impl Manifest {
     pub fn split_names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = Vec::new();
         for e in &self.entries {
-            if names.last() != Some(&e.split.as_str()) && !names.contains(&e.split.as_str()) {
+            if !names.contains(&e.split.as_str()) {
                 names.push(&e.split);
             }
         }

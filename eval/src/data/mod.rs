@@ -55,9 +55,9 @@ pub const IMAGE_EXTENSIONS: [&str; 5] = ["jpg", "jpeg", "png", "pgm", "bmp"];
 /// Checks that `path` exists and its header decodes (format and size),
 /// without decoding the pixels.
 pub fn check_image(path: &Path) -> Result<()> {
-    let image_error = |source| Error::Image {
+    let image_error = |cause| Error::Image {
         path: path.to_path_buf(),
-        source,
+        cause,
     };
     image::ImageReader::open(path)
         .map_err(Error::io(path))?

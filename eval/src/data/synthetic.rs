@@ -238,9 +238,9 @@ pub fn generate(out: &Path, options: &SynthOptions) -> Result<usize> {
     }
     let mkdir = |dir: &Path| std::fs::create_dir_all(dir).map_err(Error::io(dir));
     let save = |img: &RgbImage, path: &Path| {
-        img.save(path).map_err(|source| Error::Image {
+        img.save(path).map_err(|cause| Error::Image {
             path: path.into(),
-            source,
+            cause,
         })
     };
     let mut csv = String::from(

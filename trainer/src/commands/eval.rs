@@ -1,15 +1,21 @@
-//! `handid-trainer eval --embeddings FILE`: scores precomputed query/gallery
-//! vectors over every split they hold and writes the report (Markdown, JSON,
-//! CSV, PNG plots). The file format is `handid_eval::embeddings`.
+//! `handid-trainer eval`: scores query/gallery splits and writes the report
+//! (Markdown, JSON, CSV, PNG plots). Two sources of vectors share one
+//! scoring and report path ([`score_and_report`]):
+//! - `--embeddings FILE`: precomputed vectors (format: `handid_eval::embeddings`);
+//! - `--model DIR --manifest FILE`: a serving checkpoint embeds every image the
+//!   manifest's query/gallery splits name, once per image.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
-use anyhow::Context;
-use handid_eval::embeddings;
+use anyhow::{Context, bail};
+use handid_eval::data::manifest::Manifest;
+use handid_eval::embeddings::{self, SplitEmbeddings, Vectors};
 use handid_eval::metrics::Similarity;
 use handid_eval::metrics::rank::ApKind;
 use handid_eval::metrics::summary::{EvalOptions, SplitEvaluation};
 use handid_eval::report::Report;
+use handid_model::{DecodeLimits, Embedder};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// AP definitions on the command line.
@@ -23,11 +29,33 @@ pub enum Ap {
 
 /// Arguments of `eval`.
 #[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["embeddings", "model"])))]
 pub struct Args {
     /// Safetensors file with `query{i}`, `gallery{i}` (F32 [n, dim]) and
     /// `query{i}_ids`, `gallery{i}_ids` (I64 [n]) for each split i.
     #[arg(long)]
-    pub embeddings: PathBuf,
+    pub embeddings: Option<PathBuf>,
+    /// Serving checkpoint folder to embed the images with.
+    #[arg(long, requires = "manifest")]
+    pub model: Option<PathBuf>,
+    /// Split manifest (from `splits`) naming the query/gallery images.
+    #[arg(long)]
+    pub manifest: Option<PathBuf>,
+    /// Dataset root (default: the manifest's `root`).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Use `gallery_all{i}` (other aspects as distractors) as the galleries.
+    #[arg(long)]
+    pub gallery_all: bool,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Also save the computed embeddings (reusable with `--embeddings`).
+    #[arg(long)]
+    pub save_embeddings: Option<PathBuf>,
     /// Folder for report.md, report.json, report.csv and the plots.
     #[arg(long)]
     pub out: PathBuf,
@@ -36,42 +64,38 @@ pub struct Args {
     pub ap: Ap,
 }
 
-/// Runs the command.
-pub fn run(args: Args) -> anyhow::Result<()> {
-    let splits = embeddings::read(&args.embeddings).context("reading the embeddings")?;
-    let options = EvalOptions {
-        ap: match args.ap {
-            Ap::NonInterpolated => ApKind::NonInterpolated,
-            Ap::Trapezoid => ApKind::Trapezoid,
-        },
-        ..EvalOptions::default()
-    };
-    let bar = ProgressBar::new(splits.len() as u64)
-        .with_style(
-            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} splits").context("progress style")?,
-        )
-        .with_message("evaluating");
+fn bar(len: usize, what: &str) -> anyhow::Result<ProgressBar> {
+    let style =
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}").context("progress style")?;
+    Ok(ProgressBar::new(len as u64)
+        .with_style(style)
+        .with_message(what.to_string()))
+}
+
+/// Scores every split, writes the report and prints its summary.
+fn score_and_report(
+    title: &str,
+    provenance: Vec<(String, String)>,
+    splits: &[SplitEmbeddings],
+    options: EvalOptions,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let progress = bar(splits.len(), "scoring splits")?;
     let mut evaluations = Vec::with_capacity(splits.len());
-    for split in &splits {
+    for split in splits {
         let sim = embeddings::cosine_similarity(&split.query, &split.gallery)?;
         let sim = Similarity::new(&sim, split.query.len(), split.gallery.len())?;
         let evaluation =
             SplitEvaluation::new(&split.name, &sim, &split.query.ids, &split.gallery.ids, &options)
                 .with_context(|| format!("evaluating split {}", split.name))?;
         evaluations.push(evaluation);
-        bar.inc(1);
+        progress.inc(1);
     }
-    bar.finish_and_clear();
-    let provenance = vec![("embeddings".to_string(), args.embeddings.display().to_string())];
-    let report = Report::new(
-        "Evaluation of precomputed embeddings",
-        provenance,
-        options,
-        evaluations,
-    )?;
+    progress.finish_and_clear();
+    let report = Report::new(title, provenance, options, evaluations)?;
     let written = report
-        .write(&args.out)
-        .with_context(|| format!("writing the report to {}", args.out.display()))?;
+        .write(out)
+        .with_context(|| format!("writing the report to {}", out.display()))?;
     print!(
         "{}",
         report
@@ -84,4 +108,145 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// Embeds the manifest's query/gallery images with the checkpoint, each
+/// image once, and returns one [`SplitEmbeddings`] per split.
+fn embed_manifest(args: &Args, model: &Path, manifest_path: &Path) -> anyhow::Result<Vec<SplitEmbeddings>> {
+    let manifest = Manifest::read(manifest_path)?;
+    let root = match (&args.data, manifest.meta("root")) {
+        (Some(data), _) => data.clone(),
+        (None, Some(root)) => PathBuf::from(root),
+        (None, None) => bail!("{} records no root: pass --data", manifest_path.display()),
+    };
+    let gallery_prefix = if args.gallery_all {
+        "gallery_all"
+    } else {
+        "gallery"
+    };
+    let mut pairs = Vec::new();
+    while !manifest.split(&format!("query{}", pairs.len())).is_empty() {
+        let i = pairs.len();
+        let gallery = manifest.split(&format!("{gallery_prefix}{i}"));
+        if gallery.is_empty() {
+            bail!(
+                "{} has query{i} but no {gallery_prefix}{i}",
+                manifest_path.display()
+            );
+        }
+        pairs.push((manifest.split(&format!("query{i}")), gallery));
+    }
+    if pairs.is_empty() {
+        bail!("{} has no query0 split", manifest_path.display());
+    }
+    // Person names become integer ids (sorted, so stable across runs).
+    let persons: BTreeMap<&str, i64> = {
+        let mut names: Vec<&str> = pairs
+            .iter()
+            .flat_map(|(q, g)| q.iter().chain(g))
+            .map(|e| e.person.as_str())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names.into_iter().zip(0..).collect()
+    };
+    let mut cache: BTreeMap<&str, Vec<f32>> = pairs
+        .iter()
+        .flat_map(|(q, g)| q.iter().chain(g))
+        .map(|e| (e.image.as_str(), Vec::new()))
+        .collect();
+
+    let device = handid_model::parse_device(&args.device).context("choosing the device")?;
+    let embedder = Embedder::load(model, device).with_context(|| format!("loading {}", model.display()))?;
+    let images: Vec<&str> = cache.keys().copied().collect();
+    let progress = bar(images.len(), "embedding images")?;
+    for chunk in images.chunks(args.batch_size.max(1)) {
+        let decoded = chunk
+            .iter()
+            .map(|image| {
+                let path = root.join(image);
+                let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                handid_model::decode(&bytes, &DecodeLimits::default())
+                    .with_context(|| format!("decoding {}", path.display()))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let features = embedder.embed_images(&decoded).context("embedding a batch")?;
+        let flat: Vec<f32> = Vec::<f32>::try_from(features.flatten(0, -1)).context("reading embeddings")?;
+        for (image, vector) in chunk.iter().zip(flat.chunks(embedder.dim())) {
+            cache.insert(image, vector.to_vec());
+        }
+        progress.inc(chunk.len() as u64);
+    }
+    progress.finish_and_clear();
+
+    let vectors = |entries: &[&handid_eval::data::manifest::Entry]| -> anyhow::Result<Vectors> {
+        let values = entries
+            .iter()
+            .flat_map(|e| cache[e.image.as_str()].iter().copied())
+            .collect();
+        let ids = entries.iter().map(|e| persons[e.person.as_str()]).collect();
+        Ok(Vectors::new(values, embedder.dim(), ids)?)
+    };
+    pairs
+        .iter()
+        .enumerate()
+        .map(|(i, (q, g))| {
+            Ok(SplitEmbeddings {
+                name: i.to_string(),
+                query: vectors(q)?,
+                gallery: vectors(g)?,
+            })
+        })
+        .collect()
+}
+
+/// Runs the command.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let options = EvalOptions {
+        ap: match args.ap {
+            Ap::NonInterpolated => ApKind::NonInterpolated,
+            Ap::Trapezoid => ApKind::Trapezoid,
+        },
+        ..EvalOptions::default()
+    };
+    match (&args.embeddings, &args.model, &args.manifest) {
+        (Some(file), _, _) => {
+            let splits = embeddings::read(file).context("reading the embeddings")?;
+            let provenance = vec![("embeddings".to_string(), file.display().to_string())];
+            score_and_report(
+                "Evaluation of precomputed embeddings",
+                provenance,
+                &splits,
+                options,
+                &args.out,
+            )
+        }
+        (None, Some(model), Some(manifest)) => {
+            let splits = embed_manifest(&args, model, manifest)?;
+            if let Some(path) = &args.save_embeddings {
+                embeddings::write(path, &splits).with_context(|| format!("saving {}", path.display()))?;
+            }
+            let provenance = vec![
+                ("model".to_string(), model.display().to_string()),
+                ("manifest".to_string(), manifest.display().to_string()),
+                (
+                    "galleries".to_string(),
+                    if args.gallery_all {
+                        "gallery_all{i}"
+                    } else {
+                        "gallery{i}"
+                    }
+                    .to_string(),
+                ),
+            ];
+            score_and_report(
+                "Evaluation of a checkpoint",
+                provenance,
+                &splits,
+                options,
+                &args.out,
+            )
+        }
+        _ => bail!("pass --embeddings FILE, or --model DIR with --manifest FILE"),
+    }
 }
