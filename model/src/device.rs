@@ -6,6 +6,11 @@
 //! first CUDA call: its static initialisers register libtorch's CUDA hooks
 //! (DESIGN.md, "libtorch without internet"). When that fails, the error says
 //! why instead of libtorch's generic "no CUDA" message.
+//!
+//! Call [`parse_device`] before any other CUDA query of tch
+//! (`tch::Cuda::is_available`, ...): libtorch resolves its CUDA hooks once, on
+//! first use, and a query made before the library is loaded pins the
+//! CPU-only stub for the life of the process (seen on an H200 host).
 
 use std::ffi::{CStr, CString};
 use std::sync::OnceLock;
