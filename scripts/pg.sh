@@ -58,7 +58,7 @@ case "$cmd" in
     if [ -f "$dir/data/postmaster.pid" ]; then
       as_owner "$(pg_bin)/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null || true
     fi
-    [ "$cmd" = destroy ] && rm -rf "$dir"
+    if [ "$cmd" = destroy ]; then rm -rf "$dir"; fi
     ;;
   *)
     echo "usage: scripts/pg.sh start [DIR] | stop DIR | destroy DIR" >&2
