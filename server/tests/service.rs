@@ -629,3 +629,32 @@ async fn concurrent_calls_share_forward_passes(_: PgPoolOptions, options: PgConn
     assert!(batched > 1, "no forward pass ever held more than one image");
     server.stop().await.expect("graceful stop");
 }
+
+#[sqlx::test(migrations = false)]
+async fn shutdown_drains_in_flight_calls(_: PgPoolOptions, options: PgConnectOptions) {
+    let dir = checkpoint();
+    let mut config = settings(&options, dir.path());
+    // The call waits in the batcher for company while shutdown begins.
+    config.batch.max_wait_ms = 500;
+    let server = TestServer::start(config).await;
+    let mut client = server.client().await;
+    let photo = read(&people()[0].1[0]);
+    let call = tokio::spawn(async move {
+        client
+            .embed(pb::EmbedRequest {
+                images: vec![image(photo)],
+            })
+            .await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    assert!(
+        !call.is_finished(),
+        "the call should still be waiting in the batcher"
+    );
+    server.stop().await.expect("graceful stop");
+    let answered = call
+        .await
+        .expect("task")
+        .expect("the in-flight call was answered");
+    assert_eq!(answered.into_inner().embeddings.len(), 1);
+}
