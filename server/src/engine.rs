@@ -267,7 +267,7 @@ impl Engine {
                 let (subject, score) = summary(value);
                 (subject, score, "ok".to_owned())
             }
-            Err(e) => (None, None, format!("{:?}", e.code())),
+            Err(e) => (None, None, code_name(e.code())),
         };
         let written = self
             .store
@@ -603,6 +603,19 @@ impl Engine {
     }
 }
 
+/// The gRPC name of a status code (`INVALID_ARGUMENT`), as the audit log
+/// records outcomes; tonic's `Debug` spells it `InvalidArgument`.
+fn code_name(code: tonic::Code) -> String {
+    let mut name = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            name.push('_');
+        }
+        name.push(c.to_ascii_uppercase());
+    }
+    name
+}
+
 /// FMRs are compared with a relative tolerance: `1e-3` sent as a double and
 /// `0.001` read from YAML need not be the same bits.
 fn find_operating_point(points: &[OperatingPoint], fmr: f64) -> Option<(f32, f64)> {
@@ -674,6 +687,13 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn audit_outcomes_use_grpc_code_names() {
+        assert_eq!(code_name(tonic::Code::InvalidArgument), "INVALID_ARGUMENT");
+        assert_eq!(code_name(tonic::Code::NotFound), "NOT_FOUND");
+        assert_eq!(code_name(tonic::Code::Unavailable), "UNAVAILABLE");
     }
 
     #[test]

@@ -381,6 +381,35 @@ async fn round_trips_match_the_offline_computation(_: PgPoolOptions, options: Pg
     }
     server.stop().await.expect("graceful stop");
 
+    // The audit log saw every call: who, what, outcome, never an image.
+    let db = PgPoolOptions::new()
+        .connect_with(options.clone())
+        .await
+        .expect("connect");
+    let outcomes: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT action, outcome, count(*) FROM audit_log GROUP BY 1, 2 ORDER BY 1, 2")
+            .fetch_all(&db)
+            .await
+            .expect("audit rows");
+    let count = |action: &str, outcome: &str| {
+        outcomes
+            .iter()
+            .find(|(a, o, _)| a == action && o == outcome)
+            .map_or(0, |r| r.2)
+    };
+    assert_eq!(count("enroll", "ok"), 6 * 2 + 2 + 2, "{outcomes:?}");
+    assert_eq!(count("enroll", "ALREADY_EXISTS"), 1, "{outcomes:?}");
+    assert_eq!(count("identify", "NOT_FOUND"), 1, "{outcomes:?}");
+    assert_eq!(count("delete_subject", "ok"), 1, "{outcomes:?}");
+    let scored: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_log WHERE action = 'identify' AND top_score IS NOT NULL",
+    )
+    .fetch_one(&db)
+    .await
+    .expect("scores");
+    assert!(scored >= 6, "identify rows carry their top score");
+    db.close().await;
+
     // No photo byte reached the database or the logs.
     let dump = pg_dump(&options);
     assert!(
