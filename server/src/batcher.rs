@@ -351,12 +351,16 @@ mod tests {
         assert!(passes < images, "{images} images took {passes} forward passes");
     }
 
+    /// A real baseline JPEG with an entropy-coded scan of a few KB.
     fn sample_jpeg() -> Vec<u8> {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/data/11k-hands-sample/Hands/Hand_0000005.jpg"
-        );
-        std::fs::read(path).expect("the 11k Hands sample")
+        let image = image::RgbImage::from_fn(64, 48, |x, y| {
+            image::Rgb([(x * 4) as u8, (y * 5) as u8, ((x * y) % 256) as u8])
+        });
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+            .encode_image(&image)
+            .expect("encode jpeg");
+        jpeg
     }
 
     #[test]

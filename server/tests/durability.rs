@@ -7,7 +7,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{checkpoint, database_url, read};
+use common::{checkpoint, database_url};
 use handid_proto::v1::{self as pb, hand_id_client::HandIdClient};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::process::{Child, Command};
@@ -48,12 +48,7 @@ async fn connect(port: u16) -> HandIdClient<Channel> {
 #[sqlx::test(migrations = false)]
 async fn acknowledged_enrolments_survive_sigkill(_: PgPoolOptions, options: PgConnectOptions) {
     let dir = checkpoint();
-    let photos: Vec<Vec<u8>> = common::sample_by_person()
-        .into_values()
-        .flatten()
-        .take(40)
-        .map(|p| read(&p))
-        .collect();
+    let photos: Vec<Vec<u8>> = common::people(40, 1).into_iter().flat_map(|(_, p)| p).collect();
     let port = free_port();
     let mut server = spawn(&options, dir.path(), port);
     let mut client = connect(port).await;
