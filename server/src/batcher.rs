@@ -12,6 +12,7 @@
 //! the call that sent it.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -48,12 +49,23 @@ struct Job {
     reply: oneshot::Sender<Result<Vec<f32>, String>>,
 }
 
+/// Counters of the forward thread (the batch-size figures of DESIGN.md's
+/// metrics).
+#[derive(Debug, Default)]
+pub struct BatchStats {
+    /// Forward passes run.
+    pub forward_passes: AtomicU64,
+    /// Images embedded by them.
+    pub images: AtomicU64,
+}
+
 /// Handle of the embedding pipeline; cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct Batcher {
     jobs: mpsc::Sender<Job>,
     preprocess: Arc<Preprocess>,
     limits: DecodeLimits,
+    stats: Arc<BatchStats>,
 }
 
 impl std::fmt::Debug for Job {
@@ -76,14 +88,25 @@ impl Batcher {
         let preprocess = Arc::new(embedder.manifest().preprocess.clone());
         let max_batch = settings.max_batch_size.max(1);
         let max_wait = Duration::from_millis(settings.max_wait_ms);
+        let stats = Arc::new(BatchStats::default());
+        let counters = Arc::clone(&stats);
         std::thread::Builder::new()
             .name("handid-forward".to_owned())
-            .spawn(move || forward_loop(&embedder, &queue, max_batch, max_wait))?;
+            .spawn(move || forward_loop(&embedder, &queue, max_batch, max_wait, &counters))?;
         Ok(Self {
             jobs,
             preprocess,
             limits,
+            stats,
         })
+    }
+
+    /// Forward passes and images so far.
+    pub fn stats(&self) -> (u64, u64) {
+        (
+            self.stats.forward_passes.load(Ordering::Relaxed),
+            self.stats.images.load(Ordering::Relaxed),
+        )
     }
 
     /// Embeds the images of one call, in order. Fails on the first unusable
@@ -217,7 +240,13 @@ fn jpeg_is_truncated(bytes: &[u8]) -> bool {
 }
 
 /// Stage 2: the forward thread. Runs until every sender is gone.
-fn forward_loop(embedder: &Embedder, queue: &mpsc::Receiver<Job>, max_batch: usize, max_wait: Duration) {
+fn forward_loop(
+    embedder: &Embedder,
+    queue: &mpsc::Receiver<Job>,
+    max_batch: usize,
+    max_wait: Duration,
+    stats: &BatchStats,
+) {
     while let Ok(first) = queue.recv() {
         let deadline = Instant::now() + max_wait;
         let mut batch = vec![first];
@@ -234,6 +263,8 @@ fn forward_loop(embedder: &Embedder, queue: &mpsc::Receiver<Job>, max_batch: usi
             continue;
         }
         tracing::debug!(batch_size = batch.len(), "forward pass");
+        stats.forward_passes.fetch_add(1, Ordering::Relaxed);
+        stats.images.fetch_add(batch.len() as u64, Ordering::Relaxed);
         match run_batch(embedder, &batch) {
             Ok(rows) => {
                 for (job, row) in batch.into_iter().zip(rows) {
@@ -262,13 +293,74 @@ fn run_batch(embedder: &Embedder, batch: &[Job]) -> Result<Vec<Vec<f32>>, String
 #[cfg(test)]
 mod tests {
     use super::*;
+    use handid_model::{ClipVisionConfig, Device, create_random_checkpoint};
 
+    /// `HANDID_TEST_DEVICE=cuda` runs the forward passes on a GPU (the
+    /// device check); unset means the CPU. An unusable device fails.
+    fn test_device() -> Device {
+        let spec = std::env::var("HANDID_TEST_DEVICE").unwrap_or_else(|_| "cpu".to_owned());
+        handid_model::parse_device(&spec).expect("HANDID_TEST_DEVICE")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_calls_share_a_batch_and_a_bad_image_fails_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        create_random_checkpoint(dir.path(), &ClipVisionConfig::tiny_vit(), 5).expect("checkpoint");
+        let reference = Embedder::load(dir.path(), Device::Cpu).expect("cpu embedder");
+        let embedder = Arc::new(Embedder::load(dir.path(), test_device()).expect("embedder"));
+        let settings = BatchSettings {
+            max_batch_size: 8,
+            max_wait_ms: 200,
+        };
+        let batcher = Arc::new(Batcher::start(embedder, &settings, DecodeLimits::default()).expect("start"));
+        let jpeg = sample_jpeg();
+        let calls: Vec<_> = (0..6)
+            .map(|i| {
+                let batcher = Arc::clone(&batcher);
+                let images = if i == 2 {
+                    vec![jpeg.clone(), jpeg[..jpeg.len() / 2].to_vec()]
+                } else {
+                    vec![jpeg.clone()]
+                };
+                tokio::spawn(async move { batcher.embed(images).await })
+            })
+            .collect();
+        let image = handid_model::decode(&jpeg, &DecodeLimits::default()).expect("decode");
+        let pixels = reference.manifest().preprocess.apply(&image).expect("preprocess");
+        let want: Vec<f32> =
+            Vec::try_from(&reference.embed_batch(&pixels.unsqueeze(0)).expect("embed").get(0)).expect("vec");
+        for (i, call) in calls.into_iter().enumerate() {
+            let result = call.await.expect("task");
+            if i == 2 {
+                assert!(
+                    matches!(result, Err(BatchError::BadImage { index: 1, .. })),
+                    "{result:?}"
+                );
+                continue;
+            }
+            let got = result.expect("embed").remove(0);
+            let diff = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(diff < 1e-4, "call {i}: {diff}");
+        }
+        let (passes, images) = batcher.stats();
+        assert_eq!(images, 5, "the bad call's good image was never embedded");
+        assert!(passes < images, "{images} images took {passes} forward passes");
+    }
+
+    /// A real baseline JPEG with an entropy-coded scan of a few KB.
     fn sample_jpeg() -> Vec<u8> {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/data/11k-hands-sample/Hands/Hand_0000005.jpg"
-        );
-        std::fs::read(path).expect("the 11k Hands sample")
+        let image = image::RgbImage::from_fn(64, 48, |x, y| {
+            image::Rgb([(x * 4) as u8, (y * 5) as u8, ((x * y) % 256) as u8])
+        });
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+            .encode_image(&image)
+            .expect("encode jpeg");
+        jpeg
     }
 
     #[test]

@@ -17,7 +17,7 @@ use handid_model::{Embedder, OperatingPoint};
 
 use crate::batcher::Batcher;
 use crate::error::ServiceError;
-use crate::index::{Hit, Indexes, NewRow, lock};
+use crate::index::{Hit, IndexError, Indexes, NewRow, lock};
 use crate::settings::LimitSettings;
 use crate::store::{
     AuditEntry, Enrolled, Erased, NewEnrollment, Store, StoreError, SubjectRecord, TemplateRow,
@@ -35,6 +35,18 @@ pub const MAX_IDEMPOTENCY_KEY: usize = 256;
 const LOAD_BATCH: usize = 1024;
 
 type Result<T, E = ServiceError> = std::result::Result<T, E>;
+
+/// Why the gallery indexes could not be loaded at start.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Reading the templates failed.
+    #[error("reading templates: {0}")]
+    Store(#[from] StoreError),
+    /// A stored template does not fit the index (e.g. its width disagrees
+    /// with the model it names): refuse to serve rather than skip it.
+    #[error("indexing stored templates: {0}")]
+    Index(#[from] IndexError),
+}
 
 /// A validated gallery or subject id: 1-128 characters of `[A-Za-z0-9._:-]`
 /// (the same rule as the schema's CHECK, enforced first here so a bad id is
@@ -155,7 +167,7 @@ impl Engine {
         batcher: Batcher,
         model: ActiveModel,
         limits: LimitSettings,
-    ) -> Result<Self, StoreError> {
+    ) -> Result<Self, LoadError> {
         let engine = Self {
             store,
             indexes,
@@ -183,7 +195,7 @@ impl Engine {
         self.model.embedder.model_id()
     }
 
-    async fn load_indexes(&self) -> Result<(), StoreError> {
+    async fn load_indexes(&self) -> Result<(), LoadError> {
         let model_id = self.model_id().to_owned();
         let started = Instant::now();
         let mut last_report = Instant::now();
@@ -216,7 +228,7 @@ impl Engine {
         Ok(())
     }
 
-    fn append_loaded(&self, pending: &mut Vec<TemplateRow>) -> Result<(), StoreError> {
+    fn append_loaded(&self, pending: &mut Vec<TemplateRow>) -> Result<(), IndexError> {
         let Some(first) = pending.first() else {
             return Ok(());
         };
@@ -229,11 +241,7 @@ impl Engine {
                 embedding: &r.embedding,
             })
             .collect();
-        // A stored vector of the wrong width means the database disagrees
-        // with the model it names: refuse to start rather than serve it.
-        lock(&index)
-            .append(&rows)
-            .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))?;
+        lock(&index).append(&rows)?;
         pending.clear();
         Ok(())
     }
@@ -259,7 +267,7 @@ impl Engine {
                 let (subject, score) = summary(value);
                 (subject, score, "ok".to_owned())
             }
-            Err(e) => (None, None, format!("{:?}", e.code())),
+            Err(e) => (None, None, code_name(e.code())),
         };
         let written = self
             .store
@@ -595,6 +603,19 @@ impl Engine {
     }
 }
 
+/// The gRPC name of a status code (`INVALID_ARGUMENT`), as the audit log
+/// records outcomes; tonic's `Debug` spells it `InvalidArgument`.
+fn code_name(code: tonic::Code) -> String {
+    let mut name = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            name.push('_');
+        }
+        name.push(c.to_ascii_uppercase());
+    }
+    name
+}
+
 /// FMRs are compared with a relative tolerance: `1e-3` sent as a double and
 /// `0.001` read from YAML need not be the same bits.
 fn find_operating_point(points: &[OperatingPoint], fmr: f64) -> Option<(f32, f64)> {
@@ -666,6 +687,13 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn audit_outcomes_use_grpc_code_names() {
+        assert_eq!(code_name(tonic::Code::InvalidArgument), "INVALID_ARGUMENT");
+        assert_eq!(code_name(tonic::Code::NotFound), "NOT_FOUND");
+        assert_eq!(code_name(tonic::Code::Unavailable), "UNAVAILABLE");
     }
 
     #[test]

@@ -429,6 +429,13 @@ pub fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
+    /// `HANDID_TEST_DEVICE=cuda` puts the matrices on a GPU (the device
+    /// check); unset means the CPU. An unusable device fails.
+    fn test_device() -> Device {
+        let spec = std::env::var("HANDID_TEST_DEVICE").unwrap_or_else(|_| "cpu".to_owned());
+        handid_model::parse_device(&spec).expect("HANDID_TEST_DEVICE")
+    }
+
     /// A deterministic pseudo-random generator (no dependency for 20 lines).
     struct Lcg(u64);
     impl Lcg {
@@ -514,7 +521,7 @@ mod tests {
         let dim = 8;
         let mut rng = Lcg(7);
         // Chunks of 5 rows: every operation crosses chunk boundaries.
-        let mut index = GalleryIndex::new(dim, Device::Cpu, 5);
+        let mut index = GalleryIndex::new(dim, test_device(), 5);
         let mut templates = Vec::new();
         let mut seq = 0;
         for i in 0..30 {
@@ -558,7 +565,7 @@ mod tests {
     fn slots_are_compacted_after_many_deletions() {
         let dim = 4;
         let mut rng = Lcg(3);
-        let mut index = GalleryIndex::new(dim, Device::Cpu, 16);
+        let mut index = GalleryIndex::new(dim, test_device(), 16);
         let mut templates = Vec::new();
         let mut seq = 0;
         for i in 0..200 {
@@ -587,7 +594,7 @@ mod tests {
 
     #[test]
     fn ties_go_to_the_earlier_enrolment() {
-        let mut index = GalleryIndex::new(2, Device::Cpu, 4);
+        let mut index = GalleryIndex::new(2, test_device(), 4);
         let same = [1.0f32, 0.0];
         let rows = [
             NewRow {
@@ -615,7 +622,7 @@ mod tests {
 
     #[test]
     fn wrong_dimensions_are_refused() {
-        let mut index = GalleryIndex::new(3, Device::Cpu, 4);
+        let mut index = GalleryIndex::new(3, test_device(), 4);
         let bad = [NewRow {
             subject_id: "a",
             seq: 1,

@@ -14,7 +14,7 @@ use tower::limit::GlobalConcurrencyLimitLayer;
 use tower::load_shed::LoadShedLayer;
 
 use crate::batcher::Batcher;
-use crate::engine::{ActiveModel, Engine};
+use crate::engine::{ActiveModel, Engine, LoadError};
 use crate::index::{DEFAULT_CHUNK_ROWS, Indexes};
 use crate::service::{AdminService, HandIdService};
 use crate::settings::Settings;
@@ -37,6 +37,12 @@ pub enum ServeError {
     /// The database could not be prepared (connect, migrate, load).
     #[error("preparing the database: {0}")]
     Store(#[from] StoreError),
+    /// The gallery indexes could not be loaded.
+    #[error("loading the gallery indexes: {0}")]
+    Indexes(#[from] LoadError),
+    /// The manifest could not be recorded as JSON.
+    #[error("recording the model manifest: {0}")]
+    Manifest(#[from] serde_json::Error),
     /// The forward thread could not be started.
     #[error("starting the embedding thread: {0}")]
     Thread(#[source] std::io::Error),
@@ -82,7 +88,7 @@ pub async fn run(
             embedding_space: manifest.embedding_space.clone(),
             architecture: manifest.architecture.clone(),
             embedding_dim: manifest.embedding_dim,
-            manifest_json: serde_json::to_string(manifest).unwrap_or_else(|_| "{}".to_owned()),
+            manifest_json: serde_json::to_string(manifest)?,
         })
         .await?;
     let batcher = Batcher::start(

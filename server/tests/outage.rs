@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{TestServer, checkpoint, read, settings, wait_for_health};
+use common::{TestServer, checkpoint, settings, wait_for_health};
 use handid_proto::v1 as pb;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::Code;
@@ -51,8 +51,8 @@ async fn an_outage_is_unavailable_and_recovers_by_itself(_: PgPoolOptions, optio
     let server = TestServer::start(settings(&options, dir.path())).await;
     let mut client = server.client().await;
     wait_for_health(&server, ServingStatus::Serving).await;
-    let photos = common::sample_by_person().into_values().next().expect("a person");
-    let (first, second) = (read(&photos[0]), read(&photos[1]));
+    let photos = common::people(1, 2).remove(0).1;
+    let (first, second) = (photos[0].clone(), photos[1].clone());
     let enroll = |subject: &str, bytes: &[u8]| pb::EnrollRequest {
         gallery_id: "g".to_owned(),
         subject_id: subject.to_owned(),

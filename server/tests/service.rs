@@ -1,14 +1,13 @@
 //! The gRPC service end to end: a real server (`handid_server::run` on
 //! 127.0.0.1:0), a fresh Postgres database per test, a tiny random
-//! checkpoint and real photos from the 11k Hands sample.
+//! checkpoint and synthetic JPEG photos.
 
 mod common;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use common::{
-    TestServer, checkpoint, contains, fingerprints, logs, offline_embedding, pg_dump, read, settings,
+    TestServer, checkpoint, contains, fingerprints, logs, offline_embedding, pg_dump, settings,
     wait_for_health,
 };
 use handid_model::{Device, Embedder};
@@ -40,14 +39,9 @@ fn identify_request(gallery: &str, probe: &[u8], top_k: u32, rule: Option<Rule>)
     }
 }
 
-/// Six people of the sample with at least four photos: three enrolled, one
-/// held out as a probe.
-fn people() -> Vec<(String, Vec<PathBuf>)> {
-    common::sample_by_person()
-        .into_iter()
-        .filter(|(_, photos)| photos.len() >= 4)
-        .take(6)
-        .collect()
+/// Six people with four photos each: three enrolled, one held out as a probe.
+fn people() -> Vec<(String, Vec<Vec<u8>>)> {
+    common::people(6, 4)
 }
 
 /// The offline Identify: every template scored by one matrix product,
@@ -115,7 +109,7 @@ async fn round_trips_match_the_offline_computation(_: PgPoolOptions, options: Pg
     let mut enrolled_ids: HashMap<String, Vec<String>> = HashMap::new();
     for (i, (person, photos)) in people.iter().enumerate() {
         let subject = format!("person-{person}");
-        let images: Vec<Vec<u8>> = photos[..3].iter().map(|p| read(p)).collect();
+        let images: Vec<Vec<u8>> = photos[..3].to_vec();
         let first = client
             .enroll(enroll_request("site-a", &subject, &images[..2], ""))
             .await
@@ -150,7 +144,7 @@ async fn round_trips_match_the_offline_computation(_: PgPoolOptions, options: Pg
     // Identify: the held-out photo of each person, against the offline search.
     let mut matched_self = 0;
     for (person, photos) in &people {
-        let probe = read(&photos[3]);
+        let probe = photos[3].clone();
         let reference = offline_identify(&site_a, &offline_embedding(&embedder, &probe), 4);
         let got = client
             .identify(identify_request("site-a", &probe, 4, Some(Rule::Threshold(-1.0))))
@@ -176,7 +170,7 @@ async fn round_trips_match_the_offline_computation(_: PgPoolOptions, options: Pg
     eprintln!("random model, rank-1 hits: {matched_self}/6");
 
     // Decision rules: the manifest's thresholds.
-    let probe = read(&people[0].1[3]);
+    let probe = people[0].1[3].clone();
     let top = client
         .identify(identify_request("site-a", &probe, 1, None))
         .await
@@ -294,7 +288,7 @@ async fn round_trips_match_the_offline_computation(_: PgPoolOptions, options: Pg
     assert_eq!(listed, all);
 
     // Idempotent retries return the first result.
-    let extra = read(&people[2].1[3]);
+    let extra = people[2].1[3].clone();
     let key_request = enroll_request(
         "site-a",
         "late-comer",
@@ -381,6 +375,35 @@ async fn round_trips_match_the_offline_computation(_: PgPoolOptions, options: Pg
     }
     server.stop().await.expect("graceful stop");
 
+    // The audit log saw every call: who, what, outcome, never an image.
+    let db = PgPoolOptions::new()
+        .connect_with(options.clone())
+        .await
+        .expect("connect");
+    let outcomes: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT action, outcome, count(*) FROM audit_log GROUP BY 1, 2 ORDER BY 1, 2")
+            .fetch_all(&db)
+            .await
+            .expect("audit rows");
+    let count = |action: &str, outcome: &str| {
+        outcomes
+            .iter()
+            .find(|(a, o, _)| a == action && o == outcome)
+            .map_or(0, |r| r.2)
+    };
+    assert_eq!(count("enroll", "ok"), 6 * 2 + 2 + 2, "{outcomes:?}");
+    assert_eq!(count("enroll", "ALREADY_EXISTS"), 1, "{outcomes:?}");
+    assert_eq!(count("identify", "NOT_FOUND"), 1, "{outcomes:?}");
+    assert_eq!(count("delete_subject", "ok"), 1, "{outcomes:?}");
+    let scored: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_log WHERE action = 'identify' AND top_score IS NOT NULL",
+    )
+    .fetch_one(&db)
+    .await
+    .expect("scores");
+    assert!(scored >= 6, "identify rows carry their top score");
+    db.close().await;
+
     // No photo byte reached the database or the logs.
     let dump = pg_dump(&options);
     assert!(
@@ -405,8 +428,7 @@ async fn bad_requests_get_their_status_codes(_: PgPoolOptions, options: PgConnec
     let dir = checkpoint();
     let server = TestServer::start(settings(&options, dir.path())).await;
     let mut client = server.client().await;
-    let person = common::sample_by_person().into_iter().next().expect("a person").1;
-    let good = read(&person[0]);
+    let good = people()[0].1[0].clone();
     client
         .enroll(enroll_request("g", "known", std::slice::from_ref(&good), ""))
         .await
@@ -581,12 +603,7 @@ async fn concurrent_calls_share_forward_passes(_: PgPoolOptions, options: PgConn
     let server = TestServer::start(config).await;
     let client = server.client().await;
     let embedder = Embedder::load(dir.path(), Device::Cpu).expect("offline embedder");
-    let photos: Vec<Vec<u8>> = common::sample_by_person()
-        .into_values()
-        .flatten()
-        .take(8)
-        .map(|p| read(&p))
-        .collect();
+    let photos: Vec<Vec<u8>> = common::people(8, 1).into_iter().flat_map(|(_, p)| p).collect();
     // Eight concurrent Embed calls, one bad: it alone fails.
     let calls = photos.iter().enumerate().map(|(i, bytes)| {
         let mut client = client.clone();
@@ -628,4 +645,33 @@ async fn concurrent_calls_share_forward_passes(_: PgPoolOptions, options: PgConn
         .unwrap_or(0);
     assert!(batched > 1, "no forward pass ever held more than one image");
     server.stop().await.expect("graceful stop");
+}
+
+#[sqlx::test(migrations = false)]
+async fn shutdown_drains_in_flight_calls(_: PgPoolOptions, options: PgConnectOptions) {
+    let dir = checkpoint();
+    let mut config = settings(&options, dir.path());
+    // The call waits in the batcher for company while shutdown begins.
+    config.batch.max_wait_ms = 500;
+    let server = TestServer::start(config).await;
+    let mut client = server.client().await;
+    let photo = people()[0].1[0].clone();
+    let call = tokio::spawn(async move {
+        client
+            .embed(pb::EmbedRequest {
+                images: vec![image(photo)],
+            })
+            .await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    assert!(
+        !call.is_finished(),
+        "the call should still be waiting in the batcher"
+    );
+    server.stop().await.expect("graceful stop");
+    let answered = call
+        .await
+        .expect("task")
+        .expect("the in-flight call was answered");
+    assert_eq!(answered.into_inner().embeddings.len(), 1);
 }

@@ -1,13 +1,12 @@
 //! Shared by the integration tests: a real server on 127.0.0.1:0 over a
-//! fresh `#[sqlx::test]` database, a tiny random checkpoint, the 11k Hands
-//! sample photos, and a capture of every log line the server writes.
+//! fresh `#[sqlx::test]` database, a tiny random checkpoint, synthetic JPEG
+//! photos, and a capture of every log line the server writes.
 
 #![allow(dead_code)] // each test binary uses its own part of this module
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -18,9 +17,6 @@ use sqlx::postgres::PgConnectOptions;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-
-/// The real photo sample (outside the repository; README "The data").
-pub const SAMPLE: &str = "../../shared/data/11k-hands-sample";
 
 /// Every log line written by the server in this test binary.
 static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
@@ -157,26 +153,39 @@ impl TestServer {
     }
 }
 
-/// The sample's photos by person id, in file order.
-pub fn sample_by_person() -> BTreeMap<String, Vec<PathBuf>> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(SAMPLE);
-    let csv = std::fs::read_to_string(root.join("HandInfo.csv")).expect("HandInfo.csv of the sample");
-    let mut people: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
-    for line in csv.lines().skip(1) {
-        let fields: Vec<&str> = line.split(',').map(|f| f.trim_matches('"')).collect();
-        if let (Some(id), Some(name)) = (fields.first(), fields.get(7)) {
-            people
-                .entry((*id).to_owned())
-                .or_default()
-                .push(root.join("Hands").join(name));
-        }
-    }
-    people
+/// Synthetic hand "photos": `count` identities with `photos` JPEGs each.
+/// Generated rather than read from the 11k Hands sample so the tests run on
+/// any machine; each identity has its own pattern, each photo of it a
+/// different shift and noise, and every image is a real baseline JPEG.
+pub fn people(count: usize, photos: usize) -> Vec<(String, Vec<Vec<u8>>)> {
+    (0..count)
+        .map(|person| {
+            (
+                format!("{person:04}"),
+                (0..photos).map(|i| photo(person, i)).collect(),
+            )
+        })
+        .collect()
 }
 
-/// Reads a file.
-pub fn read(path: &Path) -> Vec<u8> {
-    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+fn photo(person: usize, index: usize) -> Vec<u8> {
+    let (p, i) = (person as f32, index as f32);
+    let image = image::RgbImage::from_fn(96, 80, |x, y| {
+        let (x, y) = (x as f32, y as f32);
+        let wave = ((x + 1.7 * i) * (0.05 + 0.011 * p)).sin() * (y * (0.04 + 0.007 * p) + p).cos();
+        let noise = ((x * 31.0 + y * 17.0 + i * 101.0 + p * 7.0) % 23.0) - 11.0;
+        let channel = |base: f32, gain: f32| (base + gain * wave + noise).clamp(0.0, 255.0) as u8;
+        image::Rgb([
+            channel(128.0, 100.0),
+            channel(90.0 + 9.0 * p, 60.0),
+            channel(160.0, -70.0),
+        ])
+    });
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+        .encode_image(&image)
+        .expect("encode jpeg");
+    jpeg
 }
 
 /// The offline reference: the same checkpoint, decode + preprocess + one
