@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use handid_server::Settings;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 /// Command-line interface of the server.
 #[derive(Debug, Parser)]
@@ -25,6 +27,13 @@ enum Command {
         /// Settings file (YAML); HANDID__SECTION__KEY variables override it.
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+    /// Ask a running server's gRPC health service; exit 0 when it is
+    /// SERVING, 1 otherwise (the container image's HEALTHCHECK).
+    Health {
+        /// The server's address.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        addr: String,
     },
     /// Apply the database migrations and exit.
     Migrate {
@@ -51,6 +60,27 @@ async fn main() -> anyhow::Result<()> {
             handid_server::run(listener, settings, shutdown_signal())
                 .await
                 .context("serving")?;
+        }
+        Command::Health { addr } => {
+            let channel = tonic::transport::Endpoint::from_shared(addr.clone())
+                .with_context(|| format!("bad address {addr}"))?
+                .connect_timeout(std::time::Duration::from_secs(2))
+                .timeout(std::time::Duration::from_secs(2))
+                .connect()
+                .await
+                .with_context(|| format!("connecting to {addr}"))?;
+            let status = HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .context("health check")?
+                .into_inner()
+                .status();
+            println!("{}", status.as_str_name());
+            if status != ServingStatus::Serving {
+                std::process::exit(1);
+            }
         }
         Command::Migrate { database_url } => {
             let pool = sqlx::PgPool::connect(&database_url)

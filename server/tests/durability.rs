@@ -117,6 +117,17 @@ async fn acknowledged_enrolments_survive_sigkill(_: PgPoolOptions, options: PgCo
         .into_inner();
     assert!(search.gallery_size as usize >= acknowledged.len());
 
+    // The container HEALTHCHECK command: SERVING while up, failure once stopped.
+    let health = |port: u16| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_handid-server"))
+            .args(["health", "--addr", &format!("http://127.0.0.1:{port}")])
+            .output()
+            .expect("run handid-server health")
+    };
+    let up = health(port);
+    assert!(up.status.success(), "health while serving: {up:?}");
+    assert_eq!(String::from_utf8_lossy(&up.stdout).trim(), "SERVING");
+
     // SIGTERM: graceful shutdown, exit status 0.
     let pid = server.id().expect("running").to_string();
     let sent = std::process::Command::new("kill")
@@ -129,4 +140,8 @@ async fn acknowledged_enrolments_survive_sigkill(_: PgPoolOptions, options: PgCo
         .expect("stopped within 30 s")
         .expect("exit status");
     assert!(status.success(), "exit after SIGTERM: {status}");
+    assert!(
+        !health(port).status.success(),
+        "health passed with the server stopped"
+    );
 }

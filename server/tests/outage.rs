@@ -27,7 +27,11 @@ fn pg(action: &str, port: u16) {
         .expect("run pg.sh");
     assert!(status.success(), "pg.sh {action} failed");
     let running = Path::new(&dir).join("data/postmaster.pid").exists();
-    assert_eq!(running, action == "start", "pg.sh {action} left the cluster in the wrong state");
+    assert_eq!(
+        running,
+        action == "start",
+        "pg.sh {action} left the cluster in the wrong state"
+    );
 }
 
 fn identify(gallery: &str, probe: &[u8]) -> pb::IdentifyRequest {
