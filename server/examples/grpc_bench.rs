@@ -1,0 +1,217 @@
+//! Service benchmark over real gRPC on 127.0.0.1, against a real PostgreSQL
+//! (`DATABASE_URL`; `scripts/with-postgres.sh` provides one):
+//!
+//! 1. Embed throughput with concurrent clients vs the in-process pipeline
+//!    (decode + preprocess + `Embedder::embed_batch`) at its best batch size:
+//!    the overhead ratio of the service (target <= 1.10).
+//! 2. Enrol rate with durable commits (each call acknowledged after COMMIT).
+//! 3. Identify latency p50/p99 through the service on the enrolled gallery.
+//!
+//! Photos are the real 11k Hands sample (`../shared/data/11k-hands-sample`).
+//!
+//! ```text
+//! scripts/with-postgres.sh cargo run --release -p handid-server --example grpc_bench -- \
+//!     --arch tiny_vit --clients 16 --seconds 15
+//! ```
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use handid_model::{ClipVisionConfig, DecodeLimits, Embedder, create_random_checkpoint, decode};
+use handid_proto::v1::{self as pb, hand_id_client::HandIdClient};
+use handid_server::Settings;
+use tch::{Device, Tensor};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let (mut arch, mut clients, mut seconds) = ("tiny_vit".to_owned(), 16usize, 15.0f64);
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--arch" => arch = value,
+            "--clients" => clients = value.parse()?,
+            "--seconds" => seconds = value.parse()?,
+            _ => return Err(format!("unknown flag {flag}").into()),
+        }
+    }
+    let config = match arch.as_str() {
+        "tiny_vit" => ClipVisionConfig::tiny_vit(),
+        "vit_b16" => ClipVisionConfig::vit_b16(),
+        "rn50" => ClipVisionConfig::rn50(),
+        other => return Err(format!("unknown --arch {other}").into()),
+    };
+    let database_url = std::env::var("DATABASE_URL").map_err(|_| "DATABASE_URL is not set")?;
+    let photos = Arc::new(sample_photos(64)?);
+    let dir = tempfile::tempdir()?;
+    let manifest = create_random_checkpoint(dir.path(), &config, 3)?;
+    let budget = Duration::from_secs_f64(seconds);
+    println!(
+        "# arch={arch} clients={clients} seconds={seconds} threads={}",
+        tch::get_num_threads()
+    );
+
+    // 1a. In-process: the same work the service does, without gRPC or queues.
+    let embedder = Embedder::load(dir.path(), Device::Cpu)?;
+    let mut best = (0usize, 0.0f64);
+    for batch in [1usize, 2, 4, 8, 16, 32] {
+        let start = Instant::now();
+        let mut images = 0usize;
+        while start.elapsed() < budget / 4 || images == 0 {
+            let pixels: Vec<Tensor> = (0..batch)
+                .map(|i| {
+                    let image = decode(&photos[(images + i) % photos.len()], &DecodeLimits::default())?;
+                    manifest.preprocess.apply(&image)
+                })
+                .collect::<Result<_, _>>()?;
+            let _ = embedder.embed_batch(&Tensor::stack(&pixels, 0))?;
+            images += batch;
+        }
+        let rate = images as f64 / start.elapsed().as_secs_f64();
+        println!("in-process batch={batch} images_per_s={rate:.2}");
+        if rate > best.1 {
+            best = (batch, rate);
+        }
+    }
+    drop(embedder);
+
+    // The real server, in this process, on a free port.
+    let mut settings = Settings::default();
+    settings.database.url = database_url;
+    settings.model.path = dir.path().to_owned();
+    settings.batch.max_batch_size = best.0.max(8);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(handid_server::run(listener, settings, async {
+        let _ = stopped.await;
+    }));
+    let client = connect(&url).await?;
+
+    // 1b. Embed through gRPC, one image per call, `clients` callers at once.
+    let (shared_client, shared_photos) = (client.clone(), Arc::clone(&photos));
+    let rate = run_clients(clients, budget, move |c, i| {
+        let mut client = shared_client.clone();
+        let photos = Arc::clone(&shared_photos);
+        async move {
+            let data = photos[(c * 7 + i) % photos.len()].clone();
+            client
+                .embed(pb::EmbedRequest {
+                    images: vec![pb::Image { data }],
+                })
+                .await?;
+            Ok(())
+        }
+    })
+    .await?;
+    println!("grpc embed clients={clients} images_per_s={rate:.2}");
+    println!(
+        "embed overhead ratio (in-process best batch {} / gRPC) = {:.3}",
+        best.0,
+        best.1 / rate
+    );
+
+    // 2. Enrol: one new subject per call, acknowledged after its commit.
+    let (shared_client, shared_photos) = (client.clone(), Arc::clone(&photos));
+    let rate = run_clients(clients, budget, move |c, i| {
+        let mut client = shared_client.clone();
+        let photos = Arc::clone(&shared_photos);
+        async move {
+            let data = photos[(c * 13 + i) % photos.len()].clone();
+            client
+                .enroll(pb::EnrollRequest {
+                    gallery_id: "bench".to_owned(),
+                    subject_id: format!("c{c}-s{i}"),
+                    images: vec![pb::Image { data }],
+                    idempotency_key: String::new(),
+                })
+                .await?;
+            Ok(())
+        }
+    })
+    .await?;
+    println!("grpc enroll clients={clients} templates_per_s={rate:.2}");
+
+    // 3. Identify latency, one caller, on the gallery just enrolled.
+    let mut client = client.clone();
+    let mut latencies = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < budget / 2 || latencies.len() < 10 {
+        let data = photos[latencies.len() % photos.len()].clone();
+        let t = Instant::now();
+        let answer = client
+            .identify(pb::IdentifyRequest {
+                gallery_id: "bench".to_owned(),
+                image: Some(pb::Image { data }),
+                top_k: 10,
+                rule: None,
+            })
+            .await?
+            .into_inner();
+        latencies.push(t.elapsed().as_secs_f64() * 1e3);
+        if latencies.len() == 1 {
+            println!("# identify gallery_size={}", answer.gallery_size);
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
+    println!("grpc identify p50_ms={:.2} p99_ms={:.2}", pct(0.5), pct(0.99));
+
+    let _ = stop.send(());
+    server.await??;
+    Ok(())
+}
+
+/// Runs `clients` loops of `call(client_index, iteration)` for `budget`;
+/// returns completed calls per second.
+async fn run_clients<F, Fut>(clients: usize, budget: Duration, call: F) -> Result<f64, Error>
+where
+    F: Fn(usize, usize) -> Fut + Send + Sync + Clone + 'static,
+    Fut: Future<Output = Result<(), Error>> + Send,
+{
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let call = call.clone();
+            tokio::spawn(async move {
+                let mut calls = 0usize;
+                while start.elapsed() < budget {
+                    call(c, calls).await?;
+                    calls += 1;
+                }
+                Ok::<usize, Error>(calls)
+            })
+        })
+        .collect();
+    let mut total = 0usize;
+    for task in tasks {
+        total += task.await??;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+async fn connect(url: &str) -> Result<HandIdClient<tonic::transport::Channel>, Error> {
+    for _ in 0..600 {
+        if let Ok(client) = HandIdClient::connect(url.to_owned()).await {
+            return Ok(client);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!("server at {url} never accepted a connection").into())
+}
+
+/// The first `n` JPEGs of the 11k Hands sample.
+fn sample_photos(n: usize) -> Result<Vec<Vec<u8>>, Error> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/11k-hands-sample/Hands");
+    let mut paths: Vec<_> = std::fs::read_dir(&dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "jpg"))
+        .collect();
+    paths.sort();
+    paths.truncate(n);
+    paths.into_iter().map(|p| Ok(std::fs::read(p)?)).collect()
+}
