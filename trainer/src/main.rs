@@ -3,6 +3,9 @@
 //!
 //! # Layout
 //! - `main.rs`: the command line.
+//! - `commands/`: one file per subcommand (`import`, `embed`).
+
+mod commands;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -27,6 +30,10 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Import OpenAI / open_clip / Hugging Face CLIP weights as a serving checkpoint.
+    Import(commands::import::ImportArgs),
+    /// Embed image files with a serving checkpoint.
+    Embed(commands::embed::EmbedArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,6 +44,8 @@ fn main() -> anyhow::Result<()> {
             let sum = x.sum(tch::Kind::Float).double_value(&[]);
             println!("libtorch OK on {device:?} (2x2 ones sum to {sum})");
         }
+        Command::Import(args) => commands::import::run(&args)?,
+        Command::Embed(args) => commands::embed::run(&args)?,
     }
     Ok(())
 }

@@ -1,0 +1,4 @@
+//! Subcommands, one file each.
+
+pub mod embed;
+pub mod import;
