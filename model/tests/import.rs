@@ -240,3 +240,17 @@ fn hugging_face_keys_become_openai_keys() {
         want.keys().collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn an_fp16_torchscript_archive_imports_as_f32_and_embeds_as_open_clip() {
+    let (_, pixels, pooled) = tiny_vit();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifest = import_checkpoint(&fixture("tiny_vit_fp16.pt"), dir.path()).expect("import TorchScript");
+    assert_eq!(manifest.vision, ClipVisionConfig::tiny_vit());
+    let embedder = Embedder::load(dir.path(), Device::Cpu).expect("load");
+    let got = embedder.embed_batch(&pixels).expect("embed");
+    let want = &pooled / pooled.norm_scalaropt_dim(2, [1], true);
+    // The archive's weights are the f32 fixture's rounded to fp16.
+    let diff = (&got - &want).abs().max().double_value(&[]);
+    assert!(diff <= 1e-2, "differs from open_clip by {diff}");
+}
