@@ -8,6 +8,7 @@
 //! - [`text`]: CLIP's text tower; [`tokenizer`]: its BPE tokenizer; [`clip`]: both towers and the logit scale.
 //! - [`checkpoint`]: the serving checkpoint folder (weights + manifest) and
 //!   strict loading.
+//! - [`import`]: OpenAI / open_clip / Hugging Face weights to a serving checkpoint.
 //! - [`embedder`]: a loaded checkpoint that turns images into embeddings.
 //! - [`device`]: choosing `cpu` / `cuda[:N]`, loading libtorch's CUDA library
 //!   at run time so one binary serves CPU-only and GPU hosts.
@@ -22,6 +23,7 @@ pub mod embedder;
 pub mod error;
 pub mod heads;
 pub mod image;
+pub mod import;
 pub mod resnet;
 pub mod text;
 pub mod tokenizer;

@@ -56,8 +56,16 @@ fn vit_matches_open_clip_pooled_features_and_patch_tokens() {
 fn modified_resnet_matches_open_clip() {
     let (weights, io) = read_fixture("tiny_resnet.safetensors");
     let vs = nn::VarStore::new(Device::Cpu);
-    // make_clip_fixtures.py TINY_RESNET: layers (1,1,1,1), width 4, 4 * 32 / 64 = 2 heads, image 64; embed 16.
-    let encoder = ImageEncoder::new(vs.root() / "visual", &ClipVisionConfig::tiny_resnet()).expect("config");
+    // make_clip_fixtures.py TINY_RESNET: layers (1,1,1,1), width 2, head_width 32 (2 * 32 / 32 = 2 heads),
+    // image 64; embed 16. Width 2 keeps the fixture small (the attention pool is 32 * width wide).
+    let cfg = ClipVisionConfig {
+        backbone: handid_model::Backbone::ModifiedResnet { layers: [1, 1, 1, 1] },
+        width: 2,
+        heads: 2,
+        image_size: 64,
+        output_dim: 16,
+    };
+    let encoder = ImageEncoder::new(vs.root() / "visual", &cfg).expect("config");
     load_strict(&vs, weights).expect("fixture weights fit our ResNet exactly");
     let pooled =
         tch::no_grad(|| encoder.forward_feature(&io["input.pixels"], handid_model::Feature::Projected))

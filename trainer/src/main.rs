@@ -3,13 +3,10 @@
 //!
 //! # Layout
 //! - `main.rs`: the command line.
-//! - `commands/`: one file per subcommand (`splits`, `synth`, `eval`).
+//! - `commands/`: one file per subcommand (`splits`, `synth`, `eval`,
+//!   `import`, `embed`).
 
-mod commands {
-    pub mod eval;
-    pub mod splits;
-    pub mod synth;
-}
+mod commands;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -40,6 +37,10 @@ enum Command {
     Synth(commands::synth::Args),
     /// Evaluate precomputed embeddings over their splits; write a report.
     Eval(commands::eval::Args),
+    /// Import OpenAI / open_clip / Hugging Face CLIP weights as a serving checkpoint.
+    Import(commands::import::ImportArgs),
+    /// Embed image files with a serving checkpoint.
+    Embed(commands::embed::EmbedArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,6 +54,8 @@ fn main() -> anyhow::Result<()> {
         Command::Splits(args) => commands::splits::run(args)?,
         Command::Synth(args) => commands::synth::run(args)?,
         Command::Eval(args) => commands::eval::run(args)?,
+        Command::Import(args) => commands::import::run(&args)?,
+        Command::Embed(args) => commands::embed::run(&args)?,
     }
     Ok(())
 }

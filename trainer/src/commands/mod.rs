@@ -1,0 +1,7 @@
+//! Subcommands, one file each.
+
+pub mod embed;
+pub mod eval;
+pub mod import;
+pub mod splits;
+pub mod synth;
