@@ -147,7 +147,10 @@ async fn main() -> Result<(), Error> {
                 gallery_id: "bench".to_owned(),
                 image: Some(pb::Image { data }),
                 top_k: 10,
-                rule: None,
+                // Random weights carry no calibrated thresholds.
+                rule: Some(pb::DecisionRule {
+                    rule: Some(pb::decision_rule::Rule::Threshold(0.5)),
+                }),
             })
             .await?
             .into_inner();
