@@ -4,7 +4,7 @@
 //! # Layout
 //! - `main.rs`: the command line.
 //! - `commands/`: one file per subcommand (`splits`, `synth`, `eval`,
-//!   `import`, `embed`).
+//!   `import`, `init`, `embed`).
 
 mod commands;
 
@@ -39,6 +39,8 @@ enum Command {
     Eval(commands::eval::Args),
     /// Import OpenAI / open_clip / Hugging Face CLIP weights as a serving checkpoint.
     Import(commands::import::ImportArgs),
+    /// Write a serving checkpoint with random weights (the untrained baseline).
+    Init(commands::init::InitArgs),
     /// Embed image files with a serving checkpoint.
     Embed(commands::embed::EmbedArgs),
 }
@@ -55,6 +57,7 @@ fn main() -> anyhow::Result<()> {
         Command::Synth(args) => commands::synth::run(args)?,
         Command::Eval(args) => commands::eval::run(args)?,
         Command::Import(args) => commands::import::run(&args)?,
+        Command::Init(args) => commands::init::run(&args)?,
         Command::Embed(args) => commands::embed::run(&args)?,
     }
     Ok(())

@@ -62,7 +62,12 @@ fn synth_splits_and_both_eval_entry_points() {
         "{counts}"
     );
 
-    create_random_checkpoint(&model, &ClipVisionConfig::tiny_vit(), 0).expect("checkpoint");
+    let said = trainer(&["init", "--arch", "tiny-vit", "--seed", "0", "--out", p(&model)]);
+    // `init` is create_random_checkpoint: the same seed gives the same model id.
+    let reference = dir.path().join("reference");
+    let manifest_ref =
+        create_random_checkpoint(&reference, &ClipVisionConfig::tiny_vit(), 0).expect("checkpoint");
+    assert!(said.contains(&manifest_ref.model_id), "{said}");
     let saved = dir.path().join("emb.safetensors");
     let (by_model, by_file) = (dir.path().join("r1"), dir.path().join("r2"));
     trainer(&[

@@ -3,5 +3,6 @@
 pub mod embed;
 pub mod eval;
 pub mod import;
+pub mod init;
 pub mod splits;
 pub mod synth;
