@@ -151,3 +151,32 @@ fn tokenizer_matches_open_clip_on_a_thousand_strings() {
     }
     assert!(checked >= 1000, "{checked} strings");
 }
+
+/// Full-size ViT-B/16 and RN50 image towers against open_clip on random,
+/// perturbed weights. The data is hundreds of MB, so it is not committed:
+/// `scripts/fixtures/make_fullsize_parity.py DIR` writes it, then
+/// `HANDID_FULLSIZE_FIXTURES=DIR cargo test -p handid-model --release --test golden -- --ignored full_size`.
+#[test]
+#[ignore = "needs HANDID_FULLSIZE_FIXTURES (scripts/fixtures/make_fullsize_parity.py)"]
+fn full_size_towers_match_open_clip() {
+    let dir = PathBuf::from(std::env::var("HANDID_FULLSIZE_FIXTURES").expect("HANDID_FULLSIZE_FIXTURES"));
+    for (name, cfg) in [
+        ("vit_b16", ClipVisionConfig::vit_b16()),
+        ("rn50", ClipVisionConfig::rn50()),
+    ] {
+        let all = Tensor::read_safetensors(dir.join(format!("{name}.safetensors"))).expect("parity data");
+        let (io, weights): (Vec<_>, Vec<_>) = all
+            .into_iter()
+            .partition(|(k, _)| k.starts_with("input.") || k.starts_with("expected."));
+        let io: BTreeMap<String, Tensor> = io.into_iter().collect();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let encoder = ImageEncoder::new(vs.root() / "visual", &cfg).expect("config");
+        load_strict(&vs, weights).expect("open_clip's weights fit exactly");
+        let pooled =
+            tch::no_grad(|| encoder.forward_feature(&io["input.pixels"], handid_model::Feature::Projected))
+                .expect("forward");
+        let diff = max_abs_diff(&pooled, &io["expected.pooled"]);
+        eprintln!("{name}: full-size pooled max abs diff {diff:e}");
+        assert!(diff <= TOLERANCE, "{name} differs by {diff}");
+    }
+}
