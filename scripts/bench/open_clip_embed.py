@@ -11,7 +11,8 @@ import time
 import open_clip
 import torch
 
-ARCHS = {"vit_b16": "ViT-B-16", "rn50": "RN50"}
+# The -quickgelu variants use the activation OpenAI trained with, as ours.
+ARCHS = {"vit_b16": "ViT-B-16-quickgelu", "rn50": "RN50-quickgelu"}
 
 
 def main() -> None:
