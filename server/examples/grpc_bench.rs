@@ -6,6 +6,10 @@
 //!    the overhead ratio of the service (target <= 1.10).
 //! 2. Enrol rate with durable commits (each call acknowledged after COMMIT).
 //! 3. Identify latency p50/p99 through the service on the enrolled gallery.
+//! 4. With `--scale 10000,100000,1000000`: Identify latency p50/p99 on
+//!    galleries of that many synthetic 512-d templates, bulk-loaded into
+//!    PostgreSQL and read into the index at server start (load time printed),
+//!    with a tiny 512-d model so the search, not the forward pass, is timed.
 //!
 //! Photos are the real 11k Hands sample (`../shared/data/11k-hands-sample`).
 //!
@@ -28,6 +32,7 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let (mut arch, mut clients, mut seconds) = ("tiny_vit".to_owned(), 16usize, 15.0f64);
+    let mut scale: Vec<u64> = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -35,6 +40,7 @@ async fn main() -> Result<(), Error> {
             "--arch" => arch = value,
             "--clients" => clients = value.parse()?,
             "--seconds" => seconds = value.parse()?,
+            "--scale" => scale = value.split(',').map(str::parse).collect::<Result<_, _>>()?,
             _ => return Err(format!("unknown flag {flag}").into()),
         }
     }
@@ -46,6 +52,9 @@ async fn main() -> Result<(), Error> {
     };
     let database_url = std::env::var("DATABASE_URL").map_err(|_| "DATABASE_URL is not set")?;
     let photos = Arc::new(sample_photos(64)?);
+    if !scale.is_empty() {
+        return identify_at_scale(&database_url, &scale, &photos).await;
+    }
     let dir = tempfile::tempdir()?;
     let manifest = create_random_checkpoint(dir.path(), &config, 3)?;
     let budget = Duration::from_secs_f64(seconds);
@@ -83,12 +92,7 @@ async fn main() -> Result<(), Error> {
     settings.database.url = database_url;
     settings.model.path = dir.path().to_owned();
     settings.batch.max_batch_size = best.0.max(8);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(handid_server::run(listener, settings, async {
-        let _ = stopped.await;
-    }));
+    let (url, stop, server) = start(settings).await?;
     let client = connect(&url).await?;
 
     // 1b. Embed through gRPC, one image per call, `clients` callers at once;
@@ -220,4 +224,119 @@ fn sample_photos(n: usize) -> Result<Vec<Vec<u8>>, Error> {
     paths.sort();
     paths.truncate(n);
     paths.into_iter().map(|p| Ok(std::fs::read(p)?)).collect()
+}
+
+/// Identify latency on bulk-loaded galleries of `sizes` templates each.
+async fn identify_at_scale(database_url: &str, sizes: &[u64], photos: &[Vec<u8>]) -> Result<(), Error> {
+    let dir = tempfile::tempdir()?;
+    let config = ClipVisionConfig {
+        output_dim: 512,
+        ..ClipVisionConfig::tiny_vit()
+    };
+    let manifest = create_random_checkpoint(dir.path(), &config, 5)?;
+    let mut settings = Settings::default();
+    settings.database.url = database_url.to_owned();
+    settings.model.path = dir.path().to_owned();
+    let pool = sqlx::PgPool::connect(database_url).await?;
+    // One start registers the model (templates reference it) and migrates.
+    let (url, stop, server) = start(settings.clone()).await?;
+    drop(connect(&url).await?);
+    let _ = stop.send(());
+    server.await??;
+    println!("# identify at scale: 512-d templates, one per subject, top_k=10, tiny 512-d model");
+    for &n in sizes {
+        let started = Instant::now();
+        sqlx::query("DELETE FROM galleries").execute(&pool).await?;
+        sqlx::query("INSERT INTO galleries (gallery_id) VALUES ('scale')")
+            .execute(&pool)
+            .await?;
+        sqlx::query("INSERT INTO subjects (gallery_id, subject_id) SELECT 'scale', 's' || g FROM generate_series(1, $1) g")
+            .bind(n as i64)
+            .execute(&pool)
+            .await?;
+        // Random vectors made inside PostgreSQL (the correlated subquery is
+        // evaluated per row); the search cost does not depend on the values.
+        sqlx::query(
+            "INSERT INTO templates (template_id, subject, gallery_id, model_id, dimension, embedding)
+             SELECT gen_random_uuid(), s.id, 'scale', $1, 512,
+                    (SELECT array_agg(random()::real - 0.5) FROM generate_series(1, 512) WHERE s.id > 0)
+             FROM subjects s WHERE s.gallery_id = 'scale'",
+        )
+        .bind(&manifest.model_id)
+        .execute(&pool)
+        .await?;
+        let loaded_db = started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        let (url, stop, server) = start(settings.clone()).await?;
+        let mut client = connect(&url).await?;
+        let mut health = tonic_health::pb::health_client::HealthClient::new(
+            tonic::transport::Channel::from_shared(url.clone())?
+                .connect()
+                .await?,
+        );
+        while health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(|r| {
+                r.into_inner().status
+                    != tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+            })
+            .unwrap_or(true)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let index_load = started.elapsed().as_secs_f64();
+        let mut latencies = Vec::new();
+        for i in 0..202 {
+            let data = photos[i % photos.len()].clone();
+            let t = Instant::now();
+            let answer = client
+                .identify(pb::IdentifyRequest {
+                    gallery_id: "scale".to_owned(),
+                    image: Some(pb::Image { data }),
+                    top_k: 10,
+                    rule: Some(pb::DecisionRule {
+                        rule: Some(pb::decision_rule::Rule::Threshold(0.5)),
+                    }),
+                })
+                .await?
+                .into_inner();
+            if i >= 2 {
+                latencies.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            if answer.gallery_size as u64 != n {
+                return Err(format!("gallery holds {} subjects, expected {n}", answer.gallery_size).into());
+            }
+        }
+        latencies.sort_by(f64::total_cmp);
+        let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
+        println!(
+            "grpc identify n={n} p50_ms={:.2} p99_ms={:.2} (bulk insert {loaded_db:.1} s, server start + index load {index_load:.1} s)",
+            pct(0.5),
+            pct(0.99)
+        );
+        let _ = stop.send(());
+        server.await??;
+    }
+    sqlx::query("DELETE FROM galleries").execute(&pool).await?;
+    Ok(())
+}
+
+type Running = (
+    String,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), handid_server::ServeError>>,
+);
+
+/// Starts the real server in this process on a free port.
+async fn start(settings: Settings) -> Result<Running, Error> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(handid_server::run(listener, settings, async {
+        let _ = stopped.await;
+    }));
+    Ok((url, stop, server))
 }
