@@ -1,10 +1,17 @@
 //! handid-trainer: fine-tunes CLIP for hand identity.
 //!
 //! # Layout
-//! - [`data`]: the training data pipeline (P x K identity sampler).
-//! - [`engine`]: training building blocks (learning-rate schedules).
+//! - [`config`]: the YAML training configuration.
+//! - [`data`]: the training data pipeline (P x K identity sampler,
+//!   augmentation, parallel decoding).
+//! - [`net`]: the network trained (CLIP + re-id head).
+//! - [`engine`]: optimizers, schedules, the training loop, checkpoints.
 //! - [`losses`]: one loss per file, each citing its paper.
+//! - [`export`]: training checkpoint -> serving checkpoint with calibrated thresholds.
 
+pub mod config;
 pub mod data;
 pub mod engine;
+pub mod export;
 pub mod losses;
+pub mod net;

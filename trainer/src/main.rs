@@ -4,7 +4,7 @@
 //! # Layout
 //! - `main.rs`: the command line.
 //! - `commands/`: one file per subcommand (`splits`, `synth`, `eval`,
-//!   `import`, `init`, `embed`).
+//!   `import`, `init`, `embed`, `train`, `export`).
 
 mod commands;
 
@@ -43,6 +43,10 @@ enum Command {
     Init(commands::init::InitArgs),
     /// Embed image files with a serving checkpoint.
     Embed(commands::embed::EmbedArgs),
+    /// Train (or resume) the experiment a YAML config describes.
+    Train(commands::train::TrainArgs),
+    /// Write a run's checkpoint as a serving checkpoint with calibrated thresholds.
+    Export(commands::export::ExportArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,6 +63,8 @@ fn main() -> anyhow::Result<()> {
         Command::Import(args) => commands::import::run(&args)?,
         Command::Init(args) => commands::init::run(&args)?,
         Command::Embed(args) => commands::embed::run(&args)?,
+        Command::Train(args) => commands::train::run(&args)?,
+        Command::Export(args) => commands::export::run(&args)?,
     }
     Ok(())
 }

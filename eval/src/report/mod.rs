@@ -4,6 +4,8 @@
 
 mod plots;
 
+pub use plots::line_chart;
+
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 

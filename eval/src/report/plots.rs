@@ -42,6 +42,76 @@ fn plot_error(path: &Path) -> impl Fn(String) -> Error + '_ {
 
 const COLOURS: [RGBColor; 4] = [BLUE, RED, GREEN, MAGENTA];
 
+/// A line chart of named series (e.g. training curves by epoch), legend
+/// included when a font is available. Empty series are skipped.
+pub fn line_chart(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[(&str, Vec<(f64, f64)>)],
+) -> Result<()> {
+    let draw = || -> std::result::Result<(), String> {
+        let points = || {
+            series
+                .iter()
+                .flat_map(|(_, s)| s.iter())
+                .filter(|(x, y)| x.is_finite() && y.is_finite())
+        };
+        let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+        for &(x, y) in points() {
+            (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
+        }
+        if x0 > x1 {
+            (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+        }
+        let pad = ((y1 - y0) * 0.05).max(1e-9);
+        let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let text = has_font();
+        let mut builder = ChartBuilder::on(&root);
+        builder.margin(20);
+        if text {
+            builder
+                .caption(title, ("sans-serif", 24))
+                .x_label_area_size(40)
+                .y_label_area_size(60);
+        }
+        let mut chart = builder
+            .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0 - pad)..(y1 + pad))
+            .map_err(|e| e.to_string())?;
+        let mut mesh = chart.configure_mesh();
+        if text {
+            mesh.x_desc(x_desc).y_desc(y_desc);
+        } else {
+            mesh.x_labels(0).y_labels(0);
+        }
+        mesh.draw().map_err(|e| e.to_string())?;
+        let palette = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK, RGBColor(255, 140, 0)];
+        for (i, (name, points)) in series.iter().filter(|(_, s)| !s.is_empty()).enumerate() {
+            let colour = palette[i % palette.len()];
+            let drawn = chart
+                .draw_series(LineSeries::new(points.iter().copied(), colour.stroke_width(2)))
+                .map_err(|e| e.to_string())?;
+            if text {
+                drawn.label(*name).legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
+                });
+            }
+        }
+        if text {
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| e.to_string())?;
+        }
+        root.present().map_err(|e| e.to_string())
+    };
+    draw().map_err(plot_error(path))
+}
+
 /// Mean CMC over splits, ranks 1..=min(gallery, 50).
 fn cmc(report: &Report, path: &Path) -> std::result::Result<(), String> {
     let n = report

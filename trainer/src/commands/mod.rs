@@ -2,7 +2,9 @@
 
 pub mod embed;
 pub mod eval;
+pub mod export;
 pub mod import;
 pub mod init;
 pub mod splits;
 pub mod synth;
+pub mod train;

@@ -1,0 +1,58 @@
+//! `handid-trainer export`: a run's checkpoint as a serving checkpoint with
+//! calibrated thresholds.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use handid_trainer::engine::state;
+use handid_trainer::export::export;
+
+/// Arguments of `export`.
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// The run folder (`train --out`).
+    #[arg(long)]
+    pub run: PathBuf,
+    /// `best` (validation mAP on training persons), `latest`, or a checkpoint folder.
+    #[arg(long, default_value = "best")]
+    pub checkpoint: String,
+    /// Serving checkpoint folder to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Dataset root, when it moved since training.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+}
+
+/// Exports and prints the thresholds.
+pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
+    let checkpoint = state::resolve(&args.run, &args.checkpoint)?;
+    let exported = export(&checkpoint, &args.out, args.data.as_deref())
+        .with_context(|| format!("exporting {}", checkpoint.display()))?;
+    let m = &exported.manifest;
+    println!(
+        "exported {} as model {} ({}, {}-d) to {}",
+        checkpoint.display(),
+        m.model_id,
+        m.architecture,
+        m.embedding_dim,
+        args.out.display()
+    );
+    let (genuine, impostor) = exported.pairs;
+    println!("thresholds on validation persons ({genuine} genuine, {impostor} impostor pairs):");
+    for c in &exported.calibrated {
+        let note = if c.point.fmr * (impostor as f64) < 1.0 {
+            " (fewer impostor pairs than 1/FMR: the threshold is the highest impostor score)"
+        } else {
+            ""
+        };
+        println!(
+            "  FMR {:e}: threshold {:.4} (measured FMR {:.2e}, TPR {:.1}%){note}",
+            c.point.fmr,
+            c.point.threshold,
+            c.measured_fmr,
+            100.0 * c.tpr
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,110 @@
+//! `handid-trainer train`: runs (or resumes) the experiment a YAML config
+//! describes and prints a summary line.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use handid_trainer::config::{Method, TrainConfig};
+use handid_trainer::engine::{RunOptions, train};
+
+/// Arguments of `train`.
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    /// The experiment's YAML config (see `configs/`).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Run folder: checkpoints, metrics.csv, curves.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Overrides `data.manifest`.
+    #[arg(long)]
+    pub manifest: Option<PathBuf>,
+    /// Overrides `data.root`.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Overrides `device`.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Overrides `model.clip_weights`.
+    #[arg(long)]
+    pub clip_weights: Option<PathBuf>,
+    /// Overrides the epochs of the (last) fine-tuning stage.
+    #[arg(long)]
+    pub epochs: Option<u64>,
+    /// Continue the run in `--out` from its latest checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop cleanly after this many epochs in total (resume later).
+    #[arg(long)]
+    pub stop_after_epoch: Option<u64>,
+    /// Epoch checkpoints kept besides `best`.
+    #[arg(long, default_value_t = 2)]
+    pub keep_checkpoints: usize,
+    /// No progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Applies the command-line overrides to the config file's contents.
+pub fn effective_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
+    let mut config = TrainConfig::read(&args.config)?;
+    if let Some(m) = &args.manifest {
+        config.data.manifest = m.clone();
+    }
+    if let Some(d) = &args.data {
+        config.data.root = Some(d.clone());
+    }
+    if let Some(d) = &args.device {
+        config.device = d.clone();
+    }
+    if let Some(w) = &args.clip_weights {
+        config.model.clip_weights = Some(w.clone());
+    }
+    if let Some(e) = args.epochs {
+        match &mut config.method {
+            Method::ZeroShot => anyhow::bail!("--epochs: a zero-shot run has no epochs"),
+            Method::Finetune(s) | Method::ClipReid { stage2: s, .. } => s.epochs = e,
+        }
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+/// Runs the experiment.
+pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
+    let config = effective_config(args).with_context(|| format!("loading {}", args.config.display()))?;
+    let summary = train(
+        &config,
+        &RunOptions {
+            out: args.out.clone(),
+            resume: args.resume,
+            stop_after_epoch: args.stop_after_epoch,
+            progress: !args.quiet,
+            keep_checkpoints: args.keep_checkpoints,
+        },
+    )?;
+    let best = summary
+        .best
+        .map(|b| {
+            format!(
+                "best val mAP {:.1}% Rank-1 {:.1}% at epoch {}",
+                100.0 * b.val.map,
+                100.0 * b.val.rank1,
+                b.epoch
+            )
+        })
+        .unwrap_or_else(|| "no validation split".to_owned());
+    println!(
+        "{} {}: {} epochs, {:.1} images/s; {best}; checkpoint {}",
+        config.name,
+        if summary.finished {
+            "finished"
+        } else {
+            "stopped (resume with --resume)"
+        },
+        summary.epochs,
+        summary.images_per_second,
+        summary.checkpoint.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! Export: a training checkpoint becomes a serving checkpoint (DESIGN.md):
+//! the image tower's weights, the manifest (architecture, embedding
+//! feature, preprocessing, a new embedding space, provenance with the
+//! training config and validation metrics) and decision thresholds
+//! calibrated at the configured false match rates on validation persons.
+//!
+//! Calibration embeds every image of the training persons that the run saw
+//! or validated on (the manifest's training and validation splits) with the
+//! **exported** checkpoint through `handid_model::Embedder`, the code path
+//! serving uses, and scores every pair once: same person = genuine, other
+//! person = impostor. The threshold at a FMR is the lowest score whose
+//! impostor acceptance rate stays within it (`handid_eval`'s `at_fmr`).
+//! Test persons are never read.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::Context;
+use handid_eval::metrics::verification::{PairScores, at_fmr};
+use handid_model::checkpoint::{Manifest, Provenance, load_strict, write_checkpoint};
+use handid_model::{DecodeLimits, Embedder, OperatingPoint};
+use tch::Device;
+
+use crate::config::{Method, TrainConfig};
+use crate::engine::load_data;
+use crate::engine::state::{self, TrainState};
+use crate::net::ReidNet;
+
+/// A calibrated operating point and how well the data supports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Calibrated {
+    /// The threshold.
+    pub point: OperatingPoint,
+    /// FMR measured at it.
+    pub measured_fmr: f64,
+    /// TPR measured at it.
+    pub tpr: f64,
+}
+
+/// What export wrote.
+#[derive(Debug)]
+pub struct Exported {
+    /// The serving manifest as written.
+    pub manifest: Manifest,
+    /// Genuine and impostor pairs used for calibration.
+    pub pairs: (usize, usize),
+    /// Per FMR.
+    pub calibrated: Vec<Calibrated>,
+}
+
+/// Writes the serving checkpoint of training checkpoint `checkpoint` to `out`.
+pub fn export(checkpoint: &Path, out: &Path, data_root: Option<&Path>) -> anyhow::Result<Exported> {
+    let (train_state, tensors) = state::load(checkpoint)?;
+    let TrainState { config, persons, .. } = &train_state;
+    let head = match &config.method {
+        Method::ZeroShot => None,
+        Method::Finetune(s) | Method::ClipReid { stage2: s, .. } => Some(&s.head),
+    };
+    let net = ReidNet::new(
+        &config.model,
+        head,
+        persons.len() as i64,
+        config.seed,
+        Device::Cpu,
+    )?;
+    // Prompt-learning variables are not part of the ReID net; keep what it has.
+    let names: std::collections::BTreeSet<String> = net.vs.variables().into_keys().collect();
+    let model: Vec<_> = tensors
+        .model
+        .into_iter()
+        .filter(|(n, _)| names.contains(n))
+        .collect();
+    load_strict(&net.vs, model).context("loading the training checkpoint's weights")?;
+
+    let mut metrics = BTreeMap::new();
+    if let Some(best) = train_state.best {
+        metrics.insert("val_map".to_owned(), best.val.map);
+        metrics.insert("val_rank1".to_owned(), best.val.rank1);
+        metrics.insert("epoch".to_owned(), best.epoch as f64);
+    }
+    let provenance = Provenance {
+        created_by: format!(
+            "handid-trainer {} export of {} ({} phase, epoch {})",
+            env!("CARGO_PKG_VERSION"),
+            config.name,
+            train_state.phase,
+            train_state.epoch
+        ),
+        source: config
+            .model
+            .clip_weights
+            .as_ref()
+            .map(|p| p.display().to_string()),
+        dataset: Some(config.data.manifest.display().to_string()),
+        training_config: Some(serde_yaml::to_value(config)?),
+        metrics,
+    };
+    let mut manifest = Manifest::new(config.model.vision(), config.model.feature, provenance)?;
+    manifest.preprocess = config.model.preprocess();
+    let manifest = write_checkpoint(out, &net.visual_weights(), manifest)
+        .with_context(|| format!("writing the serving checkpoint {}", out.display()))?;
+    let (pairs, calibrated) = calibrate(config, out, data_root)?;
+    let mut manifest = manifest;
+    manifest.thresholds = calibrated.iter().map(|c| c.point.clone()).collect();
+    manifest.write(out)?;
+    Ok(Exported {
+        manifest,
+        pairs: (pairs.genuine.len(), pairs.impostor.len()),
+        calibrated,
+    })
+}
+
+/// Scores every pair of validation-person images with the exported model.
+fn calibrate(
+    config: &TrainConfig,
+    checkpoint: &Path,
+    data_root: Option<&Path>,
+) -> anyhow::Result<(PairScores, Vec<Calibrated>)> {
+    let mut config = config.clone();
+    if let Some(root) = data_root {
+        config.data.root = Some(root.to_owned());
+    }
+    let data = load_data(&config)?;
+    let mut items: Vec<_> = data.train.iter().chain(data.val_query.iter()).cloned().collect();
+    items.sort_by(|a, b| a.path.cmp(&b.path));
+    items.dedup_by(|a, b| a.path == b.path);
+    let embedder = Embedder::load(checkpoint, Device::Cpu)?;
+    let mut vectors: Vec<f32> = Vec::new();
+    for chunk in items.chunks(32) {
+        let images = chunk
+            .iter()
+            .map(|item| {
+                let bytes =
+                    std::fs::read(&item.path).with_context(|| format!("reading {}", item.path.display()))?;
+                handid_model::decode(&bytes, &DecodeLimits::default())
+                    .with_context(|| format!("decoding {}", item.path.display()))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        vectors.extend(Vec::<f32>::try_from(
+            embedder.embed_images(&images)?.flatten(0, 1),
+        )?);
+    }
+    let dim = embedder.dim();
+    let mut pairs = PairScores {
+        genuine: Vec::new(),
+        impostor: Vec::new(),
+    };
+    for i in 0..items.len() {
+        for j in i + 1..items.len() {
+            let a = &vectors[i * dim..(i + 1) * dim];
+            let b = &vectors[j * dim..(j + 1) * dim];
+            let score: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x * y)).sum();
+            if items[i].label == items[j].label {
+                pairs.genuine.push(score);
+            } else {
+                pairs.impostor.push(score);
+            }
+        }
+    }
+    anyhow::ensure!(
+        !pairs.genuine.is_empty() && !pairs.impostor.is_empty(),
+        "calibration needs at least two persons with two images each among the training persons"
+    );
+    let calibrated = config
+        .export
+        .fmrs
+        .iter()
+        .map(|&fmr| {
+            let p = at_fmr(&pairs, fmr);
+            Calibrated {
+                point: OperatingPoint {
+                    fmr,
+                    threshold: p.threshold as f32,
+                },
+                measured_fmr: p.fmr,
+                tpr: p.tpr,
+            }
+        })
+        .collect();
+    Ok((pairs, calibrated))
+}
