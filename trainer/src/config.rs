@@ -234,7 +234,7 @@ pub struct Stage1 {
     /// Learnable context tokens per person (CLIP-ReID: 4).
     #[serde(default = "default_n_ctx")]
     pub n_ctx: i64,
-    /// The prompt; each `X` is a learnable context token.
+    /// The prompt; `{}` marks where the `n_ctx` learnable context words go.
     #[serde(default = "default_template")]
     pub template: String,
     /// Batch size over the cached image features (CLIP-ReID: 64).
@@ -248,7 +248,7 @@ fn default_n_ctx() -> i64 {
     4
 }
 fn default_template() -> String {
-    "A photo of a X X X X hand.".to_owned()
+    "A photo of a {} hand.".to_owned()
 }
 fn default_stage1_batch() -> usize {
     64

@@ -182,6 +182,13 @@ impl ReidNet {
         Ok(&out / out.norm_scalaropt_dim(2.0, [1], true).clamp_min(1e-12))
     }
 
+    /// L2-normalised projected image features (CLIP's joint image-text
+    /// space) in inference mode, whatever the served feature.
+    pub fn embed_projected(&self, pixels: &Tensor) -> anyhow::Result<Tensor> {
+        let out = tch::no_grad(|| self.clip.visual.forward_feature(pixels, Feature::Projected))?;
+        Ok(&out / out.norm_scalaropt_dim(2.0, [1], true).clamp_min(1e-12))
+    }
+
     /// Sets which variables train: the image tower (all of it, or its last
     /// `unfreeze_last` blocks and what follows them) and the head; the text
     /// tower and the logit scale stay frozen.

@@ -7,5 +7,5 @@ mod schedule;
 pub mod state;
 
 pub use optim::{Optimizer, OptimizerKind, ParamGroup};
-pub use run::{RunData, RunOptions, RunSummary, l2, load_data, sorted_vars, train};
+pub use run::{RunData, RunOptions, RunSummary, l2, load_data, loss_terms, sorted_vars, train};
 pub use schedule::Schedule;

@@ -12,14 +12,18 @@ use handid_eval::data::manifest::Manifest as SplitManifest;
 use handid_eval::metrics::Similarity;
 use handid_eval::metrics::rank::{ApKind, QueryScope, Ranking};
 use indicatif::{ProgressBar, ProgressStyle};
+use handid_model::Tokenizer;
+use handid_model::prompt::IdPromptLearner;
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::{RngCore, SeedableRng};
 use tch::{Device, Kind, Tensor, nn};
 
 use super::optim::{Optimizer, OptimizerKind, ParamGroup};
 use super::state::{self, Best, EpochRow, Tensors, TrainState, ValMetrics};
-use crate::config::{Method, Stage2, TrainConfig, TrainPrecision};
+use crate::config::{LossConfig, Method, Stage1, Stage2, TrainConfig, TrainPrecision};
 use crate::data::{Augment, Item, Loader, PkSampler};
 use crate::losses::{self, CenterLoss, TripletMargin};
-use crate::net::ReidNet;
+use crate::net::{Forward, ReidNet};
 
 /// How a run is driven (beyond its config).
 #[derive(Debug, Clone)]
@@ -138,6 +142,26 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> anyhow::Result<RunSu
     if let Some(weights) = &config.model.clip_weights {
         net.load_clip_weights(weights)?;
     }
+    // CLIP-ReID's per-person prompts live in the net's VarStore
+    // (`prompt_learner.ctx`), so checkpoints hold them and a resumed stage 2
+    // recomputes the same text features.
+    let prompt_learner = match &config.method {
+        Method::ClipReid { stage1, .. } => {
+            let tokenizer = Tokenizer::from_env().context("loading CLIP's BPE vocabulary (HANDID_BPE_VOCAB)")?;
+            let learner = IdPromptLearner::new(
+                net.vs.root() / "prompt_learner",
+                &net.clip.text,
+                &tokenizer,
+                classes,
+                stage1.n_ctx,
+                &stage1.template,
+            )
+            .context("method.stage1.template")?;
+            let _ = learner.ctx().set_requires_grad(false);
+            Some(learner)
+        }
+        _ => None,
+    };
 
     // Where to start: a fresh run or the latest checkpoint.
     let mut resumed: Option<(TrainState, Tensors)> = None;
@@ -225,9 +249,18 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> anyhow::Result<RunSu
         let resume_here = resumed.take().filter(|(s, _)| s.phase == phase);
         let outcome = match (phase, &config.method) {
             ("zero_shot", _) => ctx.zero_shot(&net, &mut history)?,
-            ("stage1", _) => bail!("CLIP-ReID stage 1 arrives with the prompt learner"),
-            ("stage2", Method::Finetune(s) | Method::ClipReid { stage2: s, .. }) => {
-                ctx.stage2(&net, s, None, resume_here, &mut history, &mut run_epoch)?
+            ("stage1", Method::ClipReid { stage1, .. }) => {
+                let learner = prompt_learner.as_ref().context("the prompt learner")?;
+                ctx.stage1(&net, learner, stage1, resume_here, &mut history, &mut run_epoch)?
+            }
+            ("stage2", Method::Finetune(s)) => ctx.stage2(&net, s, None, resume_here, &mut history, &mut run_epoch)?,
+            ("stage2", Method::ClipReid { stage2, .. }) => {
+                // The frozen stage-1 text feature of every person, normalised.
+                let learner = prompt_learner.as_ref().context("the prompt learner")?;
+                let all = Tensor::arange(classes, (Kind::Int64, device));
+                let text = tch::no_grad(|| learner.text_features(&net.clip.text, &all))?;
+                let text = l2(&text.to_kind(Kind::Float));
+                ctx.stage2(&net, stage2, Some(&text), resume_here, &mut history, &mut run_epoch)?
             }
             _ => bail!("unknown phase {phase}"),
         };
@@ -438,6 +471,142 @@ impl Ctx<'_> {
         }
     }
 
+    /// CLIP-ReID stage 1 (Li et al., AAAI 2023, sec. 3.2): both encoders
+    /// frozen, the image features of the training set are computed once
+    /// (evaluation view), and only the per-person context words learn,
+    /// with the image-to-text and text-to-image supervised contrastive losses
+    /// (eqs. 3-4) at CLIP's temperature.
+    fn stage1(
+        &self,
+        net: &ReidNet,
+        learner: &IdPromptLearner,
+        stage: &Stage1,
+        resume: Option<(TrainState, Tensors)>,
+        history: &mut Vec<EpochRow>,
+        run_epoch: &mut u64,
+    ) -> anyhow::Result<PhaseOutcome> {
+        net.freeze_all();
+        let ctx = learner.ctx().set_requires_grad(true);
+        let optim = &stage.optim;
+        let mut optimizer = Optimizer::new(
+            optim.optimizer.clone(),
+            vec![ParamGroup {
+                name: "prompt".into(),
+                lr: optim.prompt_lr.unwrap_or(optim.lr),
+                weight_decay: optim.prompt_weight_decay.unwrap_or(optim.weight_decay),
+                params: vec![("prompt_learner.ctx".to_owned(), ctx)],
+            }],
+        )?;
+        let (mut epoch, mut step) = (0, 0);
+        if let Some((saved, tensors)) = resume {
+            optimizer.load_state_tensors(tensors.optimizer)?;
+            (epoch, step) = (saved.epoch, saved.step);
+        }
+        let n = self.data.train.len();
+        let bar = self.progress(n as u64, "stage1: caching image features".to_owned());
+        let order: Vec<Vec<usize>> = (0..n)
+            .collect::<Vec<_>>()
+            .chunks(self.config.validation.batch_size.max(1))
+            .map(<[usize]>::to_vec)
+            .collect();
+        let mut rows = Vec::new();
+        for batch in self.train_loader.batches(order, 0, false) {
+            let batch = batch?;
+            bar.inc(batch.indices.len() as u64);
+            rows.push(net.embed_projected(&batch.images.to_device(self.device))?);
+        }
+        bar.finish_and_clear();
+        let features = Tensor::cat(&rows, 0);
+        let labels: Vec<i64> = self.data.train.iter().map(|i| i.label).collect();
+        let labels = Tensor::from_slice(&labels).to_device(self.device);
+        let temperature = 1.0 / net.clip.logit_scale.exp().double_value(&[]);
+        let batch_size = stage.batch_size.min(n).max(2);
+        let mut checkpoint = PathBuf::new();
+        while epoch < stage.epochs {
+            let lr_factor = optim.schedule.factor(epoch);
+            let start = Instant::now();
+            // A fresh permutation per epoch from (seed, epoch) only.
+            let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed);
+            rng.set_stream(1 << 32 | epoch);
+            let mut perm: Vec<i64> = (0..n as i64).collect();
+            for i in (1..n).rev() {
+                perm.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+            }
+            let batches: Vec<&[i64]> = perm.chunks(batch_size).filter(|c| c.len() == batch_size).collect();
+            let bar = self.progress(batches.len() as u64, format!("stage1 epoch {}/{}", epoch + 1, stage.epochs));
+            let mut sums: BTreeMap<&'static str, f64> = BTreeMap::new();
+            for idx in &batches {
+                let idx = Tensor::from_slice(idx).to_device(self.device);
+                let y = labels.index_select(0, &idx);
+                let image = features.index_select(0, &idx);
+                let text = l2(&learner.text_features(&net.clip.text, &y)?.to_kind(Kind::Float));
+                let i2t = losses::sup_con_cross(&image, &text, &y, &y, temperature);
+                let t2i = losses::sup_con_cross(&text, &image, &y, &y, temperature);
+                let total = &i2t + &t2i;
+                *sums.entry("i2t").or_default() += i2t.double_value(&[]);
+                *sums.entry("t2i").or_default() += t2i.double_value(&[]);
+                *sums.entry("loss").or_default() += total.double_value(&[]);
+                optimizer.zero_grad();
+                total.backward();
+                if let Some(max) = optim.clip_grad_norm {
+                    optimizer.clip_grad_norm(max);
+                }
+                optimizer.step(lr_factor);
+                step += 1;
+                bar.inc(1);
+            }
+            bar.finish_and_clear();
+            let seconds = start.elapsed().as_secs_f64();
+            epoch += 1;
+            *run_epoch += 1;
+            let row = EpochRow {
+                phase: "stage1".into(),
+                epoch,
+                step,
+                losses: sums
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), v / batches.len().max(1) as f64))
+                    .collect(),
+                lrs: vec![("prompt".to_owned(), optimizer.groups()[0].lr * lr_factor)],
+                val: None,
+                images_per_second: (batches.len() * batch_size) as f64 / seconds.max(1e-9),
+                seconds,
+            };
+            eprintln!("{}", describe(&row));
+            history.push(row);
+            let state = self.state("stage1", epoch, step, None, 1.0, history);
+            let tensors = Tensors {
+                model: sorted_vars(&net.vs),
+                optimizer: optimizer.state_tensors(),
+                ..Tensors::default()
+            };
+            checkpoint = state::save(
+                &self.options.out,
+                *run_epoch,
+                &state,
+                &tensors,
+                false,
+                self.options.keep_checkpoints,
+            )?;
+            state::write_csv(&self.options.out.join("metrics.csv"), history)?;
+            if self.options.stop_after_epoch.is_some_and(|stop| *run_epoch >= stop) && epoch < stage.epochs {
+                return Ok(PhaseOutcome {
+                    finished: false,
+                    best: None,
+                    throughput: Vec::new(),
+                    checkpoint,
+                });
+            }
+        }
+        let _ = learner.ctx().set_requires_grad(false);
+        Ok(PhaseOutcome {
+            finished: true,
+            best: None,
+            throughput: Vec::new(),
+            checkpoint,
+        })
+    }
+
     /// Fine-tuning of the image encoder with the head and the configured
     /// losses; `text_features` (`[classes, dim]`, from CLIP-ReID stage 1)
     /// enable the image-to-text cross-entropy.
@@ -500,10 +669,6 @@ impl Ctx<'_> {
             config.seed,
         )?;
         let accumulate = stage.optim.accumulate.max(1);
-        let triplet_margin = losses
-            .triplet
-            .as_ref()
-            .map(|t| t.margin.map_or(TripletMargin::Soft, TripletMargin::Hard));
         let mut throughput = Vec::new();
         let mut checkpoint = PathBuf::new();
         while epoch < stage.epochs {
@@ -536,44 +701,7 @@ impl Ctx<'_> {
                 } else {
                     forward()?
                 };
-                let feature = out.feature.to_kind(Kind::Float);
-                let mut terms: Vec<(&'static str, Tensor)> = Vec::new();
-                if let (Some(id), Some(logits)) = (&losses.id, &out.logits) {
-                    let ce = losses::cross_entropy_label_smooth(
-                        &logits.to_kind(Kind::Float),
-                        &y,
-                        id.label_smoothing,
-                    );
-                    terms.push(("id", ce * id.weight));
-                }
-                if let (Some(t), Some(margin)) = (&losses.triplet, triplet_margin) {
-                    terms.push((
-                        "triplet",
-                        losses::batch_hard_triplet(&feature, &y, margin, t.normalize) * t.weight,
-                    ));
-                }
-                if let (Some(c), Some(center)) = (&losses.center, &center) {
-                    terms.push(("center", center.forward(&feature, &y) * c.weight));
-                }
-                if let Some(s) = &losses.sup_con {
-                    let w = s.weight_at(epoch);
-                    if w > 0.0 {
-                        terms.push(("sup_con", losses::sup_con(&l2(&feature), &y, s.temperature) * w));
-                    }
-                }
-                if let (Some(t), Some(text)) = (&losses.i2t, text_features) {
-                    // CLIP-ReID eq. 5: softmax over the similarities of the
-                    // image to every person's stage-1 text feature, scaled by
-                    // CLIP's temperature; label smoothing as the ID loss.
-                    let scale = net.clip.logit_scale.exp().double_value(&[]);
-                    let logits = l2(&out.projected.to_kind(Kind::Float)).matmul(&text.tr()) * scale;
-                    let eps = losses.id.as_ref().map_or(0.0, |i| i.label_smoothing);
-                    terms.push((
-                        "i2t",
-                        losses::cross_entropy_label_smooth(&logits, &y, eps) * t.weight,
-                    ));
-                }
-                anyhow::ensure!(!terms.is_empty(), "no loss term applies to this method");
+                let terms = loss_terms(net, &out, &y, losses, center.as_ref(), text_features, epoch)?;
                 let total = terms
                     .iter()
                     .map(|(_, t)| t.shallow_clone())
@@ -695,6 +823,50 @@ impl Ctx<'_> {
             checkpoint,
         })
     }
+}
+
+/// The weighted loss terms of one fine-tuning batch, by name (`id`,
+/// `triplet`, `center`, `sup_con`, `i2t`); their sum is the loss.
+/// `text_features` (`[classes, dim]`, normalised) enable `i2t`.
+pub fn loss_terms(
+    net: &ReidNet,
+    out: &Forward,
+    labels: &Tensor,
+    losses: &LossConfig,
+    center: Option<&CenterLoss>,
+    text_features: Option<&Tensor>,
+    epoch: u64,
+) -> anyhow::Result<Vec<(&'static str, Tensor)>> {
+    let feature = out.feature.to_kind(Kind::Float);
+    let mut terms: Vec<(&'static str, Tensor)> = Vec::new();
+    if let (Some(id), Some(logits)) = (&losses.id, &out.logits) {
+        let ce = losses::cross_entropy_label_smooth(&logits.to_kind(Kind::Float), labels, id.label_smoothing);
+        terms.push(("id", ce * id.weight));
+    }
+    if let Some(t) = &losses.triplet {
+        let margin = t.margin.map_or(TripletMargin::Soft, TripletMargin::Hard);
+        terms.push(("triplet", losses::batch_hard_triplet(&feature, labels, margin, t.normalize) * t.weight));
+    }
+    if let (Some(c), Some(center)) = (&losses.center, center) {
+        terms.push(("center", center.forward(&feature, labels) * c.weight));
+    }
+    if let Some(s) = &losses.sup_con {
+        let w = s.weight_at(epoch);
+        if w > 0.0 {
+            terms.push(("sup_con", losses::sup_con(&l2(&feature), labels, s.temperature) * w));
+        }
+    }
+    if let (Some(t), Some(text)) = (&losses.i2t, text_features) {
+        // CLIP-ReID eq. 5: softmax over the similarities of the image to
+        // every person's stage-1 text feature, scaled by CLIP's temperature;
+        // label smoothing as the ID loss.
+        let scale = net.clip.logit_scale.exp().double_value(&[]);
+        let logits = l2(&out.projected.to_kind(Kind::Float)).matmul(&text.tr()) * scale;
+        let eps = losses.id.as_ref().map_or(0.0, |i| i.label_smoothing);
+        terms.push(("i2t", losses::cross_entropy_label_smooth(&logits, labels, eps) * t.weight));
+    }
+    anyhow::ensure!(!terms.is_empty(), "no loss term applies to this method");
+    Ok(terms)
 }
 
 /// One line per epoch on stderr.
