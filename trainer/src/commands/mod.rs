@@ -4,5 +4,6 @@ pub mod embed;
 pub mod eval;
 pub mod import;
 pub mod init;
+pub mod replay;
 pub mod splits;
 pub mod synth;
