@@ -93,42 +93,21 @@ struct Plan<'m> {
     root: PathBuf,
 }
 
+/// The similarity matrices a replay collected, before scoring.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Replayed {
+    /// One per split, in manifest order.
+    pub splits: Vec<ScoredSplit>,
+    /// The model that produced every score.
+    pub model_id: String,
+}
+
 /// Replays the manifest through the server, writes the report and returns it.
 pub async fn replay(args: &Args) -> anyhow::Result<Report> {
-    let manifest = Manifest::read(&args.manifest)?;
-    let root = dataset_root(args.data.as_deref(), &manifest, &args.manifest)?;
-    let pairs = query_gallery_pairs(&manifest, args.gallery_all, &args.manifest)?;
-    let persons = person_ids(&pairs);
-    let plan = Plan { pairs, persons, root };
-    check_images_exist(&plan)?;
-    let conn = Conn::connect(args).await?;
-
-    let mut scored = Vec::with_capacity(plan.pairs.len());
-    let mut model_ids = Vec::new();
-    for (i, (query, gallery)) in plan.pairs.iter().enumerate() {
-        let gallery_id = format!("replay-{}-split{i}", uuid::Uuid::new_v4().simple());
-        let work = replay_split(&conn, &plan, i, &gallery_id, query, gallery);
-        // Whatever happens (an error, ctrl-c), the gallery is deleted.
-        let outcome = tokio::select! {
-            outcome = work => outcome,
-            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
-        };
-        let deleted = conn.delete_gallery(&gallery_id).await;
-        let (split, model_id) = outcome.with_context(|| format!("replaying split {i}"))?;
-        deleted?;
-        model_ids.push(model_id);
-        scored.push(split);
-    }
-    model_ids.dedup();
-    if model_ids.len() > 1 {
-        bail!(
-            "the server's model changed during the replay ({}): the splits are not comparable",
-            model_ids.join(", ")
-        );
-    }
+    let replayed = collect_scores(args).await?;
     let provenance = vec![
         ("server".to_string(), args.server.clone()),
-        ("model".to_string(), model_ids.concat()),
+        ("model".to_string(), replayed.model_id),
         ("manifest".to_string(), args.manifest.display().to_string()),
         (
             "galleries".to_string(),
@@ -143,10 +122,50 @@ pub async fn replay(args: &Args) -> anyhow::Result<Report> {
     report_scored(
         "Replay through the gRPC service",
         provenance,
-        &scored,
+        &replayed.splits,
         eval_options(args.ap),
         &args.report,
     )
+}
+
+/// Enrols, identifies and cleans up split after split; returns the query x
+/// gallery similarities the server computed.
+pub async fn collect_scores(args: &Args) -> anyhow::Result<Replayed> {
+    let manifest = Manifest::read(&args.manifest)?;
+    let root = dataset_root(args.data.as_deref(), &manifest, &args.manifest)?;
+    let pairs = query_gallery_pairs(&manifest, args.gallery_all, &args.manifest)?;
+    let persons = person_ids(&pairs);
+    let plan = Plan { pairs, persons, root };
+    check_images_exist(&plan)?;
+    let conn = Conn::connect(args).await?;
+
+    let mut splits = Vec::with_capacity(plan.pairs.len());
+    let mut model_ids = Vec::new();
+    for (i, (query, gallery)) in plan.pairs.iter().enumerate() {
+        let gallery_id = format!("replay-{}-split{i}", uuid::Uuid::new_v4().simple());
+        let work = replay_split(&conn, &plan, i, &gallery_id, query, gallery);
+        // Whatever happens (an error, ctrl-c), the gallery is deleted.
+        let outcome = tokio::select! {
+            outcome = work => outcome,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        };
+        let deleted = conn.delete_gallery(&gallery_id).await;
+        let (split, model_id) = outcome.with_context(|| format!("replaying split {i}"))?;
+        deleted?;
+        model_ids.push(model_id);
+        splits.push(split);
+    }
+    model_ids.dedup();
+    if model_ids.len() > 1 {
+        bail!(
+            "the server's model changed during the replay ({}): the splits are not comparable",
+            model_ids.join(", ")
+        );
+    }
+    Ok(Replayed {
+        splits,
+        model_id: model_ids.concat(),
+    })
 }
 
 /// Fails, naming a few, when images of the manifest are not on disk: before
@@ -345,15 +364,7 @@ struct Conn {
 impl Conn {
     /// Connects, failing clearly when the server cannot be reached.
     async fn connect(args: &Args) -> anyhow::Result<Self> {
-        let authorization = args
-            .api_key
-            .as_deref()
-            .map(|key| {
-                format!("Bearer {key}")
-                    .parse::<MetadataValue<Ascii>>()
-                    .context("the API key holds characters not allowed in gRPC metadata")
-            })
-            .transpose()?;
+        let authorization = args.api_key.as_deref().map(bearer).transpose()?;
         let endpoint = Endpoint::from_shared(args.server.clone())
             .with_context(|| format!("--server {:?} is not a URL (e.g. http://host:50051)", args.server))?
             .connect_timeout(Duration::from_secs(10))
@@ -373,14 +384,6 @@ impl Conn {
         })
     }
 
-    /// `message` as a request carrying the API key.
-    fn request<T>(&self, message: T) -> Request<T> {
-        let mut request = Request::new(message);
-        if let Some(value) = &self.authorization {
-            request.metadata_mut().insert("authorization", value.clone());
-        }
-        request
-    }
 
     /// Makes one call, retrying UNAVAILABLE and RESOURCE_EXHAUSTED with
     /// exponential backoff (0.2 s doubling, at most 10 s) and full jitter
@@ -394,7 +397,7 @@ impl Conn {
     {
         let mut attempt = 0;
         loop {
-            match call(self.client.clone(), self.request(message.clone())).await {
+            match call(self.client.clone(), authorized(self.authorization.as_ref(), message.clone())).await {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status)
                     if matches!(status.code(), Code::Unavailable | Code::ResourceExhausted)
@@ -422,6 +425,23 @@ impl Conn {
             Err(e) => Err(e.context(format!("deleting the replay gallery {gallery_id}; delete it by hand"))),
         }
     }
+}
+
+/// The metadata value of `key`: `Bearer <key>`.
+fn bearer(key: &str) -> anyhow::Result<MetadataValue<Ascii>> {
+    format!("Bearer {key}")
+        .parse::<MetadataValue<Ascii>>()
+        .context("the API key holds characters not allowed in gRPC metadata")
+}
+
+/// `message` as a request carrying the API key, if any, as
+/// `authorization: Bearer <key>`.
+fn authorized<T>(authorization: Option<&MetadataValue<Ascii>>, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    if let Some(value) = authorization {
+        request.metadata_mut().insert("authorization", value.clone());
+    }
+    request
 }
 
 /// The wait before retry `attempt` (0-based): uniform in [0, min(10 s, 0.2 s * 2^attempt)].
@@ -452,6 +472,16 @@ mod tests {
         // Jitter: twenty draws are not all equal.
         let draws: Vec<Duration> = (0..20).map(|_| backoff(5)).collect();
         assert!(draws.iter().any(|d| *d != draws[0]));
+    }
+
+    #[test]
+    fn the_api_key_travels_as_a_bearer_token() {
+        let key = bearer("k3y-abc").expect("ascii key");
+        let request = authorized(Some(&key), ());
+        let sent = request.metadata().get("authorization").map(|v| v.to_str().ok());
+        assert_eq!(sent, Some(Some("Bearer k3y-abc")));
+        assert!(authorized(None, ()).metadata().get("authorization").is_none());
+        assert!(bearer("line\nbreak").is_err());
     }
 
     #[test]
