@@ -125,7 +125,10 @@ fn every_declaration_is_documented_with_its_comment() {
     let flat_page = flat(&page);
     let found = declarations(&proto);
     for kind in ["service", "rpc", "message", "enum", "field", "value"] {
-        assert!(found.iter().any(|d| d.kind == kind), "no {kind} read from the proto");
+        assert!(
+            found.iter().any(|d| d.kind == kind),
+            "no {kind} read from the proto"
+        );
     }
     for d in &found {
         let named = match d.kind {

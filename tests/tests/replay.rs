@@ -198,13 +198,27 @@ async fn replay_reproduces_offline_eval_exactly(_: PgPoolOptions, options: PgCon
     for (split, served) in offline_sims.iter().zip(&scores.splits) {
         let delta = (split.gallery.dim as f64 + 4.0) * 2f64.powi(-23);
         let sim = embeddings::cosine_similarity(&split.query, &split.gallery).expect("sim");
-        assert_eq!((&split.query.ids, &split.gallery.ids), (&served.query_ids, &served.gallery_ids));
-        let worst = sim.iter().zip(&served.sim).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-        assert!(worst <= delta, "split {}: server scores differ by {worst:e} > {delta:e}", split.name);
+        assert_eq!(
+            (&split.query.ids, &split.gallery.ids),
+            (&served.query_ids, &served.gallery_ids)
+        );
+        let worst = sim
+            .iter()
+            .zip(&served.sim)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            worst <= delta,
+            "split {}: server scores differ by {worst:e} > {delta:e}",
+            split.name
+        );
         for (q, row) in sim.chunks(split.gallery.len()).enumerate() {
             let mut sorted = row.to_vec();
             sorted.sort_by(f64::total_cmp);
-            let gap = sorted.windows(2).map(|w| w[1] - w[0]).fold(f64::INFINITY, f64::min);
+            let gap = sorted
+                .windows(2)
+                .map(|w| w[1] - w[0])
+                .fold(f64::INFINITY, f64::min);
             assert!(
                 gap > 2.0 * worst,
                 "split {} query {q}: two gallery scores only {gap:e} apart (server differs by {worst:e})",
@@ -257,11 +271,7 @@ async fn synthetic_data_to_replay_report(_: PgPoolOptions, options: PgConnectOpt
     }
     let json = std::fs::read_to_string(out.join("report.json")).expect("report.json");
     let parsed: serde_json::Value = serde_json::from_str(&json).expect("report.json parses");
-    assert_eq!(
-        parsed["splits"].as_array().map(Vec::len),
-        Some(SPLITS),
-        "{json}"
-    );
+    assert_eq!(parsed["splits"].as_array().map(Vec::len), Some(SPLITS), "{json}");
     check_sane(&report);
     assert_eq!(galleries(&options).await, 0, "replay left galleries behind");
 }
@@ -273,8 +283,16 @@ fn check_sane(report: &Report) {
         assert_eq!((s.n_gallery, s.n_query, s.n_without_match), (6, 18, 0), "{s:?}");
         // With one gallery image per person AP = 1 / rank of the match,
         // so mAP lies in [1 / n_gallery, 1].
-        assert!(s.map >= 1.0 / s.n_gallery as f64 - 1e-12 && s.map <= 1.0, "mAP {}", s.map);
-        assert!(s.cmc.windows(2).all(|w| w[0] <= w[1]), "CMC not monotone: {:?}", s.cmc);
+        assert!(
+            s.map >= 1.0 / s.n_gallery as f64 - 1e-12 && s.map <= 1.0,
+            "mAP {}",
+            s.map
+        );
+        assert!(
+            s.cmc.windows(2).all(|w| w[0] <= w[1]),
+            "CMC not monotone: {:?}",
+            s.cmc
+        );
         assert_eq!(s.cmc.last().copied(), Some(1.0), "every query has its match");
         let rank = |k: usize| s.rank_k.iter().find(|r| r.0 == k).map(|r| r.1).expect("rank-k");
         assert!(rank(1) <= rank(5) && rank(5) <= rank(10) && rank(10) == 1.0);
@@ -297,7 +315,10 @@ async fn failures_are_explained_and_clean_up(_: PgPoolOptions, options: PgConnec
     let err = replay::replay(&replay_args(closed, &manifest, &dir.path().join("r0")))
         .await
         .expect_err("no server");
-    assert!(format!("{err:#}").contains("cannot reach the handid server"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("cannot reach the handid server"),
+        "{err:#}"
+    );
 
     // The gallery (6 images) is larger than the server's top_k limit: the
     // error names the setting, and the half-made gallery is deleted.
@@ -306,7 +327,11 @@ async fn failures_are_explained_and_clean_up(_: PgPoolOptions, options: PgConnec
         .await
         .expect_err("top_k above the limit");
     assert!(format!("{err:#}").contains("limits.max_top_k"), "{err:#}");
-    assert_eq!(galleries(&options).await, 0, "the failed split's gallery was kept");
+    assert_eq!(
+        galleries(&options).await,
+        0,
+        "the failed split's gallery was kept"
+    );
 
     // Missing images are named before any gallery is created.
     let mut args = replay_args(addr, &manifest, &dir.path().join("r2"));

@@ -114,8 +114,9 @@ pub fn report_scored(
     let mut evaluations = Vec::with_capacity(splits.len());
     for split in splits {
         let sim = Similarity::new(&split.sim, split.query_ids.len(), split.gallery_ids.len())?;
-        let evaluation = SplitEvaluation::new(&split.name, &sim, &split.query_ids, &split.gallery_ids, &options)
-            .with_context(|| format!("evaluating split {}", split.name))?;
+        let evaluation =
+            SplitEvaluation::new(&split.name, &sim, &split.query_ids, &split.gallery_ids, &options)
+                .with_context(|| format!("evaluating split {}", split.name))?;
         evaluations.push(evaluation);
         progress.inc(1);
     }
@@ -162,7 +163,11 @@ fn score_and_report(
 }
 
 /// The dataset root: `data` when given, else the manifest's `root`.
-pub fn dataset_root(data: Option<&Path>, manifest: &Manifest, manifest_path: &Path) -> anyhow::Result<PathBuf> {
+pub fn dataset_root(
+    data: Option<&Path>,
+    manifest: &Manifest,
+    manifest_path: &Path,
+) -> anyhow::Result<PathBuf> {
     match (data, manifest.meta("root")) {
         (Some(data), _) => Ok(data.to_owned()),
         (None, Some(root)) => Ok(PathBuf::from(root)),

@@ -39,7 +39,9 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
-use super::eval::{Ap, ScoredSplit, bar, dataset_root, eval_options, person_ids, query_gallery_pairs, report_scored};
+use super::eval::{
+    Ap, ScoredSplit, bar, dataset_root, eval_options, person_ids, query_gallery_pairs, report_scored,
+};
 
 /// Arguments of `replay`.
 #[derive(Debug, Clone, clap::Args)]
@@ -224,7 +226,10 @@ async fn replay_split(
                     images: vec![Image { data: read(entry)? }],
                 };
                 let response = conn
-                    .call(|mut client, request| async move { client.enroll(request).await }, request)
+                    .call(
+                        |mut client, request| async move { client.enroll(request).await },
+                        request,
+                    )
                     .await
                     .with_context(|| format!("enrolling {}", entry.image))?;
                 progress.inc(1);
@@ -252,7 +257,10 @@ async fn replay_split(
                     }),
                 };
                 let response = conn
-                    .call(|mut client, request| async move { client.identify(request).await }, request)
+                    .call(
+                        |mut client, request| async move { client.identify(request).await },
+                        request,
+                    )
                     .await
                     .map_err(|e| explain_top_k(e, top_k))
                     .with_context(|| format!("identifying {}", entry.image))?;
@@ -297,7 +305,9 @@ async fn replay_split(
     for (q, row, _) in rows {
         sim[q * gallery.len()..(q + 1) * gallery.len()].copy_from_slice(&row);
     }
-    let ids = |entries: &[&Entry]| -> Vec<i64> { entries.iter().map(|e| plan.persons[e.person.as_str()]).collect() };
+    let ids = |entries: &[&Entry]| -> Vec<i64> {
+        entries.iter().map(|e| plan.persons[e.person.as_str()]).collect()
+    };
     Ok((
         ScoredSplit {
             name: i.to_string(),
@@ -384,7 +394,6 @@ impl Conn {
         })
     }
 
-
     /// Makes one call, retrying UNAVAILABLE and RESOURCE_EXHAUSTED with
     /// exponential backoff (0.2 s doubling, at most 10 s) and full jitter
     /// (AWS Architecture Blog, "Exponential Backoff And Jitter", 2015), so
@@ -397,7 +406,12 @@ impl Conn {
     {
         let mut attempt = 0;
         loop {
-            match call(self.client.clone(), authorized(self.authorization.as_ref(), message.clone())).await {
+            match call(
+                self.client.clone(),
+                authorized(self.authorization.as_ref(), message.clone()),
+            )
+            .await
+            {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status)
                     if matches!(status.code(), Code::Unavailable | Code::ResourceExhausted)
@@ -417,12 +431,22 @@ impl Conn {
             gallery_id: gallery_id.to_owned(),
         };
         match self
-            .call(|mut client, request| async move { client.delete_gallery(request).await }, request)
+            .call(
+                |mut client, request| async move { client.delete_gallery(request).await },
+                request,
+            )
             .await
         {
             Ok(_) => Ok(()),
-            Err(e) if e.downcast_ref::<CallError>().is_some_and(|c| c.status.code() == Code::NotFound) => Ok(()),
-            Err(e) => Err(e.context(format!("deleting the replay gallery {gallery_id}; delete it by hand"))),
+            Err(e)
+                if e.downcast_ref::<CallError>()
+                    .is_some_and(|c| c.status.code() == Code::NotFound) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e.context(format!(
+                "deleting the replay gallery {gallery_id}; delete it by hand"
+            ))),
         }
     }
 }
@@ -495,7 +519,10 @@ mod tests {
             12,
         );
         assert!(format!("{e:#}").contains("limits.max_top_k"), "{e:#}");
-        let e = explain_top_k(CallError::new(Status::invalid_argument("not an image"), 3).into(), 12);
+        let e = explain_top_k(
+            CallError::new(Status::invalid_argument("not an image"), 3).into(),
+            12,
+        );
         assert!(!format!("{e:#}").contains("max_top_k"), "{e:#}");
     }
 }
