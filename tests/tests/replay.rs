@@ -130,16 +130,27 @@ async fn galleries(options: &PgConnectOptions) -> i64 {
 }
 
 /// The figures that depend only on each query's ranking of the gallery.
-fn ranking_figures(e: &SplitEvaluation) -> (usize, usize, usize, f64, Vec<(usize, f64)>, Vec<f64>, f64) {
-    (
-        e.n_query,
-        e.n_gallery,
-        e.n_without_match,
-        e.map,
-        e.rank_k.clone(),
-        e.cmc.clone(),
-        e.minp,
-    )
+#[derive(Debug, PartialEq)]
+struct RankingFigures {
+    n_query: usize,
+    n_gallery: usize,
+    n_without_match: usize,
+    map: f64,
+    rank_k: Vec<(usize, f64)>,
+    cmc: Vec<f64>,
+    minp: f64,
+}
+
+fn ranking_figures(e: &SplitEvaluation) -> RankingFigures {
+    RankingFigures {
+        n_query: e.n_query,
+        n_gallery: e.n_gallery,
+        n_without_match: e.n_without_match,
+        map: e.map,
+        rank_k: e.rank_k.clone(),
+        cmc: e.cmc.clone(),
+        minp: e.minp,
+    }
 }
 
 #[sqlx::test(migrations = false)]
@@ -235,7 +246,7 @@ async fn replay_reproduces_offline_eval_exactly(_: PgPoolOptions, options: PgCon
         assert_eq!(
             ranking_figures(o),
             ranking_figures(r),
-            "split {}: (n_query, n_gallery, without match, mAP, Rank-k, CMC, mINP) differ",
+            "split {}: ranking figures differ",
             o.split
         );
     }
