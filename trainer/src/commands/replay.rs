@@ -26,6 +26,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -215,10 +216,17 @@ async fn replay_split(
     };
 
     let progress = bar(gallery.len(), &format!("split {i}: enrolling"))?;
-    let enrolled: Vec<String> = futures::stream::iter(gallery.iter().enumerate())
+    // After a failure no new Enroll is sent, but the ones in flight are
+    // awaited rather than dropped: a dropped call may still commit on the
+    // server after the clean-up deleted the gallery, and re-create it.
+    let failed = AtomicBool::new(false);
+    let enrolled: Vec<anyhow::Result<Option<String>>> = futures::stream::iter(gallery.iter().enumerate())
         .map(|(j, entry)| {
-            let (progress, subject_id) = (&progress, subject(j));
+            let (progress, failed, subject_id) = (&progress, &failed, subject(j));
             async move {
+                if failed.load(Ordering::Relaxed) {
+                    return Ok(None);
+                }
                 let request = EnrollRequest {
                     gallery_id: gallery_id.to_owned(),
                     idempotency_key: format!("{gallery_id}/{subject_id}"),
@@ -231,15 +239,22 @@ async fn replay_split(
                         request,
                     )
                     .await
-                    .with_context(|| format!("enrolling {}", entry.image))?;
+                    .with_context(|| format!("enrolling {}", entry.image))
+                    .inspect_err(|_| failed.store(true, Ordering::Relaxed))?;
                 progress.inc(1);
-                anyhow::Ok(response.model_id)
+                Ok(Some(response.model_id))
             }
         })
         .buffer_unordered(conn.concurrency)
-        .try_collect()
-        .await?;
+        .collect()
+        .await;
     progress.finish_and_clear();
+    let enrolled: Vec<String> = enrolled
+        .into_iter()
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .collect();
 
     let progress = bar(query.len(), &format!("split {i}: identifying"))?;
     let rows: Vec<(usize, Vec<f64>, String)> = futures::stream::iter(query.iter().enumerate())
