@@ -1,6 +1,8 @@
 //! handid-trainer: fine-tunes CLIP for hand identity.
 //!
 //! # Layout
+//! - [`commands`]: the subcommands of the `handid-trainer` binary, one file
+//!   each, public so that end-to-end tests drive them in-process.
 //! - [`config`]: the YAML training configuration.
 //! - [`data`]: the training data pipeline (P x K identity sampler,
 //!   augmentation, parallel decoding).
@@ -9,6 +11,7 @@
 //! - [`losses`]: one loss per file, each citing its paper.
 //! - [`export`]: training checkpoint -> serving checkpoint with calibrated thresholds.
 
+pub mod commands;
 pub mod config;
 pub mod data;
 pub mod engine;

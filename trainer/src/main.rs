@@ -3,13 +3,12 @@
 //!
 //! # Layout
 //! - `main.rs`: the command line.
-//! - `commands/`: one file per subcommand (`splits`, `synth`, `eval`,
-//!   `import`, `init`, `embed`, `train`, `export`).
-
-mod commands;
+//! - `commands/` (in the library): one file per subcommand (`splits`,
+//!   `synth`, `eval`, `replay`, `import`, `init`, `embed`, `train`, `export`).
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use handid_trainer::commands;
 
 /// Command-line interface of the trainer.
 #[derive(Debug, Parser)]
@@ -37,6 +36,9 @@ enum Command {
     Synth(commands::synth::Args),
     /// Evaluate precomputed embeddings over their splits; write a report.
     Eval(commands::eval::Args),
+    /// Evaluate through a live handid server: enrol each split's gallery,
+    /// identify every query, score as `eval` does, delete the gallery.
+    Replay(commands::replay::Args),
     /// Import OpenAI / open_clip / Hugging Face CLIP weights as a serving checkpoint.
     Import(commands::import::ImportArgs),
     /// Write a serving checkpoint with random weights (the untrained baseline).
@@ -60,6 +62,7 @@ fn main() -> anyhow::Result<()> {
         Command::Splits(args) => commands::splits::run(args)?,
         Command::Synth(args) => commands::synth::run(args)?,
         Command::Eval(args) => commands::eval::run(args)?,
+        Command::Replay(args) => commands::replay::run(args)?,
         Command::Import(args) => commands::import::run(&args)?,
         Command::Init(args) => commands::init::run(&args)?,
         Command::Embed(args) => commands::embed::run(&args)?,

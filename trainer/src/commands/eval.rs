@@ -4,12 +4,16 @@
 //! - `--embeddings FILE`: precomputed vectors (format: `handid_eval::embeddings`);
 //! - `--model DIR --manifest FILE`: a serving checkpoint embeds every image the
 //!   manifest's query/gallery splits name, once per image.
+//!
+//! `replay` (the same evaluation through the live gRPC service) reads the
+//! manifest with [`query_gallery_pairs`] and [`person_ids`] and reports with
+//! [`report_scored`], so both commands rank and score in one way.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use handid_eval::data::manifest::Manifest;
+use handid_eval::data::manifest::{Entry, Manifest};
 use handid_eval::embeddings::{self, SplitEmbeddings, Vectors};
 use handid_eval::metrics::Similarity;
 use handid_eval::metrics::rank::ApKind;
@@ -64,7 +68,7 @@ pub struct Args {
     pub ap: Ap,
 }
 
-fn bar(len: usize, what: &str) -> anyhow::Result<ProgressBar> {
+pub(crate) fn bar(len: usize, what: &str) -> anyhow::Result<ProgressBar> {
     let style =
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}").context("progress style")?;
     Ok(ProgressBar::new(len as u64)
@@ -72,21 +76,46 @@ fn bar(len: usize, what: &str) -> anyhow::Result<ProgressBar> {
         .with_message(what.to_string()))
 }
 
-/// Scores every split, writes the report and prints its summary.
-fn score_and_report(
+/// One split ready for scoring: its query x gallery similarity matrix
+/// (row-major) and the person id of every row and column.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoredSplit {
+    /// Split name (its index).
+    pub name: String,
+    /// `[n_query * n_gallery]` similarities, row `q` at `q * n_gallery`.
+    pub sim: Vec<f64>,
+    /// Person of each query.
+    pub query_ids: Vec<i64>,
+    /// Person of each gallery item.
+    pub gallery_ids: Vec<i64>,
+}
+
+/// The options of the command line's AP choice.
+pub fn eval_options(ap: Ap) -> EvalOptions {
+    EvalOptions {
+        ap: match ap {
+            Ap::NonInterpolated => ApKind::NonInterpolated,
+            Ap::Trapezoid => ApKind::Trapezoid,
+        },
+        ..EvalOptions::default()
+    }
+}
+
+/// Computes every figure of every split, writes the report to `out`, prints
+/// its summary and returns it. The one scoring path of `eval` and `replay`.
+pub fn report_scored(
     title: &str,
     provenance: Vec<(String, String)>,
-    splits: &[SplitEmbeddings],
+    splits: &[ScoredSplit],
     options: EvalOptions,
     out: &Path,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Report> {
     let progress = bar(splits.len(), "scoring splits")?;
     let mut evaluations = Vec::with_capacity(splits.len());
     for split in splits {
-        let sim = embeddings::cosine_similarity(&split.query, &split.gallery)?;
-        let sim = Similarity::new(&sim, split.query.len(), split.gallery.len())?;
+        let sim = Similarity::new(&split.sim, split.query_ids.len(), split.gallery_ids.len())?;
         let evaluation =
-            SplitEvaluation::new(&split.name, &sim, &split.query.ids, &split.gallery.ids, &options)
+            SplitEvaluation::new(&split.name, &sim, &split.query_ids, &split.gallery_ids, &options)
                 .with_context(|| format!("evaluating split {}", split.name))?;
         evaluations.push(evaluation);
         progress.inc(1);
@@ -107,23 +136,53 @@ fn score_and_report(
     for path in written {
         println!("wrote {}", path.display());
     }
-    Ok(())
+    Ok(report)
 }
 
-/// Embeds the manifest's query/gallery images with the checkpoint, each
-/// image once, and returns one [`SplitEmbeddings`] per split.
-fn embed_manifest(args: &Args, model: &Path, manifest_path: &Path) -> anyhow::Result<Vec<SplitEmbeddings>> {
-    let manifest = Manifest::read(manifest_path)?;
-    let root = match (&args.data, manifest.meta("root")) {
-        (Some(data), _) => data.clone(),
-        (None, Some(root)) => PathBuf::from(root),
+/// Scores every split by the cosine similarity of its vectors, writes the
+/// report and prints its summary.
+fn score_and_report(
+    title: &str,
+    provenance: Vec<(String, String)>,
+    splits: &[SplitEmbeddings],
+    options: EvalOptions,
+    out: &Path,
+) -> anyhow::Result<Report> {
+    let scored = splits
+        .iter()
+        .map(|split| {
+            Ok(ScoredSplit {
+                name: split.name.clone(),
+                sim: embeddings::cosine_similarity(&split.query, &split.gallery)?,
+                query_ids: split.query.ids.clone(),
+                gallery_ids: split.gallery.ids.clone(),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    report_scored(title, provenance, &scored, options, out)
+}
+
+/// The dataset root: `data` when given, else the manifest's `root`.
+pub fn dataset_root(
+    data: Option<&Path>,
+    manifest: &Manifest,
+    manifest_path: &Path,
+) -> anyhow::Result<PathBuf> {
+    match (data, manifest.meta("root")) {
+        (Some(data), _) => Ok(data.to_owned()),
+        (None, Some(root)) => Ok(PathBuf::from(root)),
         (None, None) => bail!("{} records no root: pass --data", manifest_path.display()),
-    };
-    let gallery_prefix = if args.gallery_all {
-        "gallery_all"
-    } else {
-        "gallery"
-    };
+    }
+}
+
+/// The (query{i}, gallery{i}) pairs of the manifest for i = 0, 1, ... while
+/// `query{i}` exists; `gallery_all{i}` instead of `gallery{i}` when asked.
+pub fn query_gallery_pairs<'m>(
+    manifest: &'m Manifest,
+    gallery_all: bool,
+    manifest_path: &Path,
+) -> anyhow::Result<Vec<(Vec<&'m Entry>, Vec<&'m Entry>)>> {
+    let gallery_prefix = if gallery_all { "gallery_all" } else { "gallery" };
     let mut pairs = Vec::new();
     while !manifest.split(&format!("query{}", pairs.len())).is_empty() {
         let i = pairs.len();
@@ -139,17 +198,29 @@ fn embed_manifest(args: &Args, model: &Path, manifest_path: &Path) -> anyhow::Re
     if pairs.is_empty() {
         bail!("{} has no query0 split", manifest_path.display());
     }
-    // Person names become integer ids (sorted, so stable across runs).
-    let persons: BTreeMap<&str, i64> = {
-        let mut names: Vec<&str> = pairs
-            .iter()
-            .flat_map(|(q, g)| q.iter().chain(g))
-            .map(|e| e.person.as_str())
-            .collect();
-        names.sort_unstable();
-        names.dedup();
-        names.into_iter().zip(0..).collect()
-    };
+    Ok(pairs)
+}
+
+/// Person names as integer ids: sorted, so stable across runs and equal in
+/// `eval` and `replay`.
+pub fn person_ids<'m>(pairs: &[(Vec<&'m Entry>, Vec<&'m Entry>)]) -> BTreeMap<&'m str, i64> {
+    let mut names: Vec<&str> = pairs
+        .iter()
+        .flat_map(|(q, g)| q.iter().chain(g))
+        .map(|e| e.person.as_str())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names.into_iter().zip(0..).collect()
+}
+
+/// Embeds the manifest's query/gallery images with the checkpoint, each
+/// image once, and returns one [`SplitEmbeddings`] per split.
+fn embed_manifest(args: &Args, model: &Path, manifest_path: &Path) -> anyhow::Result<Vec<SplitEmbeddings>> {
+    let manifest = Manifest::read(manifest_path)?;
+    let root = dataset_root(args.data.as_deref(), &manifest, manifest_path)?;
+    let pairs = query_gallery_pairs(&manifest, args.gallery_all, manifest_path)?;
+    let persons = person_ids(&pairs);
     let mut cache: BTreeMap<&str, Vec<f32>> = pairs
         .iter()
         .flat_map(|(q, g)| q.iter().chain(g))
@@ -179,7 +250,7 @@ fn embed_manifest(args: &Args, model: &Path, manifest_path: &Path) -> anyhow::Re
     }
     progress.finish_and_clear();
 
-    let vectors = |entries: &[&handid_eval::data::manifest::Entry]| -> anyhow::Result<Vectors> {
+    let vectors = |entries: &[&Entry]| -> anyhow::Result<Vectors> {
         let values = entries
             .iter()
             .flat_map(|e| cache[e.image.as_str()].iter().copied())
@@ -202,13 +273,12 @@ fn embed_manifest(args: &Args, model: &Path, manifest_path: &Path) -> anyhow::Re
 
 /// Runs the command.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let options = EvalOptions {
-        ap: match args.ap {
-            Ap::NonInterpolated => ApKind::NonInterpolated,
-            Ap::Trapezoid => ApKind::Trapezoid,
-        },
-        ..EvalOptions::default()
-    };
+    evaluate(&args).map(drop)
+}
+
+/// Evaluates as `args` say, writes the report and returns it.
+pub fn evaluate(args: &Args) -> anyhow::Result<Report> {
+    let options = eval_options(args.ap);
     match (&args.embeddings, &args.model, &args.manifest) {
         (Some(file), _, _) => {
             let splits = embeddings::read(file).context("reading the embeddings")?;
@@ -222,7 +292,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             )
         }
         (None, Some(model), Some(manifest)) => {
-            let splits = embed_manifest(&args, model, manifest)?;
+            let splits = embed_manifest(args, model, manifest)?;
             if let Some(path) = &args.save_embeddings {
                 embeddings::write(path, &splits).with_context(|| format!("saving {}", path.display()))?;
             }

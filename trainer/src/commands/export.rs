@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use handid_trainer::engine::state;
-use handid_trainer::export::export;
+use crate::engine::state;
+use crate::export::export;
 
 /// Arguments of `export`.
 #[derive(Debug, clap::Args)]

@@ -5,6 +5,7 @@ pub mod eval;
 pub mod export;
 pub mod import;
 pub mod init;
+pub mod replay;
 pub mod splits;
 pub mod synth;
 pub mod train;

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use handid_trainer::config::{Method, TrainConfig};
-use handid_trainer::engine::{RunOptions, train};
+use crate::config::{Method, TrainConfig};
+use crate::engine::{RunOptions, train};
 
 /// Arguments of `train`.
 #[derive(Debug, clap::Args)]
