@@ -37,8 +37,15 @@ fn model(vision: ClipVisionConfig) -> Model {
     let text_cfg = ClipTextConfig::tiny();
     let text = TextTransformer::new(&root, &text_cfg);
     let image = ImageEncoder::new(&root / "visual", &vision).expect("image tower");
-    let learner = IdPromptLearner::new(&root / "prompt_learner", &text, &tokenizer, 3, 4, "A photo of a {} hand.")
-        .expect("prompt learner");
+    let learner = IdPromptLearner::new(
+        &root / "prompt_learner",
+        &text,
+        &tokenizer,
+        3,
+        4,
+        "A photo of a {} hand.",
+    )
+    .expect("prompt learner");
     let inversion = InversionNetwork::new(&root / "inversion", text_cfg.output_dim, text_cfg.width);
     let prompt = ComposedPrompt::new(&tokenizer, DEFAULT_TEMPLATE, "dorsal right", CONTEXT).expect("prompt");
     let interaction =
@@ -63,7 +70,10 @@ impl Model {
             .expect("image tower");
         let pseudo = self.inversion.forward_t(&feature, true);
         let text_feature = self.prompt.forward(&self.text, &pseudo).expect("composed prompt");
-        let guided = self.interaction.forward(&text_feature, &tokens).expect("interaction");
+        let guided = self
+            .interaction
+            .forward(&text_feature, &tokens)
+            .expect("interaction");
         (feature, guided)
     }
 }
@@ -93,13 +103,19 @@ fn a_loss_on_the_interaction_output_trains_the_inversion_network_and_the_prompts
     ] {
         let grad = vars[name].grad();
         assert!(grad.defined(), "{name} has no gradient");
-        assert!(grad.abs().sum(Kind::Float).double_value(&[]) > 0.0, "{name}: zero gradient");
+        assert!(
+            grad.abs().sum(Kind::Float).double_value(&[]) > 0.0,
+            "{name}: zero gradient"
+        );
     }
     // Every identity is in the softmax, so every context row gets a gradient.
     let ctx_grad = vars["prompt_learner.ctx"].grad();
     assert_eq!(ctx_grad.size(), [3, 4, 32]);
     for class in 0..3 {
-        assert!(ctx_grad.get(class).abs().sum(Kind::Float).double_value(&[]) > 0.0, "class {class}");
+        assert!(
+            ctx_grad.get(class).abs().sum(Kind::Float).double_value(&[]) > 0.0,
+            "class {class}"
+        );
     }
 }
 
@@ -115,7 +131,12 @@ fn the_interaction_output_depends_on_both_the_text_and_the_patches() {
     let same = m.interaction.forward(&text_a, &patches).expect("forward");
     assert_eq!(max_diff(&out, &same), 0.0);
     assert!(max_diff(&out, &m.interaction.forward(&text_b, &patches).expect("forward")) > 1e-3);
-    assert!(max_diff(&out, &m.interaction.forward(&text_a, &other_patches).expect("forward")) > 1e-3);
+    assert!(
+        max_diff(
+            &out,
+            &m.interaction.forward(&text_a, &other_patches).expect("forward")
+        ) > 1e-3
+    );
     // Different prompts (two aspects) give different guided features of the same image.
     let tokenizer = tokenizer();
     let pseudo = Tensor::randn([2, 32], (Kind::Float, Device::Cpu)) * 0.02;
@@ -127,8 +148,16 @@ fn the_interaction_output_depends_on_both_the_text_and_the_patches() {
     let guided_left = m.interaction.forward(&f_left, &patches).expect("forward");
     assert!(max_diff(&guided_right, &guided_left) > 1e-4);
     // Mismatched shapes are errors, not panics.
-    assert!(m.interaction.forward(&text_a, &Tensor::randn([3, 16, 16], (Kind::Float, Device::Cpu))).is_err());
-    assert!(m.interaction.forward(&Tensor::randn([2, 8], (Kind::Float, Device::Cpu)), &patches).is_err());
+    assert!(
+        m.interaction
+            .forward(&text_a, &Tensor::randn([3, 16, 16], (Kind::Float, Device::Cpu)))
+            .is_err()
+    );
+    assert!(
+        m.interaction
+            .forward(&Tensor::randn([2, 8], (Kind::Float, Device::Cpu)), &patches)
+            .is_err()
+    );
 }
 
 #[test]
@@ -144,8 +173,16 @@ fn prompt_learner_features_are_per_identity() {
     assert_eq!(max_diff(&features.get(0), &features.get(2)), 0.0);
     assert!(max_diff(&features.get(0), &features.get(1)) > 1e-4);
     assert!(max_diff(&features.get(1), &features.get(3)) > 1e-4);
-    assert!(m.learner.text_features(&m.text, &Tensor::from_slice(&[3i64])).is_err());
-    assert!(m.learner.text_features(&m.text, &Tensor::from_slice(&[-1i64])).is_err());
+    assert!(
+        m.learner
+            .text_features(&m.text, &Tensor::from_slice(&[3i64]))
+            .is_err()
+    );
+    assert!(
+        m.learner
+            .text_features(&m.text, &Tensor::from_slice(&[-1i64]))
+            .is_err()
+    );
 }
 
 #[test]
@@ -154,24 +191,51 @@ fn words_sit_exactly_where_the_placeholders_are() {
     let tokenizer = tokenizer();
     let word = tokenizer.encode("person");
     assert_eq!(word.len(), 1, "'person' is one BPE token");
-    let sentence = |text: &str| Tensor::from_slice(&tokenizer.tokenize(text, CONTEXT as usize)).view([1, CONTEXT]);
+    let sentence =
+        |text: &str| Tensor::from_slice(&tokenizer.tokenize(text, CONTEXT as usize)).view([1, CONTEXT]);
     // The composed prompt with a real word's embedding as the pseudo-word is that sentence.
-    let pseudo = m.text.embed_tokens(&Tensor::from_slice(&word).view([1, 1])).view([1, 32]);
+    let pseudo = m
+        .text
+        .embed_tokens(&Tensor::from_slice(&word).view([1, 1]))
+        .view([1, 32]);
     let composed = m.prompt.forward(&m.text, &pseudo).expect("composed");
-    let want = m.text.forward(&sentence("A photo of a person dorsal right hand")).expect("text");
-    assert!(max_diff(&composed, &want) < 1e-5, "{}", max_diff(&composed, &want));
+    let want = m
+        .text
+        .forward(&sentence("A photo of a person dorsal right hand"))
+        .expect("text");
+    assert!(
+        max_diff(&composed, &want) < 1e-5,
+        "{}",
+        max_diff(&composed, &want)
+    );
     let simplified = m.prompt.simplified(&m.text).expect("simplified");
-    let want = m.text.forward(&sentence("A photo of a dorsal right hand")).expect("text");
+    let want = m
+        .text
+        .forward(&sentence("A photo of a dorsal right hand"))
+        .expect("text");
     assert!(max_diff(&simplified, &want) < 1e-5);
     assert!(max_diff(&simplified, &composed) > 1e-4);
     // The learner's context set to four real words is the sentence with them.
     let words = tokenizer.encode("young woman left palm");
     assert_eq!(words.len(), 4);
-    let embedded = m.text.embed_tokens(&Tensor::from_slice(&words).view([1, 4])).view([4, 32]);
+    let embedded = m
+        .text
+        .embed_tokens(&Tensor::from_slice(&words).view([1, 4]))
+        .view([4, 32]);
     tch::no_grad(|| m.learner.ctx().get(1).copy_(&embedded));
-    let features = m.learner.text_features(&m.text, &Tensor::from_slice(&[1i64])).expect("features");
-    let want = m.text.forward(&sentence("A photo of a young woman left palm hand.")).expect("text");
-    assert!(max_diff(&features, &want) < 1e-5, "{}", max_diff(&features, &want));
+    let features = m
+        .learner
+        .text_features(&m.text, &Tensor::from_slice(&[1i64]))
+        .expect("features");
+    let want = m
+        .text
+        .forward(&sentence("A photo of a young woman left palm hand."))
+        .expect("text");
+    assert!(
+        max_diff(&features, &want) < 1e-5,
+        "{}",
+        max_diff(&features, &want)
+    );
 }
 
 #[test]
@@ -189,7 +253,10 @@ fn shapes_for_both_backbones() {
         assert_eq!(feature.size(), [3, 16]);
         assert_eq!(tokens.size(), [3, patches, 16]);
         // The pooled feature is unchanged by asking for tokens.
-        let pooled = m.image.forward_feature(&pixels, Feature::Projected).expect("pooled");
+        let pooled = m
+            .image
+            .forward_feature(&pixels, Feature::Projected)
+            .expect("pooled");
         assert!(max_diff(&pooled, &feature) < 1e-6);
         let pseudo = m.inversion.forward_t(&feature, false);
         assert_eq!(pseudo.size(), [3, 32]);
@@ -205,14 +272,20 @@ fn shapes_for_both_backbones() {
     };
     let pixels = Tensor::randn([2, 3, 64, 96], (Kind::Float, Device::Cpu));
     // Width 4: the last stage has 32 * 4 channels on a 2 x 3 map.
-    assert_eq!(resnet.forward_tokens(&pixels).expect("tokens").size(), [2, 6, 128]);
+    assert_eq!(
+        resnet.forward_tokens(&pixels).expect("tokens").size(),
+        [2, 6, 128]
+    );
 }
 
 #[test]
 fn bad_templates_are_refused() {
     let tokenizer = tokenizer();
     for template in ["A photo of a hand", "A {} photo of a {} hand"] {
-        assert!(ComposedPrompt::new(&tokenizer, template, "dorsal right", CONTEXT).is_err(), "{template}");
+        assert!(
+            ComposedPrompt::new(&tokenizer, template, "dorsal right", CONTEXT).is_err(),
+            "{template}"
+        );
     }
     let long = format!("{} {{}}", "word ".repeat(80));
     assert!(ComposedPrompt::new(&tokenizer, &long, "dorsal right", CONTEXT).is_err());

@@ -12,7 +12,10 @@ use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::SeedableRng;
 use tch::{Kind, Tensor};
 
-const PRE: Preprocess = Preprocess::Resize { height: 32, width: 24 };
+const PRE: Preprocess = Preprocess::Resize {
+    height: 32,
+    width: 24,
+};
 
 fn write_items(dir: &Path, n: usize) -> Vec<Item> {
     let options = SynthOptions {
@@ -24,7 +27,9 @@ fn write_items(dir: &Path, n: usize) -> Vec<Item> {
     (0..n)
         .map(|i| {
             let path = dir.join(format!("hand_{i}.png"));
-            synthetic::image(&options, i % 3, i / 3).save(&path).expect("write png");
+            synthetic::image(&options, i % 3, i / 3)
+                .save(&path)
+                .expect("write png");
             Item {
                 path,
                 label: (i % 3) as i64,
@@ -62,7 +67,12 @@ fn same_seed_gives_identical_batches_whatever_the_worker_count() {
     let items = Arc::new(write_items(dir.path(), 7));
     let augment = Arc::new(Augment::new(AugmentConfig::default(), PRE).expect("augment"));
     let batches = vec![vec![0, 1, 2], vec![3, 4], vec![5, 6, 0], vec![1]];
-    let reference = all_batches(&Loader::new(Arc::clone(&items), Arc::clone(&augment), 0, false, 9), &batches, 1, true);
+    let reference = all_batches(
+        &Loader::new(Arc::clone(&items), Arc::clone(&augment), 0, false, 9),
+        &batches,
+        1,
+        true,
+    );
     assert_eq!(reference.len(), 4);
     assert_eq!(reference[0].0.size(), [3, 3, 32, 24]);
     assert_eq!(reference[0].0.kind(), Kind::Float);
@@ -82,7 +92,12 @@ fn same_seed_gives_identical_batches_whatever_the_worker_count() {
     // Another epoch or seed draws other augmentations of the same images.
     let loader = Loader::new(Arc::clone(&items), Arc::clone(&augment), 2, false, 9);
     let other_epoch = all_batches(&loader, &batches, 2, true);
-    let other_seed = all_batches(&Loader::new(Arc::clone(&items), augment, 2, false, 10), &batches, 1, true);
+    let other_seed = all_batches(
+        &Loader::new(Arc::clone(&items), augment, 2, false, 10),
+        &batches,
+        1,
+        true,
+    );
     for other in [other_epoch, other_seed] {
         assert!(max_diff(&other[0].0, &reference[0].0) > 0.1);
     }
@@ -111,7 +126,11 @@ fn loader_yields_what_a_serial_loop_computes() {
                     .expect("train view")
             })
             .collect();
-        assert_eq!(max_diff(&batch.images, &Tensor::stack(&want, 0)), 0.0, "batch {b}");
+        assert_eq!(
+            max_diff(&batch.images, &Tensor::stack(&want, 0)),
+            0.0,
+            "batch {b}"
+        );
         yielded += 1;
     }
     assert_eq!(yielded, 9);
@@ -152,7 +171,10 @@ fn flip_is_off_by_default_and_on_when_asked() {
     assert_eq!(AugmentConfig::default().hflip_prob, 0.0);
     // Left half white, right half black; wide enough that the default
     // 10-pixel crop shift and erasing cannot swap the halves' brightness.
-    let pre = Preprocess::Resize { height: 64, width: 96 };
+    let pre = Preprocess::Resize {
+        height: 64,
+        width: 96,
+    };
     let img = RgbImage::from_fn(96, 64, |x, _| if x < 48 { Rgb([255; 3]) } else { Rgb([0; 3]) });
     let halves = |x: &Tensor| {
         let left = x.narrow(2, 0, 48).mean(Kind::Float).double_value(&[]);
@@ -185,7 +207,10 @@ fn random_erasing_replaces_one_rectangle_of_the_configured_size() {
         erasing_prob: 1.0,
         ..AugmentConfig::none()
     };
-    let pre = Preprocess::Resize { height: 64, width: 48 };
+    let pre = Preprocess::Resize {
+        height: 64,
+        width: 48,
+    };
     let augment = Augment::new(config, pre.clone()).expect("augment");
     let img = noise_image(48, 64, 1);
     let clean = pre.apply(&img).expect("apply");
@@ -197,7 +222,10 @@ fn random_erasing_replaces_one_rectangle_of_the_configured_size() {
         let changed = (&x - &clean).abs().amax([0], false).gt(0.0);
         let rows = Vec::<bool>::try_from(changed.any_dim(1, false)).expect("rows");
         let cols = Vec::<bool>::try_from(changed.any_dim(0, false)).expect("cols");
-        let (h, w) = (rows.iter().filter(|&&r| r).count(), cols.iter().filter(|&&c| c).count());
+        let (h, w) = (
+            rows.iter().filter(|&&r| r).count(),
+            cols.iter().filter(|&&c| c).count(),
+        );
         let count = changed.sum(Kind::Int64).int64_value(&[]) as usize;
         assert!(h > 0 && w > 0, "nothing erased");
         // Exactly a rectangle (every pixel of the bounding box changed).
@@ -281,7 +309,10 @@ fn color_jitter_stays_within_its_ranges() {
         assert!((0.6 - 1e-4..=1.4 + 1e-4).contains(&lo), "factor {lo}");
         factors.push(lo);
     }
-    assert!(factors.iter().any(|&f| f < 0.9) && factors.iter().any(|&f| f > 1.1), "{factors:?}");
+    assert!(
+        factors.iter().any(|&f| f < 0.9) && factors.iter().any(|&f| f > 1.1),
+        "{factors:?}"
+    );
     // Hue: a rotation in HSV keeps each pixel's largest and smallest channel.
     let hue = Augment::new(
         AugmentConfig {
@@ -306,7 +337,10 @@ fn bad_config_values_are_refused_naming_the_key() {
         ("erasing_prob: 1.5", "augment.erasing_prob"),
         ("hflip_prob: -0.1", "augment.hflip_prob"),
         ("color_jitter: {hue: 0.7}", "augment.color_jitter.hue"),
-        ("color_jitter: {brightness: -1}", "augment.color_jitter.brightness"),
+        (
+            "color_jitter: {brightness: -1}",
+            "augment.color_jitter.brightness",
+        ),
         ("color_jitter: {contrast: .nan}", "augment.color_jitter.contrast"),
         ("padding: 5000", "augment.padding"),
     ];
@@ -319,7 +353,10 @@ fn bad_config_values_are_refused_naming_the_key() {
     assert!(serde_yaml::from_str::<AugmentConfig>("color_jitter: {gamma: 1}").is_err());
     let defaults: AugmentConfig = serde_yaml::from_str("{}").expect("empty");
     assert_eq!(defaults, AugmentConfig::default());
-    assert_eq!((defaults.padding, defaults.random_crop, defaults.erasing_prob), (10, true, 0.5));
+    assert_eq!(
+        (defaults.padding, defaults.random_crop, defaults.erasing_prob),
+        (10, true, 0.5)
+    );
     assert!(Augment::new(AugmentConfig::default(), Preprocess::Clip { size: 0 }).is_err());
 }
 
@@ -343,7 +380,9 @@ fn unreadable_and_corrupt_images_are_errors_naming_the_path() {
     for workers in [0, 2] {
         let loader = Loader::new(Arc::clone(&items), Arc::clone(&augment), workers, false, 0);
         for (index, path) in [(2, &corrupt), (3, &missing)] {
-            let results: Vec<_> = loader.batches(vec![vec![0, 1], vec![1, index], vec![0]], 0, true).collect();
+            let results: Vec<_> = loader
+                .batches(vec![vec![0, 1], vec![1, index], vec![0]], 0, true)
+                .collect();
             // The good batch, then the error, then nothing.
             assert_eq!(results.len(), 2, "{workers} workers");
             assert!(results[0].is_ok());

@@ -125,11 +125,17 @@ impl AugmentConfig {
             }
         }
         if !(0.0..=0.5).contains(&jitter.hue) {
-            bail!("augment.color_jitter.hue must be in [0, 0.5] (a fraction of a full turn), got {}", jitter.hue);
+            bail!(
+                "augment.color_jitter.hue must be in [0, 0.5] (a fraction of a full turn), got {}",
+                jitter.hue
+            );
         }
         // Beyond a few hundred pixels the crop would mostly be padding.
         if self.padding > 1000 {
-            bail!("augment.padding must be at most 1000 pixels, got {}", self.padding);
+            bail!(
+                "augment.padding must be at most 1000 pixels, got {}",
+                self.padding
+            );
         }
         Ok(())
     }

@@ -76,7 +76,11 @@ impl Loader {
     ) -> Self {
         let cache = cache_decoded.then(|| (0..items.len()).map(|_| OnceLock::new()).collect());
         Self {
-            shared: Arc::new(Shared { items, augment, cache }),
+            shared: Arc::new(Shared {
+                items,
+                augment,
+                cache,
+            }),
             workers,
             seed,
         }
@@ -170,7 +174,12 @@ impl Shared {
             .iter()
             .map(|&i| self.items.get(i).map(|item| item.label))
             .collect::<Option<Vec<i64>>>()
-            .ok_or_else(|| anyhow!("a batch names an item index beyond the {} items", self.items.len()))?;
+            .ok_or_else(|| {
+                anyhow!(
+                    "a batch names an item index beyond the {} items",
+                    self.items.len()
+                )
+            })?;
         Ok(Tensor::from_slice(&labels).to_kind(Kind::Int64))
     }
 }
