@@ -1,7 +1,8 @@
 //! handid-trainer: fine-tunes CLIP for hand identity.
 //!
 //! # Layout
-//! - [`data`]: the training data pipeline (P x K identity sampler).
+//! - [`data`]: the training data pipeline (P x K identity sampler, augmentation,
+//!   parallel deterministic loader).
 //! - [`engine`]: training building blocks (learning-rate schedules).
 //! - [`losses`]: one loss per file, each citing its paper.
 

@@ -363,7 +363,14 @@ fn bad_config_values_are_refused_naming_the_key() {
 #[test]
 fn unreadable_and_corrupt_images_are_errors_naming_the_path() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut items = write_items(dir.path(), 2);
+    // Two large photos, slow to decode next to a failure, which is instant.
+    let mut items: Vec<Item> = (0..2)
+        .map(|i| {
+            let path = dir.path().join(format!("large_{i}.png"));
+            noise_image(1200, 1200, i).save(&path).expect("write png");
+            Item { path, label: 0 }
+        })
+        .collect();
     let corrupt = dir.path().join("corrupt.jpg");
     std::fs::write(&corrupt, b"SECRET-PIXELS not a jpeg at all").expect("write");
     items.push(Item {
@@ -380,17 +387,63 @@ fn unreadable_and_corrupt_images_are_errors_naming_the_path() {
     for workers in [0, 2] {
         let loader = Loader::new(Arc::clone(&items), Arc::clone(&augment), workers, false, 0);
         for (index, path) in [(2, &corrupt), (3, &missing)] {
-            let results: Vec<_> = loader
-                .batches(vec![vec![0, 1], vec![1, index], vec![0]], 0, true)
-                .collect();
-            // The good batch, then the error, then nothing.
-            assert_eq!(results.len(), 2, "{workers} workers");
-            assert!(results[0].is_ok());
-            let error = format!("{:#}", results[1].as_ref().expect_err("bad image"));
+            // The bad image is the fourth batch, within the workers' prefetch
+            // window: one worker fails on it while the other still decodes
+            // the third. The good batches still come out first, then the
+            // error, then nothing.
+            let order = vec![vec![0], vec![1], vec![0], vec![index], vec![0]];
+            let results: Vec<_> = loader.batches(order, 0, true).collect();
+            assert_eq!(results.len(), 4, "{workers} workers");
+            assert!(results[..3].iter().all(Result::is_ok), "{workers} workers");
+            let error = format!("{:#}", results[3].as_ref().expect_err("bad image"));
             assert!(error.contains(&path.display().to_string()), "{error}");
             assert!(!error.contains("SECRET"), "image bytes leaked: {error}");
         }
         let out_of_range: Vec<_> = loader.batches(vec![vec![0, 99]], 0, false).collect();
         assert!(out_of_range[0].is_err());
+    }
+}
+
+/// Throughput on real 11k Hands photos (1600x1200 JPEGs) at 224x224, with a
+/// simulated 40 ms training step per batch: prefetching should hide decoding
+/// behind the step. A measurement, not a check: run with `--ignored --nocapture`.
+#[test]
+#[ignore = "timing measurement on the 11k Hands sample"]
+fn measure_loader_throughput_on_11k_hands() {
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/data/11k-hands-sample/Hands"
+    );
+    let mut paths: Vec<_> = std::fs::read_dir(dir)
+        .expect("sample folder")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    paths.sort();
+    paths.truncate(64);
+    let items = Arc::new(
+        paths
+            .into_iter()
+            .enumerate()
+            .map(|(i, path)| Item {
+                path,
+                label: (i % 8) as i64,
+            })
+            .collect::<Vec<_>>(),
+    );
+    let augment =
+        Arc::new(Augment::new(AugmentConfig::default(), Preprocess::Clip { size: 224 }).expect("augment"));
+    let batches: Vec<Vec<usize>> = (0..8).map(|b| (b * 8..b * 8 + 8).collect()).collect();
+    for workers in [0, 1, 2, 0] {
+        let loader = Loader::new(Arc::clone(&items), Arc::clone(&augment), workers, false, 0);
+        let start = std::time::Instant::now();
+        for batch in loader.batches(batches.clone(), 0, true) {
+            batch.expect("batch");
+            std::thread::sleep(std::time::Duration::from_millis(40));
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        println!(
+            "{workers} workers: 64 images + 8 x 40 ms steps in {seconds:.2} s ({:.1} img/s)",
+            64.0 / seconds
+        );
     }
 }

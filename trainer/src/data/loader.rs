@@ -224,7 +224,7 @@ struct Pool {
     progress: Arc<(Mutex<Progress>, Condvar)>,
     results: Receiver<Done>,
     /// Images received for batches not yet yielded.
-    pending: HashMap<usize, Vec<Option<Tensor>>>,
+    pending: HashMap<usize, Vec<Option<Result<Tensor>>>>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -301,31 +301,30 @@ impl Batches {
             bail!("no worker pool");
         };
         loop {
-            if pool
-                .pending
-                .get(&batch)
-                .is_some_and(|slots| slots.iter().all(Option::is_some))
-                || size == 0
-            {
+            // Done when every image of this batch is in, or one of them failed.
+            // Results of later batches wait their turn, errors included, so
+            // an error is reported with the batch it belongs to.
+            let slots = pool.pending.get(&batch);
+            let failed = slots.is_some_and(|s| s.iter().any(|r| matches!(r, Some(Err(_)))));
+            if size == 0 || failed || slots.is_some_and(|s| s.iter().all(Option::is_some)) {
                 break;
             }
             let (b, p, image) = pool
                 .results
                 .recv()
                 .map_err(|_| anyhow!("the loader's worker threads stopped unexpectedly"))?;
-            let image = image?;
             pool.pending.entry(b).or_insert_with(|| {
                 let n = self.job.batches[b].len();
                 (0..n).map(|_| None).collect()
             })[p] = Some(image);
         }
-        let images: Vec<Tensor> = pool
+        let images = pool
             .pending
             .remove(&batch)
             .unwrap_or_default()
             .into_iter()
             .flatten()
-            .collect();
+            .collect::<Result<Vec<Tensor>>>()?;
         {
             // Let the workers move one batch further ahead.
             let (lock, wake) = &*pool.progress;
