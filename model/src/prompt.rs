@@ -1,6 +1,7 @@
 //! CLIP-ReID's identity prompt learner (Li et al., "CLIP-ReID: Exploiting
 //! Vision-Language Model for Image Re-Identification without Concrete Text
-//! Labels", AAAI 2023, Sec. 3.2, Eq. 3-4).
+//! Labels", AAAI 2023, Sec. 3 "Method", the learnable text tokens of the
+//! first training stage).
 //!
 //! Each identity `y` gets its own text "A photo of a [X]_1 ... [X]_M hand.",
 //! where the `M` (`n_ctx`, paper: 4) word embeddings `[X]` are learnable and
@@ -9,7 +10,7 @@
 //! names a hand. Following the reference code, the context vectors start
 //! from N(0, 0.02^2) (`nn.init.normal_(cls_vectors, std=0.02)` in
 //! `model/make_model_clipreid.py`). The paper trains them in stage 1 with the
-//! image-to-text and text-to-image contrastive losses (Eq. 5-6), both towers
+//! image-to-text and text-to-image contrastive losses, both towers
 //! frozen.
 //!
 //! The fixed words are looked up in the text tower's embedding table at each

@@ -1,16 +1,18 @@
 //! PromptSG (Yang et al., "A Pedestrian is Worth One Prompt: Towards
 //! Language Guidance Person Re-Identification", CVPR 2024), adapted to hands.
 //!
-//! PromptSG lets language guide the visual feature (Sec. 3): an inversion
-//! network turns the image feature into a pseudo-word `S*` (Sec. 3.2, after
+//! PromptSG lets language guide the visual feature (Sec. 3 "Method"): an
+//! inversion network turns the image feature into a pseudo-word `S*` (after
 //! Pic2Word / textual inversion), the composed prompt "A photo of a `S*`
-//! person" goes through the frozen text encoder, and a multimodal interaction
-//! module lets that text feature attend over the image's patch tokens
-//! (Sec. 3.3) to give the language-guided visual feature that the re-id
-//! losses train. At inference the prompt without the pseudo-word ("A photo
-//! of a person") replaces the composed one, so one text pass serves every
-//! image (Sec. 3.4). Our prompt names the hand aspect instead of "person":
-//! "A photo of a {} dorsal right hand".
+//! person" goes through the frozen text encoder, and a multimodal
+//! interaction module lets that text feature attend over the image's patch
+//! tokens to give the language-guided visual feature that the re-id losses
+//! train. At inference the prompt without the pseudo-word ("A photo of a
+//! person") replaces the composed one, so one text pass serves every image.
+//! Our prompt names the hand aspect instead of "person": "A photo of a {}
+//! dorsal right hand". Subsection and equation numbers are left out on
+//! purpose: they could not be checked against the paper offline, so the
+//! components carry the paper's names instead.
 //!
 //! What the paper leaves open, and what we chose:
 //! - Inversion network: the paper calls it a lightweight three-layer MLP
@@ -46,7 +48,7 @@ use crate::transformer::{LayerNorm, ResidualAttentionBlock};
 /// The default composed-prompt template: `{}` is the pseudo-word, `{aspect}` the hand aspect.
 pub const DEFAULT_TEMPLATE: &str = "A photo of a {} {aspect} hand";
 
-/// PromptSG's inversion network (Sec. 3.2): image feature -> pseudo-word embedding.
+/// PromptSG's inversion network: image feature -> pseudo-word embedding.
 #[derive(Debug)]
 pub struct InversionNetwork {
     fc1: nn::Linear,
@@ -83,7 +85,7 @@ impl InversionNetwork {
     }
 }
 
-/// The composed prompt of PromptSG (Sec. 3.2), tokenised once.
+/// The composed prompt of PromptSG, tokenised once.
 #[derive(Debug)]
 pub struct ComposedPrompt {
     /// `[1, context_length]` with a dummy id at the pseudo-word's place.
@@ -159,7 +161,7 @@ impl ComposedPrompt {
     }
 
     /// The feature `[1, output_dim]` of the prompt without the pseudo-word,
-    /// PromptSG's inference prompt (Sec. 3.4). It depends on the text tower
+    /// PromptSG's inference prompt. It depends on the text tower
     /// only, so compute it once per aspect and keep it (no gradient).
     pub fn simplified(&self, text: &TextTransformer) -> Result<Tensor> {
         let device = text.token_embedding_weight().device();
@@ -206,7 +208,7 @@ impl CrossAttention {
     }
 }
 
-/// PromptSG's multimodal interaction module (Sec. 3.3): the text feature
+/// PromptSG's multimodal interaction module: the text feature
 /// queries the patch tokens, then self-attention blocks refine the result.
 #[derive(Debug)]
 pub struct InteractionModule {

@@ -234,7 +234,7 @@ impl ModifiedResNet {
     /// in the joint space, through the attention pool's value and output
     /// projections (`c_proj(v_proj(x))`), the path each position's value
     /// takes to CLIP's image feature (MaskCLIP, Zhou et al., "Extract Free
-    /// Dense Labels from CLIP", ECCV 2022, Sec. 3.2). The positional
+    /// Dense Labels from CLIP", ECCV 2022). The positional
     /// embedding is not added: it only shapes the pool's attention weights.
     pub fn project_tokens(&self, tokens: &Tensor) -> Tensor {
         tokens.apply(&self.attnpool.v_proj).apply(&self.attnpool.c_proj)

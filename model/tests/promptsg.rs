@@ -85,7 +85,7 @@ fn a_loss_on_the_interaction_output_trains_the_inversion_network_and_the_prompts
     let labels = Tensor::from_slice(&[0i64, 1, 2, 1]);
     let (_, guided) = m.forward(&pixels);
     assert_eq!(guided.size(), [4, 16]);
-    // CLIP-ReID's image-to-text cross-entropy (Eq. 5) of the guided feature
+    // CLIP-ReID's image-to-text cross-entropy of the guided feature
     // against every identity's prompt.
     let all = Tensor::arange(3, (Kind::Int64, Device::Cpu));
     let prompts = m.learner.text_features(&m.text, &all).expect("prompt features");

@@ -2,7 +2,7 @@
 //!
 //! The training view follows CLIP-ReID's transform (Li et al., "CLIP-ReID:
 //! Exploiting Vision-Language Model for Image Re-Identification without
-//! Concrete Text Labels", AAAI 2023, Sec. 4.1 "Implementation details" and
+//! Concrete Text Labels", AAAI 2023, "Implementation details" of the experiments, and
 //! its `datasets/make_dataloader_clipreid.py`): resize to the input size,
 //! (flip,) pad 10 then random crop back, normalise, random erasing with
 //! probability 0.5. Steps, in order:
@@ -36,7 +36,7 @@ use rand_chacha::rand_core::RngCore;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-/// Random erasing's area fraction range (Zhong et al. 2020, Sec. 3.1: s_l, s_h).
+/// Random erasing's area fraction range (Zhong et al. 2020: s_l, s_h).
 const ERASE_AREA: (f64, f64) = (0.02, 0.4);
 /// Random erasing's smallest aspect ratio r_1; the largest is 1 / r_1 (Zhong et al. 2020).
 const ERASE_MIN_ASPECT: f64 = 0.3;
