@@ -79,7 +79,7 @@ pub(crate) fn tokenize_with_slots(
 /// CLIP-ReID's `PromptLearner`: one learnable context of `n_ctx` words per identity.
 #[derive(Debug)]
 pub struct IdPromptLearner {
-    /// `[classes, n_ctx, width]`, the learnable words (`cls_ctx` in the reference).
+    /// `[classes, n_ctx, width]`, the learnable words; stored as `cls_ctx`, the reference's key.
     ctx: Tensor,
     /// Shares storage with the text tower's token embedding table.
     table: Tensor,
@@ -92,7 +92,7 @@ pub struct IdPromptLearner {
 }
 
 impl IdPromptLearner {
-    /// Creates `ctx` under `p` for `classes` identities and `n_ctx` words
+    /// Creates `cls_ctx` under `p` for `classes` identities and `n_ctx` words
     /// each; `template` marks their place with `{}` (for example
     /// `"A photo of a {} hand."`).
     pub fn new<'a>(
@@ -116,7 +116,7 @@ impl IdPromptLearner {
         Ok(Self {
             ctx: p
                 .borrow()
-                .var("ctx", &[classes, n_ctx, text.width()], normal(0.02)),
+                .var("cls_ctx", &[classes, n_ctx, text.width()], normal(0.02)),
             prefix_ids: ids.narrow(0, 0, tokens.slot),
             suffix_ids: ids.narrow(0, after, text.context_length() - after),
             table,

@@ -96,7 +96,7 @@ fn a_loss_on_the_interaction_output_trains_the_inversion_network_and_the_prompts
     for name in [
         "inversion.fc1.weight",
         "inversion.fc3.weight",
-        "prompt_learner.ctx",
+        "prompt_learner.cls_ctx",
         "interaction.cross_attn.q_proj.weight",
         "interaction.blocks.1.attn.in_proj_weight",
         "visual.proj",
@@ -109,7 +109,7 @@ fn a_loss_on_the_interaction_output_trains_the_inversion_network_and_the_prompts
         );
     }
     // Every identity is in the softmax, so every context row gets a gradient.
-    let ctx_grad = vars["prompt_learner.ctx"].grad();
+    let ctx_grad = vars["prompt_learner.cls_ctx"].grad();
     assert_eq!(ctx_grad.size(), [3, 4, 32]);
     for class in 0..3 {
         assert!(
