@@ -123,8 +123,16 @@ impl Preprocess {
         }
     }
 
-    /// Turns an image into a normalised `[3, H, W]` f32 tensor on the CPU.
+    /// Turns an image into a normalised `[3, H, W]` f32 tensor on the CPU:
+    /// [`Preprocess::resize`] then [`to_normalised_tensor`].
     pub fn apply(&self, img: &RgbImage) -> Result<Tensor> {
+        Ok(to_normalised_tensor(&self.resize(img)?))
+    }
+
+    /// The geometric half of [`Preprocess::apply`]: the image resized (and
+    /// cropped) to [`Preprocess::input_size`], still 8-bit RGB. Training
+    /// augmentation starts from here so it sees the serving geometry.
+    pub fn resize(&self, img: &RgbImage) -> Result<RgbImage> {
         let (height, width) = self.input_size();
         if height == 0 || width == 0 {
             return Err(Error::InvalidInput(format!(
@@ -140,7 +148,7 @@ impl Preprocess {
                 imageops::resize(img, width, height, FilterType::CatmullRom)
             }
         };
-        Ok(to_normalised_tensor(&resized))
+        Ok(resized)
     }
 }
 
@@ -170,7 +178,9 @@ fn resize_shorter_and_crop(img: &RgbImage, size: u32) -> RgbImage {
     imageops::crop_imm(&resized, left, top, size, size).to_image()
 }
 
-fn to_normalised_tensor(img: &RgbImage) -> Tensor {
+/// The value half of [`Preprocess::apply`]: `[H, W, 3]` u8 -> `[3, H, W]`
+/// f32 scaled to [0, 1] and normalised with [`CLIP_MEAN`] / [`CLIP_STD`].
+pub fn to_normalised_tensor(img: &RgbImage) -> Tensor {
     let (w, h) = (i64::from(img.width()), i64::from(img.height()));
     let mean = Tensor::from_slice(&CLIP_MEAN).view([3, 1, 1]);
     let std = Tensor::from_slice(&CLIP_STD).view([3, 1, 1]);

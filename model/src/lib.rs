@@ -14,6 +14,8 @@
 //!   at run time so one binary serves CPU-only and GPU hosts.
 //! - [`error`]: the crate's error type.
 //! - [`heads`]: BNNeck, linear and ArcFace classifiers (re-id heads).
+//! - [`prompt`]: CLIP-ReID's per-identity prompt learner; [`promptsg`]: PromptSG's
+//!   inversion network, composed prompt and interaction module.
 
 pub mod checkpoint;
 pub mod clip;
@@ -24,6 +26,8 @@ pub mod error;
 pub mod heads;
 pub mod image;
 pub mod import;
+pub mod prompt;
+pub mod promptsg;
 pub mod resnet;
 pub mod text;
 pub mod tokenizer;
@@ -38,6 +42,8 @@ pub use device::{Device, parse_device};
 pub use embedder::{Embedder, Precision};
 pub use error::{Error, Result};
 pub use image::{DecodeLimits, Preprocess, decode};
+pub use prompt::IdPromptLearner;
+pub use promptsg::{ComposedPrompt, InteractionModule, InversionNetwork};
 pub use text::{ClipTextConfig, TextTransformer};
 pub use tokenizer::Tokenizer;
 pub use visual::{Feature, ImageEncoder};

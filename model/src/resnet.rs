@@ -214,6 +214,34 @@ impl ModifiedResNet {
 
     /// `[batch, 3, H, W]` (H, W multiples of 32) -> `[batch, output_dim]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.attnpool.forward(&self.feature_map(x)?))
+    }
+
+    /// The final feature map as tokens, before the attention pool:
+    /// `[batch, 3, H, W]` -> `[batch, (H / 32) * (W / 32), 32 * width]`.
+    pub fn forward_tokens(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.feature_map(x)?.flatten(2, 3).transpose(1, 2))
+    }
+
+    /// Both the pooled feature `[batch, output_dim]` and the tokens of
+    /// [`ModifiedResNet::forward_tokens`], from one pass.
+    pub fn forward_pooled_and_tokens(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let map = self.feature_map(x)?;
+        Ok((self.attnpool.forward(&map), map.flatten(2, 3).transpose(1, 2)))
+    }
+
+    /// Feature-map tokens `[batch, n, 32 * width]` -> `[batch, n, output_dim]`
+    /// in the joint space, through the attention pool's value and output
+    /// projections (`c_proj(v_proj(x))`), the path each position's value
+    /// takes to CLIP's image feature (MaskCLIP, Zhou et al., "Extract Free
+    /// Dense Labels from CLIP", ECCV 2022). The positional
+    /// embedding is not added: it only shapes the pool's attention weights.
+    pub fn project_tokens(&self, tokens: &Tensor) -> Tensor {
+        tokens.apply(&self.attnpool.v_proj).apply(&self.attnpool.c_proj)
+    }
+
+    /// `[batch, 3, H, W]` -> the last stage's `[batch, 32 * width, H / 32, W / 32]`.
+    fn feature_map(&self, x: &Tensor) -> Result<Tensor> {
         let size = x.size();
         let [_, 3, height, width] = size[..] else {
             return Err(Error::InvalidInput(format!(
@@ -234,7 +262,7 @@ impl ModifiedResNet {
         for block in self.layers.iter().flatten() {
             x = block.forward(&x);
         }
-        Ok(self.attnpool.forward(&x))
+        Ok(x)
     }
 }
 

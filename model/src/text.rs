@@ -104,6 +104,27 @@ impl TextTransformer {
         }
     }
 
+    /// Maximum tokens per text (77 for OpenAI's towers).
+    pub fn context_length(&self) -> i64 {
+        self.context_length
+    }
+
+    /// Width of the word embeddings and the transformer.
+    pub fn width(&self) -> i64 {
+        self.positional_embedding.size()[1]
+    }
+
+    /// Width of the text features (the joint space).
+    pub fn output_dim(&self) -> i64 {
+        self.text_projection.size()[1]
+    }
+
+    /// The token embedding table `[vocab_size, width]` (the variable itself:
+    /// loading weights into the store later updates what this returns).
+    pub fn token_embedding_weight(&self) -> &Tensor {
+        &self.token_embedding.ws
+    }
+
     /// The word embeddings of token ids: `[batch, tokens]` i64 -> `[batch, tokens, width]`.
     /// Prompt learning (CoOp, PromptSG) edits these before [`TextTransformer::forward_embeddings`].
     pub fn embed_tokens(&self, ids: &Tensor) -> Tensor {

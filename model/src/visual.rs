@@ -56,6 +56,34 @@ impl ImageEncoder {
         }
     }
 
+    /// The chosen feature `[batch, dim]` and the patch tokens projected into
+    /// the joint space `[batch, n, output_dim]` (ViT: `ln_post(patch) @ proj`,
+    /// see [`VisionTransformer::project_tokens`]; ResNet: the final feature
+    /// map through the attention pool's value path, see
+    /// [`ModifiedResNet::project_tokens`]), from one pass. PromptSG's
+    /// interaction module attends over these tokens.
+    pub fn forward_feature_and_tokens(&self, pixels: &Tensor, feature: Feature) -> Result<(Tensor, Tensor)> {
+        match self {
+            ImageEncoder::Vit(vit) => {
+                let out = vit.forward(pixels)?;
+                let tokens = vit.project_tokens(&out.tokens);
+                Ok(match feature {
+                    Feature::Projected => (out.pooled, tokens),
+                    Feature::ClassToken => (out.cls, tokens),
+                })
+            }
+            ImageEncoder::ModifiedResnet(resnet) => match feature {
+                Feature::Projected => {
+                    let (pooled, tokens) = resnet.forward_pooled_and_tokens(pixels)?;
+                    Ok((pooled, resnet.project_tokens(&tokens)))
+                }
+                Feature::ClassToken => Err(Error::InvalidInput(
+                    "a modified ResNet has no class token feature".to_owned(),
+                )),
+            },
+        }
+    }
+
     /// `[batch, 3, H, W]` -> `[batch, dim]`, the chosen feature (not normalised).
     pub fn forward_feature(&self, pixels: &Tensor, feature: Feature) -> Result<Tensor> {
         match self {

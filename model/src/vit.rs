@@ -108,6 +108,15 @@ impl VisionTransformer {
     }
 }
 
+impl VisionTransformer {
+    /// Patch tokens `[batch, n, width]` (`VitOutput::tokens`) -> `[batch, n,
+    /// output_dim]` through `proj`, the projection CLIP applies to the class
+    /// token, so patches land in the joint image-text space.
+    pub fn project_tokens(&self, tokens: &Tensor) -> Tensor {
+        tokens.matmul(&self.proj.to_kind(tokens.kind()))
+    }
+}
+
 /// A CLIP positional embedding `[1 + grid * grid, width]` (a leading class or
 /// mean token, then a square grid) laid out for a `grid_h` x `grid_w` grid:
 /// the grid part is resampled bicubically (align_corners false, in f32) when

@@ -1,9 +1,9 @@
-//! Training data pipeline.
+//! Training data pipeline: identity sampling, augmentation, parallel loading.
 
 mod augment;
 mod loader;
 mod sampler;
 
-pub use augment::{Augment, AugmentConfig};
-pub use loader::{Batch, Item, Loader};
+pub use augment::{Augment, AugmentConfig, ColorJitter};
+pub use loader::{Batch, Item, Loader, PREFETCH_BATCHES};
 pub use sampler::{PkSampler, SamplerError};

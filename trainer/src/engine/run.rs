@@ -149,7 +149,7 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> anyhow::Result<RunSu
         Method::ClipReid { stage1, .. } => {
             let tokenizer = Tokenizer::from_env().context("loading CLIP's BPE vocabulary (HANDID_BPE_VOCAB)")?;
             let learner = IdPromptLearner::new(
-                net.vs.root() / "prompt_learner",
+                &(net.vs.root() / "prompt_learner"),
                 &net.clip.text,
                 &tokenizer,
                 classes,
@@ -494,7 +494,7 @@ impl Ctx<'_> {
                 name: "prompt".into(),
                 lr: optim.prompt_lr.unwrap_or(optim.lr),
                 weight_decay: optim.prompt_weight_decay.unwrap_or(optim.weight_decay),
-                params: vec![("prompt_learner.ctx".to_owned(), ctx)],
+                params: vec![("prompt_learner.cls_ctx".to_owned(), ctx)],
             }],
         )?;
         let (mut epoch, mut step) = (0, 0);
