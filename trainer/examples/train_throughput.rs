@@ -14,7 +14,7 @@ use anyhow::Context;
 use handid_trainer::config::{Arch, TrainConfig};
 use handid_trainer::engine::{Optimizer, OptimizerKind, ParamGroup, loss_terms, sorted_vars};
 use handid_trainer::losses::CenterLoss;
-use handid_trainer::net::ReidNet;
+use handid_trainer::net::{ReidNet, seeded};
 use tch::{Device, Kind, Tensor, nn};
 
 fn arg(name: &str, default: &str) -> String {
@@ -67,7 +67,9 @@ method:
         _ => 224,
     };
     let classes = 100;
-    let net = ReidNet::new(&config.model, Some(&stage.head), classes, 0, device)?;
+    let net = seeded(0, || {
+        ReidNet::new(&config.model, Some(&stage.head), classes, device)
+    })?;
     net.set_trainable(None);
     let mut optimizer = Optimizer::new(stage.optim.optimizer.clone(), net.param_groups(&stage.optim))?;
     let center_vs = nn::VarStore::new(device);
@@ -98,7 +100,11 @@ method:
             center_opt.zero_grad();
             let out = net.forward(&pixels, Some(&labels), true)?;
             let terms = loss_terms(&net, &out, &labels, &stage.losses, Some(&center), None, 0)?;
-            let total = terms.into_iter().map(|(_, t)| t).reduce(|a, b| a + b).unwrap_or_default();
+            let total = terms
+                .into_iter()
+                .map(|(_, t)| t)
+                .reduce(|a, b| a + b)
+                .unwrap_or_default();
             total.backward();
             optimizer.step(1.0);
             center_opt.scale_grads(1.0 / 0.0005);

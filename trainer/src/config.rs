@@ -609,14 +609,14 @@ impl TrainConfig {
             Method::Finetune(s) => vec![("method", s)],
             Method::ClipReid { stage1, stage2 } => {
                 anyhow::ensure!(
-                    stage1
-                        .template
-                        .split_whitespace()
-                        .filter(|w| w.trim_end_matches('.') == "X")
-                        .count()
-                        == stage1.n_ctx as usize,
-                    "method.stage1.template must hold n_ctx = {} X placeholders",
-                    stage1.n_ctx
+                    stage1.template.matches("{}").count() == 1,
+                    "method.stage1.template must hold one {{}} where the context words go, got {:?}",
+                    stage1.template
+                );
+                anyhow::ensure!(stage1.n_ctx >= 1, "method.stage1.n_ctx must be at least 1");
+                anyhow::ensure!(
+                    stage1.batch_size >= 2,
+                    "method.stage1.batch_size must be at least 2"
                 );
                 check_optim("method.stage1.optim", &stage1.optim)?;
                 vec![("method.stage2", stage2)]

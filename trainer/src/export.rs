@@ -24,7 +24,7 @@ use tch::Device;
 use crate::config::{Method, TrainConfig};
 use crate::engine::load_data;
 use crate::engine::state::{self, TrainState};
-use crate::net::ReidNet;
+use crate::net::{ReidNet, seeded};
 
 /// A calibrated operating point and how well the data supports it.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,13 +56,11 @@ pub fn export(checkpoint: &Path, out: &Path, data_root: Option<&Path>) -> anyhow
         Method::ZeroShot => None,
         Method::Finetune(s) | Method::ClipReid { stage2: s, .. } => Some(&s.head),
     };
-    let net = ReidNet::new(
-        &config.model,
-        head,
-        persons.len() as i64,
-        config.seed,
-        Device::Cpu,
-    )?;
+    // Every weight is overwritten from the checkpoint; the seed only makes
+    // the (discarded) initialisation reproducible.
+    let net = seeded(config.seed, || {
+        ReidNet::new(&config.model, head, persons.len() as i64, Device::Cpu)
+    })?;
     // Prompt-learning variables are not part of the ReID net; keep what it has.
     let names: std::collections::BTreeSet<String> = net.vs.variables().into_keys().collect();
     let model: Vec<_> = tensors

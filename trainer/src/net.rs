@@ -16,6 +16,18 @@ use tch::{Device, Tensor, nn};
 use crate::config::{Classifier, HeadConfig, ModelConfig, OptimConfig};
 use crate::engine::ParamGroup;
 
+/// Runs `init` with libtorch's global generator seeded by `seed`, holding a
+/// process-wide lock: variable initialisation draws from that one global
+/// generator, so two nets built at once on different threads (tests, a
+/// service training while serving) would otherwise interleave their draws
+/// and the weights would no longer depend on the seed alone.
+pub fn seeded<T>(seed: u64, init: impl FnOnce() -> T) -> T {
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = INIT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    tch::manual_seed(seed as i64);
+    init()
+}
+
 /// Prefix of the head's variables.
 pub const HEAD: &str = "head.";
 /// Prefix of the image tower's variables.
@@ -57,16 +69,15 @@ pub struct ReidNet {
 }
 
 impl ReidNet {
-    /// A CLIP-initialised net (seeded by `seed`) with a head for `classes`
-    /// persons (`head: None`: no head, e.g. zero-shot or prompt learning).
+    /// A CLIP-initialised net with a head for `classes` persons (`head:
+    /// None`: no head, e.g. zero-shot or prompt learning). Call it inside
+    /// [`seeded`] for weights that depend on a seed only.
     pub fn new(
         model: &ModelConfig,
         head: Option<&HeadConfig>,
         classes: i64,
-        seed: u64,
         device: Device,
     ) -> anyhow::Result<Self> {
-        tch::manual_seed(seed as i64);
         let vs = nn::VarStore::new(device);
         let vision = model.vision();
         let clip = Clip::new(

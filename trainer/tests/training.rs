@@ -173,3 +173,74 @@ fn stop_and_resume_ends_with_the_same_weights() {
         assert!(diff <= 1e-6, "{na} differs by {diff}");
     }
 }
+
+const CLIP_REID: &str = "
+method:
+  kind: clip_reid
+  stage1:
+    epochs: 3
+    batch_size: 8
+    optim: {lr: 0.01}
+  stage2:
+    epochs: 2
+    losses: {id: {}, triplet: {margin: 0.3}, i2t: {weight: 1.0}}
+    optim: {lr: 0.001}
+";
+
+#[test]
+fn clip_reid_learns_prompts_then_finetunes_with_i2t_and_resumes_across_phases() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifest = dataset(dir.path());
+    let cfg = config(&manifest, CLIP_REID);
+
+    let straight = dir.path().join("straight");
+    let summary = train(&cfg, &options(&straight)).expect("clip-reid run");
+    assert!(summary.finished);
+    let csv = std::fs::read_to_string(straight.join("metrics.csv")).expect("csv");
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows.len(), 1 + 3 + 2, "{csv}");
+    assert!(
+        rows[1].starts_with("stage1,1,") && rows[4].starts_with("stage2,1,"),
+        "{csv}"
+    );
+    // The stage-1 contrastive loss falls as the prompts learn.
+    let header: Vec<&str> = rows[0].split(',').collect();
+    let loss_col = header.iter().position(|h| *h == "loss").expect("loss column");
+    let i2t_col = header.iter().position(|h| *h == "i2t").expect("i2t column");
+    let value = |row: &str, col: usize| -> f64 { row.split(',').nth(col).unwrap().parse().unwrap() };
+    assert!(value(rows[3], loss_col) < value(rows[1], loss_col), "{csv}");
+    // Stage 2 trains with the image-to-text cross-entropy.
+    assert!(value(rows[4], i2t_col) > 0.0, "{csv}");
+    let names: Vec<String> = weights(&straight).into_iter().map(|(n, _)| n).collect();
+    assert!(names.iter().any(|n| n == "prompt_learner.cls_ctx"), "{names:?}");
+
+    // Stopped after the first stage-2 epoch, resumed: the same weights.
+    let split = dir.path().join("split");
+    let stopped = train(
+        &cfg,
+        &RunOptions {
+            stop_after_epoch: Some(4),
+            ..options(&split)
+        },
+    )
+    .expect("stage 1 + one stage-2 epoch");
+    assert!(!stopped.finished);
+    train(
+        &cfg,
+        &RunOptions {
+            resume: true,
+            ..options(&split)
+        },
+    )
+    .expect("resume");
+    for ((na, ta), (_, tb)) in weights(&straight).iter().zip(&weights(&split)) {
+        let diff = (ta - tb).abs().max().double_value(&[]);
+        assert!(diff <= 1e-6, "{na} differs by {diff}");
+    }
+
+    // The serving checkpoint holds the image tower only.
+    let serving = dir.path().join("serving");
+    let best = handid_trainer::engine::state::resolve(&straight, "best").expect("best");
+    handid_trainer::export::export(&best, &serving, None).expect("export");
+    Embedder::load(&serving, tch::Device::Cpu).expect("loads");
+}

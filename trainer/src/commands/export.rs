@@ -3,9 +3,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use crate::engine::state;
 use crate::export::export;
+use anyhow::Context;
 
 /// Arguments of `export`.
 #[derive(Debug, clap::Args)]

@@ -3,9 +3,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use crate::config::{Method, TrainConfig};
 use crate::engine::{RunOptions, train};
+use anyhow::Context;
 
 /// Arguments of `train`.
 #[derive(Debug, clap::Args)]

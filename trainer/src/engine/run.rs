@@ -11,9 +11,9 @@ use anyhow::{Context, bail};
 use handid_eval::data::manifest::Manifest as SplitManifest;
 use handid_eval::metrics::Similarity;
 use handid_eval::metrics::rank::{ApKind, QueryScope, Ranking};
-use indicatif::{ProgressBar, ProgressStyle};
 use handid_model::Tokenizer;
 use handid_model::prompt::IdPromptLearner;
+use indicatif::{ProgressBar, ProgressStyle};
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use tch::{Device, Kind, Tensor, nn};
@@ -23,7 +23,7 @@ use super::state::{self, Best, EpochRow, Tensors, TrainState, ValMetrics};
 use crate::config::{LossConfig, Method, Stage1, Stage2, TrainConfig, TrainPrecision};
 use crate::data::{Augment, Item, Loader, PkSampler};
 use crate::losses::{self, CenterLoss, TripletMargin};
-use crate::net::{Forward, ReidNet};
+use crate::net::{Forward, ReidNet, seeded};
 
 /// How a run is driven (beyond its config).
 #[derive(Debug, Clone)]
@@ -138,30 +138,35 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> anyhow::Result<RunSu
         Method::ZeroShot => None,
         Method::Finetune(s) | Method::ClipReid { stage2: s, .. } => Some(&s.head),
     };
-    let net = ReidNet::new(&config.model, head, classes, config.seed, device)?;
+    // Every variable is drawn under one seed: the net, then the prompts.
+    let (net, prompt_learner) = seeded(config.seed, || -> anyhow::Result<_> {
+        let net = ReidNet::new(&config.model, head, classes, device)?;
+        // CLIP-ReID's per-person prompts live in the net's VarStore
+        // (`prompt_learner.cls_ctx`), so checkpoints hold them and a resumed
+        // stage 2 recomputes the same text features.
+        let prompt_learner = match &config.method {
+            Method::ClipReid { stage1, .. } => {
+                let tokenizer =
+                    Tokenizer::from_env().context("loading CLIP's BPE vocabulary (HANDID_BPE_VOCAB)")?;
+                let learner = IdPromptLearner::new(
+                    &(net.vs.root() / "prompt_learner"),
+                    &net.clip.text,
+                    &tokenizer,
+                    classes,
+                    stage1.n_ctx,
+                    &stage1.template,
+                )
+                .context("method.stage1.template")?;
+                let _ = learner.ctx().set_requires_grad(false);
+                Some(learner)
+            }
+            _ => None,
+        };
+        Ok((net, prompt_learner))
+    })?;
     if let Some(weights) = &config.model.clip_weights {
         net.load_clip_weights(weights)?;
     }
-    // CLIP-ReID's per-person prompts live in the net's VarStore
-    // (`prompt_learner.ctx`), so checkpoints hold them and a resumed stage 2
-    // recomputes the same text features.
-    let prompt_learner = match &config.method {
-        Method::ClipReid { stage1, .. } => {
-            let tokenizer = Tokenizer::from_env().context("loading CLIP's BPE vocabulary (HANDID_BPE_VOCAB)")?;
-            let learner = IdPromptLearner::new(
-                &(net.vs.root() / "prompt_learner"),
-                &net.clip.text,
-                &tokenizer,
-                classes,
-                stage1.n_ctx,
-                &stage1.template,
-            )
-            .context("method.stage1.template")?;
-            let _ = learner.ctx().set_requires_grad(false);
-            Some(learner)
-        }
-        _ => None,
-    };
 
     // Where to start: a fresh run or the latest checkpoint.
     let mut resumed: Option<(TrainState, Tensors)> = None;
@@ -253,21 +258,34 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> anyhow::Result<RunSu
                 let learner = prompt_learner.as_ref().context("the prompt learner")?;
                 ctx.stage1(&net, learner, stage1, resume_here, &mut history, &mut run_epoch)?
             }
-            ("stage2", Method::Finetune(s)) => ctx.stage2(&net, s, None, resume_here, &mut history, &mut run_epoch)?,
+            ("stage2", Method::Finetune(s)) => {
+                ctx.stage2(&net, s, None, resume_here, &mut history, &mut run_epoch)?
+            }
             ("stage2", Method::ClipReid { stage2, .. }) => {
                 // The frozen stage-1 text feature of every person, normalised.
                 let learner = prompt_learner.as_ref().context("the prompt learner")?;
                 let all = Tensor::arange(classes, (Kind::Int64, device));
                 let text = tch::no_grad(|| learner.text_features(&net.clip.text, &all))?;
                 let text = l2(&text.to_kind(Kind::Float));
-                ctx.stage2(&net, stage2, Some(&text), resume_here, &mut history, &mut run_epoch)?
+                ctx.stage2(
+                    &net,
+                    stage2,
+                    Some(&text),
+                    resume_here,
+                    &mut history,
+                    &mut run_epoch,
+                )?
             }
             _ => bail!("unknown phase {phase}"),
         };
         throughput.extend(outcome.throughput);
         checkpoint = outcome.checkpoint;
         best = outcome.best;
-        if !outcome.finished {
+        let more_phases = phase != last_phase;
+        let stop_here = options
+            .stop_after_epoch
+            .is_some_and(|stop| history.len() as u64 >= stop);
+        if !outcome.finished || (stop_here && more_phases) {
             return Ok(RunSummary {
                 epochs: history.len() as u64,
                 finished: false,
@@ -532,8 +550,14 @@ impl Ctx<'_> {
             for i in (1..n).rev() {
                 perm.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
             }
-            let batches: Vec<&[i64]> = perm.chunks(batch_size).filter(|c| c.len() == batch_size).collect();
-            let bar = self.progress(batches.len() as u64, format!("stage1 epoch {}/{}", epoch + 1, stage.epochs));
+            let batches: Vec<&[i64]> = perm
+                .chunks(batch_size)
+                .filter(|c| c.len() == batch_size)
+                .collect();
+            let bar = self.progress(
+                batches.len() as u64,
+                format!("stage1 epoch {}/{}", epoch + 1, stage.epochs),
+            );
             let mut sums: BTreeMap<&'static str, f64> = BTreeMap::new();
             for idx in &batches {
                 let idx = Tensor::from_slice(idx).to_device(self.device);
@@ -589,7 +613,12 @@ impl Ctx<'_> {
                 self.options.keep_checkpoints,
             )?;
             state::write_csv(&self.options.out.join("metrics.csv"), history)?;
-            if self.options.stop_after_epoch.is_some_and(|stop| *run_epoch >= stop) && epoch < stage.epochs {
+            if self
+                .options
+                .stop_after_epoch
+                .is_some_and(|stop| *run_epoch >= stop)
+                && epoch < stage.epochs
+            {
                 return Ok(PhaseOutcome {
                     finished: false,
                     best: None,
@@ -627,10 +656,11 @@ impl Ctx<'_> {
         let center_vs = nn::VarStore::new(self.device);
         let feature_dim =
             handid_model::ImageEncoder::feature_dim(&config.model.vision(), config.model.feature)?;
-        let center = losses
-            .center
-            .as_ref()
-            .map(|_| CenterLoss::new(center_vs.root(), self.data.persons.len() as i64, feature_dim));
+        let center = losses.center.as_ref().map(|_| {
+            seeded(self.config.seed.wrapping_add(1), || {
+                CenterLoss::new(center_vs.root(), self.data.persons.len() as i64, feature_dim)
+            })
+        });
         let mut center_optimizer = match &losses.center {
             Some(c) => Some(Optimizer::new(
                 OptimizerKind::Sgd {
@@ -845,7 +875,10 @@ pub fn loss_terms(
     }
     if let Some(t) = &losses.triplet {
         let margin = t.margin.map_or(TripletMargin::Soft, TripletMargin::Hard);
-        terms.push(("triplet", losses::batch_hard_triplet(&feature, labels, margin, t.normalize) * t.weight));
+        terms.push((
+            "triplet",
+            losses::batch_hard_triplet(&feature, labels, margin, t.normalize) * t.weight,
+        ));
     }
     if let (Some(c), Some(center)) = (&losses.center, center) {
         terms.push(("center", center.forward(&feature, labels) * c.weight));
@@ -853,7 +886,10 @@ pub fn loss_terms(
     if let Some(s) = &losses.sup_con {
         let w = s.weight_at(epoch);
         if w > 0.0 {
-            terms.push(("sup_con", losses::sup_con(&l2(&feature), labels, s.temperature) * w));
+            terms.push((
+                "sup_con",
+                losses::sup_con(&l2(&feature), labels, s.temperature) * w,
+            ));
         }
     }
     if let (Some(t), Some(text)) = (&losses.i2t, text_features) {
@@ -863,7 +899,10 @@ pub fn loss_terms(
         let scale = net.clip.logit_scale.exp().double_value(&[]);
         let logits = l2(&out.projected.to_kind(Kind::Float)).matmul(&text.tr()) * scale;
         let eps = losses.id.as_ref().map_or(0.0, |i| i.label_smoothing);
-        terms.push(("i2t", losses::cross_entropy_label_smooth(&logits, labels, eps) * t.weight));
+        terms.push((
+            "i2t",
+            losses::cross_entropy_label_smooth(&logits, labels, eps) * t.weight,
+        ));
     }
     anyhow::ensure!(!terms.is_empty(), "no loss term applies to this method");
     Ok(terms)
