@@ -14,7 +14,7 @@
 
 ALTER TABLE models
     ADD COLUMN last_loaded_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-    ADD COLUMN load_count     BIGINT NOT NULL DEFAULT 1,
+    ADD COLUMN load_count     BIGINT NOT NULL DEFAULT 0,
     ADD COLUMN role           TEXT NOT NULL DEFAULT 'active' CHECK (role IN ('active', 'staged', 'retired'));
 
 CREATE TABLE changes (

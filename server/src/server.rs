@@ -105,6 +105,7 @@ pub async fn run_with_reloads(
             manifest_json: serde_json::to_string(manifest)?,
         })
         .await?;
+    store.mark_model(&manifest.model_id, "active").await?;
     let pipeline = Pipeline {
         batch: settings.batch.clone(),
         decode: DecodeLimits {

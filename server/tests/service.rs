@@ -94,11 +94,14 @@ async fn round_trips_match_the_offline_computation(_: PgPoolOptions, options: Pg
     assert_eq!(active.embedding_dim, 16);
     assert_eq!(active.device, "cpu");
     assert_eq!(active.operating_points.len(), 3);
+    // An empty path reloads the active model's own folder: same model.
     let reload = admin
         .reload_model(pb::ReloadModelRequest::default())
         .await
-        .expect_err("later issue");
-    assert_eq!(reload.code(), Code::Unimplemented);
+        .expect("reload of the same folder")
+        .into_inner();
+    assert_eq!(reload.loaded.expect("loaded").model_id, model_id);
+    assert!(!reload.staged);
 
     // Gallery "site-a": six people, three photos each, enrolled in two calls
     // (2 + 1) to check templates accumulate. "site-b": two of them again.
