@@ -658,6 +658,9 @@ async fn shutdown_drains_in_flight_calls(_: PgPoolOptions, options: PgConnectOpt
     config.batch.max_wait_ms = 500;
     let server = TestServer::start(config).await;
     let mut client = server.client().await;
+    // Serving first: a call sent while the server still starts would sit in
+    // the listen backlog, not in the batcher, and be reset by the shutdown.
+    wait_for_health(&server, ServingStatus::Serving).await;
     let photo = people()[0].1[0].clone();
     let call = tokio::spawn(async move {
         client
