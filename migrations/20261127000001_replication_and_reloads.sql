@@ -29,7 +29,11 @@ CREATE TABLE changes (
 );
 CREATE INDEX changes_at ON changes (at);
 
--- Records the changes of one statement and announces them.
+-- Records the changes of one statement and announces them: one
+-- notification per change (gallery, subject, change number) for the usual
+-- small statement, one for the whole range of numbers when a bulk statement
+-- changed more than 100 subjects (a million notifications would only slow
+-- the load; replicas read the table either way).
 --
 -- Numbering must follow commit order, or a replica that has read change
 -- n + 1 (committed first) would never go back for n (committed later). The
@@ -41,19 +45,39 @@ CREATE FUNCTION handid_record_changes(new_kind TEXT, rows JSONB) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     c RECORD;
+    first_seq BIGINT;
+    last_seq BIGINT;
+    changed BIGINT;
 BEGIN
+    IF jsonb_array_length(rows) = 0 THEN
+        RETURN;
+    END IF;
     PERFORM pg_advisory_xact_lock(7460373270431950001);
-    FOR c IN
-        INSERT INTO changes (kind, gallery_id, subject_id)
-        SELECT DISTINCT new_kind, r->>'gallery_id', r->>'subject_id'
-        FROM jsonb_array_elements(rows) AS r
-        ORDER BY 2, 3
-        RETURNING seq, kind, gallery_id, subject_id
-    LOOP
+    IF jsonb_array_length(rows) <= 100 THEN
+        FOR c IN
+            INSERT INTO changes (kind, gallery_id, subject_id)
+            SELECT DISTINCT new_kind, r->>'gallery_id', r->>'subject_id'
+            FROM jsonb_array_elements(rows) AS r
+            ORDER BY 2, 3
+            RETURNING seq, kind, gallery_id, subject_id
+        LOOP
+            PERFORM pg_notify('handid_changes', json_build_object(
+                'seq', c.seq, 'kind', c.kind, 'gallery_id', c.gallery_id, 'subject_id', c.subject_id
+            )::text);
+        END LOOP;
+    ELSE
+        WITH inserted AS (
+            INSERT INTO changes (kind, gallery_id, subject_id)
+            SELECT DISTINCT new_kind, r->>'gallery_id', r->>'subject_id'
+            FROM jsonb_array_elements(rows) AS r
+            ORDER BY 2, 3
+            RETURNING seq
+        )
+        SELECT min(seq), max(seq), count(*) INTO first_seq, last_seq, changed FROM inserted;
         PERFORM pg_notify('handid_changes', json_build_object(
-            'seq', c.seq, 'kind', c.kind, 'gallery_id', c.gallery_id, 'subject_id', c.subject_id
+            'first_seq', first_seq, 'seq', last_seq, 'kind', new_kind, 'changes', changed
         )::text);
-    END LOOP;
+    END IF;
 END;
 $$;
 

@@ -185,6 +185,48 @@ async fn writes_on_one_replica_reach_the_other_and_missed_notifications_are_caug
     }
     assert_eq!(listening, 2, "the listeners reconnected");
 
+    // A bulk load by SQL (one statement, 150 subjects: one notification for
+    // the range of changes) reaches both replicas.
+    let model_id = handid_model::Manifest::read(dir.path()).expect("manifest").model_id;
+    sqlx::query(
+        "INSERT INTO subjects (gallery_id, subject_id) SELECT 'site', 'bulk-' || g FROM generate_series(1, 150) g",
+    )
+    .execute(&pool)
+    .await
+    .expect("bulk subjects");
+    sqlx::query(
+        "INSERT INTO templates (template_id, subject, gallery_id, model_id, dimension, embedding)
+         SELECT gen_random_uuid(), s.id, 'site', $1, 16,
+                (SELECT array_agg(random()::real - 0.5) FROM generate_series(1, 16) WHERE s.id > 0)
+         FROM subjects s WHERE s.subject_id LIKE 'bulk-%'",
+    )
+    .bind(&model_id)
+    .execute(&pool)
+    .await
+    .expect("bulk templates");
+    let started = Instant::now();
+    for client in [&mut on_a, &mut on_b] {
+        let mut size = 0;
+        while started.elapsed() < second {
+            size = client
+                .identify(pb::IdentifyRequest {
+                    gallery_id: "site".to_owned(),
+                    image: Some(pb::Image { data: s2.1[1].clone() }),
+                    top_k: 1,
+                    rule: None,
+                })
+                .await
+                .expect("identify")
+                .into_inner()
+                .gallery_size;
+            if size == 152 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(size, 152, "s2, s3 and the 150 bulk subjects");
+    }
+
     // A deleted gallery disappears from B too.
     on_a.delete_gallery(pb::DeleteGalleryRequest {
         gallery_id: "site".to_owned(),
