@@ -310,7 +310,12 @@ impl Engine {
 
     /// The active slot: a call takes it once and keeps it to the end.
     pub fn active(&self) -> Arc<Slot> {
-        Arc::clone(&self.active.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+        Arc::clone(
+            &self
+                .active
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 
     /// The staged slot, during a migration.
@@ -755,7 +760,8 @@ impl Engine {
     /// migration. A refused checkpoint changes nothing.
     pub async fn reload(&self, caller: &Caller, path: Option<PathBuf>, mode: ReloadMode) -> Result<Reloaded> {
         let result = self.reload_inner(path, mode).await;
-        self.audited(caller, "reload", None, result, |_| (None, None)).await
+        self.audited(caller, "reload", None, result, |_| (None, None))
+            .await
     }
 
     async fn reload_inner(&self, path: Option<PathBuf>, mode: ReloadMode) -> Result<Reloaded> {
@@ -773,7 +779,10 @@ impl Engine {
                 reason,
             })?;
         let embedder = Arc::new(embedder);
-        let staging = match (reload::compatible(active.model.embedder.manifest(), embedder.manifest()), mode) {
+        let staging = match (
+            reload::compatible(active.model.embedder.manifest(), embedder.manifest()),
+            mode,
+        ) {
             (Ok(()), _) => false,
             (Err(_), ReloadMode::StageMigration) => true,
             (Err(reason), ReloadMode::Swap) => {
@@ -822,9 +831,15 @@ impl Engine {
                 .map_err(|e| ServiceError::Internal(format!("loading the new model's indexes: {e}")))?;
         }
         if staging {
-            *self.staged.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::clone(&slot));
+            *self
+                .staged
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::clone(&slot));
         } else {
-            *self.active.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::clone(&slot);
+            *self
+                .active
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::clone(&slot);
         }
         if !shared {
             // Enrolments committed while the index loaded went to the old
@@ -851,7 +866,8 @@ impl Engine {
     /// refuses while any subject lacks a template of the staged model.
     pub async fn promote(&self, caller: &Caller, require_full_coverage: bool) -> Result<Promoted> {
         let result = self.promote_inner(require_full_coverage).await;
-        self.audited(caller, "promote", None, result, |_| (None, None)).await
+        self.audited(caller, "promote", None, result, |_| (None, None))
+            .await
     }
 
     async fn promote_inner(&self, require_full_coverage: bool) -> Result<Promoted> {
@@ -871,8 +887,14 @@ impl Engine {
             }
         }
         let previous = {
-            let mut active = self.active.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let mut slot = self.staged.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut active = self
+                .active
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut slot = self
+                .staged
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             *slot = None;
             std::mem::replace(&mut *active, Arc::clone(&staged))
         };
@@ -1030,9 +1052,8 @@ fn resolve(slot: &Slot, rule: Rule) -> Result<(f32, f64)> {
                 known.join(", ")
             ))
         }),
-        Rule::Default => {
-            find_operating_point(calibrated, DEFAULT_FMR).ok_or(ServiceError::NotCalibrated { fmr: DEFAULT_FMR })
-        }
+        Rule::Default => find_operating_point(calibrated, DEFAULT_FMR)
+            .ok_or(ServiceError::NotCalibrated { fmr: DEFAULT_FMR }),
     }
 }
 

@@ -57,7 +57,10 @@ pub fn self_test(embedder: &Embedder) -> Result<(), String> {
     }
     let values = Vec::<f32>::try_from(&out.get(0)).map_err(|e| format!("self-test embedding: {e}"))?;
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        return Err(format!("self-test embedding is not finite (value {i} is {})", values[i]));
+        return Err(format!(
+            "self-test embedding is not finite (value {i} is {})",
+            values[i]
+        ));
     }
     let norm = values.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
     if (norm - 1.0).abs() > NORM_TOLERANCE {
@@ -117,7 +120,10 @@ mod tests {
         assert!(refused.contains(&ma.embedding_space), "{refused}");
         mb.compatible_spaces = vec![ma.embedding_space.clone()];
         compatible(&ma, &mb).expect("declared compatible");
-        assert_eq!(spaces(&mb), [mb.embedding_space.clone(), ma.embedding_space.clone()]);
+        assert_eq!(
+            spaces(&mb),
+            [mb.embedding_space.clone(), ma.embedding_space.clone()]
+        );
         mb.embedding_dim += 1;
         let refused = compatible(&ma, &mb).expect_err("other width");
         assert!(refused.contains("dimensions"), "{refused}");

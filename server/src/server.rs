@@ -113,8 +113,8 @@ pub async fn run_with_reloads(
             max_pixels: settings.limits.max_pixels,
         },
     };
-    let batcher =
-        Batcher::start(Arc::clone(&embedder), &pipeline.batch, pipeline.decode).map_err(ServeError::Thread)?;
+    let batcher = Batcher::start(Arc::clone(&embedder), &pipeline.batch, pipeline.decode)
+        .map_err(ServeError::Thread)?;
     let model = ActiveModel {
         device: device_name(device),
         path: settings.model.path.clone(),
@@ -155,9 +155,14 @@ pub async fn run_with_reloads(
         tokio::spawn(async move {
             while reloads.recv().await.is_some() {
                 let caller = Caller("signal:SIGHUP".to_owned());
-                match engine.reload(&caller, None, crate::reload::ReloadMode::Swap).await {
+                match engine
+                    .reload(&caller, None, crate::reload::ReloadMode::Swap)
+                    .await
+                {
                     Ok(r) => tracing::info!(model_id = %r.loaded.embedder.model_id(), "SIGHUP reload done"),
-                    Err(e) => tracing::error!(reason = %e, "SIGHUP reload refused; the old model keeps serving"),
+                    Err(e) => {
+                        tracing::error!(reason = %e, "SIGHUP reload refused; the old model keeps serving")
+                    }
                 }
             }
         })

@@ -7,8 +7,8 @@ use handid_proto::v1::{self as pb, admin_server::Admin, decision_rule, hand_id_s
 use tonic::{Request, Response, Status};
 
 use crate::engine::{ActiveModel, Caller, Decision, Engine, Id, Rule};
-use crate::reload::ReloadMode;
 use crate::error::ServiceError;
+use crate::reload::ReloadMode;
 use crate::store::SubjectRecord;
 
 /// The `handid.v1.HandId` service.
@@ -315,9 +315,16 @@ impl Admin for AdminService {
         let mode = match pb::ReloadMode::try_from(r.mode) {
             Ok(pb::ReloadMode::Unspecified) => ReloadMode::Swap,
             Ok(pb::ReloadMode::StageMigration) => ReloadMode::StageMigration,
-            Err(_) => return Err(Status::invalid_argument(format!("mode {} is not a ReloadMode", r.mode))),
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "mode {} is not a ReloadMode",
+                    r.mode
+                )));
+            }
         };
-        let path = Some(r.path).filter(|p| !p.is_empty()).map(std::path::PathBuf::from);
+        let path = Some(r.path)
+            .filter(|p| !p.is_empty())
+            .map(std::path::PathBuf::from);
         let out = self.engine.reload(&caller, path, mode).await?;
         Ok(Response::new(pb::ReloadModelResponse {
             previous: Some(model_info(&out.previous)),

@@ -427,7 +427,10 @@ mod tests {
                 "limits.max_image_bytes",
             ),
             ("server:\n  listen: not-an-address\n", "server.listen"),
-            ("replication:\n  poll_interval_ms: 0\n", "replication.poll_interval_ms"),
+            (
+                "replication:\n  poll_interval_ms: 0\n",
+                "replication.poll_interval_ms",
+            ),
         ] {
             let err = Settings::from_yaml_and_env(yaml, env(&[])).expect_err(yaml);
             assert_eq!(key_of(err), key, "{yaml}");

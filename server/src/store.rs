@@ -338,7 +338,9 @@ impl Store {
         }
         let templates = insert_templates(&mut tx, subject, new, new.model_id, new.embeddings).await?;
         let staged_templates = match new.staged {
-            Some(staged) => insert_templates(&mut tx, subject, new, staged.model_id, staged.embeddings).await?,
+            Some(staged) => {
+                insert_templates(&mut tx, subject, new, staged.model_id, staged.embeddings).await?
+            }
             None => Vec::new(),
         };
         let template_count = count_templates(&mut tx, subject, new.model_id).await?;

@@ -133,10 +133,16 @@ async fn a_compatible_swap_under_load_fails_no_request_and_bad_checkpoints_are_r
         assert!(failures.is_empty(), "failed calls during the swap: {failures:?}");
         calls += seen.len();
         // Sequential calls of one client: once on B, never back on A.
-        let first_b = seen.iter().position(|m| *m == b.model_id).expect("answers switch to B");
+        let first_b = seen
+            .iter()
+            .position(|m| *m == b.model_id)
+            .expect("answers switch to B");
         assert!(first_b > 0, "the worker never saw A before the swap");
         assert!(seen[..first_b].iter().all(|m| *m == a.model_id));
-        assert!(seen[first_b..].iter().all(|m| *m == b.model_id), "an answer went back to A");
+        assert!(
+            seen[first_b..].iter().all(|m| *m == b.model_id),
+            "an answer went back to A"
+        );
     }
     println!("reload under load: {calls} Identify calls, 0 failed, swap took {swap_seconds:.2} s");
     // Templates enrolled under A are still found under B (same space).
@@ -162,7 +168,11 @@ async fn a_compatible_swap_under_load_fails_no_request_and_bad_checkpoints_are_r
         .await
         .expect_err("damaged weights");
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
-    assert!(refused.message().contains("model.safetensors"), "{}", refused.message());
+    assert!(
+        refused.message().contains("model.safetensors"),
+        "{}",
+        refused.message()
+    );
     assert!(refused.message().contains("hash"), "{}", refused.message());
 
     // A manifest whose shapes disagree with the weights (a wider projection).
@@ -181,11 +191,18 @@ async fn a_compatible_swap_under_load_fails_no_request_and_bad_checkpoints_are_r
 
     // No checkpoint at all.
     let refused = admin
-        .reload_model(reload(Path::new("/nonexistent/checkpoint"), pb::ReloadMode::Unspecified))
+        .reload_model(reload(
+            Path::new("/nonexistent/checkpoint"),
+            pb::ReloadMode::Unspecified,
+        ))
         .await
         .expect_err("missing folder");
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
-    assert!(refused.message().contains("/nonexistent/checkpoint"), "{}", refused.message());
+    assert!(
+        refused.message().contains("/nonexistent/checkpoint"),
+        "{}",
+        refused.message()
+    );
 
     // Another embedding space without staging: FAILED_PRECONDITION.
     let other = tempfile::tempdir().expect("other");
@@ -195,8 +212,16 @@ async fn a_compatible_swap_under_load_fails_no_request_and_bad_checkpoints_are_r
         .await
         .expect_err("incompatible");
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
-    assert!(refused.message().contains("embedding space"), "{}", refused.message());
-    assert!(refused.message().contains("RELOAD_MODE_STAGE_MIGRATION"), "{}", refused.message());
+    assert!(
+        refused.message().contains("embedding space"),
+        "{}",
+        refused.message()
+    );
+    assert!(
+        refused.message().contains("RELOAD_MODE_STAGE_MIGRATION"),
+        "{}",
+        refused.message()
+    );
 
     // Still B, still serving.
     assert_eq!(active_id(&mut admin).await, b.model_id);
@@ -351,7 +376,11 @@ async fn a_staged_migration_dual_enrols_reports_coverage_and_promotes(
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert!(refused.message().contains("g1 (1 of 3"), "{}", refused.message());
     assert!(refused.message().contains("g2 (0 of 1"), "{}", refused.message());
-    assert_eq!(active_id(&mut admin).await, a.model_id, "the refusal changed nothing");
+    assert_eq!(
+        active_id(&mut admin).await,
+        a.model_id,
+        "the refusal changed nothing"
+    );
 
     // Re-enrol the others; coverage becomes complete and promotion succeeds.
     for (gallery, (subject, photos)) in [("g1", s1), ("g1", s2), ("g2", s3)] {
@@ -407,7 +436,9 @@ async fn a_staged_migration_dual_enrols_reports_coverage_and_promotes(
         .verify(pb::VerifyRequest {
             gallery_id: "g2".to_owned(),
             subject_id: s3.0.clone(),
-            image: Some(pb::Image { data: s3.1[1].clone() }),
+            image: Some(pb::Image {
+                data: s3.1[1].clone(),
+            }),
             rule: None,
         })
         .await
@@ -509,7 +540,10 @@ async fn sighup_reloads_the_real_binary(_: PgPoolOptions, options: PgConnectOpti
                 .expect("audit");
         if rows.len() == 2 {
             assert_eq!(rows[0], ("signal:SIGHUP".to_owned(), "ok".to_owned()));
-            assert_eq!(rows[1], ("signal:SIGHUP".to_owned(), "INVALID_ARGUMENT".to_owned()));
+            assert_eq!(
+                rows[1],
+                ("signal:SIGHUP".to_owned(), "INVALID_ARGUMENT".to_owned())
+            );
             refused = true;
             break;
         }
@@ -517,7 +551,10 @@ async fn sighup_reloads_the_real_binary(_: PgPoolOptions, options: PgConnectOpti
     }
     assert!(refused, "the second SIGHUP left no audit row");
     assert_eq!(active_id(&mut admin).await, b.model_id);
-    assert!(child.try_wait().expect("child status").is_none(), "the server died");
+    assert!(
+        child.try_wait().expect("child status").is_none(),
+        "the server died"
+    );
 
     let status = std::process::Command::new("kill")
         .args(["-TERM", &pid])

@@ -35,7 +35,12 @@ async fn candidates(client: &mut HandIdClient<Channel>, gallery: &str, probe: &[
         })
         .await
     {
-        Ok(r) => r.into_inner().candidates.into_iter().map(|c| c.subject_id).collect(),
+        Ok(r) => r
+            .into_inner()
+            .candidates
+            .into_iter()
+            .map(|c| c.subject_id)
+            .collect(),
         Err(status) if status.code() == tonic::Code::NotFound => Vec::new(),
         Err(status) => panic!("identify failed: {status:?}"),
     }
@@ -53,7 +58,12 @@ async fn until(
 ) -> Option<Duration> {
     let started = Instant::now();
     while started.elapsed() < limit {
-        if candidates(client, gallery, probe).await.iter().any(|s| s == subject) == present {
+        if candidates(client, gallery, probe)
+            .await
+            .iter()
+            .any(|s| s == subject)
+            == present
+        {
             return Some(started.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -146,7 +156,10 @@ async fn writes_on_one_replica_reach_the_other_and_missed_notifications_are_caug
     let caught_up = until(&mut on_b, "site", &s3.1[1], &s3.0, true, Duration::from_secs(3))
         .await
         .expect("B never caught up with the unannounced change");
-    println!("replication: unannounced change applied on B after {} ms", caught_up.as_millis());
+    println!(
+        "replication: unannounced change applied on B after {} ms",
+        caught_up.as_millis()
+    );
 
     // Listener connections dropped (as when the database restarts them):
     // writes made meanwhile still reach B.
@@ -187,7 +200,9 @@ async fn writes_on_one_replica_reach_the_other_and_missed_notifications_are_caug
 
     // A bulk load by SQL (one statement, 150 subjects: one notification for
     // the range of changes) reaches both replicas.
-    let model_id = handid_model::Manifest::read(dir.path()).expect("manifest").model_id;
+    let model_id = handid_model::Manifest::read(dir.path())
+        .expect("manifest")
+        .model_id;
     sqlx::query(
         "INSERT INTO subjects (gallery_id, subject_id) SELECT 'site', 'bulk-' || g FROM generate_series(1, 150) g",
     )
@@ -211,7 +226,9 @@ async fn writes_on_one_replica_reach_the_other_and_missed_notifications_are_caug
             size = client
                 .identify(pb::IdentifyRequest {
                     gallery_id: "site".to_owned(),
-                    image: Some(pb::Image { data: s2.1[1].clone() }),
+                    image: Some(pb::Image {
+                        data: s2.1[1].clone(),
+                    }),
                     top_k: 1,
                     rule: None,
                 })
