@@ -923,6 +923,62 @@ mod tests {
     }
 
     #[sqlx::test(migrations = "../migrations")]
+    async fn a_migration_enrolment_stores_both_models_and_replays_the_active_ones(pool: PgPool) {
+        let store = store(pool.clone()).await;
+        store
+            .record_model(&ModelRecord {
+                model_id: "model-b".to_owned(),
+                embedding_space: "space-b".to_owned(),
+                architecture: "tiny".to_owned(),
+                embedding_dim: 3,
+                manifest_json: "{}".to_owned(),
+            })
+            .await
+            .expect("record model b");
+        let active = vec![vec![1.0, 0.0], vec![0.0, 1.0]];
+        let staged = vec![vec![1.0, 0.0, 0.0], vec![0.0, 0.0, 1.0]];
+        let mut new = enrollment("g", "s", &active, Some("k"));
+        new.staged = Some(StagedEmbeddings {
+            model_id: "model-b",
+            embeddings: &staged,
+        });
+        let first = store.enroll(&new).await.expect("dual enrolment");
+        assert_eq!((first.templates.len(), first.staged_templates.len()), (2, 2));
+        assert_eq!(first.template_count, 2, "counted for the active model");
+        let retry = store.enroll(&new).await.expect("replay");
+        assert!(retry.replayed);
+        assert_eq!(retry.templates, first.templates);
+        assert_eq!(retry.model_id, MODEL);
+        let coverage = store.coverage(&["space-b".to_owned()]).await.expect("coverage");
+        assert_eq!(
+            coverage,
+            [Coverage {
+                gallery_id: "g".to_owned(),
+                subjects: 1,
+                covered: 1
+            }]
+        );
+        // One change per subject and statement, numbered in order.
+        let changes = store.changes_after(0, 10).await.expect("changes");
+        assert_eq!(changes.len(), 4, "two template inserts per model: {changes:?}");
+        assert!(changes.windows(2).all(|w| w[0].seq < w[1].seq));
+        assert!(changes.iter().all(|c| c.subject_id.as_deref() == Some("s")));
+        assert_eq!(store.last_change().await.expect("last"), changes[3].seq);
+        store.delete_gallery("g").await.expect("delete");
+        let mut kinds: Vec<String> = store
+            .changes_after(changes[3].seq, 10)
+            .await
+            .expect("changes")
+            .into_iter()
+            .map(|c| c.kind)
+            .collect();
+        // The gallery's own row and its cascade to the subjects (in either
+        // order, applying both leaves the index empty).
+        kinds.sort();
+        assert_eq!(kinds, ["gallery", "subject"]);
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
     async fn concurrent_retries_store_once(pool: PgPool) {
         let store = store(pool).await;
         let one = vec![vec![0.6, 0.8]];
