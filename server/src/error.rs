@@ -136,6 +136,24 @@ pub enum ServiceError {
     /// The server is stopping.
     #[error("the server is shutting down; retry on another replica")]
     ShuttingDown,
+    /// A checkpoint that cannot serve: unreadable manifest, weights that do
+    /// not match it, a failed self-test.
+    #[error("checkpoint {path} refused: {reason}")]
+    BadCheckpoint {
+        /// The folder.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A checkpoint of another embedding space, loaded without staging it.
+    #[error("checkpoint refused: {0}")]
+    IncompatibleModel(String),
+    /// PromoteModel without a staged model.
+    #[error("no model is staged; stage one with ReloadModel (RELOAD_MODE_STAGE_MIGRATION) first")]
+    NothingStaged,
+    /// PromoteModel with full coverage required, and galleries lacking it.
+    #[error("the staged model does not cover every subject yet; galleries lacking coverage: {0}")]
+    CoverageIncomplete(String),
     /// Not in this version.
     #[error("{0} is not implemented yet")]
     Unimplemented(&'static str),
@@ -195,8 +213,12 @@ impl ServiceError {
             | ServiceError::BadRule(_)
             | ServiceError::BadPageToken
             | ServiceError::PageSize { .. }
-            | ServiceError::IdempotencyKeyTooLong { .. } => Code::InvalidArgument,
-            ServiceError::NotCalibrated { .. } => Code::FailedPrecondition,
+            | ServiceError::IdempotencyKeyTooLong { .. }
+            | ServiceError::BadCheckpoint { .. } => Code::InvalidArgument,
+            ServiceError::NotCalibrated { .. }
+            | ServiceError::IncompatibleModel(_)
+            | ServiceError::NothingStaged
+            | ServiceError::CoverageIncomplete(_) => Code::FailedPrecondition,
             ServiceError::IdempotencyKeyReused => Code::AlreadyExists,
             ServiceError::GalleryNotFound(_)
             | ServiceError::SubjectNotFound { .. }

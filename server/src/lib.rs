@@ -8,6 +8,9 @@
 //! - [`error`]: [`ServiceError`] and its one conversion to `tonic::Status`.
 //! - [`batcher`]: decoding off the runtime, dynamic batching of forward passes.
 //! - [`index`]: the in-memory gallery matrices that Identify searches.
+//! - [`reload`]: loading and checking a checkpoint for a hot reload.
+//! - [`replication`]: following the database's change feed, so several
+//!   replicas serve the same galleries.
 //! - [`store`]: PostgreSQL (sqlx): galleries, subjects, templates, audit log.
 //! - [`settings`]: the YAML settings with `HANDID__SECTION__KEY` overrides.
 //! - [`MIGRATOR`]: the migrations, embedded so the binary applies them at start.
@@ -16,13 +19,15 @@ pub mod batcher;
 pub mod engine;
 pub mod error;
 pub mod index;
+pub mod reload;
+pub mod replication;
 pub mod server;
 pub mod service;
 pub mod settings;
 pub mod store;
 
 pub use error::ServiceError;
-pub use server::{ServeError, run};
+pub use server::{ServeError, run, run_with_reloads};
 pub use settings::Settings;
 
 /// The SQL migrations of `migrations/`, embedded in the binary.

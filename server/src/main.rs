@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //! - `main.rs`: the command line: `serve` (the gRPC service until SIGTERM or
-//!   ctrl-c, then a graceful drain) and `migrate` (apply migrations, exit).
+//!   ctrl-c, then a graceful drain; SIGHUP hot-reloads the model's
+//!   checkpoint folder) and `migrate` (apply migrations, exit).
 
 use std::path::PathBuf;
 
@@ -57,7 +58,7 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(settings.server.listen)
                 .await
                 .with_context(|| format!("binding {}", settings.server.listen))?;
-            handid_server::run(listener, settings, shutdown_signal())
+            handid_server::run_with_reloads(listener, settings, shutdown_signal(), reload_signal()?)
                 .await
                 .context("serving")?;
         }
@@ -94,6 +95,21 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// One message per SIGHUP: reload the model's checkpoint folder.
+fn reload_signal() -> anyhow::Result<tokio::sync::mpsc::Receiver<()>> {
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("listening for SIGHUP")?;
+    let (reload, reloads) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP received: reloading the model");
+            // A reload already queued covers this signal too.
+            let _ = reload.try_send(());
+        }
+    });
+    Ok(reloads)
 }
 
 /// Completes on SIGTERM (what orchestrators send) or ctrl-c.

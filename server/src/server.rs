@@ -4,7 +4,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use handid_model::{DecodeLimits, Embedder};
+use handid_model::DecodeLimits;
 use handid_proto::v1::{admin_server::AdminServer, hand_id_server::HandIdServer};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -14,7 +14,7 @@ use tower::limit::GlobalConcurrencyLimitLayer;
 use tower::load_shed::LoadShedLayer;
 
 use crate::batcher::Batcher;
-use crate::engine::{ActiveModel, Engine, LoadError};
+use crate::engine::{ActiveModel, Caller, Engine, LoadError, Pipeline};
 use crate::index::{DEFAULT_CHUNK_ROWS, Indexes};
 use crate::service::{AdminService, HandIdService};
 use crate::settings::Settings;
@@ -68,6 +68,19 @@ pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let (_, never) = tokio::sync::mpsc::channel(1);
+    run_with_reloads(listener, settings, shutdown, never).await
+}
+
+/// [`run`], plus a hot reload of the active model's checkpoint folder for
+/// every message on `reloads` (what `serve` sends on SIGHUP). A refused
+/// checkpoint is logged with its reason and the old model keeps serving.
+pub async fn run_with_reloads(
+    listener: TcpListener,
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    mut reloads: tokio::sync::mpsc::Receiver<()>,
+) -> Result<(), ServeError> {
     settings.validate()?;
     let model_error = |source| ServeError::Model {
         path: settings.model.path.display().to_string(),
@@ -75,10 +88,11 @@ pub async fn run(
     };
     let device = handid_model::parse_device(&settings.model.device).map_err(model_error)?;
     let path = settings.model.path.clone();
-    // Loading reads and hashes the weights: blocking work.
-    let embedder = tokio::task::spawn_blocking(move || Embedder::load(&path, device))
+    // Loading reads and hashes the weights: blocking work. The same checks
+    // as a hot reload, self-test included.
+    let embedder = tokio::task::spawn_blocking(move || crate::reload::load_checked(&path, device))
         .await?
-        .map_err(model_error)?;
+        .map_err(|reason| model_error(handid_model::Error::InvalidInput(reason)))?;
     let embedder = Arc::new(embedder);
     let store = Store::connect(&settings.database).await?;
     let manifest = embedder.manifest();
@@ -91,15 +105,16 @@ pub async fn run(
             manifest_json: serde_json::to_string(manifest)?,
         })
         .await?;
-    let batcher = Batcher::start(
-        Arc::clone(&embedder),
-        &settings.batch,
-        DecodeLimits {
+    store.mark_model(&manifest.model_id, "active").await?;
+    let pipeline = Pipeline {
+        batch: settings.batch.clone(),
+        decode: DecodeLimits {
             max_bytes: settings.limits.max_image_bytes,
             max_pixels: settings.limits.max_pixels,
         },
-    )
-    .map_err(ServeError::Thread)?;
+    };
+    let batcher = Batcher::start(Arc::clone(&embedder), &pipeline.batch, pipeline.decode)
+        .map_err(ServeError::Thread)?;
     let model = ActiveModel {
         device: device_name(device),
         path: settings.model.path.clone(),
@@ -107,8 +122,17 @@ pub async fn run(
         embedder: Arc::clone(&embedder),
     };
     let indexes = Indexes::new(embedder.dim(), device, DEFAULT_CHUNK_ROWS);
-    let engine =
-        Arc::new(Engine::start(store.clone(), indexes, batcher, model, settings.limits.clone()).await?);
+    let engine = Arc::new(
+        Engine::start(
+            store.clone(),
+            indexes,
+            batcher,
+            model,
+            settings.limits.clone(),
+            pipeline,
+        )
+        .await?,
+    );
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
@@ -117,8 +141,32 @@ pub async fn run(
         store,
         health.clone(),
         Duration::from_millis(settings.server.health_check_interval_ms),
-        health_stopped,
+        health_stopped.clone(),
     ));
+    let follower = settings.replication.enabled.then(|| {
+        tokio::spawn(crate::replication::follow(
+            Arc::clone(&engine),
+            settings.replication.clone(),
+            health_stopped,
+        ))
+    });
+    let reloader = {
+        let engine = Arc::clone(&engine);
+        tokio::spawn(async move {
+            while reloads.recv().await.is_some() {
+                let caller = Caller("signal:SIGHUP".to_owned());
+                match engine
+                    .reload(&caller, None, crate::reload::ReloadMode::Swap)
+                    .await
+                {
+                    Ok(r) => tracing::info!(model_id = %r.loaded.embedder.model_id(), "SIGHUP reload done"),
+                    Err(e) => {
+                        tracing::error!(reason = %e, "SIGHUP reload refused; the old model keeps serving")
+                    }
+                }
+            }
+        })
+    };
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(handid_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -169,6 +217,10 @@ pub async fn run(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
         .await;
     health_task.abort();
+    reloader.abort();
+    if let Some(follower) = follower {
+        follower.abort();
+    }
     tracing::info!("server stopped");
     Ok(served?)
 }

@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 
 use crate::engine::{ActiveModel, Caller, Decision, Engine, Id, Rule};
 use crate::error::ServiceError;
+use crate::reload::ReloadMode;
 use crate::store::SubjectRecord;
 
 /// The `handid.v1.HandId` service.
@@ -177,7 +178,7 @@ impl HandId for HandIdService {
             decision: Some(decision(out.decision)),
             matched_subject_id,
             gallery_size: out.gallery_size,
-            model_id: self.engine.model_id().to_owned(),
+            model_id: out.model_id,
         }))
     }
 
@@ -196,21 +197,22 @@ impl HandId for HandIdService {
         Ok(Response::new(pb::VerifyResponse {
             score: out.score,
             decision: Some(decision(out.decision)),
-            model_id: self.engine.model_id().to_owned(),
+            model_id: out.model_id,
         }))
     }
 
     #[tracing::instrument(skip_all, fields(images = request.get_ref().images.len()))]
     async fn embed(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
         let images = request.into_inner().images.into_iter().map(|i| i.data).collect();
-        let embeddings = self.engine.embed(images).await?;
+        let out = self.engine.embed(images).await?;
         Ok(Response::new(pb::EmbedResponse {
-            dimension: u32::try_from(self.engine.model().embedder.dim()).unwrap_or(u32::MAX),
-            embeddings: embeddings
+            dimension: u32::try_from(out.dim).unwrap_or(u32::MAX),
+            embeddings: out
+                .embeddings
                 .into_iter()
                 .map(|values| pb::Embedding { values })
                 .collect(),
-            model_id: self.engine.model_id().to_owned(),
+            model_id: out.model_id,
         }))
     }
 
@@ -287,25 +289,60 @@ impl Admin for AdminService {
         &self,
         _: Request<pb::GetModelRequest>,
     ) -> Result<Response<pb::GetModelResponse>, Status> {
+        let report = self.engine.report().await?;
         Ok(Response::new(pb::GetModelResponse {
-            active: Some(model_info(self.engine.model())),
-            // Migrations (a staged second model) arrive with hot reload.
-            staged: None,
-            coverage: Vec::new(),
+            active: Some(model_info(&report.active)),
+            staged: report.staged.as_ref().map(model_info),
+            coverage: report
+                .coverage
+                .into_iter()
+                .map(|c| pb::GalleryCoverage {
+                    gallery_id: c.gallery_id,
+                    subjects: c.subjects,
+                    subjects_with_staged_templates: c.covered,
+                })
+                .collect(),
         }))
     }
 
+    #[tracing::instrument(skip_all, fields(path = %request.get_ref().path, mode = request.get_ref().mode))]
     async fn reload_model(
         &self,
-        _: Request<pb::ReloadModelRequest>,
+        request: Request<pb::ReloadModelRequest>,
     ) -> Result<Response<pb::ReloadModelResponse>, Status> {
-        Err(ServiceError::Unimplemented("ReloadModel (hot reload)").into())
+        let caller = caller(&request);
+        let r = request.into_inner();
+        let mode = match pb::ReloadMode::try_from(r.mode) {
+            Ok(pb::ReloadMode::Unspecified) => ReloadMode::Swap,
+            Ok(pb::ReloadMode::StageMigration) => ReloadMode::StageMigration,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "mode {} is not a ReloadMode",
+                    r.mode
+                )));
+            }
+        };
+        let path = Some(r.path)
+            .filter(|p| !p.is_empty())
+            .map(std::path::PathBuf::from);
+        let out = self.engine.reload(&caller, path, mode).await?;
+        Ok(Response::new(pb::ReloadModelResponse {
+            previous: Some(model_info(&out.previous)),
+            loaded: Some(model_info(&out.loaded)),
+            staged: out.staged,
+        }))
     }
 
     async fn promote_model(
         &self,
-        _: Request<pb::PromoteModelRequest>,
+        request: Request<pb::PromoteModelRequest>,
     ) -> Result<Response<pb::PromoteModelResponse>, Status> {
-        Err(ServiceError::Unimplemented("PromoteModel (model migration)").into())
+        let caller = caller(&request);
+        let r = request.into_inner();
+        let out = self.engine.promote(&caller, r.require_full_coverage).await?;
+        Ok(Response::new(pb::PromoteModelResponse {
+            active: Some(model_info(&out.active)),
+            previous: Some(model_info(&out.previous)),
+        }))
     }
 }

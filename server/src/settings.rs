@@ -55,6 +55,8 @@ pub struct Settings {
     pub batch: BatchSettings,
     /// Limits on what one request may ask for.
     pub limits: LimitSettings,
+    /// Following other replicas' writes to the same database.
+    pub replication: ReplicationSettings,
 }
 
 /// The gRPC listener and its middleware.
@@ -173,6 +175,29 @@ impl Default for LimitSettings {
     }
 }
 
+/// Several replicas on one database: each follows the others' enrolments
+/// and deletions through LISTEN/NOTIFY and a numbered change table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationSettings {
+    /// Follow the change feed (off only for a replica that is alone on its
+    /// database and wants to save the listener connection).
+    pub enabled: bool,
+    /// How often the change table is read even without a notification: the
+    /// bound on how late a change whose notification was lost (listener
+    /// connection dropped, database restarted) is applied.
+    pub poll_interval_ms: u64,
+}
+
+impl Default for ReplicationSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            poll_interval_ms: 5_000,
+        }
+    }
+}
+
 impl Settings {
     /// Reads `path` (when given), applies the `HANDID__*` variables of the
     /// process environment and validates the result.
@@ -268,6 +293,9 @@ impl Settings {
         }
         if s.limits.max_top_k == 0 {
             return bad("limits.max_top_k", "must be at least 1");
+        }
+        if s.replication.poll_interval_ms == 0 {
+            return bad("replication.poll_interval_ms", "must be at least 1");
         }
         Ok(())
     }
@@ -399,6 +427,10 @@ mod tests {
                 "limits.max_image_bytes",
             ),
             ("server:\n  listen: not-an-address\n", "server.listen"),
+            (
+                "replication:\n  poll_interval_ms: 0\n",
+                "replication.poll_interval_ms",
+            ),
         ] {
             let err = Settings::from_yaml_and_env(yaml, env(&[])).expect_err(yaml);
             assert_eq!(key_of(err), key, "{yaml}");

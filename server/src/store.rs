@@ -106,6 +106,19 @@ pub struct NewEnrollment<'a> {
     pub qualities: &'a [f32],
     /// Optional idempotency key.
     pub idempotency_key: Option<&'a str>,
+    /// During a model migration: the same images embedded by the staged
+    /// model, stored in the same transaction (after the active model's, so
+    /// a replay finds the active model's templates first).
+    pub staged: Option<StagedEmbeddings<'a>>,
+}
+
+/// The staged model's embeddings of an enrolment.
+#[derive(Debug, Clone, Copy)]
+pub struct StagedEmbeddings<'a> {
+    /// The staged model.
+    pub model_id: &'a str,
+    /// One embedding per image, in image order.
+    pub embeddings: &'a [Vec<f32>],
 }
 
 /// A template as created by an enrolment.
@@ -128,6 +141,9 @@ pub struct Enrolled {
     pub replayed: bool,
     /// The model of the stored templates (on a replay: the first call's).
     pub model_id: String,
+    /// Templates created for the staged model, in image order (empty
+    /// outside a migration and on a replay).
+    pub staged_templates: Vec<CreatedTemplate>,
 }
 
 /// Template metadata, never the vector.
@@ -174,6 +190,30 @@ pub struct Erased {
     pub subjects: u32,
     /// Templates deleted, all models.
     pub templates: u32,
+}
+
+/// One row of the `changes` table: what a replica must re-read.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Change {
+    /// Its number; changes are applied in this order.
+    pub seq: i64,
+    /// `subject` (re-read the subject's templates) or `gallery` (deleted).
+    pub kind: String,
+    /// The gallery.
+    pub gallery_id: String,
+    /// The subject, for `subject` changes.
+    pub subject_id: Option<String>,
+}
+
+/// A staged model's enrolment coverage of one gallery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Coverage {
+    /// The gallery.
+    pub gallery_id: String,
+    /// Its subjects.
+    pub subjects: u32,
+    /// Those with at least one template of the staged model's space.
+    pub covered: u32,
 }
 
 /// One audit-log row: who did what with which outcome. Deliberately has no
@@ -296,26 +336,13 @@ impl Store {
                     .ok_or_else(|| StoreError::Conflict("enrollments_pkey".to_owned()));
             }
         }
-        let mut templates = Vec::with_capacity(new.embeddings.len());
-        for (embedding, quality) in new.embeddings.iter().zip(new.qualities) {
-            let template_id = Uuid::new_v4();
-            let seq: i64 = sqlx::query_scalar(
-                "INSERT INTO templates
-                   (template_id, subject, gallery_id, model_id, dimension, embedding, quality, idempotency_key)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING seq",
-            )
-            .bind(template_id)
-            .bind(subject)
-            .bind(new.gallery_id)
-            .bind(new.model_id)
-            .bind(i32::try_from(embedding.len()).unwrap_or(i32::MAX))
-            .bind(embedding)
-            .bind(quality)
-            .bind(new.idempotency_key)
-            .fetch_one(&mut *tx)
-            .await?;
-            templates.push(CreatedTemplate { template_id, seq });
-        }
+        let templates = insert_templates(&mut tx, subject, new, new.model_id, new.embeddings).await?;
+        let staged_templates = match new.staged {
+            Some(staged) => {
+                insert_templates(&mut tx, subject, new, staged.model_id, staged.embeddings).await?
+            }
+            None => Vec::new(),
+        };
         let template_count = count_templates(&mut tx, subject, new.model_id).await?;
         tx.commit().await?;
         Ok(Enrolled {
@@ -323,6 +350,7 @@ impl Store {
             template_count,
             replayed: false,
             model_id: new.model_id.to_owned(),
+            staged_templates,
         })
     }
 
@@ -355,17 +383,21 @@ impl Store {
         .bind(key)
         .fetch_all(&mut *tx)
         .await?;
-        if gallery_id != gallery || subject_id != subject_id_wanted || rows.len() != images {
-            return Err(StoreError::IdempotencyKeyReused);
-        }
+        // During a migration one call stored templates of two models, the
+        // active model's first: the replay answers with those.
+        let first_model: Option<String> = rows.first().map(|r| r.try_get("model_id")).transpose()?;
         let mut templates = Vec::with_capacity(rows.len());
-        let mut model_id = String::new();
+        let model_id = first_model.unwrap_or_default();
         for row in rows {
-            templates.push(CreatedTemplate {
-                template_id: row.try_get("template_id")?,
-                seq: row.try_get("seq")?,
-            });
-            model_id = row.try_get("model_id")?;
+            if row.try_get::<String, _>("model_id")? == model_id {
+                templates.push(CreatedTemplate {
+                    template_id: row.try_get("template_id")?,
+                    seq: row.try_get("seq")?,
+                });
+            }
+        }
+        if gallery_id != gallery || subject_id != subject_id_wanted || templates.len() != images {
+            return Err(StoreError::IdempotencyKeyReused);
         }
         let template_count = count_templates(&mut tx, subject, &model_id).await?;
         tx.commit().await?;
@@ -374,6 +406,7 @@ impl Store {
             template_count,
             replayed: true,
             model_id,
+            staged_templates: Vec::new(),
         }))
     }
 
@@ -532,6 +565,116 @@ impl Store {
         .map_err(StoreError::from)
     }
 
+    /// The pool (the replication listener detaches a connection of it).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Every template of a model of `spaces` and width `dim`, by gallery
+    /// then enrolment order, as a stream: what one model's index holds.
+    pub fn templates_in_spaces<'a>(
+        &'a self,
+        spaces: &'a [String],
+        dim: usize,
+    ) -> impl Stream<Item = StoreResult<TemplateRow>> + Send + 'a {
+        sqlx::query_as::<_, TemplateRow>(
+            "SELECT t.gallery_id, s.subject_id, t.seq, t.embedding
+             FROM templates t JOIN subjects s ON s.id = t.subject JOIN models m ON m.model_id = t.model_id
+             WHERE m.embedding_space = ANY($1) AND t.dimension = $2 ORDER BY t.gallery_id, t.seq",
+        )
+        .bind(spaces)
+        .bind(i32::try_from(dim).unwrap_or(i32::MAX))
+        .fetch(&self.pool)
+        .map_err(StoreError::from)
+    }
+
+    /// One subject's templates of a model of `spaces` and width `dim`, in
+    /// enrolment order (none when the subject is gone).
+    pub async fn subject_templates_in_spaces(
+        &self,
+        gallery_id: &str,
+        subject_id: &str,
+        spaces: &[String],
+        dim: usize,
+    ) -> StoreResult<Vec<TemplateRow>> {
+        Ok(sqlx::query_as::<_, TemplateRow>(
+            "SELECT t.gallery_id, s.subject_id, t.seq, t.embedding
+             FROM templates t JOIN subjects s ON s.id = t.subject JOIN models m ON m.model_id = t.model_id
+             WHERE t.gallery_id = $1 AND s.subject_id = $2 AND m.embedding_space = ANY($3)
+               AND t.dimension = $4
+             ORDER BY t.seq",
+        )
+        .bind(gallery_id)
+        .bind(subject_id)
+        .bind(spaces)
+        .bind(i32::try_from(dim).unwrap_or(i32::MAX))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The number of the latest change (0 before the first).
+    pub async fn last_change(&self) -> StoreResult<i64> {
+        Ok(
+            sqlx::query_scalar::<_, Option<i64>>("SELECT max(seq) FROM changes")
+                .fetch_one(&self.pool)
+                .await?
+                .unwrap_or(0),
+        )
+    }
+
+    /// Up to `limit` changes numbered after `after`, in order.
+    pub async fn changes_after(&self, after: i64, limit: u32) -> StoreResult<Vec<Change>> {
+        Ok(sqlx::query_as::<_, Change>(
+            "SELECT seq, kind, gallery_id, subject_id FROM changes WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Per gallery: its subjects, and those with a template of a model of
+    /// `spaces` (a staged model's enrolment coverage).
+    pub async fn coverage(&self, spaces: &[String]) -> StoreResult<Vec<Coverage>> {
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT g.gallery_id, count(s.id),
+                    count(s.id) FILTER (WHERE EXISTS (
+                        SELECT 1 FROM templates t JOIN models m ON m.model_id = t.model_id
+                        WHERE t.subject = s.id AND m.embedding_space = ANY($1)))
+             FROM galleries g LEFT JOIN subjects s ON s.gallery_id = g.gallery_id
+             GROUP BY g.gallery_id ORDER BY g.gallery_id",
+        )
+        .bind(spaces)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(gallery_id, subjects, covered)| Coverage {
+                gallery_id,
+                subjects: to_u32(subjects),
+                covered: to_u32(covered),
+            })
+            .collect())
+    }
+
+    /// Records that `model_id` was (re)loaded into `role` (`active`,
+    /// `staged`) or retired: the `models` row keeps the count and the time
+    /// of the last load.
+    pub async fn mark_model(&self, model_id: &str, role: &str) -> StoreResult<()> {
+        let bump = i64::from(role != "retired");
+        sqlx::query(
+            "UPDATE models SET role = $2, load_count = load_count + $3,
+                    last_loaded_at = CASE WHEN $3 = 1 THEN now() ELSE last_loaded_at END
+             WHERE model_id = $1",
+        )
+        .bind(model_id)
+        .bind(role)
+        .bind(bump)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Appends one audit row.
     pub async fn audit(&self, entry: &AuditEntry<'_>) -> StoreResult<()> {
         sqlx::query(
@@ -549,6 +692,37 @@ impl Store {
         .await?;
         Ok(())
     }
+}
+
+/// Inserts one template per embedding of `model_id` for an enrolment.
+async fn insert_templates(
+    tx: &mut Transaction<'_, Postgres>,
+    subject: i64,
+    new: &NewEnrollment<'_>,
+    model_id: &str,
+    embeddings: &[Vec<f32>],
+) -> StoreResult<Vec<CreatedTemplate>> {
+    let mut templates = Vec::with_capacity(embeddings.len());
+    for (embedding, quality) in embeddings.iter().zip(new.qualities) {
+        let template_id = Uuid::new_v4();
+        let seq: i64 = sqlx::query_scalar(
+            "INSERT INTO templates
+               (template_id, subject, gallery_id, model_id, dimension, embedding, quality, idempotency_key)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING seq",
+        )
+        .bind(template_id)
+        .bind(subject)
+        .bind(new.gallery_id)
+        .bind(model_id)
+        .bind(i32::try_from(embedding.len()).unwrap_or(i32::MAX))
+        .bind(embedding)
+        .bind(quality)
+        .bind(new.idempotency_key)
+        .fetch_one(&mut **tx)
+        .await?;
+        templates.push(CreatedTemplate { template_id, seq });
+    }
+    Ok(templates)
 }
 
 async fn count_templates(
@@ -626,6 +800,7 @@ mod tests {
             embeddings,
             qualities: &[1.0, 1.0, 1.0, 1.0][..embeddings.len()],
             idempotency_key: key,
+            staged: None,
         }
     }
 
@@ -745,6 +920,62 @@ mod tests {
                 Err(StoreError::IdempotencyKeyReused)
             ));
         }
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn a_migration_enrolment_stores_both_models_and_replays_the_active_ones(pool: PgPool) {
+        let store = store(pool.clone()).await;
+        store
+            .record_model(&ModelRecord {
+                model_id: "model-b".to_owned(),
+                embedding_space: "space-b".to_owned(),
+                architecture: "tiny".to_owned(),
+                embedding_dim: 3,
+                manifest_json: "{}".to_owned(),
+            })
+            .await
+            .expect("record model b");
+        let active = vec![vec![1.0, 0.0], vec![0.0, 1.0]];
+        let staged = vec![vec![1.0, 0.0, 0.0], vec![0.0, 0.0, 1.0]];
+        let mut new = enrollment("g", "s", &active, Some("k"));
+        new.staged = Some(StagedEmbeddings {
+            model_id: "model-b",
+            embeddings: &staged,
+        });
+        let first = store.enroll(&new).await.expect("dual enrolment");
+        assert_eq!((first.templates.len(), first.staged_templates.len()), (2, 2));
+        assert_eq!(first.template_count, 2, "counted for the active model");
+        let retry = store.enroll(&new).await.expect("replay");
+        assert!(retry.replayed);
+        assert_eq!(retry.templates, first.templates);
+        assert_eq!(retry.model_id, MODEL);
+        let coverage = store.coverage(&["space-b".to_owned()]).await.expect("coverage");
+        assert_eq!(
+            coverage,
+            [Coverage {
+                gallery_id: "g".to_owned(),
+                subjects: 1,
+                covered: 1
+            }]
+        );
+        // One change per subject and statement, numbered in order.
+        let changes = store.changes_after(0, 10).await.expect("changes");
+        assert_eq!(changes.len(), 4, "two template inserts per model: {changes:?}");
+        assert!(changes.windows(2).all(|w| w[0].seq < w[1].seq));
+        assert!(changes.iter().all(|c| c.subject_id.as_deref() == Some("s")));
+        assert_eq!(store.last_change().await.expect("last"), changes[3].seq);
+        store.delete_gallery("g").await.expect("delete");
+        let mut kinds: Vec<String> = store
+            .changes_after(changes[3].seq, 10)
+            .await
+            .expect("changes")
+            .into_iter()
+            .map(|c| c.kind)
+            .collect();
+        // The gallery's own row and its cascade to the subjects (in either
+        // order, applying both leaves the index empty).
+        kinds.sort();
+        assert_eq!(kinds, ["gallery", "subject"]);
     }
 
     #[sqlx::test(migrations = "../migrations")]

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use handid_model::{ClipVisionConfig, Embedder, OperatingPoint, create_random_checkpoint};
+use handid_model::{ClipVisionConfig, Embedder, Manifest, OperatingPoint, create_random_checkpoint};
 use handid_proto::v1::hand_id_client::HandIdClient;
 use handid_server::Settings;
 use sqlx::postgres::PgConnectOptions;
@@ -59,8 +59,16 @@ pub fn logs() -> Vec<u8> {
 /// default FMR 1e-3 rule and target FMRs resolve.
 pub fn checkpoint() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
+    checkpoint_in(dir.path(), 11, None);
+    dir
+}
+
+/// Writes a tiny random checkpoint of `seed` into `dir` with the thresholds
+/// of [`checkpoint`]; its embedding space is its own model id, or `space`
+/// (a checkpoint declaring itself of another model's space).
+pub fn checkpoint_in(dir: &Path, seed: i64, space: Option<&str>) -> Manifest {
     let mut manifest =
-        create_random_checkpoint(dir.path(), &ClipVisionConfig::tiny_vit(), 11).expect("checkpoint");
+        create_random_checkpoint(dir, &ClipVisionConfig::tiny_vit(), seed).expect("checkpoint");
     manifest.thresholds = vec![
         OperatingPoint {
             fmr: 1e-2,
@@ -75,8 +83,11 @@ pub fn checkpoint() -> tempfile::TempDir {
             threshold: 0.95,
         },
     ];
-    manifest.write(dir.path()).expect("rewrite manifest");
-    dir
+    if let Some(space) = space {
+        manifest.embedding_space = space.to_owned();
+    }
+    manifest.write(dir).expect("rewrite manifest");
+    manifest
 }
 
 /// The URL of the test's own database.

@@ -1,0 +1,569 @@
+//! Model hot reload and staged migration, end to end on a real server and
+//! real Postgres: a compatible swap under concurrent Identify load, refused
+//! checkpoints (damaged weights, wrong shapes, another embedding space), a
+//! staged migration with dual enrolment, coverage and promotion, and SIGHUP
+//! on the real `handid-server` binary.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{TestServer, checkpoint_in, database_url, people, settings, wait_for_health};
+use handid_proto::v1 as pb;
+use handid_proto::v1::admin_client::AdminClient;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+async fn admin(server: &TestServer) -> AdminClient<Channel> {
+    AdminClient::connect(format!("http://{}", server.addr))
+        .await
+        .expect("admin client")
+}
+
+fn enroll(gallery: &str, subject: &str, images: &[Vec<u8>]) -> pb::EnrollRequest {
+    pb::EnrollRequest {
+        gallery_id: gallery.to_owned(),
+        subject_id: subject.to_owned(),
+        images: images.iter().map(|d| pb::Image { data: d.clone() }).collect(),
+        idempotency_key: String::new(),
+    }
+}
+
+fn identify(gallery: &str, probe: &[u8]) -> pb::IdentifyRequest {
+    pb::IdentifyRequest {
+        gallery_id: gallery.to_owned(),
+        image: Some(pb::Image { data: probe.to_vec() }),
+        top_k: 5,
+        rule: None,
+    }
+}
+
+fn reload(path: &Path, mode: pb::ReloadMode) -> pb::ReloadModelRequest {
+    pb::ReloadModelRequest {
+        path: path.display().to_string(),
+        mode: mode as i32,
+    }
+}
+
+async fn active_id(admin: &mut AdminClient<Channel>) -> String {
+    admin
+        .get_model(pb::GetModelRequest {})
+        .await
+        .expect("get model")
+        .into_inner()
+        .active
+        .expect("active")
+        .model_id
+}
+
+/// Copies a checkpoint folder (its two files).
+fn copy_checkpoint(from: &Path, to: &Path) {
+    for file in ["model.safetensors", "handid.yaml"] {
+        std::fs::copy(from.join(file), to.join(file)).expect("copy checkpoint file");
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_compatible_swap_under_load_fails_no_request_and_bad_checkpoints_are_refused(
+    _: PgPoolOptions,
+    options: PgConnectOptions,
+) {
+    let (a_dir, b_dir) = (tempfile::tempdir().expect("a"), tempfile::tempdir().expect("b"));
+    let a = checkpoint_in(a_dir.path(), 11, None);
+    // Retrained weights declared to be of A's embedding space.
+    let b = checkpoint_in(b_dir.path(), 12, Some(&a.embedding_space));
+    assert_ne!(a.model_id, b.model_id);
+    let server = TestServer::start(settings(&options, a_dir.path())).await;
+    let mut client = server.client().await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let mut admin = admin(&server).await;
+
+    let people = people(3, 2);
+    for (person, photos) in &people {
+        client
+            .enroll(enroll("site", person, &photos[..1]))
+            .await
+            .expect("enroll");
+    }
+
+    // Four clients call Identify in a loop while the model is swapped.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..4 {
+        let mut client = client.clone();
+        let stop = Arc::clone(&stop);
+        let probe = people[w % people.len()].1[1].clone();
+        workers.push(tokio::spawn(async move {
+            let mut seen: Vec<String> = Vec::new();
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match client.identify(identify("site", &probe)).await {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        assert_eq!(r.gallery_size, 3, "the swap kept every enrolled subject");
+                        seen.push(r.model_id);
+                    }
+                    Err(status) => failures.push(status),
+                }
+            }
+            (seen, failures)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let swapped = admin
+        .reload_model(reload(b_dir.path(), pb::ReloadMode::Unspecified))
+        .await
+        .expect("compatible reload")
+        .into_inner();
+    let swap_seconds = started.elapsed().as_secs_f32();
+    assert!(!swapped.staged);
+    assert_eq!(swapped.previous.expect("previous").model_id, a.model_id);
+    assert_eq!(swapped.loaded.expect("loaded").model_id, b.model_id);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut calls = 0;
+    for worker in workers {
+        let (seen, failures) = worker.await.expect("worker");
+        assert!(failures.is_empty(), "failed calls during the swap: {failures:?}");
+        calls += seen.len();
+        // Sequential calls of one client: once on B, never back on A.
+        let first_b = seen
+            .iter()
+            .position(|m| *m == b.model_id)
+            .expect("answers switch to B");
+        assert!(first_b > 0, "the worker never saw A before the swap");
+        assert!(seen[..first_b].iter().all(|m| *m == a.model_id));
+        assert!(
+            seen[first_b..].iter().all(|m| *m == b.model_id),
+            "an answer went back to A"
+        );
+    }
+    println!("reload under load: {calls} Identify calls, 0 failed, swap took {swap_seconds:.2} s");
+    // Templates enrolled under A are still found under B (same space).
+    let probe = people[0].1[0].clone();
+    let found = client
+        .identify(identify("site", &probe))
+        .await
+        .expect("identify")
+        .into_inner();
+    assert_eq!(found.model_id, b.model_id);
+    assert_eq!(found.candidates[0].subject_id, people[0].0);
+
+    // A damaged weights file: refused, naming the file; B keeps serving.
+    let damaged = tempfile::tempdir().expect("damaged");
+    copy_checkpoint(a_dir.path(), damaged.path());
+    let weights = damaged.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).expect("read weights");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x5a;
+    std::fs::write(&weights, bytes).expect("write weights");
+    let refused = admin
+        .reload_model(reload(damaged.path(), pb::ReloadMode::Unspecified))
+        .await
+        .expect_err("damaged weights");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("model.safetensors"),
+        "{}",
+        refused.message()
+    );
+    assert!(refused.message().contains("hash"), "{}", refused.message());
+
+    // A manifest whose shapes disagree with the weights (a wider projection).
+    let reshaped = tempfile::tempdir().expect("reshaped");
+    copy_checkpoint(a_dir.path(), reshaped.path());
+    let mut manifest = handid_model::Manifest::read(reshaped.path()).expect("manifest");
+    manifest.vision.output_dim = 24;
+    manifest.embedding_dim = 24;
+    manifest.write(reshaped.path()).expect("write manifest");
+    let refused = admin
+        .reload_model(reload(reshaped.path(), pb::ReloadMode::Unspecified))
+        .await
+        .expect_err("wrong shapes");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("shape"), "{}", refused.message());
+
+    // No checkpoint at all.
+    let refused = admin
+        .reload_model(reload(
+            Path::new("/nonexistent/checkpoint"),
+            pb::ReloadMode::Unspecified,
+        ))
+        .await
+        .expect_err("missing folder");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("/nonexistent/checkpoint"),
+        "{}",
+        refused.message()
+    );
+
+    // Another embedding space without staging: FAILED_PRECONDITION.
+    let other = tempfile::tempdir().expect("other");
+    checkpoint_in(other.path(), 13, None);
+    let refused = admin
+        .reload_model(reload(other.path(), pb::ReloadMode::Unspecified))
+        .await
+        .expect_err("incompatible");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("embedding space"),
+        "{}",
+        refused.message()
+    );
+    assert!(
+        refused.message().contains("RELOAD_MODE_STAGE_MIGRATION"),
+        "{}",
+        refused.message()
+    );
+
+    // Still B, still serving.
+    assert_eq!(active_id(&mut admin).await, b.model_id);
+    let after = client
+        .identify(identify("site", &probe))
+        .await
+        .expect("identify")
+        .into_inner();
+    assert_eq!(after.model_id, b.model_id);
+
+    // Recorded: the audit log has every reload with its outcome, the models
+    // table the loads.
+    let pool = PgPoolOptions::new()
+        .connect(&database_url(&options))
+        .await
+        .expect("pool");
+    let outcomes: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT outcome, model_id FROM audit_log WHERE action = 'reload' ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .expect("audit rows");
+    let codes: Vec<&str> = outcomes.iter().map(|(o, _)| o.as_str()).collect();
+    assert_eq!(
+        codes,
+        [
+            "ok",
+            "INVALID_ARGUMENT",
+            "INVALID_ARGUMENT",
+            "INVALID_ARGUMENT",
+            "FAILED_PRECONDITION"
+        ]
+    );
+    assert_eq!(outcomes[0].1.as_deref(), Some(b.model_id.as_str()));
+    let (role, loads): (String, i64) =
+        sqlx::query_as("SELECT role, load_count FROM models WHERE model_id = $1")
+            .bind(&b.model_id)
+            .fetch_one(&pool)
+            .await
+            .expect("models row of B");
+    assert_eq!((role.as_str(), loads), ("active", 1));
+    server.stop().await.expect("clean stop");
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_staged_migration_dual_enrols_reports_coverage_and_promotes(
+    _: PgPoolOptions,
+    options: PgConnectOptions,
+) {
+    let (a_dir, c_dir) = (tempfile::tempdir().expect("a"), tempfile::tempdir().expect("c"));
+    let a = checkpoint_in(a_dir.path(), 11, None);
+    let c = checkpoint_in(c_dir.path(), 13, None);
+    assert_ne!(a.embedding_space, c.embedding_space);
+    let server = TestServer::start(settings(&options, a_dir.path())).await;
+    let mut client = server.client().await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let mut admin = admin(&server).await;
+
+    let people = people(4, 2);
+    let (s1, s2, s3, s4) = (&people[0], &people[1], &people[2], &people[3]);
+    for (gallery, (subject, photos)) in [("g1", s1), ("g1", s2), ("g2", s3)] {
+        client
+            .enroll(enroll(gallery, subject, &photos[..1]))
+            .await
+            .expect("enroll under A");
+    }
+
+    // Promoting with nothing staged is refused.
+    let refused = admin
+        .promote_model(pb::PromoteModelRequest {
+            require_full_coverage: false,
+        })
+        .await
+        .expect_err("nothing staged");
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+
+    let staged = admin
+        .reload_model(reload(c_dir.path(), pb::ReloadMode::StageMigration))
+        .await
+        .expect("stage C")
+        .into_inner();
+    assert!(staged.staged);
+    assert_eq!(staged.loaded.expect("loaded").model_id, c.model_id);
+    let coverage = |report: &pb::GetModelResponse| -> Vec<(String, u32, u32)> {
+        report
+            .coverage
+            .iter()
+            .map(|c| (c.gallery_id.clone(), c.subjects, c.subjects_with_staged_templates))
+            .collect()
+    };
+    let report = admin
+        .get_model(pb::GetModelRequest {})
+        .await
+        .expect("get model")
+        .into_inner();
+    assert_eq!(report.active.as_ref().expect("active").model_id, a.model_id);
+    let staged_info = report.staged.as_ref().expect("staged");
+    assert_eq!(staged_info.model_id, c.model_id);
+    assert_eq!(staged_info.embedding_space, c.embedding_space);
+    assert_eq!(
+        coverage(&report),
+        [("g1".to_owned(), 2, 0), ("g2".to_owned(), 1, 0)]
+    );
+
+    // A new enrolment stores templates of both models in one call.
+    let enrolled = client
+        .enroll(enroll("g1", &s4.0, &s4.1[..1]))
+        .await
+        .expect("dual enrol")
+        .into_inner();
+    assert_eq!(enrolled.model_id, a.model_id);
+    let record = client
+        .get_subject(pb::GetSubjectRequest {
+            gallery_id: "g1".to_owned(),
+            subject_id: s4.0.clone(),
+        })
+        .await
+        .expect("get subject")
+        .into_inner()
+        .subject
+        .expect("subject");
+    let mut models: Vec<String> = record.templates.iter().map(|t| t.model_id.clone()).collect();
+    models.sort();
+    let mut want = vec![a.model_id.clone(), c.model_id.clone()];
+    want.sort();
+    assert_eq!(models, want, "one template per model");
+    let report = admin
+        .get_model(pb::GetModelRequest {})
+        .await
+        .expect("get model")
+        .into_inner();
+    assert_eq!(
+        coverage(&report),
+        [("g1".to_owned(), 3, 1), ("g2".to_owned(), 1, 0)]
+    );
+
+    // Identify keeps using the active model and its templates.
+    let found = client
+        .identify(identify("g1", &s4.1[0]))
+        .await
+        .expect("identify")
+        .into_inner();
+    assert_eq!(found.model_id, a.model_id);
+    assert_eq!(found.gallery_size, 3);
+
+    // Full coverage required and missing: refused, naming both galleries.
+    let refused = admin
+        .promote_model(pb::PromoteModelRequest {
+            require_full_coverage: true,
+        })
+        .await
+        .expect_err("coverage incomplete");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("g1 (1 of 3"), "{}", refused.message());
+    assert!(refused.message().contains("g2 (0 of 1"), "{}", refused.message());
+    assert_eq!(
+        active_id(&mut admin).await,
+        a.model_id,
+        "the refusal changed nothing"
+    );
+
+    // Re-enrol the others; coverage becomes complete and promotion succeeds.
+    for (gallery, (subject, photos)) in [("g1", s1), ("g1", s2), ("g2", s3)] {
+        client
+            .enroll(enroll(gallery, subject, &photos[1..2]))
+            .await
+            .expect("re-enrol");
+    }
+    let report = admin
+        .get_model(pb::GetModelRequest {})
+        .await
+        .expect("get model")
+        .into_inner();
+    assert_eq!(
+        coverage(&report),
+        [("g1".to_owned(), 3, 3), ("g2".to_owned(), 1, 1)]
+    );
+    let promoted = admin
+        .promote_model(pb::PromoteModelRequest {
+            require_full_coverage: true,
+        })
+        .await
+        .expect("promote")
+        .into_inner();
+    assert_eq!(promoted.active.expect("active").model_id, c.model_id);
+    assert_eq!(promoted.previous.expect("previous").model_id, a.model_id);
+
+    let report = admin
+        .get_model(pb::GetModelRequest {})
+        .await
+        .expect("get model")
+        .into_inner();
+    assert_eq!(report.active.expect("active").model_id, c.model_id);
+    assert!(report.staged.is_none() && report.coverage.is_empty());
+    // Identify now answers with C, over C's templates only.
+    let found = client
+        .identify(identify("g1", &s4.1[0]))
+        .await
+        .expect("identify")
+        .into_inner();
+    assert_eq!(found.model_id, c.model_id);
+    assert_eq!(found.gallery_size, 3);
+    assert_eq!(found.candidates[0].subject_id, s4.0);
+    assert!(found.candidates[0].score > 0.999, "{:?}", found.candidates[0]);
+    // s1 was re-enrolled with its second photo: that photo is its C template.
+    let found = client
+        .identify(identify("g1", &s1.1[1]))
+        .await
+        .expect("identify")
+        .into_inner();
+    assert_eq!(found.candidates[0].subject_id, s1.0);
+    let verified = client
+        .verify(pb::VerifyRequest {
+            gallery_id: "g2".to_owned(),
+            subject_id: s3.0.clone(),
+            image: Some(pb::Image {
+                data: s3.1[1].clone(),
+            }),
+            rule: None,
+        })
+        .await
+        .expect("verify")
+        .into_inner();
+    assert_eq!(verified.model_id, c.model_id);
+    assert!(verified.score > 0.999);
+    server.stop().await.expect("clean stop");
+}
+
+/// A free local port (bound, then released for the child to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+#[sqlx::test(migrations = false)]
+async fn sighup_reloads_the_real_binary(_: PgPoolOptions, options: PgConnectOptions) {
+    let serving = tempfile::tempdir().expect("serving folder");
+    let a = checkpoint_in(serving.path(), 11, None);
+    let next = tempfile::tempdir().expect("next");
+    let b = checkpoint_in(next.path(), 12, Some(&a.embedding_space));
+    let port = free_port();
+    let config = serving.path().join("server.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "server:\n  listen: 127.0.0.1:{port}\n  health_check_interval_ms: 200\n\
+             database:\n  url: {}\n  max_connections: 4\n\
+             model:\n  path: {}\n",
+            database_url(&options),
+            serving.path().display()
+        ),
+    )
+    .expect("settings file");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_handid-server"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn handid-server");
+    let pid = child.id().expect("pid").to_string();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut admin = None;
+    for _ in 0..300 {
+        if let Ok(client) = AdminClient::connect(url.clone()).await {
+            admin = Some(client);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut admin = admin.expect("the binary never accepted a connection");
+    assert_eq!(active_id(&mut admin).await, a.model_id);
+    let hup = || {
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .expect("kill -HUP");
+        assert!(status.success());
+    };
+    let wait_for = |want: String| {
+        let mut admin = admin.clone();
+        async move {
+            for _ in 0..100 {
+                if active_id(&mut admin).await == want {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            false
+        }
+    };
+
+    // The operator replaces the folder's checkpoint, then sends SIGHUP.
+    copy_checkpoint(next.path(), serving.path());
+    hup();
+    assert!(wait_for(b.model_id.clone()).await, "SIGHUP did not swap in B");
+
+    // A damaged checkpoint in the folder: SIGHUP is refused, B keeps serving.
+    let weights = serving.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).expect("read weights");
+    let end = bytes.len() - 1;
+    bytes[end] ^= 0xff;
+    std::fs::write(&weights, bytes).expect("write weights");
+    hup();
+    let pool = PgPoolOptions::new()
+        .connect(&database_url(&options))
+        .await
+        .expect("pool");
+    let mut refused = false;
+    for _ in 0..100 {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT actor, outcome FROM audit_log WHERE action = 'reload' ORDER BY id")
+                .fetch_all(&pool)
+                .await
+                .expect("audit");
+        if rows.len() == 2 {
+            assert_eq!(rows[0], ("signal:SIGHUP".to_owned(), "ok".to_owned()));
+            assert_eq!(
+                rows[1],
+                ("signal:SIGHUP".to_owned(), "INVALID_ARGUMENT".to_owned())
+            );
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refused, "the second SIGHUP left no audit row");
+    assert_eq!(active_id(&mut admin).await, b.model_id);
+    assert!(
+        child.try_wait().expect("child status").is_none(),
+        "the server died"
+    );
+
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill -TERM");
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("the server stopped on SIGTERM")
+        .expect("exit status");
+    assert!(exit.success(), "{exit:?}");
+}
