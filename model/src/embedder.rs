@@ -9,7 +9,8 @@ use tch::{Device, Kind, Tensor, nn};
 
 use crate::checkpoint::{Manifest, WEIGHTS_FILE, load_strict, read_safetensors, sha256_file};
 use crate::error::{Error, Result};
-use crate::visual::ImageEncoder;
+use crate::promptsg::PromptSgHead;
+use crate::visual::{Feature, ImageEncoder};
 
 /// The dtype the weights and activations use at inference.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +44,8 @@ impl Precision {
 pub struct Embedder {
     manifest: Manifest,
     encoder: Mutex<ImageEncoder>,
+    /// PromptSG's interaction module, for [`Feature::PromptSg`] checkpoints.
+    promptsg: Option<Mutex<PromptSgHead>>,
     device: Device,
     precision: Precision,
 }
@@ -68,6 +71,15 @@ impl Embedder {
         }
         let mut vs = nn::VarStore::new(device);
         let encoder = ImageEncoder::new(vs.root() / "visual", &manifest.vision)?;
+        let promptsg = match manifest.feature {
+            Feature::PromptSg { heads, blocks } => Some(Mutex::new(PromptSgHead::new(
+                vs.root() / "promptsg",
+                manifest.vision.output_dim,
+                heads,
+                blocks,
+            )?)),
+            _ => None,
+        };
         load_strict(&vs, read_safetensors(&weights_path)?)?;
         // The encoder holds shallow copies of the variables, so converting
         // the store in place converts the encoder too.
@@ -76,6 +88,7 @@ impl Embedder {
         Ok(Embedder {
             manifest,
             encoder: Mutex::new(encoder),
+            promptsg,
             device,
             precision,
         })
@@ -123,7 +136,15 @@ impl Embedder {
         let encoder = self.encoder.lock().unwrap_or_else(PoisonError::into_inner);
         let features = tch::no_grad(|| {
             let x = pixels.to_device(self.device).to_kind(self.precision.kind());
-            encoder.forward_feature(&x, self.manifest.feature)
+            match &self.promptsg {
+                Some(head) => {
+                    let (_, tokens) = encoder.forward_feature_and_tokens(&x, self.manifest.feature)?;
+                    head.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .forward(&tokens)
+                }
+                None => encoder.forward_feature(&x, self.manifest.feature),
+            }
         })?;
         // Normalise in f32: half-precision norms of 512 values lose digits.
         let features = features.to_kind(Kind::Float);

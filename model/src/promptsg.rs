@@ -268,3 +268,35 @@ impl InteractionModule {
         Ok(x.select(1, 0).apply(&self.ln_post))
     }
 }
+
+/// What serving needs of PromptSG: the interaction module and the cached
+/// feature of the simplified prompt, its query for every image. Variables
+/// under `p` (conventionally `root / "promptsg"`): `interaction.*` and
+/// `simplified_text` `[1, embed_dim]` (not trained).
+#[derive(Debug)]
+pub struct PromptSgHead {
+    /// The interaction module.
+    pub interaction: InteractionModule,
+    /// `[1, embed_dim]`: [`ComposedPrompt::simplified`] of the training text tower.
+    pub simplified_text: Tensor,
+}
+
+impl PromptSgHead {
+    /// Creates the variables under `p`.
+    pub fn new<'a>(p: impl Borrow<nn::Path<'a>>, embed_dim: i64, heads: i64, blocks: i64) -> Result<Self> {
+        let p = p.borrow();
+        Ok(Self {
+            interaction: InteractionModule::new(p / "interaction", embed_dim, heads, blocks)?,
+            simplified_text: p.zeros_no_train("simplified_text", &[1, embed_dim]),
+        })
+    }
+
+    /// Projected patch tokens `[B, N, D]` -> the language-guided feature `[B, D]`
+    /// with the simplified prompt as the query.
+    pub fn forward(&self, patch_tokens: &Tensor) -> Result<Tensor> {
+        let batch = patch_tokens.size().first().copied().unwrap_or(0);
+        let d = self.simplified_text.size()[1];
+        let query = self.simplified_text.expand([batch, d], false);
+        self.interaction.forward(&query, patch_tokens)
+    }
+}

@@ -19,6 +19,17 @@ pub enum Feature {
     /// The ViT's `ln_post(class token)` before the projection (CLIP-ReID's
     /// `img_feature`): `width` wide. ViT only.
     ClassToken,
+    /// PromptSG's language-guided feature (`output_dim` wide): the
+    /// interaction module over the projected patch tokens with the cached
+    /// simplified prompt as its query ([`crate::promptsg::PromptSgHead`]).
+    /// The checkpoint holds `promptsg.interaction.*` and
+    /// `promptsg.simplified_text` besides the image tower.
+    PromptSg {
+        /// Attention heads of the interaction module.
+        heads: i64,
+        /// Self-attention blocks of the interaction module.
+        blocks: i64,
+    },
 }
 
 /// `model.visual` of OpenAI CLIP `model.py`.
@@ -47,7 +58,7 @@ impl ImageEncoder {
     /// The width of `feature` for this config, or an error when the backbone lacks it.
     pub fn feature_dim(cfg: &ClipVisionConfig, feature: Feature) -> Result<i64> {
         match (feature, &cfg.backbone) {
-            (Feature::Projected, _) => Ok(cfg.output_dim),
+            (Feature::Projected | Feature::PromptSg { .. }, _) => Ok(cfg.output_dim),
             (Feature::ClassToken, Backbone::Vit { .. }) => Ok(cfg.width),
             (Feature::ClassToken, Backbone::ModifiedResnet { .. }) => Err(Error::InvalidInput(format!(
                 "a modified ResNet ({}) has no class token feature",
@@ -68,12 +79,12 @@ impl ImageEncoder {
                 let out = vit.forward(pixels)?;
                 let tokens = vit.project_tokens(&out.tokens);
                 Ok(match feature {
-                    Feature::Projected => (out.pooled, tokens),
+                    Feature::Projected | Feature::PromptSg { .. } => (out.pooled, tokens),
                     Feature::ClassToken => (out.cls, tokens),
                 })
             }
             ImageEncoder::ModifiedResnet(resnet) => match feature {
-                Feature::Projected => {
+                Feature::Projected | Feature::PromptSg { .. } => {
                     let (pooled, tokens) = resnet.forward_pooled_and_tokens(pixels)?;
                     Ok((pooled, resnet.project_tokens(&tokens)))
                 }
@@ -84,18 +95,27 @@ impl ImageEncoder {
         }
     }
 
-    /// `[batch, 3, H, W]` -> `[batch, dim]`, the chosen feature (not normalised).
+    /// `[batch, 3, H, W]` -> `[batch, dim]`, the chosen feature (not
+    /// normalised). [`Feature::PromptSg`] needs the interaction module too:
+    /// [`crate::promptsg::PromptSgHead::forward`] over
+    /// [`ImageEncoder::forward_feature_and_tokens`].
     pub fn forward_feature(&self, pixels: &Tensor, feature: Feature) -> Result<Tensor> {
+        if let Feature::PromptSg { .. } = feature {
+            return Err(Error::InvalidInput(
+                "the PromptSG feature needs the interaction module (PromptSgHead), not the image tower alone"
+                    .to_owned(),
+            ));
+        }
         match self {
             ImageEncoder::Vit(vit) => {
                 let out = vit.forward(pixels)?;
                 Ok(match feature {
-                    Feature::Projected => out.pooled,
                     Feature::ClassToken => out.cls,
+                    Feature::Projected | Feature::PromptSg { .. } => out.pooled,
                 })
             }
             ImageEncoder::ModifiedResnet(resnet) => match feature {
-                Feature::Projected => resnet.forward(pixels),
+                Feature::Projected | Feature::PromptSg { .. } => resnet.forward(pixels),
                 Feature::ClassToken => Err(Error::InvalidInput(
                     "a modified ResNet has no class token feature".to_owned(),
                 )),

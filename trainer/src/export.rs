@@ -54,14 +54,20 @@ pub fn export(checkpoint: &Path, out: &Path, data_root: Option<&Path>) -> anyhow
     let TrainState { config, persons, .. } = &train_state;
     let head = match &config.method {
         Method::ZeroShot => None,
-        Method::Finetune(s) | Method::ClipReid { stage2: s, .. } => Some(&s.head),
+        Method::Finetune(s) | Method::ClipReid { stage2: s, .. } | Method::PromptSg { train: s, .. } => {
+            Some(&s.head)
+        }
     };
     // Every weight is overwritten from the checkpoint; the seed only makes
     // the (discarded) initialisation reproducible.
-    let net = seeded(config.seed, || {
-        ReidNet::new(&config.model, head, persons.len() as i64, Device::Cpu)
+    let net = seeded(config.seed, || -> anyhow::Result<ReidNet> {
+        let mut net = ReidNet::new(&config.model, head, persons.len() as i64, Device::Cpu)?;
+        if let Method::PromptSg { prompt, .. } = &config.method {
+            net.add_promptsg(prompt, &handid_model::Tokenizer::from_env()?)?;
+        }
+        Ok(net)
     })?;
-    // Prompt-learning variables are not part of the ReID net; keep what it has.
+    // CLIP-ReID's prompt learner is not needed to serve; keep what the net has.
     let names: std::collections::BTreeSet<String> = net.vs.variables().into_keys().collect();
     let model: Vec<_> = tensors
         .model
@@ -93,9 +99,9 @@ pub fn export(checkpoint: &Path, out: &Path, data_root: Option<&Path>) -> anyhow
         training_config: Some(serde_yaml::to_value(config)?),
         metrics,
     };
-    let mut manifest = Manifest::new(config.model.vision(), config.model.feature, provenance)?;
+    let mut manifest = Manifest::new(config.model.vision(), net.serving_feature(), provenance)?;
     manifest.preprocess = config.model.preprocess();
-    let manifest = write_checkpoint(out, &net.visual_weights(), manifest)
+    let manifest = write_checkpoint(out, &net.serving_weights(), manifest)
         .with_context(|| format!("writing the serving checkpoint {}", out.display()))?;
     let (pairs, calibrated) = calibrate(config, out, data_root)?;
     let mut manifest = manifest;

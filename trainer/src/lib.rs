@@ -11,6 +11,9 @@
 //! - [`losses`]: one loss per file, each citing its paper.
 //! - [`export`]: training checkpoint -> serving checkpoint with calibrated thresholds.
 
+// Unit tests may unwrap: a panic there is a test failure with a location.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod commands;
 pub mod config;
 pub mod data;

@@ -10,10 +10,11 @@ use std::path::Path;
 
 use anyhow::Context;
 use handid_model::heads::{ArcFace, BnNeck, LinearClassifier};
-use handid_model::{Clip, ClipConfig, Feature, ImageEncoder};
-use tch::{Device, Tensor, nn};
+use handid_model::promptsg::{ComposedPrompt, InversionNetwork, PromptSgHead};
+use handid_model::{Clip, ClipConfig, Feature, ImageEncoder, Tokenizer};
+use tch::{Device, Kind, Tensor, nn};
 
-use crate::config::{Classifier, HeadConfig, ModelConfig, OptimConfig};
+use crate::config::{Classifier, HeadConfig, ModelConfig, OptimConfig, PromptSgConfig, PromptSgInference};
 use crate::engine::ParamGroup;
 
 /// Runs `init` with libtorch's global generator seeded by `seed`, holding a
@@ -32,6 +33,22 @@ pub fn seeded<T>(seed: u64, init: impl FnOnce() -> T) -> T {
 pub const HEAD: &str = "head.";
 /// Prefix of the image tower's variables.
 pub const VISUAL: &str = "visual.";
+/// Prefix of PromptSG's variables.
+pub const PROMPTSG: &str = "promptsg.";
+
+/// PromptSG's modules (Yang et al., CVPR 2024) and its composed prompt.
+#[derive(Debug)]
+pub struct PromptSgModules {
+    /// Image feature -> pseudo-word (`promptsg.inversion.*`).
+    pub inversion: InversionNetwork,
+    /// "A photo of a {} dorsal right hand", tokenised.
+    pub composed: ComposedPrompt,
+    /// Interaction module and cached simplified prompt (`promptsg.interaction.*`,
+    /// `promptsg.simplified_text`): what serving loads.
+    pub head: PromptSgHead,
+    /// The configuration.
+    pub config: PromptSgConfig,
+}
 
 /// The identity classifier.
 #[derive(Debug)]
@@ -51,6 +68,8 @@ pub struct Forward {
     pub projected: Tensor,
     /// Classifier logits, when the net has a classifier.
     pub logits: Option<Tensor>,
+    /// PromptSG: the composed prompt's text feature of each image.
+    pub text: Option<Tensor>,
 }
 
 /// CLIP + re-id head.
@@ -66,6 +85,8 @@ pub struct ReidNet {
     pub classifier: Option<ClassifierHead>,
     /// Which image-tower output is the embedding.
     pub feature: Feature,
+    /// PromptSG's modules, when the method is PromptSG.
+    pub promptsg: Option<PromptSgModules>,
 }
 
 impl ReidNet {
@@ -110,7 +131,54 @@ impl ReidNet {
             neck,
             classifier,
             feature: model.feature,
+            promptsg: None,
         })
+    }
+
+    /// Adds PromptSG's modules under `promptsg.` (call inside [`seeded`]).
+    pub fn add_promptsg(&mut self, config: &PromptSgConfig, tokenizer: &Tokenizer) -> anyhow::Result<()> {
+        let root = self.vs.root() / "promptsg";
+        let dim = self.clip.text.output_dim();
+        let composed = ComposedPrompt::new(
+            tokenizer,
+            &config.template,
+            &config.aspect,
+            self.clip.text.context_length(),
+        )
+        .context("method.prompt.template")?;
+        self.promptsg = Some(PromptSgModules {
+            inversion: InversionNetwork::new(&root / "inversion", dim, self.clip.text.width()),
+            composed,
+            head: PromptSgHead::new(&root, dim, config.heads, config.blocks)?,
+            config: config.clone(),
+        });
+        Ok(())
+    }
+
+    /// Computes the simplified prompt's feature with the (frozen) text tower
+    /// and stores it in `promptsg.simplified_text` (after loading weights).
+    pub fn refresh_simplified_text(&self) -> anyhow::Result<()> {
+        if let Some(sg) = &self.promptsg {
+            let text = sg.composed.simplified(&self.clip.text)?;
+            tch::no_grad(|| {
+                sg.head
+                    .simplified_text
+                    .shallow_clone()
+                    .copy_(&text.to_kind(Kind::Float))
+            });
+        }
+        Ok(())
+    }
+
+    /// The feature a serving checkpoint of this net declares.
+    pub fn serving_feature(&self) -> Feature {
+        match &self.promptsg {
+            Some(sg) if sg.config.inference == PromptSgInference::Fused => Feature::PromptSg {
+                heads: sg.config.heads,
+                blocks: sg.config.blocks,
+            },
+            _ => self.feature,
+        }
     }
 
     /// Copies CLIP weights (any format `handid_model::import` reads) into
@@ -157,6 +225,24 @@ impl ReidNet {
     /// Image features for the losses; `train` picks BNNeck batch statistics
     /// and ArcFace margin logits (which need `labels`).
     pub fn forward(&self, pixels: &Tensor, labels: Option<&Tensor>, train: bool) -> anyhow::Result<Forward> {
+        if let Some(sg) = &self.promptsg {
+            // PromptSG: image -> pseudo-word -> composed prompt through the
+            // text tower -> its feature queries the patch tokens.
+            let (projected, tokens) = self
+                .clip
+                .visual
+                .forward_feature_and_tokens(pixels, Feature::Projected)?;
+            let pseudo = sg.inversion.forward_t(&projected, train);
+            let text = sg.composed.forward(&self.clip.text, &pseudo)?;
+            let fused = sg.head.interaction.forward(&text, &tokens)?;
+            let logits = self.classify(&fused, labels, train);
+            return Ok(Forward {
+                feature: fused,
+                projected,
+                logits,
+                text: Some(text),
+            });
+        }
         let (projected, class_token) = match &self.clip.visual {
             ImageEncoder::Vit(vit) => {
                 let out = vit.forward(pixels)?;
@@ -165,31 +251,48 @@ impl ReidNet {
             ImageEncoder::ModifiedResnet(resnet) => (resnet.forward(pixels)?, None),
         };
         let feature = match (self.feature, class_token) {
-            (Feature::Projected, _) => projected.shallow_clone(),
+            (Feature::Projected | Feature::PromptSg { .. }, _) => projected.shallow_clone(),
             (Feature::ClassToken, Some(cls)) => cls,
             (Feature::ClassToken, None) => anyhow::bail!("a ResNet has no class token feature"),
         };
-        let necked = match &self.neck {
-            Some(neck) => neck.forward_t(&feature, train),
-            None => feature.shallow_clone(),
-        };
-        let logits = match (&self.classifier, labels) {
-            (None, _) => None,
-            (Some(ClassifierHead::Linear(c)), _) => Some(c.forward(&necked)),
-            (Some(ClassifierHead::ArcFace(a)), Some(labels)) if train => Some(a.forward(&necked, labels)),
-            (Some(ClassifierHead::ArcFace(a)), _) => Some(a.cosine(&necked)),
-        };
+        let logits = self.classify(&feature, labels, train);
         Ok(Forward {
             feature,
             projected,
             logits,
+            text: None,
         })
+    }
+
+    /// BNNeck then classifier.
+    fn classify(&self, feature: &Tensor, labels: Option<&Tensor>, train: bool) -> Option<Tensor> {
+        let necked = match &self.neck {
+            Some(neck) => neck.forward_t(feature, train),
+            None => feature.shallow_clone(),
+        };
+        match (&self.classifier, labels) {
+            (None, _) => None,
+            (Some(ClassifierHead::Linear(c)), _) => Some(c.forward(&necked)),
+            (Some(ClassifierHead::ArcFace(a)), Some(labels)) if train => Some(a.forward(&necked, labels)),
+            (Some(ClassifierHead::ArcFace(a)), _) => Some(a.cosine(&necked)),
+        }
     }
 
     /// L2-normalised embeddings in inference mode: what the exported
     /// checkpoint serves.
     pub fn embed(&self, pixels: &Tensor) -> anyhow::Result<Tensor> {
-        let out = tch::no_grad(|| self.clip.visual.forward_feature(pixels, self.feature))?;
+        let out = tch::no_grad(|| -> anyhow::Result<Tensor> {
+            match (&self.promptsg, self.serving_feature()) {
+                (Some(sg), Feature::PromptSg { .. }) => {
+                    let (_, tokens) = self
+                        .clip
+                        .visual
+                        .forward_feature_and_tokens(pixels, Feature::Projected)?;
+                    Ok(sg.head.forward(&tokens)?)
+                }
+                (_, feature) => Ok(self.clip.visual.forward_feature(pixels, feature)?),
+            }
+        })?;
         Ok(&out / out.norm_scalaropt_dim(2.0, [1], true).clamp_min(1e-12))
     }
 
@@ -227,7 +330,7 @@ impl ReidNet {
                     }
                 }
             } else {
-                name.starts_with(HEAD)
+                name.starts_with(HEAD) || name.starts_with(PROMPTSG)
             };
             let _ = var.set_requires_grad(train);
         }
@@ -251,7 +354,7 @@ impl ReidNet {
             if !var.requires_grad() {
                 continue;
             }
-            if name.starts_with(HEAD) {
+            if name.starts_with(HEAD) || name.starts_with(PROMPTSG) {
                 head.push((name, var));
             } else {
                 backbone.push((name, var));
@@ -273,13 +376,19 @@ impl ReidNet {
         ]
     }
 
-    /// The image tower's variables, sorted: the serving checkpoint's weights.
-    pub fn visual_weights(&self) -> Vec<(String, Tensor)> {
+    /// The serving checkpoint's weights, sorted: the image tower, and for a
+    /// fused PromptSG feature the interaction module and the simplified prompt.
+    pub fn serving_weights(&self) -> Vec<(String, Tensor)> {
+        let fused = matches!(self.serving_feature(), Feature::PromptSg { .. });
         let mut vars: Vec<(String, Tensor)> = self
             .vs
             .variables()
             .into_iter()
-            .filter(|(name, _)| name.starts_with(VISUAL))
+            .filter(|(name, _)| {
+                name.starts_with(VISUAL)
+                    || (fused
+                        && (name.starts_with("promptsg.interaction.") || name == "promptsg.simplified_text"))
+            })
             .collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         vars
@@ -288,7 +397,10 @@ impl ReidNet {
 
 /// BatchNorm statistics and the BNNeck's frozen bias are not trained.
 fn is_buffer(name: &str) -> bool {
-    name.ends_with("running_mean") || name.ends_with("running_var") || name.ends_with("bottleneck.bias")
+    name.ends_with("running_mean")
+        || name.ends_with("running_var")
+        || name.ends_with("bottleneck.bias")
+        || name.ends_with("simplified_text")
 }
 
 /// The block a `visual.` variable belongs to, in forward order: ViT

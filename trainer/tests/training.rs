@@ -4,6 +4,9 @@
 //! a serving checkpoint with calibrated thresholds that the server's
 //! `Embedder` loads.
 
+// A panic in a test is a failure with a location.
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 
 use handid_eval::data::synthetic::{self, Layout, SynthOptions};
@@ -57,6 +60,14 @@ method:
   optim: {lr: 0.001, schedule: {kind: cosine, warmup_steps: 1, warmup_factor: 0.1, total_steps: EPOCHS, min_factor: 0.01}, clip_grad_norm: 5.0}
 ";
 
+/// libtorch's CPU kernels split reductions by the OpenMP team they get, and
+/// concurrent callers may get teams of different sizes: the tests here train
+/// one at a time so that exact-resume comparisons see one summation order.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn options(out: &Path) -> RunOptions {
     RunOptions {
         out: out.to_owned(),
@@ -76,6 +87,7 @@ fn weights(run: &Path) -> Vec<(String, Tensor)> {
 
 #[test]
 fn finetuning_beats_the_untrained_weights_and_exports() {
+    let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let manifest = dataset(dir.path());
 
@@ -124,6 +136,7 @@ fn finetuning_beats_the_untrained_weights_and_exports() {
 
 #[test]
 fn stop_and_resume_ends_with_the_same_weights() {
+    let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let manifest = dataset(dir.path());
     let cfg = config(&manifest, &FINETUNE.replace("EPOCHS", "3"));
@@ -189,6 +202,7 @@ method:
 
 #[test]
 fn clip_reid_learns_prompts_then_finetunes_with_i2t_and_resumes_across_phases() {
+    let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let manifest = dataset(dir.path());
     let cfg = config(&manifest, CLIP_REID);
@@ -243,4 +257,72 @@ fn clip_reid_learns_prompts_then_finetunes_with_i2t_and_resumes_across_phases() 
     let best = handid_trainer::engine::state::resolve(&straight, "best").expect("best");
     handid_trainer::export::export(&best, &serving, None).expect("export");
     Embedder::load(&serving, tch::Device::Cpu).expect("loads");
+}
+
+const PROMPT_SG: &str = "
+method:
+  kind: prompt_sg
+  prompt: {template: 'A photo of a {} {aspect} hand', aspect: dorsal right, heads: 2, blocks: 1}
+  train:
+    epochs: 3
+    losses: {id: {}, triplet: {margin: 0.3}, sup_con: {weight: 0.5}}
+    optim: {lr: 0.001}
+";
+
+#[test]
+fn promptsg_trains_and_serves_the_fused_feature_it_validated() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifest = dataset(dir.path());
+    let cfg = config(&manifest, PROMPT_SG);
+    let run = dir.path().join("run");
+    let summary = train(&cfg, &options(&run)).expect("PromptSG run");
+    let best = summary.best.expect("validation ran");
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).expect("csv");
+    assert!(csv.lines().next().unwrap().contains("sup_con"), "{csv}");
+    let trained = weights(&run);
+    let names: Vec<&str> = trained.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(names.contains(&"promptsg.inversion.fc1.weight") && names.contains(&"promptsg.simplified_text"));
+
+    let serving = dir.path().join("serving");
+    let checkpoint = handid_trainer::engine::state::resolve(&run, "best").expect("best");
+    let exported = handid_trainer::export::export(&checkpoint, &serving, None).expect("export");
+    assert_eq!(
+        exported.manifest.feature,
+        handid_model::Feature::PromptSg { heads: 2, blocks: 1 }
+    );
+    // The server's Embedder computes the feature validation measured: the
+    // same val mAP from the exported checkpoint.
+    let embedder = Embedder::load(&serving, tch::Device::Cpu).expect("loads");
+    let data = handid_trainer::engine::load_data(&cfg).expect("data");
+    let embed = |items: &[handid_trainer::data::Item]| -> Vec<f32> {
+        let images: Vec<_> = items
+            .iter()
+            .map(|i| handid_model::decode(&std::fs::read(&i.path).unwrap(), &Default::default()).unwrap())
+            .collect();
+        Vec::try_from(embedder.embed_images(&images).unwrap().flatten(0, 1)).unwrap()
+    };
+    let (q, g) = (embed(&data.val_query), embed(&data.val_gallery));
+    let dim = embedder.dim();
+    let mut sim = Vec::new();
+    for qv in q.chunks(dim) {
+        for gv in g.chunks(dim) {
+            sim.push(qv.iter().zip(gv).map(|(a, b)| a * b).sum::<f32>());
+        }
+    }
+    let sim =
+        handid_eval::metrics::Similarity::new(&sim, data.val_query.len(), data.val_gallery.len()).unwrap();
+    let ids = |items: &[handid_trainer::data::Item]| items.iter().map(|i| i.label).collect::<Vec<_>>();
+    let ranking =
+        handid_eval::metrics::rank::Ranking::new(&sim, &ids(&data.val_query), &ids(&data.val_gallery))
+            .unwrap();
+    let map = ranking.mean_ap(
+        handid_eval::metrics::rank::ApKind::NonInterpolated,
+        handid_eval::metrics::rank::QueryScope::All,
+    );
+    assert!(
+        (map - best.val.map).abs() < 1e-6,
+        "served {map} vs validated {}",
+        best.val.map
+    );
 }

@@ -63,7 +63,9 @@ pub fn effective_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
     if let Some(e) = args.epochs {
         match &mut config.method {
             Method::ZeroShot => anyhow::bail!("--epochs: a zero-shot run has no epochs"),
-            Method::Finetune(s) | Method::ClipReid { stage2: s, .. } => s.epochs = e,
+            Method::Finetune(s) | Method::ClipReid { stage2: s, .. } | Method::PromptSg { train: s, .. } => {
+                s.epochs = e
+            }
         }
     }
     config.validate()?;

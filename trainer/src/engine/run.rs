@@ -124,6 +124,7 @@ fn phases(method: &Method) -> Vec<(&'static str, u64)> {
         Method::ZeroShot => vec![("zero_shot", 0)],
         Method::Finetune(s) => vec![("stage2", s.epochs)],
         Method::ClipReid { stage1, stage2 } => vec![("stage1", stage1.epochs), ("stage2", stage2.epochs)],
+        Method::PromptSg { train, .. } => vec![("stage2", train.epochs)],
     }
 }
 
@@ -136,11 +137,18 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> anyhow::Result<RunSu
 
     let head = match &config.method {
         Method::ZeroShot => None,
-        Method::Finetune(s) | Method::ClipReid { stage2: s, .. } => Some(&s.head),
+        Method::Finetune(s) | Method::ClipReid { stage2: s, .. } | Method::PromptSg { train: s, .. } => {
+            Some(&s.head)
+        }
     };
     // Every variable is drawn under one seed: the net, then the prompts.
     let (net, prompt_learner) = seeded(config.seed, || -> anyhow::Result<_> {
-        let net = ReidNet::new(&config.model, head, classes, device)?;
+        let mut net = ReidNet::new(&config.model, head, classes, device)?;
+        if let Method::PromptSg { prompt, .. } = &config.method {
+            let tokenizer =
+                Tokenizer::from_env().context("loading CLIP's BPE vocabulary (HANDID_BPE_VOCAB)")?;
+            net.add_promptsg(prompt, &tokenizer)?;
+        }
         // CLIP-ReID's per-person prompts live in the net's VarStore
         // (`prompt_learner.cls_ctx`), so checkpoints hold them and a resumed
         // stage 2 recomputes the same text features.
@@ -167,6 +175,8 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> anyhow::Result<RunSu
     if let Some(weights) = &config.model.clip_weights {
         net.load_clip_weights(weights)?;
     }
+    // PromptSG's inference query depends on the (frozen) text tower only.
+    net.refresh_simplified_text()?;
 
     // Where to start: a fresh run or the latest checkpoint.
     let mut resumed: Option<(TrainState, Tensors)> = None;
@@ -258,7 +268,7 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> anyhow::Result<RunSu
                 let learner = prompt_learner.as_ref().context("the prompt learner")?;
                 ctx.stage1(&net, learner, stage1, resume_here, &mut history, &mut run_epoch)?
             }
-            ("stage2", Method::Finetune(s)) => {
+            ("stage2", Method::Finetune(s) | Method::PromptSg { train: s, .. }) => {
                 ctx.stage2(&net, s, None, resume_here, &mut history, &mut run_epoch)?
             }
             ("stage2", Method::ClipReid { stage2, .. }) => {
@@ -750,7 +760,7 @@ impl Ctx<'_> {
                 }
                 *sums.entry("loss").or_default() += total_value;
                 (total * (scaler.scale / accumulate as f64)).backward();
-                if (i + 1) as u64 % accumulate == 0 || i + 1 == n_batches {
+                if ((i + 1) as u64).is_multiple_of(accumulate) || i + 1 == n_batches {
                     let ok = scaler.unscale(&mut optimizer);
                     if ok {
                         if let Some(max) = stage.optim.clip_grad_norm {
