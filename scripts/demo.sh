@@ -29,10 +29,15 @@ bash scripts/setup.sh
 # shellcheck source=scripts/env.sh
 source scripts/env.sh
 
-step "Building handid-trainer and handid-server (release)"
-cargo build --release --quiet -p handid-trainer -p handid-server
-trainer="$CARGO_TARGET_DIR/release/handid-trainer"
-server="$CARGO_TARGET_DIR/release/handid-server"
+# The dev profile is optimised (Cargo.toml) and shares its build with the
+# tests, so a machine that ran them builds nothing new here.
+step "Building handid-trainer and handid-server"
+cargo build --quiet -p handid-trainer -p handid-server
+# Private copies: another build in the shared target dir cannot swap them mid-run.
+mkdir -p "$DEMO_DIR/bin"
+cp "$CARGO_TARGET_DIR/debug/handid-trainer" "$CARGO_TARGET_DIR/debug/handid-server" "$DEMO_DIR/bin/"
+trainer="$DEMO_DIR/bin/handid-trainer"
+server="$DEMO_DIR/bin/handid-server"
 
 step "Preparing the data and its ten query/gallery splits"
 if [[ -n "${HANDS11K_ROOT:-}" ]]; then
