@@ -14,11 +14,13 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use handid_model::{Embedder, OperatingPoint};
+use tracing::Instrument;
 
 use crate::batcher::Batcher;
 use crate::error::ServiceError;
 use crate::index::{Hit, IndexError, Indexes, NewRow, lock};
 use crate::settings::LimitSettings;
+use crate::telemetry::metrics;
 use crate::store::{
     AuditEntry, Enrolled, Erased, NewEnrollment, Store, StoreError, SubjectRecord, TemplateRow,
 };
@@ -143,9 +145,42 @@ pub struct ActiveModel {
     pub loaded_at: DateTime<Utc>,
 }
 
-/// Who made a call (the peer until API keys arrive), for the audit log.
+/// Who made a call, as access control established it (`auth.rs`): what
+/// the audit log records, and which galleries the caller may touch.
 #[derive(Debug, Clone)]
-pub struct Caller(pub String);
+pub struct Caller {
+    /// The API key id, the client certificate subject, or `anonymous` when
+    /// auth is off.
+    pub id: String,
+    /// The peer address, recorded as extra.
+    pub peer: Option<String>,
+    /// When set, the only galleries this caller may use.
+    pub galleries: Option<Arc<[String]>>,
+}
+
+impl Caller {
+    /// A caller with every right (auth off; also in-process tools).
+    pub fn anonymous(peer: Option<String>) -> Self {
+        Self {
+            id: "anonymous".to_owned(),
+            peer,
+            galleries: None,
+        }
+    }
+
+    /// PERMISSION_DENIED unless this caller may use `gallery`.
+    pub fn check_gallery(&self, gallery: &Id) -> Result<()> {
+        match &self.galleries {
+            Some(allowed) if !allowed.iter().any(|g| g == gallery.as_str()) => {
+                Err(ServiceError::GalleryDenied {
+                    caller: self.id.clone(),
+                    gallery: gallery.0.clone(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+}
 
 /// The service core.
 #[derive(Debug)]
@@ -188,6 +223,11 @@ impl Engine {
     /// The serving model.
     pub fn model(&self) -> &ActiveModel {
         &self.model
+    }
+
+    /// Templates held in memory per gallery (metrics).
+    pub fn gallery_sizes(&self) -> Vec<(String, usize)> {
+        self.indexes.sizes()
     }
 
     /// The serving model's id.
@@ -272,7 +312,8 @@ impl Engine {
         let written = self
             .store
             .audit(&AuditEntry {
-                actor: &caller.0,
+                actor: &caller.id,
+                peer: caller.peer.as_deref(),
                 action,
                 gallery_id: gallery.map(Id::as_str),
                 subject_id: subject.as_deref(),
@@ -280,6 +321,7 @@ impl Engine {
                 outcome: &outcome,
                 top_score,
             })
+            .instrument(tracing::info_span!("database", op = "audit"))
             .await;
         match (result, written) {
             (Ok(value), Ok(())) => Ok(value),
@@ -331,6 +373,7 @@ impl Engine {
             && let Some(first) = self
                 .store
                 .find_replay(key, &gallery.0, &subject.0, images.len())
+                .instrument(tracing::info_span!("database", op = "find_replay"))
                 .await?
         {
             return Ok(first);
@@ -350,6 +393,7 @@ impl Engine {
                 qualities: &qualities,
                 idempotency_key: key.as_deref(),
             })
+            .instrument(tracing::info_span!("database", op = "enroll"))
             .await?;
         if !enrolled.replayed {
             let rows: Vec<NewRow<'_>> = enrolled
@@ -377,6 +421,11 @@ impl Engine {
         rule: Rule,
     ) -> Result<Identified> {
         let result = self.identify_inner(&gallery, image, top_k, rule).await;
+        if let Ok(r) = &result
+            && let Some(top) = r.hits.first()
+        {
+            metrics().score("identify", top.score, r.decision.is_match);
+        }
         self.audited(caller, "identify", Some(&gallery), result, |r| {
             let matched = r
                 .decision
@@ -403,18 +452,28 @@ impl Engine {
         let (threshold, fmr) = self.resolve(rule)?;
         let probe = self.embed_one(image).await?;
         let searched = match self.indexes.get(&gallery.0) {
-            Some(index) => tokio::task::spawn_blocking(move || {
+            Some(index) => {
+                let span = tracing::info_span!("search", top_k);
+                tokio::task::spawn_blocking(move || {
+                let _in_search = span.enter();
                 let index = lock(&index);
                 index
                     .search(&probe, top_k as usize)
                     .map(|hits| (hits, index.subject_count()))
             })
             .await
-            .map_err(|e| ServiceError::Internal(format!("search task: {e}")))??,
+            .map_err(|e| ServiceError::Internal(format!("search task: {e}")))??
+            }
             None => (Vec::new(), 0),
         };
         let (hits, size) = searched;
-        if size == 0 && !self.store.gallery_exists(&gallery.0).await? {
+        if size == 0
+            && !self
+                .store
+                .gallery_exists(&gallery.0)
+                .instrument(tracing::info_span!("database", op = "gallery_exists"))
+                .await?
+        {
             return Err(ServiceError::GalleryNotFound(gallery.0.clone()));
         }
         let is_match = hits.first().is_some_and(|h| h.score >= threshold);
@@ -439,6 +498,9 @@ impl Engine {
         rule: Rule,
     ) -> Result<Verified> {
         let result = self.verify_inner(&gallery, &subject, image, rule).await;
+        if let Ok(v) = &result {
+            metrics().score("verify", v.score, v.decision.is_match);
+        }
         let name = subject.0.clone();
         self.audited(caller, "verify", Some(&gallery), result, |v| {
             (Some(name), Some(v.score))
@@ -450,7 +512,7 @@ impl Engine {
         let (threshold, fmr) = self.resolve(rule)?;
         let probe = self.embed_one(image).await?;
         let score = match self.indexes.get(&gallery.0) {
-            Some(index) => lock(&index).verify(&subject.0, &probe)?,
+            Some(index) => tracing::info_span!("search").in_scope(|| lock(&index).verify(&subject.0, &probe))?,
             None => None,
         };
         let Some(score) = score else {
