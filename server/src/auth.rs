@@ -92,7 +92,9 @@ impl Authenticator {
     /// Builds the tables of `settings` (validated beforehand).
     pub fn new(settings: &AuthSettings) -> Self {
         if settings.enabled && settings.keys.is_empty() && settings.certificates.is_empty() {
-            tracing::warn!("auth.enabled is true but no key or certificate is configured: every call will be refused");
+            tracing::warn!(
+                "auth.enabled is true but no key or certificate is configured: every call will be refused"
+            );
         }
         if !settings.enabled {
             tracing::warn!("auth.enabled is false: every caller may call everything (development only)");
@@ -102,7 +104,12 @@ impl Authenticator {
             keys: settings
                 .keys
                 .iter()
-                .map(|k| (k.sha256.to_ascii_lowercase(), Grant::new(&k.id, &k.scopes, &k.galleries)))
+                .map(|k| {
+                    (
+                        k.sha256.to_ascii_lowercase(),
+                        Grant::new(&k.id, &k.scopes, &k.galleries),
+                    )
+                })
                 .collect(),
             certificates: settings
                 .certificates
@@ -258,9 +265,18 @@ mod tests {
 
     #[test]
     fn methods_map_to_scopes() {
-        assert_eq!(access_of("/handid.v1.HandId/Verify"), Access::Scoped(Scope::Identify));
-        assert_eq!(access_of("/handid.v1.HandId/DeleteGallery"), Access::Scoped(Scope::Enroll));
-        assert_eq!(access_of("/handid.v1.Admin/ReloadModel"), Access::Scoped(Scope::Admin));
+        assert_eq!(
+            access_of("/handid.v1.HandId/Verify"),
+            Access::Scoped(Scope::Identify)
+        );
+        assert_eq!(
+            access_of("/handid.v1.HandId/DeleteGallery"),
+            Access::Scoped(Scope::Enroll)
+        );
+        assert_eq!(
+            access_of("/handid.v1.Admin/ReloadModel"),
+            Access::Scoped(Scope::Admin)
+        );
         assert_eq!(access_of("/grpc.health.v1.Health/Check"), Access::Open);
         assert_eq!(access_of("/handid.v1.HandId/Nope"), Access::Authenticated);
     }

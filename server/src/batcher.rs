@@ -124,7 +124,9 @@ impl Batcher {
                 let preprocess = Arc::clone(&self.preprocess);
                 let limits = self.limits;
                 let span = tracing::info_span!("decode", index, bytes = bytes.len());
-                tokio::task::spawn_blocking(move || span.in_scope(|| prepare(index, &bytes, &limits, &preprocess)))
+                tokio::task::spawn_blocking(move || {
+                    span.in_scope(|| prepare(index, &bytes, &limits, &preprocess))
+                })
             })
             .collect();
         let mut pixels = Vec::with_capacity(decoding.len());

@@ -20,10 +20,10 @@ use crate::batcher::Batcher;
 use crate::error::ServiceError;
 use crate::index::{Hit, IndexError, Indexes, NewRow, lock};
 use crate::settings::LimitSettings;
-use crate::telemetry::metrics;
 use crate::store::{
     AuditEntry, Enrolled, Erased, NewEnrollment, Store, StoreError, SubjectRecord, TemplateRow,
 };
+use crate::telemetry::metrics;
 
 /// The FMR whose calibrated threshold decides when a call gives no rule.
 pub const DEFAULT_FMR: f64 = 1e-3;
@@ -455,14 +455,14 @@ impl Engine {
             Some(index) => {
                 let span = tracing::info_span!("search", top_k);
                 tokio::task::spawn_blocking(move || {
-                let _in_search = span.enter();
-                let index = lock(&index);
-                index
-                    .search(&probe, top_k as usize)
-                    .map(|hits| (hits, index.subject_count()))
-            })
-            .await
-            .map_err(|e| ServiceError::Internal(format!("search task: {e}")))??
+                    let _in_search = span.enter();
+                    let index = lock(&index);
+                    index
+                        .search(&probe, top_k as usize)
+                        .map(|hits| (hits, index.subject_count()))
+                })
+                .await
+                .map_err(|e| ServiceError::Internal(format!("search task: {e}")))??
             }
             None => (Vec::new(), 0),
         };
@@ -512,7 +512,9 @@ impl Engine {
         let (threshold, fmr) = self.resolve(rule)?;
         let probe = self.embed_one(image).await?;
         let score = match self.indexes.get(&gallery.0) {
-            Some(index) => tracing::info_span!("search").in_scope(|| lock(&index).verify(&subject.0, &probe))?,
+            Some(index) => {
+                tracing::info_span!("search").in_scope(|| lock(&index).verify(&subject.0, &probe))?
+            }
             None => None,
         };
         let Some(score) = score else {

@@ -67,7 +67,9 @@ impl Protection {
             //    refused at once with RESOURCE_EXHAUSTED rather than queued,
             //    so overload shows as fast errors, not growing latency and
             //    memory.
-            .layer(GateLayer(Arc::new(Shed::new(settings.server.max_concurrent_requests))))
+            .layer(GateLayer(Arc::new(Shed::new(
+                settings.server.max_concurrent_requests,
+            ))))
             // 5. (In server.rs, per service) the maximum message size:
             //    `limits.max_message_bytes`, refused by the codec with
             //    OUT_OF_RANGE before the message is buffered whole.
@@ -269,9 +271,10 @@ impl Gate for RateLimit {
         let Some(caller) = request.extensions().get::<Caller>() else {
             return Ok(());
         };
-        let key = match (&caller.galleries, caller.id.as_str(), &caller.peer) {
-            (_, "anonymous", Some(peer)) => peer.rsplit_once(':').map_or(peer.as_str(), |p| p.0).to_owned(),
-            (_, id, _) => id.to_owned(),
+        let key = match (caller.id.as_str(), &caller.peer) {
+            // The peer's IP without its port: one client, many connections.
+            ("anonymous", Some(peer)) => peer.rsplit_once(':').map_or(peer.as_str(), |p| p.0).to_owned(),
+            (id, _) => id.to_owned(),
         };
         let now = Instant::now();
         let mut buckets = lock(&self.buckets);
@@ -318,11 +321,14 @@ impl Gate for Shed {
         if access_of(request.uri().path()) == Access::Open {
             return Ok(None);
         }
-        Arc::clone(&self.slots).try_acquire_owned().map(Some).map_err(|_| {
-            Status::resource_exhausted(format!(
-                "the server is at its limit of {} concurrent calls; retry with backoff",
-                self.limit
-            ))
-        })
+        Arc::clone(&self.slots)
+            .try_acquire_owned()
+            .map(Some)
+            .map_err(|_| {
+                Status::resource_exhausted(format!(
+                    "the server is at its limit of {} concurrent calls; retry with backoff",
+                    self.limit
+                ))
+            })
     }
 }

@@ -106,12 +106,19 @@ async fn tools(command: Command) -> anyhow::Result<()> {
         .init();
     match command {
         Command::Serve { .. } => anyhow::bail!("serve is not a tool command"),
-        Command::Keygen { id, scopes, galleries } => {
+        Command::Keygen {
+            id,
+            scopes,
+            galleries,
+        } => {
             let key = handid_server::auth::generate_key();
             println!("API key for {id:?} (shown once; give it to the client, it is not stored):\n");
             println!("  {key}\n");
             println!("Add to the server settings (only the hash is kept):\n");
-            print!("{}", handid_server::auth::settings_snippet(&id, &key, &scopes, &galleries));
+            print!(
+                "{}",
+                handid_server::auth::settings_snippet(&id, &key, &scopes, &galleries)
+            );
             println!("\nClients send it as gRPC metadata  authorization: Bearer <key>");
         }
         Command::Health { addr } => {

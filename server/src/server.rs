@@ -8,9 +8,9 @@ use handid_model::{DecodeLimits, Embedder};
 use handid_proto::v1::{admin_server::AdminServer, hand_id_server::HandIdServer};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::auth::Authenticator;
 use crate::layers::Protection;
@@ -140,9 +140,8 @@ pub async fn run(
         // Gallery sizes for the metrics; a weak reference, so the gauge does
         // not keep a stopped server's engine alive.
         let engine = Arc::downgrade(&engine);
-        crate::telemetry::metrics().observe_gallery_sizes(move || {
-            engine.upgrade().map(|e| e.gallery_sizes()).unwrap_or_default()
-        });
+        crate::telemetry::metrics()
+            .observe_gallery_sizes(move || engine.upgrade().map(|e| e.gallery_sizes()).unwrap_or_default());
     }
     // The last protection layer, per service: the largest message the codec
     // accepts (OUT_OF_RANGE beyond it); the others are in `layers.rs`.
@@ -205,7 +204,10 @@ async fn tls_config(settings: &Settings) -> Result<Option<ServerTlsConfig>, Serv
     let (Some(cert), Some(key)) = (&settings.tls.cert_file, &settings.tls.key_file) else {
         return Ok(None);
     };
-    let identity = Identity::from_pem(read("tls.cert_file", cert).await?, read("tls.key_file", key).await?);
+    let identity = Identity::from_pem(
+        read("tls.cert_file", cert).await?,
+        read("tls.key_file", key).await?,
+    );
     let mut config = ServerTlsConfig::new().identity(identity);
     if let Some(ca) = &settings.tls.client_ca_file {
         // Mutual TLS: a client without a certificate from this CA cannot

@@ -361,10 +361,16 @@ impl Settings {
             return bad("database.url", "must be a postgres:// or postgresql:// URL");
         }
         if !(s.server.rate_limit_per_second >= 0.0 && s.server.rate_limit_per_second.is_finite()) {
-            return bad("server.rate_limit_per_second", "must be a finite number >= 0 (0 is off)");
+            return bad(
+                "server.rate_limit_per_second",
+                "must be a finite number >= 0 (0 is off)",
+            );
         }
         if s.server.rate_limit_per_second > 0.0 && s.server.rate_limit_burst == 0 {
-            return bad("server.rate_limit_burst", "must be at least 1 when the rate limit is on");
+            return bad(
+                "server.rate_limit_burst",
+                "must be at least 1 when the rate limit is on",
+            );
         }
         if s.database.max_connections == 0 {
             return bad("database.max_connections", "must be at least 1");
@@ -413,7 +419,10 @@ impl Settings {
             if key.sha256.len() != 64 || !key.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return bad(
                     "auth.keys.sha256",
-                    &format!("key {:?}: must be 64 hex digits (handid-server keygen prints it)", key.id),
+                    &format!(
+                        "key {:?}: must be 64 hex digits (handid-server keygen prints it)",
+                        key.id
+                    ),
                 );
             }
             if key.scopes.is_empty() {
@@ -422,14 +431,20 @@ impl Settings {
         }
         for grant in &s.auth.certificates {
             if grant.subject.is_empty() || grant.scopes.is_empty() {
-                return bad("auth.certificates", "each grant needs a subject and at least one scope");
+                return bad(
+                    "auth.certificates",
+                    "each grant needs a subject and at least one scope",
+                );
             }
         }
         if s.tls.cert_file.is_some() != s.tls.key_file.is_some() {
             return bad("tls.cert_file", "tls.cert_file and tls.key_file go together");
         }
         if s.tls.client_ca_file.is_some() && s.tls.cert_file.is_none() {
-            return bad("tls.client_ca_file", "mutual TLS needs tls.cert_file and tls.key_file");
+            return bad(
+                "tls.client_ca_file",
+                "mutual TLS needs tls.cert_file and tls.key_file",
+            );
         }
         if let Some(endpoint) = &s.telemetry.otlp_endpoint
             && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
@@ -574,7 +589,10 @@ mod tests {
                 "auth.keys.sha256",
             ),
             ("tls:\n  cert_file: /x.pem\n", "tls.cert_file"),
-            ("telemetry:\n  otlp_endpoint: collector:4317\n", "telemetry.otlp_endpoint"),
+            (
+                "telemetry:\n  otlp_endpoint: collector:4317\n",
+                "telemetry.otlp_endpoint",
+            ),
         ] {
             let err = Settings::from_yaml_and_env(yaml, env(&[])).expect_err(yaml);
             assert_eq!(key_of(err), key, "{yaml}");

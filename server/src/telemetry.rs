@@ -128,13 +128,9 @@ pub fn init(settings: &TelemetrySettings, default_filter: &str) -> Result<Teleme
             telemetry.metrics = Some(meters);
             // Only this crate's spans are exported: the exporter's own gRPC
             // client (tonic, h2, hyper) would otherwise trace its exports.
-            Some(
-                tracing_opentelemetry::layer()
-                    .with_tracer(tracer)
-                    .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
-                        meta.target().starts_with("handid_server")
-                    })),
-            )
+            Some(tracing_opentelemetry::layer().with_tracer(tracer).with_filter(
+                tracing_subscriber::filter::filter_fn(|meta| meta.target().starts_with("handid_server")),
+            ))
         }
         None => None,
     };
@@ -202,8 +198,10 @@ pub fn metrics() -> &'static Metrics {
 impl Metrics {
     /// A call to `method` took `elapsed`.
     pub fn call_finished(&self, method: &str, elapsed: Duration) {
-        self.calls
-            .record(elapsed.as_secs_f64(), &[KeyValue::new("rpc.method", method.to_owned())]);
+        self.calls.record(
+            elapsed.as_secs_f64(),
+            &[KeyValue::new("rpc.method", method.to_owned())],
+        );
     }
 
     /// A forward pass over `size` images.
@@ -230,7 +228,8 @@ impl Metrics {
 
     /// A model reload ended with `outcome` (`ok` or the status code name).
     pub fn model_reloaded(&self, outcome: &str) {
-        self.reloads.add(1, &[KeyValue::new("outcome", outcome.to_owned())]);
+        self.reloads
+            .add(1, &[KeyValue::new("outcome", outcome.to_owned())]);
     }
 
     /// Reports the templates of each gallery, read by `sizes` at every

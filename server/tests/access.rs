@@ -81,9 +81,10 @@ impl Rpc {
 fn with_key<T>(msg: T, key: Option<&str>) -> Request<T> {
     let mut request = Request::new(msg);
     if let Some(key) = key {
-        request
-            .metadata_mut()
-            .insert("authorization", format!("Bearer {key}").parse().expect("ascii key"));
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {key}").parse().expect("ascii key"),
+        );
     }
     request
 }
@@ -251,13 +252,20 @@ fn keygen(id: &str, scopes: &str) -> (String, Settings) {
         .expect("a key in the output")
         .to_owned();
     let yaml = &text[text.find("auth:").expect("a settings snippet")..];
-    let yaml: String = yaml.lines().take_while(|l| !l.is_empty()).collect::<Vec<_>>().join("\n");
+    let yaml: String = yaml
+        .lines()
+        .take_while(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n");
     let settings = Settings::from_yaml_and_env(&yaml, Vec::new()).expect("the snippet is valid settings");
     (key, settings)
 }
 
 #[sqlx::test(migrations = false)]
-async fn every_key_kind_gets_the_right_status_on_every_rpc(pool_options: PgPoolOptions, options: PgConnectOptions) {
+async fn every_key_kind_gets_the_right_status_on_every_rpc(
+    pool_options: PgPoolOptions,
+    options: PgConnectOptions,
+) {
     let dir = checkpoint();
     let (full_key, generated) = keygen("operator", "identify,enroll");
     assert_eq!(generated.auth.keys[0].scopes, [Scope::Identify, Scope::Enroll]);
@@ -269,7 +277,12 @@ async fn every_key_kind_gets_the_right_status_on_every_rpc(pool_options: PgPoolO
         key("reader", &reader, &[Scope::Identify], &[]),
         key("writer", &writer, &[Scope::Enroll], &[]),
         key("ops", &admin, &[Scope::Admin], &[]),
-        key("site-g", &limited, &[Scope::Identify, Scope::Enroll], &[HOME, GONE]),
+        key(
+            "site-g",
+            &limited,
+            &[Scope::Identify, Scope::Enroll],
+            &[HOME, GONE],
+        ),
     ]);
     let server = TestServer::start(s).await;
     server.client().await;
@@ -343,7 +356,11 @@ async fn every_key_kind_gets_the_right_status_on_every_rpc(pool_options: PgPoolO
     let mut n = 0;
     for holder in &holders {
         // The limited key is also tried on a gallery outside its list.
-        let targets: &[&str] = if holder.galleries.is_empty() { &[HOME] } else { &[HOME, "other"] };
+        let targets: &[&str] = if holder.galleries.is_empty() {
+            &[HOME]
+        } else {
+            &[HOME, "other"]
+        };
         for &target in targets {
             for rpc in RPCS {
                 n += 1;
@@ -361,7 +378,11 @@ async fn every_key_kind_gets_the_right_status_on_every_rpc(pool_options: PgPoolO
                     }
                     (Some(_), Some(_)) => rpc.admitted(),
                 };
-                assert_eq!(got, want, "{} calling {rpc:?} on {target}: {message}", holder.name);
+                assert_eq!(
+                    got, want,
+                    "{} calling {rpc:?} on {target}: {message}",
+                    holder.name
+                );
                 if want == Code::PermissionDenied {
                     let scope = rpc.scope().expect("scoped");
                     let named = if holder.scopes.as_ref().is_some_and(|h| h.contains(&scope)) {
@@ -410,7 +431,9 @@ fn pki() -> Pki {
     let ca_key = KeyPair::generate().expect("key");
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "handid test CA");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "handid test CA");
     let ca_cert = ca_params.self_signed(&ca_key).expect("CA");
     let issuer = Issuer::from_params(&ca_params, &ca_key);
     let leaf = |names: Vec<String>, cn: &str, issuer: &Issuer<'_, &KeyPair>| {
@@ -423,7 +446,9 @@ fn pki() -> Pki {
     let other_key = KeyPair::generate().expect("key");
     let mut other_params = CertificateParams::new(Vec::<String>::new()).expect("params");
     other_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    other_params.distinguished_name.push(DnType::CommonName, "someone else");
+    other_params
+        .distinguished_name
+        .push(DnType::CommonName, "someone else");
     let other = Issuer::from_params(&other_params, &other_key);
     Pki {
         ca: ca_cert.pem(),
@@ -433,7 +458,11 @@ fn pki() -> Pki {
     }
 }
 
-async fn tls_channel(addr: std::net::SocketAddr, ca: &str, client: Option<&(String, String)>) -> Result<Channel, tonic::transport::Error> {
+async fn tls_channel(
+    addr: std::net::SocketAddr,
+    ca: &str,
+    client: Option<&(String, String)>,
+) -> Result<Channel, tonic::transport::Error> {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca))
         .domain_name("localhost");
@@ -490,7 +519,10 @@ async fn mutual_tls_names_the_caller_by_certificate_subject(
             .map(|r| r.into_inner().status)
     };
     for _ in 0..100 {
-        if health(channel.clone()).await.is_ok_and(|s| s == ServingStatus::Serving as i32) {
+        if health(channel.clone())
+            .await
+            .is_ok_and(|s| s == ServingStatus::Serving as i32)
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -21,7 +21,16 @@ fn keyed<T>(msg: T, key: &str) -> Request<T> {
     request
 }
 
-type Row = (String, String, Option<String>, Option<String>, Option<String>, String, Option<f32>, Option<String>);
+type Row = (
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    String,
+    Option<f32>,
+    Option<String>,
+);
 
 #[sqlx::test(migrations = false)]
 async fn audit_rows_say_who_did_what_and_never_hold_an_image(
@@ -47,7 +56,9 @@ async fn audit_rows_say_who_did_what_and_never_hold_an_image(
             pb::EnrollRequest {
                 gallery_id: "g".to_owned(),
                 subject_id: "alice".to_owned(),
-                images: vec![pb::Image { data: photos[0].clone() }],
+                images: vec![pb::Image {
+                    data: photos[0].clone(),
+                }],
                 idempotency_key: String::new(),
             },
             &secret,
@@ -59,7 +70,9 @@ async fn audit_rows_say_who_did_what_and_never_hold_an_image(
         .identify(keyed(
             pb::IdentifyRequest {
                 gallery_id: "g".to_owned(),
-                image: Some(pb::Image { data: photos[1].clone() }),
+                image: Some(pb::Image {
+                    data: photos[1].clone(),
+                }),
                 top_k: 1,
                 rule: Some(pb::DecisionRule {
                     rule: Some(pb::decision_rule::Rule::Threshold(-1.0)),
@@ -75,7 +88,9 @@ async fn audit_rows_say_who_did_what_and_never_hold_an_image(
             pb::VerifyRequest {
                 gallery_id: "g".to_owned(),
                 subject_id: "alice".to_owned(),
-                image: Some(pb::Image { data: photos[1].clone() }),
+                image: Some(pb::Image {
+                    data: photos[1].clone(),
+                }),
                 rule: None,
             },
             &secret,
@@ -94,7 +109,12 @@ async fn audit_rows_say_who_did_what_and_never_hold_an_image(
         .expect_err("no bob");
     assert_eq!(missing.code(), tonic::Code::NotFound);
     client
-        .delete_gallery(keyed(pb::DeleteGalleryRequest { gallery_id: "g".to_owned() }, &secret))
+        .delete_gallery(keyed(
+            pb::DeleteGalleryRequest {
+                gallery_id: "g".to_owned(),
+            },
+            &secret,
+        ))
         .await
         .expect("delete gallery");
 
@@ -123,7 +143,10 @@ async fn audit_rows_say_who_did_what_and_never_hold_an_image(
     for row in &rows {
         assert_eq!(row.2.as_deref(), Some("g"), "{row:?}");
         assert_eq!(row.4.as_deref(), Some(enrolled.model_id.as_str()), "{row:?}");
-        assert!(row.7.as_deref().is_some_and(|p| p.starts_with("127.0.0.1:")), "{row:?}");
+        assert!(
+            row.7.as_deref().is_some_and(|p| p.starts_with("127.0.0.1:")),
+            "{row:?}"
+        );
     }
     let top = identified.candidates[0].score;
     assert!((rows[1].6.expect("identify top score") - top).abs() < 1e-6);
@@ -140,7 +163,10 @@ async fn audit_rows_say_who_did_what_and_never_hold_an_image(
             assert!(!contains(&all, &needle), "an audit row holds image bytes");
         }
     }
-    assert!(texts.iter().all(|(t,)| t.len() < 1_000), "an audit row is suspiciously large");
+    assert!(
+        texts.iter().all(|(t,)| t.len() < 1_000),
+        "an audit row is suspiciously large"
+    );
 
     // Append-only: the database itself refuses to rewrite history.
     for sql in [

@@ -162,7 +162,10 @@ async fn an_outage_is_unavailable_and_recovers_by_itself(_: PgPoolOptions, optio
         .await
         .expect("subjects");
     let stored: std::collections::HashSet<String> = stored.into_iter().map(|(s,)| s).collect();
-    for subject in acked.iter().chain(["before".to_owned(), "after".to_owned()].iter()) {
+    for subject in acked
+        .iter()
+        .chain(["before".to_owned(), "after".to_owned()].iter())
+    {
         assert!(stored.contains(subject), "acknowledged enrolment {subject} lost");
     }
     let found = client

@@ -55,7 +55,9 @@ async fn load_beyond_the_limit_is_shed_at_once_and_memory_stays_bounded(
         .enroll(pb::EnrollRequest {
             gallery_id: "g".to_owned(),
             subject_id: "a".to_owned(),
-            images: vec![pb::Image { data: photos[0].clone() }],
+            images: vec![pb::Image {
+                data: photos[0].clone(),
+            }],
             idempotency_key: String::new(),
         })
         .await
@@ -73,7 +75,10 @@ async fn load_beyond_the_limit_is_shed_at_once_and_memory_stays_bounded(
                     Ok(_) => Code::Ok,
                     Err(status) => {
                         if status.code() == Code::ResourceExhausted {
-                            assert!(status.message().contains("limit of 2 concurrent calls"), "{status:?}");
+                            assert!(
+                                status.message().contains("limit of 2 concurrent calls"),
+                                "{status:?}"
+                            );
                         }
                         status.code()
                     }
@@ -93,14 +98,25 @@ async fn load_beyond_the_limit_is_shed_at_once_and_memory_stays_bounded(
         .map(|(_, d)| *d)
         .collect();
     let served = results.iter().filter(|(c, _)| *c == Code::Ok).count();
-    assert_eq!(refused.len() + served, 50, "only OK or RESOURCE_EXHAUSTED: {results:?}");
-    assert!(refused.len() >= 40, "{} of 50 refused: {results:?}", refused.len());
+    assert_eq!(
+        refused.len() + served,
+        50,
+        "only OK or RESOURCE_EXHAUSTED: {results:?}"
+    );
+    assert!(
+        refused.len() >= 40,
+        "{} of 50 refused: {results:?}",
+        refused.len()
+    );
     assert!(served >= 2, "the admitted calls complete: {results:?}");
     let mut sorted = refused.clone();
     sorted.sort();
     let median = sorted[sorted.len() / 2];
     // A refusal costs no batch wait (400 ms): it is answered at once.
-    assert!(median < Duration::from_millis(150), "median refusal took {median:?}");
+    assert!(
+        median < Duration::from_millis(150),
+        "median refusal took {median:?}"
+    );
     eprintln!(
         "[overload] 50 calls, limit 2: {} refused (median {median:?}, max {:?}), {served} served, all done in {total:?}",
         refused.len(),
@@ -121,7 +137,10 @@ async fn load_beyond_the_limit_is_shed_at_once_and_memory_stays_bounded(
                 })
                 .collect();
             for call in futures::future::join_all(calls).await {
-                let code = call.expect("task").expect_err("garbage is never identified").code();
+                let code = call
+                    .expect("task")
+                    .expect_err("garbage is never identified")
+                    .code();
                 assert!(
                     matches!(code, Code::ResourceExhausted | Code::InvalidArgument),
                     "{code:?}"
@@ -169,7 +188,11 @@ async fn a_call_past_the_request_timeout_gets_deadline_exceeded(_: PgPoolOptions
         .expect_err("slower than the timeout");
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert!(status.message().contains("300 ms"), "{}", status.message());
-    assert!(started.elapsed() < Duration::from_millis(2_500), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(2_500),
+        "{:?}",
+        started.elapsed()
+    );
     server.stop().await.expect("graceful stop");
 }
 
@@ -205,7 +228,9 @@ async fn each_key_has_its_own_rate_limit(_: PgPoolOptions, options: PgConnectOpt
         async move { client.embed(request).await.map(|_| ()) }
     };
     for i in 0..3 {
-        embed(&busy).await.unwrap_or_else(|e| panic!("call {i} within the burst: {e:?}"));
+        embed(&busy)
+            .await
+            .unwrap_or_else(|e| panic!("call {i} within the burst: {e:?}"));
     }
     let status = embed(&busy).await.expect_err("past the burst");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
@@ -214,7 +239,9 @@ async fn each_key_has_its_own_rate_limit(_: PgPoolOptions, options: PgConnectOpt
         "{}",
         status.message()
     );
-    embed(&quiet).await.expect("another key is not limited by the first");
+    embed(&quiet)
+        .await
+        .expect("another key is not limited by the first");
     server.stop().await.expect("graceful stop");
 }
 

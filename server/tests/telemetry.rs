@@ -19,8 +19,12 @@ use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -47,7 +51,9 @@ impl TraceService for Received {
                 spans.extend(scope.spans);
             }
         }
-        Ok(Response::new(ExportTraceServiceResponse { partial_success: None }))
+        Ok(Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
     }
 }
 
@@ -63,7 +69,9 @@ impl MetricsService for Received {
                 names.extend(scope.metrics.into_iter().map(|m| m.name));
             }
         }
-        Ok(Response::new(ExportMetricsServiceResponse { partial_success: None }))
+        Ok(Response::new(ExportMetricsServiceResponse {
+            partial_success: None,
+        }))
     }
 }
 
@@ -109,7 +117,9 @@ async fn an_identify_call_is_traced_with_its_child_spans(_: PgPoolOptions, optio
         .enroll(pb::EnrollRequest {
             gallery_id: "g".to_owned(),
             subject_id: "a".to_owned(),
-            images: vec![pb::Image { data: photos[0].clone() }],
+            images: vec![pb::Image {
+                data: photos[0].clone(),
+            }],
             idempotency_key: String::new(),
         })
         .await
@@ -117,7 +127,9 @@ async fn an_identify_call_is_traced_with_its_child_spans(_: PgPoolOptions, optio
     client
         .identify(pb::IdentifyRequest {
             gallery_id: "g".to_owned(),
-            image: Some(pb::Image { data: photos[1].clone() }),
+            image: Some(pb::Image {
+                data: photos[1].clone(),
+            }),
             top_k: 1,
             rule: None,
         })
@@ -143,14 +155,24 @@ async fn an_identify_call_is_traced_with_its_child_spans(_: PgPoolOptions, optio
                 .map(|s| s.name.as_str())
                 .collect();
             if wanted.iter().all(|w| children.contains(w)) {
-                found = Some((root.clone(), children.iter().map(|c| (*c).to_owned()).collect::<Vec<_>>(), spans.clone()));
+                found = Some((
+                    root.clone(),
+                    children.iter().map(|c| (*c).to_owned()).collect::<Vec<_>>(),
+                    spans.clone(),
+                ));
                 break;
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (root, children, spans) = found.unwrap_or_else(|| {
-        let names: Vec<String> = received.spans.lock().expect("lock").iter().map(|s| s.name.clone()).collect();
+        let names: Vec<String> = received
+            .spans
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|s| s.name.clone())
+            .collect();
         panic!("no Identify span with children {wanted:?}; received {names:?}")
     });
     assert!(root.parent_span_id.is_empty(), "the call's span is a root");
@@ -160,7 +182,13 @@ async fn an_identify_call_is_traced_with_its_child_spans(_: PgPoolOptions, optio
     for span in &spans {
         for attribute in &span.attributes {
             if let Some(Value::StringValue(text)) = attribute.value.as_ref().and_then(|v| v.value.as_ref()) {
-                assert!(text.len() < 200, "span {} attribute {} is {} chars", span.name, attribute.key, text.len());
+                assert!(
+                    text.len() < 200,
+                    "span {} attribute {} is {} chars",
+                    span.name,
+                    attribute.key,
+                    text.len()
+                );
             }
         }
     }
@@ -182,7 +210,10 @@ async fn an_identify_call_is_traced_with_its_child_spans(_: PgPoolOptions, optio
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for w in wanted {
-        assert!(names.iter().any(|n| n == w), "metric {w} not received; got {names:?}");
+        assert!(
+            names.iter().any(|n| n == w),
+            "metric {w} not received; got {names:?}"
+        );
     }
     server.stop().await.expect("graceful stop");
 }
