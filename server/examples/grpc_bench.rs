@@ -91,6 +91,8 @@ async fn main() -> Result<(), Error> {
     let mut settings = Settings::default();
     settings.database.url = database_url;
     settings.model.path = dir.path().to_owned();
+    // A local benchmark without API keys.
+    settings.auth.enabled = false;
     settings.batch.max_batch_size = best.0.max(8);
     let (url, stop, server) = start(settings).await?;
     let client = connect(&url).await?;
@@ -237,6 +239,8 @@ async fn identify_at_scale(database_url: &str, sizes: &[u64], photos: &[Vec<u8>]
     let mut settings = Settings::default();
     settings.database.url = database_url.to_owned();
     settings.model.path = dir.path().to_owned();
+    // A local benchmark without API keys.
+    settings.auth.enabled = false;
     let pool = sqlx::PgPool::connect(database_url).await?;
     // One start registers the model (templates reference it) and migrates.
     let (url, stop, server) = start(settings.clone()).await?;

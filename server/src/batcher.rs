@@ -22,6 +22,8 @@ use tokio::sync::oneshot;
 
 use crate::error::ImageProblem;
 use crate::settings::BatchSettings;
+use crate::telemetry::metrics;
+use tracing::Instrument;
 
 /// Why embedding failed.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +48,9 @@ pub enum BatchError {
 struct Job {
     /// `[3, H, W]` on the CPU.
     pixels: Tensor,
+    /// The span of the call waiting for it; the forward pass is traced as
+    /// its child (a batch serves several calls: it follows from the others).
+    span: tracing::Span,
     reply: oneshot::Sender<Result<Vec<f32>, String>>,
 }
 
@@ -118,7 +123,10 @@ impl Batcher {
             .map(|(index, bytes)| {
                 let preprocess = Arc::clone(&self.preprocess);
                 let limits = self.limits;
-                tokio::task::spawn_blocking(move || prepare(index, &bytes, &limits, &preprocess))
+                let span = tracing::info_span!("decode", index, bytes = bytes.len());
+                tokio::task::spawn_blocking(move || {
+                    span.in_scope(|| prepare(index, &bytes, &limits, &preprocess))
+                })
             })
             .collect();
         let mut pixels = Vec::with_capacity(decoding.len());
@@ -128,18 +136,25 @@ impl Batcher {
                 .map_err(|e| BatchError::Model(format!("preprocessing task failed: {e}")))?;
             pixels.push(prepared?);
         }
+        let waiting = tracing::info_span!("batch_wait", images = pixels.len());
         let mut replies = Vec::with_capacity(pixels.len());
         for pixels in pixels {
             let (reply, answer) = oneshot::channel();
             self.jobs
-                .send(Job { pixels, reply })
+                .send(Job {
+                    pixels,
+                    reply,
+                    span: waiting.clone(),
+                })
                 .map_err(|_| BatchError::Stopped)?;
+            metrics().queued(1);
             replies.push(answer);
         }
         let mut embeddings = Vec::with_capacity(replies.len());
         for answer in replies {
             embeddings.push(
                 answer
+                    .instrument(waiting.clone())
                     .await
                     .map_err(|_| BatchError::Stopped)?
                     .map_err(BatchError::Model)?,
@@ -257,12 +272,19 @@ fn forward_loop(
                 Err(_) => break,
             }
         }
+        metrics().queued(-(batch.len() as i64));
         // A caller that went away (cancelled, timed out) needs no forward pass.
         batch.retain(|job| !job.reply.is_closed());
         if batch.is_empty() {
             continue;
         }
         tracing::debug!(batch_size = batch.len(), "forward pass");
+        metrics().batch(batch.len());
+        let span = tracing::info_span!(parent: &batch[0].span, "forward", batch_size = batch.len());
+        for job in &batch[1..] {
+            span.follows_from(&job.span);
+        }
+        let _in_forward = span.enter();
         stats.forward_passes.fetch_add(1, Ordering::Relaxed);
         stats.images.fetch_add(batch.len() as u64, Ordering::Relaxed);
         match run_batch(embedder, &batch) {

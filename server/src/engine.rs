@@ -27,6 +27,7 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use handid_model::{DecodeLimits, Embedder, OperatingPoint};
+use tracing::Instrument;
 
 use crate::batcher::Batcher;
 use crate::error::ServiceError;
@@ -37,6 +38,7 @@ use crate::store::{
     AuditEntry, Change, Coverage, Enrolled, Erased, ModelRecord, NewEnrollment, StagedEmbeddings, Store,
     StoreError, SubjectRecord, TemplateRow,
 };
+use crate::telemetry::metrics;
 
 /// The FMR whose calibrated threshold decides when a call gives no rule.
 pub const DEFAULT_FMR: f64 = 1e-3;
@@ -215,9 +217,42 @@ pub struct ActiveModel {
     pub loaded_at: DateTime<Utc>,
 }
 
-/// Who made a call (the peer until API keys arrive), for the audit log.
+/// Who made a call, as access control established it (`auth.rs`): what
+/// the audit log records, and which galleries the caller may touch.
 #[derive(Debug, Clone)]
-pub struct Caller(pub String);
+pub struct Caller {
+    /// The API key id, the client certificate subject, or `anonymous` when
+    /// auth is off.
+    pub id: String,
+    /// The peer address, recorded as extra.
+    pub peer: Option<String>,
+    /// When set, the only galleries this caller may use.
+    pub galleries: Option<Arc<[String]>>,
+}
+
+impl Caller {
+    /// A caller with every right (auth off; also in-process tools).
+    pub fn anonymous(peer: Option<String>) -> Self {
+        Self {
+            id: "anonymous".to_owned(),
+            peer,
+            galleries: None,
+        }
+    }
+
+    /// PERMISSION_DENIED unless this caller may use `gallery`.
+    pub fn check_gallery(&self, gallery: &Id) -> Result<()> {
+        match &self.galleries {
+            Some(allowed) if !allowed.iter().any(|g| g == gallery.as_str()) => {
+                Err(ServiceError::GalleryDenied {
+                    caller: self.id.clone(),
+                    gallery: gallery.0.clone(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+}
 
 /// One loaded model and what serves with it: its forward thread and the
 /// gallery indexes of the templates it can be compared with (those of its
@@ -331,6 +366,11 @@ impl Engine {
         self.active().model.clone()
     }
 
+    /// Templates held in memory per gallery (metrics).
+    pub fn gallery_sizes(&self) -> Vec<(String, usize)> {
+        self.active().indexes.sizes()
+    }
+
     /// The serving model's id.
     pub fn model_id(&self) -> String {
         self.active().model_id().to_owned()
@@ -403,7 +443,8 @@ impl Engine {
         let written = self
             .store
             .audit(&AuditEntry {
-                actor: &caller.0,
+                actor: &caller.id,
+                peer: caller.peer.as_deref(),
                 action,
                 gallery_id: gallery.map(Id::as_str),
                 subject_id: subject.as_deref(),
@@ -411,6 +452,7 @@ impl Engine {
                 outcome: &outcome,
                 top_score,
             })
+            .instrument(tracing::info_span!("database", op = "audit"))
             .await;
         match (result, written) {
             (Ok(value), Ok(())) => Ok(value),
@@ -462,6 +504,7 @@ impl Engine {
             && let Some(first) = self
                 .store
                 .find_replay(key, &gallery.0, &subject.0, images.len())
+                .instrument(tracing::info_span!("database", op = "find_replay"))
                 .await?
         {
             return Ok(first);
@@ -499,6 +542,7 @@ impl Engine {
                         embeddings,
                     }),
             })
+            .instrument(tracing::info_span!("database", op = "enroll"))
             .await?;
         if !enrolled.replayed {
             append_enrolled(&active, &gallery.0, &subject.0, &enrolled.templates, &embeddings)?;
@@ -519,6 +563,11 @@ impl Engine {
         rule: Rule,
     ) -> Result<Identified> {
         let result = self.identify_inner(&gallery, image, top_k, rule).await;
+        if let Ok(r) = &result
+            && let Some(top) = r.hits.first()
+        {
+            metrics().score("identify", top.score, r.decision.is_match);
+        }
         self.audited(caller, "identify", Some(&gallery), result, |r| {
             let matched = r
                 .decision
@@ -546,18 +595,28 @@ impl Engine {
         let (threshold, fmr) = resolve(&slot, rule)?;
         let probe = embed_one(&slot, image).await?;
         let searched = match slot.indexes.get(&gallery.0) {
-            Some(index) => tokio::task::spawn_blocking(move || {
-                let index = lock(&index);
-                index
-                    .search(&probe, top_k as usize)
-                    .map(|hits| (hits, index.subject_count()))
-            })
-            .await
-            .map_err(|e| ServiceError::Internal(format!("search task: {e}")))??,
+            Some(index) => {
+                let span = tracing::info_span!("search", top_k);
+                tokio::task::spawn_blocking(move || {
+                    let _in_search = span.enter();
+                    let index = lock(&index);
+                    index
+                        .search(&probe, top_k as usize)
+                        .map(|hits| (hits, index.subject_count()))
+                })
+                .await
+                .map_err(|e| ServiceError::Internal(format!("search task: {e}")))??
+            }
             None => (Vec::new(), 0),
         };
         let (hits, size) = searched;
-        if size == 0 && !self.store.gallery_exists(&gallery.0).await? {
+        if size == 0
+            && !self
+                .store
+                .gallery_exists(&gallery.0)
+                .instrument(tracing::info_span!("database", op = "gallery_exists"))
+                .await?
+        {
             return Err(ServiceError::GalleryNotFound(gallery.0.clone()));
         }
         let is_match = hits.first().is_some_and(|h| h.score >= threshold);
@@ -583,6 +642,9 @@ impl Engine {
         rule: Rule,
     ) -> Result<Verified> {
         let result = self.verify_inner(&gallery, &subject, image, rule).await;
+        if let Ok(v) = &result {
+            metrics().score("verify", v.score, v.decision.is_match);
+        }
         let name = subject.0.clone();
         self.audited(caller, "verify", Some(&gallery), result, |v| {
             (Some(name), Some(v.score))
@@ -595,7 +657,9 @@ impl Engine {
         let (threshold, fmr) = resolve(&slot, rule)?;
         let probe = embed_one(&slot, image).await?;
         let score = match slot.indexes.get(&gallery.0) {
-            Some(index) => lock(&index).verify(&subject.0, &probe)?,
+            Some(index) => {
+                tracing::info_span!("search").in_scope(|| lock(&index).verify(&subject.0, &probe))?
+            }
             None => None,
         };
         let Some(score) = score else {
@@ -760,6 +824,11 @@ impl Engine {
     /// migration. A refused checkpoint changes nothing.
     pub async fn reload(&self, caller: &Caller, path: Option<PathBuf>, mode: ReloadMode) -> Result<Reloaded> {
         let result = self.reload_inner(path, mode).await;
+        let outcome = match &result {
+            Ok(_) => "ok".to_owned(),
+            Err(e) => code_name(e.code()),
+        };
+        metrics().model_reloaded(&outcome);
         self.audited(caller, "reload", None, result, |_| (None, None))
             .await
     }

@@ -107,6 +107,14 @@ pub enum ServiceError {
     /// The idempotency key was used for another enrolment.
     #[error("idempotency_key was already used for a different gallery, subject or number of images")]
     IdempotencyKeyReused,
+    /// The caller's key is limited to other galleries.
+    #[error("{caller:?} may not use gallery {gallery:?} (its key is limited to other galleries)")]
+    GalleryDenied {
+        /// Key id or certificate subject.
+        caller: String,
+        /// The gallery asked for.
+        gallery: String,
+    },
     /// No such gallery.
     #[error("gallery {0:?} not found")]
     GalleryNotFound(String),
@@ -224,6 +232,7 @@ impl ServiceError {
             | ServiceError::SubjectNotFound { .. }
             | ServiceError::NoTemplatesForModel { .. } => Code::NotFound,
             ServiceError::Conflict => Code::Aborted,
+            ServiceError::GalleryDenied { .. } => Code::PermissionDenied,
             ServiceError::Unavailable | ServiceError::ShuttingDown => Code::Unavailable,
             ServiceError::Unimplemented(_) => Code::Unimplemented,
             ServiceError::Internal(_) => Code::Internal,

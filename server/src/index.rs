@@ -409,6 +409,14 @@ impl Indexes {
             .clone()
     }
 
+    /// Templates held per gallery, for the metrics.
+    pub fn sizes(&self) -> Vec<(String, usize)> {
+        lock(&self.galleries)
+            .iter()
+            .map(|(name, index)| (name.clone(), lock(index).template_count()))
+            .collect()
+    }
+
     /// Galleries and templates held, for the start-up log.
     pub fn totals(&self) -> (usize, usize) {
         let galleries = lock(&self.galleries);

@@ -1,8 +1,11 @@
 //! handid-server: the handid.v1 gRPC service.
 //!
 //! # Layout
-//! - [`server`]: [`run`]: start-up, the middleware stack, health, reflection,
-//!   graceful shutdown.
+//! - [`server`]: [`run`]: start-up, TLS, health, reflection, graceful shutdown.
+//! - [`layers`]: the protection middleware stack (timeout, access control,
+//!   rate limit, concurrency limit with load shedding).
+//! - [`auth`]: API keys, scopes, client certificates: who calls, and may they.
+//! - [`telemetry`]: logs, OpenTelemetry traces and metrics over OTLP.
 //! - [`service`]: the thin gRPC handlers (protobuf <-> domain types).
 //! - [`engine`]: the core: Enroll, Identify, Verify, ... and the audit log.
 //! - [`error`]: [`ServiceError`] and its one conversion to `tonic::Status`.
@@ -15,16 +18,19 @@
 //! - [`settings`]: the YAML settings with `HANDID__SECTION__KEY` overrides.
 //! - [`MIGRATOR`]: the migrations, embedded so the binary applies them at start.
 
+pub mod auth;
 pub mod batcher;
 pub mod engine;
 pub mod error;
 pub mod index;
+pub mod layers;
 pub mod reload;
 pub mod replication;
 pub mod server;
 pub mod service;
 pub mod settings;
 pub mod store;
+pub mod telemetry;
 
 pub use error::ServiceError;
 pub use server::{ServeError, run, run_with_reloads};

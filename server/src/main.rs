@@ -3,13 +3,15 @@
 //! # Layout
 //! - `main.rs`: the command line: `serve` (the gRPC service until SIGTERM or
 //!   ctrl-c, then a graceful drain; SIGHUP hot-reloads the model's
-//!   checkpoint folder) and `migrate` (apply migrations, exit).
+//!   checkpoint folder), `migrate` (apply migrations, exit),
+//!   `health` (probe a running server) and `keygen` (a new API key).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use handid_server::Settings;
+use handid_server::settings::Scope;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
@@ -36,6 +38,19 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:50051")]
         addr: String,
     },
+    /// Print a new random API key (shown once: store it in the client's
+    /// secret store) and the settings entry holding its SHA-256.
+    Keygen {
+        /// The key's name, recorded by the audit log for its calls.
+        #[arg(long, value_parser = parse_key_id)]
+        id: String,
+        /// Comma-separated scopes: identify, enroll, admin.
+        #[arg(long, value_delimiter = ',', required = true, value_parser = parse_scope)]
+        scopes: Vec<Scope>,
+        /// Comma-separated galleries the key is limited to (default: all).
+        #[arg(long, value_delimiter = ',')]
+        galleries: Vec<String>,
+    },
     /// Apply the database migrations and exit.
     Migrate {
         /// PostgreSQL URL.
@@ -44,23 +59,68 @@ enum Command {
     },
 }
 
+/// Key ids land in YAML and in the audit log: keep them plain.
+fn parse_key_id(id: &str) -> Result<String, String> {
+    let plain = |b: u8| b.is_ascii_alphanumeric() || b"._:@-".contains(&b);
+    if id.is_empty() || id.len() > 128 || !id.bytes().all(plain) {
+        return Err(format!("{id:?}: use 1-128 characters of A-Z a-z 0-9 . _ : @ -"));
+    }
+    Ok(id.to_owned())
+}
+
+fn parse_scope(name: &str) -> Result<Scope, String> {
+    match name.trim() {
+        "identify" => Ok(Scope::Identify),
+        "enroll" => Ok(Scope::Enroll),
+        "admin" => Ok(Scope::Admin),
+        other => Err(format!("unknown scope {other:?} (identify, enroll, admin)")),
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let command = Cli::parse().command;
+    let Command::Serve { config } = command else {
+        return tools(command).await;
+    };
+    let settings = Settings::load(config.as_deref()).context("reading the settings")?;
+    let telemetry =
+        handid_server::telemetry::init(&settings.telemetry, "info").context("setting up telemetry")?;
+    let listener = tokio::net::TcpListener::bind(settings.server.listen)
+        .await
+        .with_context(|| format!("binding {}", settings.server.listen))?;
+    let served = handid_server::run_with_reloads(listener, settings, shutdown_signal(), reload_signal()?)
+        .await
+        .context("serving");
+    // Export the last spans and metrics before exiting.
+    telemetry.shutdown();
+    served
+}
+
+/// The commands other than `serve`: plain text logs, no telemetry.
+async fn tools(command: Command) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    match Cli::parse().command {
-        Command::Serve { config } => {
-            let settings = Settings::load(config.as_deref()).context("reading the settings")?;
-            let listener = tokio::net::TcpListener::bind(settings.server.listen)
-                .await
-                .with_context(|| format!("binding {}", settings.server.listen))?;
-            handid_server::run_with_reloads(listener, settings, shutdown_signal(), reload_signal()?)
-                .await
-                .context("serving")?;
+    match command {
+        Command::Serve { .. } => anyhow::bail!("serve is not a tool command"),
+        Command::Keygen {
+            id,
+            scopes,
+            galleries,
+        } => {
+            let key = handid_server::auth::generate_key();
+            println!("API key for {id:?} (shown once; give it to the client, it is not stored):\n");
+            println!("  {key}\n");
+            println!("Add to the server settings (only the hash is kept):\n");
+            print!(
+                "{}",
+                handid_server::auth::settings_snippet(&id, &key, &scopes, &galleries)
+            );
+            println!("\nClients send it as gRPC metadata  authorization: Bearer <key>");
         }
         Command::Health { addr } => {
             let channel = tonic::transport::Endpoint::from_shared(addr.clone())
@@ -97,21 +157,6 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One message per SIGHUP: reload the model's checkpoint folder.
-fn reload_signal() -> anyhow::Result<tokio::sync::mpsc::Receiver<()>> {
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("listening for SIGHUP")?;
-    let (reload, reloads) = tokio::sync::mpsc::channel(1);
-    tokio::spawn(async move {
-        while hangup.recv().await.is_some() {
-            tracing::info!("SIGHUP received: reloading the model");
-            // A reload already queued covers this signal too.
-            let _ = reload.try_send(());
-        }
-    });
-    Ok(reloads)
-}
-
 /// Completes on SIGTERM (what orchestrators send) or ctrl-c.
 async fn shutdown_signal() {
     let ctrl_c = async {
@@ -135,4 +180,19 @@ async fn shutdown_signal() {
         _ = ctrl_c => tracing::info!("ctrl-c received"),
         _ = terminate => tracing::info!("SIGTERM received"),
     }
+}
+
+/// One message per SIGHUP: reload the model's checkpoint folder.
+fn reload_signal() -> anyhow::Result<tokio::sync::mpsc::Receiver<()>> {
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("listening for SIGHUP")?;
+    let (reload, reloads) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP received: reloading the model");
+            // A reload already queued covers this signal too.
+            let _ = reload.try_send(());
+        }
+    });
+    Ok(reloads)
 }

@@ -8,10 +8,12 @@ use handid_model::DecodeLimits;
 use handid_proto::v1::{admin_server::AdminServer, hand_id_server::HandIdServer};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
-use tower::limit::GlobalConcurrencyLimitLayer;
-use tower::load_shed::LoadShedLayer;
+
+use crate::auth::Authenticator;
+use crate::layers::Protection;
 
 use crate::batcher::Batcher;
 use crate::engine::{ActiveModel, Caller, Engine, LoadError, Pipeline};
@@ -55,6 +57,16 @@ pub enum ServeError {
     /// The reflection service could not be built.
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// A TLS file could not be read.
+    #[error("reading {setting} {path}: {source}")]
+    TlsFile {
+        /// The setting naming it.
+        setting: &'static str,
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// The gRPC service names whose health is reported ("" is the whole server).
@@ -154,7 +166,12 @@ pub async fn run_with_reloads(
         let engine = Arc::clone(&engine);
         tokio::spawn(async move {
             while reloads.recv().await.is_some() {
-                let caller = Caller("signal:SIGHUP".to_owned());
+                // Audited like an Admin call, with the signal as the caller.
+                let caller = Caller {
+                    id: "signal:SIGHUP".to_owned(),
+                    peer: None,
+                    galleries: None,
+                };
                 match engine
                     .reload(&caller, None, crate::reload::ReloadMode::Swap)
                     .await
@@ -172,11 +189,27 @@ pub async fn run_with_reloads(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
+    {
+        // Gallery sizes for the metrics; a weak reference, so the gauge does
+        // not keep a stopped server's engine alive.
+        let engine = Arc::downgrade(&engine);
+        crate::telemetry::metrics()
+            .observe_gallery_sizes(move || engine.upgrade().map(|e| e.gallery_sizes()).unwrap_or_default());
+    }
+    // The last protection layer, per service: the largest message the codec
+    // accepts (OUT_OF_RANGE beyond it); the others are in `layers.rs`.
     let max_message = settings.limits.max_message_bytes;
     let handid = HandIdServer::new(HandIdService::new(Arc::clone(&engine)))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
-    let admin = AdminServer::new(AdminService::new(engine));
+    let admin = AdminServer::new(AdminService::new(engine))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let auth = Arc::new(Authenticator::new(&settings.auth));
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls_config(&settings).await? {
+        builder = builder.tls_config(tls)?;
+    }
 
     let local = listener.local_addr().ok();
     tracing::info!(address = ?local, "serving");
@@ -190,26 +223,17 @@ pub async fn run_with_reloads(
             tracing::info!("shutting down: draining in-flight calls");
         }
     };
-    let served = tonic::transport::Server::builder()
-        // One span per call, named by its method, so a call's log lines can
-        // be found together. Only the path is recorded: never a payload.
-        .trace_fn(|request| tracing::info_span!("grpc", method = %request.uri().path()))
-        // A call may not run forever: past the deadline it is cancelled and
-        // the client gets DEADLINE_EXCEEDED / CANCELLED.
-        .timeout(settings.request_timeout())
-        .layer(
-            tower::ServiceBuilder::new()
-                // Shed load when the limit below is reached: the call is
-                // refused at once with RESOURCE_EXHAUSTED rather than queued,
-                // so overload shows up as errors instead of growing latency.
-                .layer(LoadShedLayer::new())
-                // Limit the number of calls in flight across all connections
-                // (one semaphore for the whole server, not per connection):
-                // each call may hold decoded images and a batch slot.
-                .layer(GlobalConcurrencyLimitLayer::new(
-                    settings.server.max_concurrent_requests,
-                )),
-        )
+    let served = builder
+        // One span per call, named after its method, so a call's log lines
+        // and its trace's child spans hang together. Only the path is
+        // recorded: never a payload.
+        .trace_fn(|request| {
+            let method = request.uri().path();
+            tracing::info_span!("grpc", otel.name = method.trim_start_matches('/'), method = %method)
+        })
+        // Timeout, access control, rate limit, concurrency limit: the
+        // protection stack, commented layer by layer in `layers.rs`.
+        .layer(Protection::stack(&settings, auth))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(handid)
@@ -223,6 +247,32 @@ pub async fn run_with_reloads(
     }
     tracing::info!("server stopped");
     Ok(served?)
+}
+
+/// The TLS settings of the listener, when `tls.cert_file` is set.
+async fn tls_config(settings: &Settings) -> Result<Option<ServerTlsConfig>, ServeError> {
+    async fn read(setting: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ServeError> {
+        tokio::fs::read(path).await.map_err(|source| ServeError::TlsFile {
+            setting,
+            path: path.display().to_string(),
+            source,
+        })
+    }
+    let (Some(cert), Some(key)) = (&settings.tls.cert_file, &settings.tls.key_file) else {
+        return Ok(None);
+    };
+    let identity = Identity::from_pem(
+        read("tls.cert_file", cert).await?,
+        read("tls.key_file", key).await?,
+    );
+    let mut config = ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &settings.tls.client_ca_file {
+        // Mutual TLS: a client without a certificate from this CA cannot
+        // even complete the handshake.
+        config = config.client_ca_root(Certificate::from_pem(read("tls.client_ca_file", ca).await?));
+    }
+    tracing::info!(mutual = settings.tls.client_ca_file.is_some(), "TLS enabled");
+    Ok(Some(config))
 }
 
 /// Probes the database every `interval`; SERVING only while it answers.

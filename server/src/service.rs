@@ -37,16 +37,21 @@ impl AdminService {
     }
 }
 
-/// The audit log's "who": the peer address until API keys arrive.
+/// The audit log's "who", as the access-control layer established it
+/// (`layers.rs`); a service mounted without that layer (in-process use)
+/// sees an anonymous caller with the peer address.
 fn caller<T>(request: &Request<T>) -> Caller {
-    Caller(match request.remote_addr() {
-        Some(addr) => format!("anonymous@{addr}"),
-        None => "anonymous".to_owned(),
-    })
+    match request.extensions().get::<Caller>() {
+        Some(caller) => caller.clone(),
+        None => Caller::anonymous(request.remote_addr().map(|a| a.to_string())),
+    }
 }
 
-fn gallery(id: String) -> Result<Id, ServiceError> {
-    Id::parse("gallery_id", id)
+/// A valid gallery id that `caller` may use.
+fn gallery(caller: &Caller, id: String) -> Result<Id, ServiceError> {
+    let id = Id::parse("gallery_id", id)?;
+    caller.check_gallery(&id)?;
+    Ok(id)
 }
 
 fn subject(id: String) -> Result<Id, ServiceError> {
@@ -131,7 +136,7 @@ impl HandId for HandIdService {
     ) -> Result<Response<pb::EnrollResponse>, Status> {
         let caller = caller(&request);
         let r = request.into_inner();
-        let (g, s) = (gallery(r.gallery_id)?, subject(r.subject_id)?);
+        let (g, s) = (gallery(&caller, r.gallery_id)?, subject(r.subject_id)?);
         let key = Some(r.idempotency_key).filter(|k| !k.is_empty());
         let images = r.images.into_iter().map(|i| i.data).collect();
         let out = self
@@ -155,7 +160,7 @@ impl HandId for HandIdService {
     ) -> Result<Response<pb::IdentifyResponse>, Status> {
         let caller = caller(&request);
         let r = request.into_inner();
-        let g = gallery(r.gallery_id)?;
+        let g = gallery(&caller, r.gallery_id)?;
         let out = self
             .engine
             .identify(&caller, g, probe(r.image)?, r.top_k, rule(r.rule))
@@ -189,7 +194,7 @@ impl HandId for HandIdService {
     ) -> Result<Response<pb::VerifyResponse>, Status> {
         let caller = caller(&request);
         let r = request.into_inner();
-        let (g, s) = (gallery(r.gallery_id)?, subject(r.subject_id)?);
+        let (g, s) = (gallery(&caller, r.gallery_id)?, subject(r.subject_id)?);
         let out = self
             .engine
             .verify(&caller, g, s, probe(r.image)?, rule(r.rule))
@@ -223,7 +228,7 @@ impl HandId for HandIdService {
     ) -> Result<Response<pb::DeleteSubjectResponse>, Status> {
         let caller = caller(&request);
         let r = request.into_inner();
-        let (g, s) = (gallery(r.gallery_id)?, subject(r.subject_id)?);
+        let (g, s) = (gallery(&caller, r.gallery_id)?, subject(r.subject_id)?);
         let templates_deleted = self.engine.delete_subject(&caller, g, s).await?;
         Ok(Response::new(pb::DeleteSubjectResponse {
             templates_deleted,
@@ -237,7 +242,7 @@ impl HandId for HandIdService {
         request: Request<pb::DeleteGalleryRequest>,
     ) -> Result<Response<pb::DeleteGalleryResponse>, Status> {
         let caller = caller(&request);
-        let g = gallery(request.into_inner().gallery_id)?;
+        let g = gallery(&caller, request.into_inner().gallery_id)?;
         let erased = self.engine.delete_gallery(&caller, g).await?;
         Ok(Response::new(pb::DeleteGalleryResponse {
             subjects_deleted: erased.subjects,
@@ -251,8 +256,9 @@ impl HandId for HandIdService {
         &self,
         request: Request<pb::GetSubjectRequest>,
     ) -> Result<Response<pb::GetSubjectResponse>, Status> {
+        let caller = caller(&request);
         let r = request.into_inner();
-        let (g, s) = (gallery(r.gallery_id)?, subject(r.subject_id)?);
+        let (g, s) = (gallery(&caller, r.gallery_id)?, subject(r.subject_id)?);
         let record = self.engine.get_subject(g.clone(), s).await?;
         Ok(Response::new(pb::GetSubjectResponse {
             subject: Some(subject_record(g.as_str(), record)),
@@ -265,8 +271,9 @@ impl HandId for HandIdService {
         &self,
         request: Request<pb::ListSubjectsRequest>,
     ) -> Result<Response<pb::ListSubjectsResponse>, Status> {
+        let caller = caller(&request);
         let r = request.into_inner();
-        let g = gallery(r.gallery_id)?;
+        let g = gallery(&caller, r.gallery_id)?;
         let page = self
             .engine
             .list_subjects(g.clone(), r.page_size, &r.page_token)

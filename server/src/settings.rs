@@ -57,6 +57,12 @@ pub struct Settings {
     pub limits: LimitSettings,
     /// Following other replicas' writes to the same database.
     pub replication: ReplicationSettings,
+    /// API keys and their scopes.
+    pub auth: AuthSettings,
+    /// TLS and mutual TLS of the listener.
+    pub tls: TlsSettings,
+    /// OpenTelemetry export and log format.
+    pub telemetry: TelemetrySettings,
 }
 
 /// The gRPC listener and its middleware.
@@ -72,6 +78,11 @@ pub struct ServerSettings {
     pub request_timeout_ms: u64,
     /// How often the health check probes the database.
     pub health_check_interval_ms: u64,
+    /// Calls per second one caller (API key, certificate subject, or peer
+    /// address when auth is off) may make on average; 0 turns the limit off.
+    pub rate_limit_per_second: f64,
+    /// Calls one caller may make in a burst above that rate.
+    pub rate_limit_burst: u32,
 }
 
 impl Default for ServerSettings {
@@ -81,6 +92,8 @@ impl Default for ServerSettings {
             max_concurrent_requests: 256,
             request_timeout_ms: 30_000,
             health_check_interval_ms: 1_000,
+            rate_limit_per_second: 0.0,
+            rate_limit_burst: 50,
         }
     }
 }
@@ -198,6 +211,120 @@ impl Default for ReplicationSettings {
     }
 }
 
+/// What a key (or a client certificate) may call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Identify, Verify, Embed, GetSubject, ListSubjects.
+    Identify,
+    /// Enroll, DeleteSubject, DeleteGallery.
+    Enroll,
+    /// The Admin service.
+    Admin,
+}
+
+impl Scope {
+    /// The scope's name as written in settings and error messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Identify => "identify",
+            Scope::Enroll => "enroll",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
+/// Access control.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// When false every call is allowed without a key (local development
+    /// and tests only); it must be switched off explicitly.
+    pub enabled: bool,
+    /// The API keys, stored as hashes (`handid-server keygen` makes them).
+    pub keys: Vec<ApiKeySettings>,
+    /// Grants of mutual-TLS clients, by certificate subject.
+    pub certificates: Vec<CertificateGrant>,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            keys: Vec::new(),
+            certificates: Vec::new(),
+        }
+    }
+}
+
+/// One API key. The key itself is never stored, only its SHA-256.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeySettings {
+    /// The name the audit log records for calls made with this key.
+    pub id: String,
+    /// Lower-case hex SHA-256 of the key.
+    pub sha256: String,
+    /// What the key may call.
+    pub scopes: Vec<Scope>,
+    /// When not empty, the only galleries the key may touch.
+    #[serde(default)]
+    pub galleries: Vec<String>,
+}
+
+/// What a client certificate subject (RFC 4514 text, e.g. `CN=door-1`) may
+/// call when it comes without an API key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateGrant {
+    /// The certificate's subject, as the audit log records it.
+    pub subject: String,
+    /// What it may call.
+    pub scopes: Vec<Scope>,
+    /// When not empty, the only galleries it may touch.
+    #[serde(default)]
+    pub galleries: Vec<String>,
+}
+
+/// TLS of the gRPC listener; off unless both files are named.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSettings {
+    /// PEM certificate chain of the server.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of the server.
+    pub key_file: Option<PathBuf>,
+    /// PEM CA certificates; when set, clients must present a certificate
+    /// signed by one of them (mutual TLS) and its subject is the caller id.
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// Traces, metrics and logs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySettings {
+    /// OTLP/gRPC collector (`http://otel-collector:4317`); traces and metrics
+    /// are exported only when this is set.
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` resource attribute.
+    pub service_name: String,
+    /// How often metrics are pushed, in milliseconds.
+    pub metrics_interval_ms: u64,
+    /// Log lines as JSON objects instead of text.
+    pub json_logs: bool,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: "handid-server".to_owned(),
+            metrics_interval_ms: 10_000,
+            json_logs: false,
+        }
+    }
+}
+
 impl Settings {
     /// Reads `path` (when given), applies the `HANDID__*` variables of the
     /// process environment and validates the result.
@@ -258,6 +385,18 @@ impl Settings {
         if !(s.database.url.starts_with("postgres://") || s.database.url.starts_with("postgresql://")) {
             return bad("database.url", "must be a postgres:// or postgresql:// URL");
         }
+        if !(s.server.rate_limit_per_second >= 0.0 && s.server.rate_limit_per_second.is_finite()) {
+            return bad(
+                "server.rate_limit_per_second",
+                "must be a finite number >= 0 (0 is off)",
+            );
+        }
+        if s.server.rate_limit_per_second > 0.0 && s.server.rate_limit_burst == 0 {
+            return bad(
+                "server.rate_limit_burst",
+                "must be at least 1 when the rate limit is on",
+            );
+        }
         if s.database.max_connections == 0 {
             return bad("database.max_connections", "must be at least 1");
         }
@@ -296,6 +435,52 @@ impl Settings {
         }
         if s.replication.poll_interval_ms == 0 {
             return bad("replication.poll_interval_ms", "must be at least 1");
+        }
+        let mut ids = std::collections::HashSet::new();
+        for key in &s.auth.keys {
+            if key.id.is_empty() {
+                return bad("auth.keys.id", "must not be empty");
+            }
+            if !ids.insert(key.id.as_str()) {
+                return bad("auth.keys.id", &format!("{:?} is used by two keys", key.id));
+            }
+            if key.sha256.len() != 64 || !key.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return bad(
+                    "auth.keys.sha256",
+                    &format!(
+                        "key {:?}: must be 64 hex digits (handid-server keygen prints it)",
+                        key.id
+                    ),
+                );
+            }
+            if key.scopes.is_empty() {
+                return bad("auth.keys.scopes", &format!("key {:?} has no scope", key.id));
+            }
+        }
+        for grant in &s.auth.certificates {
+            if grant.subject.is_empty() || grant.scopes.is_empty() {
+                return bad(
+                    "auth.certificates",
+                    "each grant needs a subject and at least one scope",
+                );
+            }
+        }
+        if s.tls.cert_file.is_some() != s.tls.key_file.is_some() {
+            return bad("tls.cert_file", "tls.cert_file and tls.key_file go together");
+        }
+        if s.tls.client_ca_file.is_some() && s.tls.cert_file.is_none() {
+            return bad(
+                "tls.client_ca_file",
+                "mutual TLS needs tls.cert_file and tls.key_file",
+            );
+        }
+        if let Some(endpoint) = &s.telemetry.otlp_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return bad("telemetry.otlp_endpoint", "must be an http:// or https:// URL");
+        }
+        if s.telemetry.metrics_interval_ms == 0 {
+            return bad("telemetry.metrics_interval_ms", "must be at least 1");
         }
         Ok(())
     }
@@ -430,6 +615,15 @@ mod tests {
             (
                 "replication:\n  poll_interval_ms: 0\n",
                 "replication.poll_interval_ms",
+            ),
+            (
+                "auth:\n  keys:\n  - id: a\n    sha256: abc\n    scopes: [identify]\n",
+                "auth.keys.sha256",
+            ),
+            ("tls:\n  cert_file: /x.pem\n", "tls.cert_file"),
+            (
+                "telemetry:\n  otlp_endpoint: collector:4317\n",
+                "telemetry.otlp_endpoint",
             ),
         ] {
             let err = Settings::from_yaml_and_env(yaml, env(&[])).expect_err(yaml);

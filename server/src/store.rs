@@ -220,8 +220,10 @@ pub struct Coverage {
 /// field for an image or an embedding.
 #[derive(Debug, Clone)]
 pub struct AuditEntry<'a> {
-    /// API key id or peer.
+    /// API key id or client certificate subject (`anonymous` with auth off).
     pub actor: &'a str,
+    /// The peer address of the call, as extra.
+    pub peer: Option<&'a str>,
     /// `enroll`, `identify`, ...
     pub action: &'a str,
     /// Gallery, when the call named one.
@@ -678,8 +680,8 @@ impl Store {
     /// Appends one audit row.
     pub async fn audit(&self, entry: &AuditEntry<'_>) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO audit_log (actor, action, gallery_id, subject_id, model_id, outcome, top_score)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO audit_log (actor, action, gallery_id, subject_id, model_id, outcome, top_score, peer)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(entry.actor)
         .bind(entry.action)
@@ -688,6 +690,7 @@ impl Store {
         .bind(entry.model_id)
         .bind(entry.outcome)
         .bind(entry.top_score)
+        .bind(entry.peer.map(|p| p.get(..p.len().min(128)).unwrap_or(p)))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -1021,6 +1024,7 @@ mod tests {
         store
             .audit(&AuditEntry {
                 actor: "anonymous",
+                peer: Some("127.0.0.1:1"),
                 action: "identify",
                 gallery_id: Some("g"),
                 subject_id: None,

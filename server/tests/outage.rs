@@ -1,12 +1,16 @@
 //! A database outage: calls that need the database answer UNAVAILABLE,
 //! health turns NOT_SERVING, and both recover by themselves once Postgres is
-//! back. Alone in its test binary because it stops the shared test cluster
+//! back, under a steady load of enrolments none of whose acknowledged ones
+//! is lost. Alone in its test binary because it stops the shared test cluster
 //! (cargo runs test binaries one after another).
 
 mod common;
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use common::{TestServer, checkpoint, settings, wait_for_health};
 use handid_proto::v1 as pb;
@@ -61,6 +65,46 @@ async fn an_outage_is_unavailable_and_recovers_by_itself(_: PgPoolOptions, optio
     };
     client.enroll(enroll("before", &first)).await.expect("enroll");
 
+    // Load: four clients enrolling new subjects without pause, through the
+    // outage and after it. Each records what was acknowledged and every
+    // status it got.
+    let stop_load = Arc::new(AtomicBool::new(false));
+    let load: Vec<_> = (0..4)
+        .map(|worker| {
+            let mut client = client.clone();
+            let stop = Arc::clone(&stop_load);
+            let photo = first.clone();
+            tokio::spawn(async move {
+                let (mut acked, mut codes) = (Vec::new(), Vec::new());
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let subject = format!("load-{worker}-{i}");
+                    i += 1;
+                    match client
+                        .enroll(pb::EnrollRequest {
+                            gallery_id: "g".to_owned(),
+                            subject_id: subject.clone(),
+                            images: vec![pb::Image { data: photo.clone() }],
+                            idempotency_key: String::new(),
+                        })
+                        .await
+                    {
+                        Ok(_) => {
+                            acked.push(subject);
+                            codes.push(Code::Ok);
+                        }
+                        Err(status) => {
+                            codes.push(status.code());
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+                (acked, codes)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
     pg("stop", options.get_port());
     let down = client
         .enroll(enroll("during", &second))
@@ -86,10 +130,48 @@ async fn an_outage_is_unavailable_and_recovers_by_itself(_: PgPoolOptions, optio
         .enroll(enroll("after", &second))
         .await
         .expect("enroll after recovery");
+    // Let the load run on the recovered database, then collect it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_load.store(true, Ordering::Relaxed);
+    let (mut acked, mut codes) = (Vec::new(), Vec::new());
+    for worker in load {
+        let (a, c) = worker.await.expect("load task");
+        acked.extend(a);
+        codes.extend(c);
+    }
+    let count = |code| codes.iter().filter(|c| **c == code).count();
+    eprintln!(
+        "[outage] load: {} acknowledged, {} UNAVAILABLE, {} calls",
+        count(Code::Ok),
+        count(Code::Unavailable),
+        codes.len()
+    );
+    assert!(
+        codes.iter().all(|c| matches!(c, Code::Ok | Code::Unavailable)),
+        "only OK or UNAVAILABLE under an outage: {codes:?}"
+    );
+    assert!(count(Code::Unavailable) > 0, "the load saw the outage");
+    // The last calls of every worker came after recovery and succeeded.
+    assert!(codes.len() > count(Code::Unavailable) + 4);
+
+    // No acknowledged enrolment was lost: all are in the database and in
+    // the index Identify searches.
+    let pool = sqlx::PgPool::connect_with(options.clone()).await.expect("pool");
+    let stored: Vec<(String,)> = sqlx::query_as("SELECT subject_id FROM subjects WHERE gallery_id = 'g'")
+        .fetch_all(&pool)
+        .await
+        .expect("subjects");
+    let stored: std::collections::HashSet<String> = stored.into_iter().map(|(s,)| s).collect();
+    for subject in acked
+        .iter()
+        .chain(["before".to_owned(), "after".to_owned()].iter())
+    {
+        assert!(stored.contains(subject), "acknowledged enrolment {subject} lost");
+    }
     let found = client
         .identify(identify("g", &first))
         .await
         .expect("identify after recovery");
-    assert_eq!(found.into_inner().gallery_size, 2);
+    assert!(found.into_inner().gallery_size as usize >= acked.len() + 2);
     server.stop().await.expect("graceful stop");
 }

@@ -470,7 +470,8 @@ async fn sighup_reloads_the_real_binary(_: PgPoolOptions, options: PgConnectOpti
         format!(
             "server:\n  listen: 127.0.0.1:{port}\n  health_check_interval_ms: 200\n\
              database:\n  url: {}\n  max_connections: 4\n\
-             model:\n  path: {}\n",
+             model:\n  path: {}\n\
+             auth:\n  enabled: false\n",
             database_url(&options),
             serving.path().display()
         ),

@@ -21,6 +21,7 @@ use handid_eval::metrics::summary::SplitEvaluation;
 use handid_eval::report::Report;
 use handid_model::{ClipVisionConfig, create_random_checkpoint};
 use handid_server::Settings;
+use handid_server::settings::{ApiKeySettings, Scope};
 use handid_trainer::commands::{eval, replay};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
@@ -65,6 +66,9 @@ fn database_url(options: &PgConnectOptions) -> String {
     )
 }
 
+/// The API key replay sends (`auth.keys` holds its hash).
+const API_KEY: &str = "replay-test-key";
+
 /// A server on 127.0.0.1:0 serving `checkpoint`; returns its address and a
 /// sender that stops it.
 async fn start_server(
@@ -81,6 +85,13 @@ async fn start_server(
     settings.batch.max_batch_size = 1;
     settings.batch.max_wait_ms = 1;
     settings.limits.max_top_k = max_top_k;
+    // Access control stays on: replay must authenticate with its key.
+    settings.auth.keys = vec![ApiKeySettings {
+        id: "replay".to_owned(),
+        sha256: handid_server::auth::hash_key(API_KEY),
+        scopes: vec![Scope::Identify, Scope::Enroll],
+        galleries: Vec::new(),
+    }];
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -106,7 +117,7 @@ fn replay_args(addr: SocketAddr, manifest: &Path, report: &Path) -> replay::Args
         server: format!("http://{addr}"),
         manifest: manifest.to_owned(),
         data: None,
-        api_key: Some("test-key".to_owned()),
+        api_key: Some(API_KEY.to_owned()),
         concurrency: 4,
         gallery_all: false,
         report: report.to_owned(),

@@ -115,6 +115,8 @@ pub fn settings(options: &PgConnectOptions, checkpoint: &Path) -> Settings {
     s.limits.max_pixels = 1_000_000;
     s.limits.max_images_per_request = 4;
     s.limits.max_top_k = 10;
+    // Access control is tested in access.rs; the other tests call without keys.
+    s.auth.enabled = false;
     s
 }
 

@@ -1,0 +1,334 @@
+//! The protection middleware: every layer a call passes through before a
+//! handler sees it, built in one place ([`Protection::stack`]).
+//!
+//! Each layer that refuses a call answers at once with a gRPC status
+//! (trailers-only response) instead of an error, so the client always gets a
+//! precise code and message, never a transport failure.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::Status;
+use tower::layer::util::{Identity, Stack};
+use tower::{Layer, Service, ServiceBuilder};
+
+use crate::auth::{Access, Authenticator, access_of};
+use crate::engine::Caller;
+use crate::index::lock;
+use crate::settings::Settings;
+use crate::telemetry::metrics;
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// The stack's type, outermost layer last (tower's `Stack` nesting).
+pub type ProtectionLayer = Stack<
+    GateLayer<Shed>,
+    Stack<GateLayer<RateLimit>, Stack<GateLayer<Authenticate>, Stack<DeadlineLayer, Identity>>>,
+>;
+
+/// Builds the stack, outermost first.
+#[derive(Debug)]
+pub struct Protection;
+
+impl Protection {
+    /// The layers, in the order a call meets them. The order matters:
+    /// cheap refusals come first, and nothing refused takes a slot of the
+    /// concurrency limit.
+    pub fn stack(settings: &Settings, auth: Arc<Authenticator>) -> ProtectionLayer {
+        ServiceBuilder::new()
+            // 1. Request timeout: a call may not run forever; past
+            //    `server.request_timeout_ms` it is dropped (and with it its
+            //    batch slot and database work) and the client gets
+            //    DEADLINE_EXCEEDED. Outermost so it bounds everything below;
+            //    it also records each call's latency.
+            .layer(DeadlineLayer {
+                timeout: settings.request_timeout(),
+            })
+            // 2. Authentication and scope: who is calling (API key or client
+            //    certificate) and whether the method's scope is granted.
+            //    UNAUTHENTICATED / PERMISSION_DENIED before any work is done.
+            //    Health and reflection stay open.
+            .layer(GateLayer(Arc::new(Authenticate(auth))))
+            // 3. Per-caller rate limit (token bucket per key id): one noisy
+            //    client cannot take the capacity of the others.
+            //    RESOURCE_EXHAUSTED naming the limit.
+            .layer(GateLayer(Arc::new(RateLimit::new(
+                settings.server.rate_limit_per_second,
+                settings.server.rate_limit_burst,
+            ))))
+            // 4. Concurrency limit with load shedding: at most
+            //    `server.max_concurrent_requests` calls in flight across all
+            //    connections (one semaphore for the server); one more is
+            //    refused at once with RESOURCE_EXHAUSTED rather than queued,
+            //    so overload shows as fast errors, not growing latency and
+            //    memory.
+            .layer(GateLayer(Arc::new(Shed::new(
+                settings.server.max_concurrent_requests,
+            ))))
+            // 5. (In server.rs, per service) the maximum message size:
+            //    `limits.max_message_bytes`, refused by the codec with
+            //    OUT_OF_RANGE before the message is buffered whole.
+            .into_inner()
+    }
+}
+
+/// Answers a refused call with its status.
+fn refuse<B: Default>(status: Status) -> http::Response<B> {
+    status.into_http()
+}
+
+/// The request-timeout layer.
+#[derive(Debug, Clone)]
+pub struct DeadlineLayer {
+    timeout: Duration,
+}
+
+impl<S> Layer<S> for DeadlineLayer {
+    type Service = Deadline<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Deadline {
+            inner,
+            timeout: self.timeout,
+        }
+    }
+}
+
+/// See [`DeadlineLayer`].
+#[derive(Debug, Clone)]
+pub struct Deadline<S> {
+    inner: S,
+    timeout: Duration,
+}
+
+impl<S, B, R> Service<http::Request<B>> for Deadline<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    R: Default + Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<R>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        // The clone is the ready one's twin; keep the ready one for this call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let timeout = self.timeout;
+        let method = request.uri().path().to_owned();
+        let started = Instant::now();
+        let call = inner.call(request);
+        Box::pin(async move {
+            let response = match tokio::time::timeout(timeout, call).await {
+                Ok(response) => response,
+                Err(_) => Ok(refuse(Status::deadline_exceeded(format!(
+                    "the call ran past the server's limit of {} ms",
+                    timeout.as_millis()
+                )))),
+            };
+            metrics().call_finished(&method, started.elapsed());
+            response
+        })
+    }
+}
+
+/// A check run before a call reaches the handler; what it returns is held
+/// until the call completes (e.g. a concurrency permit).
+pub trait Gate: Send + Sync + 'static {
+    /// Held for the call's lifetime.
+    type Ticket: Send + 'static;
+    /// Admits the call (possibly adding extensions) or refuses it.
+    fn admit<B>(&self, request: &mut http::Request<B>) -> Result<Self::Ticket, Status>;
+}
+
+/// Wraps a service with a [`Gate`].
+#[derive(Debug)]
+pub struct GateLayer<G>(Arc<G>);
+
+impl<G> Clone for GateLayer<G> {
+    fn clone(&self) -> Self {
+        Self(Arc::clone(&self.0))
+    }
+}
+
+impl<S, G> Layer<S> for GateLayer<G> {
+    type Service = Gated<S, G>;
+    fn layer(&self, inner: S) -> Self::Service {
+        Gated {
+            inner,
+            gate: Arc::clone(&self.0),
+        }
+    }
+}
+
+/// See [`GateLayer`].
+#[derive(Debug)]
+pub struct Gated<S, G> {
+    inner: S,
+    gate: Arc<G>,
+}
+
+impl<S: Clone, G> Clone for Gated<S, G> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            gate: Arc::clone(&self.gate),
+        }
+    }
+}
+
+impl<S, G, B, R> Service<http::Request<B>> for Gated<S, G>
+where
+    S: Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    G: Gate,
+    R: Default + Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<R>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let ticket = match self.gate.admit(&mut request) {
+            Ok(ticket) => ticket,
+            Err(status) => return Box::pin(std::future::ready(Ok(refuse(status)))),
+        };
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let call = inner.call(request);
+        Box::pin(async move {
+            let response = call.await;
+            drop(ticket);
+            response
+        })
+    }
+}
+
+/// Authentication and scope check; puts the [`Caller`] in the request's
+/// extensions, where tonic hands it to the handler.
+#[derive(Debug)]
+pub struct Authenticate(Arc<Authenticator>);
+
+impl Gate for Authenticate {
+    type Ticket = ();
+    fn admit<B>(&self, request: &mut http::Request<B>) -> Result<(), Status> {
+        let path = request.uri().path().to_owned();
+        let caller = self
+            .0
+            .check(&path, request.headers(), request.extensions())
+            .inspect_err(|status| {
+                tracing::info!(method = %path, code = ?status.code(), "call refused by access control");
+            })?;
+        request.extensions_mut().insert(caller);
+        Ok(())
+    }
+}
+
+/// Callers remembered by the rate limiter before idle ones are forgotten.
+const RATE_LIMIT_TABLE: usize = 10_000;
+
+/// A token bucket per caller id.
+#[derive(Debug)]
+pub struct RateLimit {
+    per_second: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl RateLimit {
+    fn new(per_second: f64, burst: u32) -> Self {
+        Self {
+            per_second,
+            burst: f64::from(burst.max(1)),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Gate for RateLimit {
+    type Ticket = ();
+    fn admit<B>(&self, request: &mut http::Request<B>) -> Result<(), Status> {
+        if self.per_second <= 0.0 {
+            return Ok(());
+        }
+        // With auth off every caller is "anonymous": fall back to the peer
+        // address so one client still cannot starve the others.
+        let Some(caller) = request.extensions().get::<Caller>() else {
+            return Ok(());
+        };
+        let key = match (caller.id.as_str(), &caller.peer) {
+            // The peer's IP without its port: one client, many connections.
+            ("anonymous", Some(peer)) => peer.rsplit_once(':').map_or(peer.as_str(), |p| p.0).to_owned(),
+            (id, _) => id.to_owned(),
+        };
+        let now = Instant::now();
+        let mut buckets = lock(&self.buckets);
+        if buckets.len() >= RATE_LIMIT_TABLE {
+            // A bucket idle long enough to be full again carries no state.
+            let refill = Duration::from_secs_f64(self.burst / self.per_second);
+            buckets.retain(|_, (_, last)| now.duration_since(*last) < refill);
+        }
+        let (tokens, last) = buckets.entry(key).or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.per_second).min(self.burst);
+        *last = now;
+        if *tokens < 1.0 {
+            return Err(Status::resource_exhausted(format!(
+                "rate limit of {} calls per second (burst {}) exceeded for {:?}; retry later",
+                self.per_second, self.burst, caller.id
+            )));
+        }
+        *tokens -= 1.0;
+        Ok(())
+    }
+}
+
+/// The server-wide concurrency limit, refusing instead of queueing.
+#[derive(Debug)]
+pub struct Shed {
+    slots: Arc<Semaphore>,
+    limit: usize,
+}
+
+impl Shed {
+    fn new(limit: usize) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(limit)),
+            limit,
+        }
+    }
+}
+
+impl Gate for Shed {
+    type Ticket = Option<OwnedSemaphorePermit>;
+    fn admit<B>(&self, request: &mut http::Request<B>) -> Result<Self::Ticket, Status> {
+        // Health checks must answer even at full load, or an orchestrator
+        // would restart a replica for being busy.
+        if access_of(request.uri().path()) == Access::Open {
+            return Ok(None);
+        }
+        Arc::clone(&self.slots)
+            .try_acquire_owned()
+            .map(Some)
+            .map_err(|_| {
+                Status::resource_exhausted(format!(
+                    "the server is at its limit of {} concurrent calls; retry with backoff",
+                    self.limit
+                ))
+            })
+    }
+}

@@ -1,0 +1,638 @@
+//! Access control against a real server: every key kind against every RPC
+//! (the expected status asserted for each cell), a key made by the `keygen`
+//! command, the audit log's "who", and TLS / mutual TLS with certificates
+//! generated here.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestServer, checkpoint, settings, wait_for_health};
+use handid_proto::v1 as pb;
+use handid_proto::v1::admin_client::AdminClient;
+use handid_proto::v1::hand_id_client::HandIdClient;
+use handid_server::Settings;
+use handid_server::auth::{generate_key, hash_key};
+use handid_server::settings::{ApiKeySettings, CertificateGrant, Scope};
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::{Code, Request};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+/// The RPCs of the matrix.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Rpc {
+    Enroll,
+    Identify,
+    Verify,
+    Embed,
+    GetSubject,
+    ListSubjects,
+    DeleteSubject,
+    DeleteGallery,
+    GetModel,
+    ReloadModel,
+    PromoteModel,
+    Health,
+}
+
+const RPCS: [Rpc; 12] = [
+    Rpc::Enroll,
+    Rpc::Identify,
+    Rpc::Verify,
+    Rpc::Embed,
+    Rpc::GetSubject,
+    Rpc::ListSubjects,
+    Rpc::DeleteSubject,
+    Rpc::DeleteGallery,
+    Rpc::GetModel,
+    Rpc::ReloadModel,
+    Rpc::PromoteModel,
+    Rpc::Health,
+];
+
+impl Rpc {
+    /// The scope it needs; None: open.
+    fn scope(self) -> Option<Scope> {
+        match self {
+            Rpc::Enroll | Rpc::DeleteSubject | Rpc::DeleteGallery => Some(Scope::Enroll),
+            Rpc::Identify | Rpc::Verify | Rpc::Embed | Rpc::GetSubject | Rpc::ListSubjects => {
+                Some(Scope::Identify)
+            }
+            Rpc::GetModel | Rpc::ReloadModel | Rpc::PromoteModel => Some(Scope::Admin),
+            Rpc::Health => None,
+        }
+    }
+
+    /// Whether it names a gallery.
+    fn has_gallery(self) -> bool {
+        !matches!(
+            self,
+            Rpc::Embed | Rpc::GetModel | Rpc::ReloadModel | Rpc::PromoteModel | Rpc::Health
+        )
+    }
+
+    /// Its status once admitted: the deletes aim at things that do not
+    /// exist, so the fixture survives and NOT_FOUND proves the call got in;
+    /// ReloadModel reloads the serving folder, and PromoteModel finds nothing
+    /// staged (FAILED_PRECONDITION).
+    fn admitted(self) -> Code {
+        match self {
+            Rpc::DeleteSubject | Rpc::DeleteGallery => Code::NotFound,
+            Rpc::PromoteModel => Code::FailedPrecondition,
+            _ => Code::Ok,
+        }
+    }
+}
+
+/// Sends `msg` with `key` (when given) as `authorization: Bearer <key>`.
+fn with_key<T>(msg: T, key: Option<&str>) -> Request<T> {
+    let mut request = Request::new(msg);
+    if let Some(key) = key {
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {key}").parse().expect("ascii key"),
+        );
+    }
+    request
+}
+
+fn code<T>(result: Result<tonic::Response<T>, tonic::Status>) -> (Code, String) {
+    match result {
+        Ok(_) => (Code::Ok, String::new()),
+        Err(status) => (status.code(), status.message().to_owned()),
+    }
+}
+
+/// The fixture's gallery, its enrolled subject, and a gallery name that
+/// exists nowhere (DeleteGallery's target).
+const HOME: &str = "g";
+const SUBJECT: &str = "s";
+const GONE: &str = "gone";
+
+/// Calls `rpc` on `gallery` with `key`; returns the status code and message.
+async fn call(channel: &Channel, rpc: Rpc, key: Option<&str>, gallery: &str, n: usize) -> (Code, String) {
+    let mut client = HandIdClient::new(channel.clone());
+    let photo = common::people(1, 1).remove(0).1.remove(0);
+    let image = || Some(pb::Image { data: photo.clone() });
+    let g = gallery.to_owned();
+    match rpc {
+        Rpc::Enroll => code(
+            client
+                .enroll(with_key(
+                    pb::EnrollRequest {
+                        gallery_id: g,
+                        subject_id: format!("new-{n}"),
+                        images: vec![pb::Image { data: photo.clone() }],
+                        idempotency_key: String::new(),
+                    },
+                    key,
+                ))
+                .await,
+        ),
+        Rpc::Identify => code(
+            client
+                .identify(with_key(
+                    pb::IdentifyRequest {
+                        gallery_id: g,
+                        image: image(),
+                        top_k: 1,
+                        rule: None,
+                    },
+                    key,
+                ))
+                .await,
+        ),
+        Rpc::Verify => code(
+            client
+                .verify(with_key(
+                    pb::VerifyRequest {
+                        gallery_id: g,
+                        subject_id: SUBJECT.to_owned(),
+                        image: image(),
+                        rule: None,
+                    },
+                    key,
+                ))
+                .await,
+        ),
+        Rpc::Embed => code(
+            client
+                .embed(with_key(
+                    pb::EmbedRequest {
+                        images: vec![pb::Image { data: photo.clone() }],
+                    },
+                    key,
+                ))
+                .await,
+        ),
+        Rpc::GetSubject => code(
+            client
+                .get_subject(with_key(
+                    pb::GetSubjectRequest {
+                        gallery_id: g,
+                        subject_id: SUBJECT.to_owned(),
+                    },
+                    key,
+                ))
+                .await,
+        ),
+        Rpc::ListSubjects => code(
+            client
+                .list_subjects(with_key(
+                    pb::ListSubjectsRequest {
+                        gallery_id: g,
+                        page_size: 0,
+                        page_token: String::new(),
+                    },
+                    key,
+                ))
+                .await,
+        ),
+        Rpc::DeleteSubject => code(
+            client
+                .delete_subject(with_key(
+                    pb::DeleteSubjectRequest {
+                        gallery_id: g,
+                        subject_id: "absent".to_owned(),
+                    },
+                    key,
+                ))
+                .await,
+        ),
+        Rpc::DeleteGallery => code(
+            client
+                .delete_gallery(with_key(
+                    pb::DeleteGalleryRequest {
+                        gallery_id: if gallery == HOME { GONE.to_owned() } else { g },
+                    },
+                    key,
+                ))
+                .await,
+        ),
+        Rpc::GetModel => code(
+            AdminClient::new(channel.clone())
+                .get_model(with_key(pb::GetModelRequest {}, key))
+                .await,
+        ),
+        Rpc::ReloadModel => code(
+            AdminClient::new(channel.clone())
+                .reload_model(with_key(pb::ReloadModelRequest::default(), key))
+                .await,
+        ),
+        Rpc::PromoteModel => code(
+            AdminClient::new(channel.clone())
+                .promote_model(with_key(
+                    pb::PromoteModelRequest {
+                        require_full_coverage: false,
+                    },
+                    key,
+                ))
+                .await,
+        ),
+        Rpc::Health => code(
+            HealthClient::new(channel.clone())
+                .check(with_key(
+                    HealthCheckRequest {
+                        service: String::new(),
+                    },
+                    key,
+                ))
+                .await,
+        ),
+    }
+}
+
+/// One row of the matrix: a caller and what it holds.
+struct Holder {
+    name: &'static str,
+    key: Option<String>,
+    /// None: not a valid key at all.
+    scopes: Option<Vec<Scope>>,
+    galleries: Vec<String>,
+}
+
+fn key(id: &str, key: &str, scopes: &[Scope], galleries: &[&str]) -> ApiKeySettings {
+    ApiKeySettings {
+        id: id.to_owned(),
+        sha256: hash_key(key),
+        scopes: scopes.to_vec(),
+        galleries: galleries.iter().map(|g| (*g).to_owned()).collect(),
+    }
+}
+
+/// `handid-server keygen`: the printed key and the settings it printed.
+fn keygen(id: &str, scopes: &str) -> (String, Settings) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_handid-server"))
+        .args(["keygen", "--id", id, "--scopes", scopes])
+        .output()
+        .expect("run keygen");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let key = text
+        .split_whitespace()
+        .find(|w| w.starts_with(handid_server::auth::KEY_PREFIX))
+        .expect("a key in the output")
+        .to_owned();
+    let yaml = &text[text.find("auth:").expect("a settings snippet")..];
+    let yaml: String = yaml
+        .lines()
+        .take_while(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let settings = Settings::from_yaml_and_env(&yaml, Vec::new()).expect("the snippet is valid settings");
+    (key, settings)
+}
+
+#[sqlx::test(migrations = false)]
+async fn every_key_kind_gets_the_right_status_on_every_rpc(
+    pool_options: PgPoolOptions,
+    options: PgConnectOptions,
+) {
+    let dir = checkpoint();
+    let (full_key, generated) = keygen("operator", "identify,enroll");
+    assert_eq!(generated.auth.keys[0].scopes, [Scope::Identify, Scope::Enroll]);
+    let (reader, writer, admin, limited) = (generate_key(), generate_key(), generate_key(), generate_key());
+    let mut s = settings(&options, dir.path());
+    s.auth.enabled = true;
+    s.auth.keys = generated.auth.keys.clone();
+    s.auth.keys.extend([
+        key("reader", &reader, &[Scope::Identify], &[]),
+        key("writer", &writer, &[Scope::Enroll], &[]),
+        key("ops", &admin, &[Scope::Admin], &[]),
+        key(
+            "site-g",
+            &limited,
+            &[Scope::Identify, Scope::Enroll],
+            &[HOME, GONE],
+        ),
+    ]);
+    let server = TestServer::start(s).await;
+    server.client().await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+
+    // The fixture, enrolled with the keygen key.
+    let photo = common::people(1, 1).remove(0).1.remove(0);
+    HandIdClient::new(channel.clone())
+        .enroll(with_key(
+            pb::EnrollRequest {
+                gallery_id: HOME.to_owned(),
+                subject_id: SUBJECT.to_owned(),
+                images: vec![pb::Image { data: photo }],
+                idempotency_key: String::new(),
+            },
+            Some(&full_key),
+        ))
+        .await
+        .expect("the keygen key enrols");
+
+    let holders = [
+        Holder {
+            name: "no key",
+            key: None,
+            scopes: None,
+            galleries: Vec::new(),
+        },
+        Holder {
+            name: "wrong key",
+            key: Some(generate_key()),
+            scopes: None,
+            galleries: Vec::new(),
+        },
+        Holder {
+            name: "identify",
+            key: Some(reader.clone()),
+            scopes: Some(vec![Scope::Identify]),
+            galleries: Vec::new(),
+        },
+        Holder {
+            name: "enroll",
+            key: Some(writer),
+            scopes: Some(vec![Scope::Enroll]),
+            galleries: Vec::new(),
+        },
+        Holder {
+            name: "admin",
+            key: Some(admin),
+            scopes: Some(vec![Scope::Admin]),
+            galleries: Vec::new(),
+        },
+        Holder {
+            name: "keygen identify+enroll",
+            key: Some(full_key),
+            scopes: Some(vec![Scope::Identify, Scope::Enroll]),
+            galleries: Vec::new(),
+        },
+        Holder {
+            name: "gallery-limited",
+            key: Some(limited),
+            scopes: Some(vec![Scope::Identify, Scope::Enroll]),
+            galleries: vec![HOME.to_owned(), GONE.to_owned()],
+        },
+    ];
+    let mut cells = 0;
+    let mut n = 0;
+    for holder in &holders {
+        // The limited key is also tried on a gallery outside its list.
+        let targets: &[&str] = if holder.galleries.is_empty() {
+            &[HOME]
+        } else {
+            &[HOME, "other"]
+        };
+        for &target in targets {
+            for rpc in RPCS {
+                n += 1;
+                let (got, message) = call(&channel, rpc, holder.key.as_deref(), target, n).await;
+                let want = match (rpc.scope(), &holder.scopes) {
+                    (None, _) => Code::Ok,
+                    (Some(_), None) => Code::Unauthenticated,
+                    (Some(scope), Some(held)) if !held.contains(&scope) => Code::PermissionDenied,
+                    (Some(_), Some(_))
+                        if rpc.has_gallery()
+                            && !holder.galleries.is_empty()
+                            && !holder.galleries.iter().any(|g| g == target) =>
+                    {
+                        Code::PermissionDenied
+                    }
+                    (Some(_), Some(_)) => rpc.admitted(),
+                };
+                assert_eq!(
+                    got, want,
+                    "{} calling {rpc:?} on {target}: {message}",
+                    holder.name
+                );
+                if want == Code::PermissionDenied {
+                    let scope = rpc.scope().expect("scoped");
+                    let named = if holder.scopes.as_ref().is_some_and(|h| h.contains(&scope)) {
+                        format!("{target:?}")
+                    } else {
+                        format!("{:?}", scope.as_str())
+                    };
+                    assert!(message.contains(&named), "{}: {rpc:?}: {message}", holder.name);
+                }
+                cells += 1;
+            }
+        }
+    }
+    assert_eq!(cells, RPCS.len() * (holders.len() + 1));
+
+    // The audit log names the key, with the peer address as extra.
+    let pool = pool_options.connect_with(options.clone()).await.expect("pool");
+    let rows: Vec<(String, String, Option<String>)> =
+        sqlx::query_as("SELECT actor, action, peer FROM audit_log ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .expect("audit rows");
+    assert_eq!(rows[0].0, "operator", "the fixture's enrolment: {rows:?}");
+    assert!(
+        rows.iter().any(|(actor, action, peer)| actor == "reader"
+            && action == "identify"
+            && peer.as_deref().is_some_and(|p| p.starts_with("127.0.0.1:"))),
+        "{rows:?}"
+    );
+    // Admin calls are audited the same way, by the admin key.
+    for action in ["reload", "promote"] {
+        assert!(
+            rows.iter().any(|(actor, a, peer)| actor == "ops"
+                && a == action
+                && peer.as_deref().is_some_and(|p| p.starts_with("127.0.0.1:"))),
+            "{action}: {rows:?}"
+        );
+    }
+    assert!(
+        rows.iter()
+            .all(|(actor, action, _)| actor == "ops" || !["reload", "promote"].contains(&action.as_str())),
+        "only the admin key reloads or promotes: {rows:?}"
+    );
+    // Refused calls never reach the engine: no anonymous rows.
+    assert!(rows.iter().all(|(actor, ..)| actor != "anonymous"), "{rows:?}");
+    server.stop().await.expect("graceful stop");
+}
+
+/// A CA, a server certificate for localhost and a client certificate whose
+/// subject is `CN=door-7`, as PEM.
+struct Pki {
+    ca: String,
+    server: (String, String),
+    client: (String, String),
+    stranger: (String, String),
+}
+
+fn pki() -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "handid test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).expect("CA");
+    let issuer = Issuer::from_params(&ca_params, &ca_key);
+    let leaf = |names: Vec<String>, cn: &str, issuer: &Issuer<'_, &KeyPair>| {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(names).expect("params");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let cert = params.signed_by(&key, issuer).expect("sign");
+        (cert.pem(), key.serialize_pem())
+    };
+    let other_key = KeyPair::generate().expect("key");
+    let mut other_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    other_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    other_params
+        .distinguished_name
+        .push(DnType::CommonName, "someone else");
+    let other = Issuer::from_params(&other_params, &other_key);
+    Pki {
+        ca: ca_cert.pem(),
+        server: leaf(vec!["localhost".to_owned()], "handid server", &issuer),
+        client: leaf(Vec::new(), "door-7", &issuer),
+        stranger: leaf(Vec::new(), "door-7", &other),
+    }
+}
+
+async fn tls_channel(
+    addr: std::net::SocketAddr,
+    ca: &str,
+    client: Option<&(String, String)>,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("localhost");
+    if let Some((cert, key)) = client {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Channel::from_shared(format!("https://localhost:{}", addr.port()))
+        .expect("url")
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+}
+
+#[sqlx::test(migrations = false)]
+async fn mutual_tls_names_the_caller_by_certificate_subject(
+    pool_options: PgPoolOptions,
+    options: PgConnectOptions,
+) {
+    let dir = checkpoint();
+    let pki = pki();
+    let files = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, text: &str| {
+        let path = files.path().join(name);
+        std::fs::write(&path, text).expect("write pem");
+        path
+    };
+    let mut s = settings(&options, dir.path());
+    s.tls.cert_file = Some(write("server.pem", &pki.server.0));
+    s.tls.key_file = Some(write("server.key", &pki.server.1));
+    s.tls.client_ca_file = Some(write("ca.pem", &pki.ca));
+    s.auth.enabled = true;
+    s.auth.certificates = vec![CertificateGrant {
+        subject: "CN=door-7".to_owned(),
+        scopes: vec![Scope::Identify],
+        galleries: Vec::new(),
+    }];
+    let server = TestServer::start(s).await;
+    let mut channel = None;
+    for _ in 0..200 {
+        if let Ok(c) = tls_channel(server.addr, &pki.ca, Some(&pki.client)).await {
+            channel = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let channel = channel.expect("mutual TLS connection");
+    let health = |channel: Channel| async move {
+        HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner().status)
+    };
+    for _ in 0..100 {
+        if health(channel.clone())
+            .await
+            .is_ok_and(|s| s == ServingStatus::Serving as i32)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The certificate grants identify (the gallery does not exist: NOT_FOUND
+    // proves the call was admitted), not enroll.
+    let photo = common::people(1, 1).remove(0).1.remove(0);
+    let (got, message) = call(&channel, Rpc::Identify, None, HOME, 0).await;
+    assert_eq!(got, Code::NotFound, "{message}");
+    let (got, message) = call(&channel, Rpc::Enroll, None, HOME, 1).await;
+    assert_eq!(got, Code::PermissionDenied, "{message}");
+    assert!(message.contains("\"enroll\""), "{message}");
+    drop(photo);
+
+    // Without a client certificate, or with one from another CA, there is no
+    // connection at all (or the first call fails).
+    for client in [None, Some(&pki.stranger)] {
+        let refused = match tls_channel(server.addr, &pki.ca, client).await {
+            Err(_) => true,
+            Ok(channel) => health(channel).await.is_err(),
+        };
+        assert!(refused, "a client without a valid certificate was served");
+    }
+    // Plain text is not served either.
+    let plain = HandIdClient::connect(format!("http://{}", server.addr)).await;
+    if let Ok(mut plain) = plain {
+        let status = plain
+            .embed(pb::EmbedRequest { images: Vec::new() })
+            .await
+            .expect_err("plain text on a TLS port");
+        assert_ne!(status.code(), Code::InvalidArgument);
+    }
+
+    let pool: PgPool = pool_options.connect_with(options.clone()).await.expect("pool");
+    let actors: Vec<(String, String)> = sqlx::query_as("SELECT actor, action FROM audit_log ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .expect("audit");
+    assert_eq!(actors, [("CN=door-7".to_owned(), "identify".to_owned())]);
+    server.stop().await.expect("graceful stop");
+}
+
+#[sqlx::test(migrations = false)]
+async fn tls_without_client_certificates_serves_api_keys(_: PgPoolOptions, options: PgConnectOptions) {
+    let dir = checkpoint();
+    let pki = pki();
+    let files = tempfile::tempdir().expect("tempdir");
+    let cert = files.path().join("server.pem");
+    let key_file = files.path().join("server.key");
+    std::fs::write(&cert, &pki.server.0).expect("write");
+    std::fs::write(&key_file, &pki.server.1).expect("write");
+    let secret = generate_key();
+    let mut s = settings(&options, dir.path());
+    s.tls.cert_file = Some(cert);
+    s.tls.key_file = Some(key_file);
+    s.auth.enabled = true;
+    s.auth.keys = vec![key("reader", &secret, &[Scope::Identify], &[])];
+    let server = TestServer::start(s).await;
+    let mut channel = None;
+    for _ in 0..200 {
+        if let Ok(c) = tls_channel(server.addr, &pki.ca, None).await {
+            channel = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let channel = channel.expect("TLS connection");
+    let (got, message) = call(&channel, Rpc::Embed, Some(&secret), HOME, 0).await;
+    assert_eq!(got, Code::Ok, "{message}");
+    let (got, _) = call(&channel, Rpc::Embed, None, HOME, 0).await;
+    assert_eq!(got, Code::Unauthenticated);
+    server.stop().await.expect("graceful stop");
+}

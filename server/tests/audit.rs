@@ -1,0 +1,187 @@
+//! The audit log through the real server: every mutating or identifying
+//! call leaves a row saying who (the key id, the peer as extra), what,
+//! which gallery / subject, model, outcome and top score; the rows never
+//! hold an image; and the table refuses UPDATE, DELETE and TRUNCATE.
+
+mod common;
+
+use common::{TestServer, checkpoint, contains, fingerprints, settings, wait_for_health};
+use handid_proto::v1 as pb;
+use handid_server::auth::{generate_key, hash_key};
+use handid_server::settings::{ApiKeySettings, Scope};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tonic::Request;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+fn keyed<T>(msg: T, key: &str) -> Request<T> {
+    let mut request = Request::new(msg);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().expect("ascii"));
+    request
+}
+
+type Row = (
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    String,
+    Option<f32>,
+    Option<String>,
+);
+
+#[sqlx::test(migrations = false)]
+async fn audit_rows_say_who_did_what_and_never_hold_an_image(
+    pool_options: PgPoolOptions,
+    options: PgConnectOptions,
+) {
+    let dir = checkpoint();
+    let secret = generate_key();
+    let mut s = settings(&options, dir.path());
+    s.auth.enabled = true;
+    s.auth.keys = vec![ApiKeySettings {
+        id: "desk-3".to_owned(),
+        sha256: hash_key(&secret),
+        scopes: vec![Scope::Identify, Scope::Enroll],
+        galleries: Vec::new(),
+    }];
+    let server = TestServer::start(s).await;
+    let mut client = server.client().await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let photos = common::people(1, 2).remove(0).1;
+    let enrolled = client
+        .enroll(keyed(
+            pb::EnrollRequest {
+                gallery_id: "g".to_owned(),
+                subject_id: "alice".to_owned(),
+                images: vec![pb::Image {
+                    data: photos[0].clone(),
+                }],
+                idempotency_key: String::new(),
+            },
+            &secret,
+        ))
+        .await
+        .expect("enroll")
+        .into_inner();
+    let identified = client
+        .identify(keyed(
+            pb::IdentifyRequest {
+                gallery_id: "g".to_owned(),
+                image: Some(pb::Image {
+                    data: photos[1].clone(),
+                }),
+                top_k: 1,
+                rule: Some(pb::DecisionRule {
+                    rule: Some(pb::decision_rule::Rule::Threshold(-1.0)),
+                }),
+            },
+            &secret,
+        ))
+        .await
+        .expect("identify")
+        .into_inner();
+    client
+        .verify(keyed(
+            pb::VerifyRequest {
+                gallery_id: "g".to_owned(),
+                subject_id: "alice".to_owned(),
+                image: Some(pb::Image {
+                    data: photos[1].clone(),
+                }),
+                rule: None,
+            },
+            &secret,
+        ))
+        .await
+        .expect("verify");
+    let missing = client
+        .delete_subject(keyed(
+            pb::DeleteSubjectRequest {
+                gallery_id: "g".to_owned(),
+                subject_id: "bob".to_owned(),
+            },
+            &secret,
+        ))
+        .await
+        .expect_err("no bob");
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    client
+        .delete_gallery(keyed(
+            pb::DeleteGalleryRequest {
+                gallery_id: "g".to_owned(),
+            },
+            &secret,
+        ))
+        .await
+        .expect("delete gallery");
+
+    let pool = pool_options.connect_with(options.clone()).await.expect("pool");
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT actor, action, gallery_id, subject_id, model_id, outcome, top_score, peer
+         FROM audit_log ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("audit rows");
+    let summary: Vec<(&str, &str, Option<&str>, &str)> = rows
+        .iter()
+        .map(|r| (r.0.as_str(), r.1.as_str(), r.3.as_deref(), r.5.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("desk-3", "enroll", Some("alice"), "ok"),
+            ("desk-3", "identify", Some("alice"), "ok"),
+            ("desk-3", "verify", Some("alice"), "ok"),
+            ("desk-3", "delete_subject", None, "NOT_FOUND"),
+            ("desk-3", "delete_gallery", None, "ok"),
+        ]
+    );
+    for row in &rows {
+        assert_eq!(row.2.as_deref(), Some("g"), "{row:?}");
+        assert_eq!(row.4.as_deref(), Some(enrolled.model_id.as_str()), "{row:?}");
+        assert!(
+            row.7.as_deref().is_some_and(|p| p.starts_with("127.0.0.1:")),
+            "{row:?}"
+        );
+    }
+    let top = identified.candidates[0].score;
+    assert!((rows[1].6.expect("identify top score") - top).abs() < 1e-6);
+    assert!(rows[2].6.is_some(), "verify records its score");
+
+    // No column of any row holds the image, in any spelling.
+    let texts: Vec<(String,)> = sqlx::query_as("SELECT row_to_json(a)::text FROM audit_log a")
+        .fetch_all(&pool)
+        .await
+        .expect("rows as json");
+    let all: Vec<u8> = texts.iter().flat_map(|(t,)| t.bytes()).collect();
+    for photo in &photos {
+        for needle in fingerprints(photo) {
+            assert!(!contains(&all, &needle), "an audit row holds image bytes");
+        }
+    }
+    assert!(
+        texts.iter().all(|(t,)| t.len() < 1_000),
+        "an audit row is suspiciously large"
+    );
+
+    // Append-only: the database itself refuses to rewrite history.
+    for sql in [
+        "UPDATE audit_log SET actor = 'someone-else'",
+        "UPDATE audit_log SET peer = NULL",
+        "DELETE FROM audit_log",
+        "TRUNCATE audit_log",
+    ] {
+        let err = sqlx::query(sql).execute(&pool).await.expect_err(sql);
+        assert!(err.to_string().contains("append-only"), "{sql}: {err}");
+    }
+    let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM audit_log")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(count, 5);
+    server.stop().await.expect("graceful stop");
+}
