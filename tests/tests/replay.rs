@@ -23,6 +23,8 @@ use handid_model::{ClipVisionConfig, create_random_checkpoint};
 use handid_server::Settings;
 use handid_server::settings::{ApiKeySettings, Scope};
 use handid_trainer::commands::{eval, replay};
+use handid_trainer::config::TrainConfig;
+use handid_trainer::engine::{RunOptions, train};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 /// Splits drawn; each is replayed on its own gallery.
@@ -264,8 +266,8 @@ async fn replay_reproduces_offline_eval_exactly(_: PgPoolOptions, options: PgCon
     assert_eq!(galleries(&options).await, 0, "replay left galleries behind");
 }
 
-/// The pipeline as a user runs it. Each step is one call so that a step can
-/// be inserted: the lead adds `train` between the checkpoint and the replay.
+/// The pipeline as a user runs it, at test size: data, splits, training,
+/// export, the live service, replay, the report.
 #[sqlx::test(migrations = false)]
 async fn synthetic_data_to_replay_report(_: PgPoolOptions, options: PgConnectOptions) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -274,9 +276,39 @@ async fn synthetic_data_to_replay_report(_: PgPoolOptions, options: PgConnectOpt
     // 2. A serving checkpoint (the untrained baseline).
     let model = dir.path().join("model");
     create_random_checkpoint(&model, &ClipVisionConfig::tiny_vit(), 1).expect("checkpoint");
-    // 3. (Training goes here: fine-tune from `model` into a new checkpoint
-    //    folder and serve that one below.)
-    let served = model;
+    // 3. Train a tiny model on the training persons (the random checkpoint
+    //    stays the baseline), export it with calibrated thresholds, serve it.
+    let config = TrainConfig::from_yaml(&format!(
+        "
+name: e2e
+seed: 3
+model: {{arch: tiny_vit}}
+data: {{manifest: {}, persons_per_batch: 3, images_per_person: 2, workers: 1}}
+method:
+  kind: finetune
+  epochs: 2
+  losses: {{id: {{}}, triplet: {{margin: 0.3}}}}
+  optim: {{lr: 0.001}}
+",
+        manifest.display()
+    ))
+    .expect("config");
+    let run = dir.path().join("run");
+    let options_run = RunOptions {
+        out: run.clone(),
+        resume: false,
+        stop_after_epoch: None,
+        progress: false,
+        keep_checkpoints: 1,
+    };
+    let summary = train(&config, &options_run).expect("training");
+    assert!(summary.finished && summary.epochs == 2);
+    let served = dir.path().join("trained");
+    let best = handid_trainer::engine::state::resolve(&run, "best").expect("best checkpoint");
+    let exported = handid_trainer::export::export(&best, &served, None).expect("export");
+    assert_eq!(exported.manifest.thresholds.len(), 3);
+    let baseline = handid_model::Manifest::read(&model).expect("baseline manifest");
+    assert_ne!(exported.manifest.model_id, baseline.model_id);
     // 4. Serve it and replay the manifest through the service.
     let (addr, stop) = start_server(&options, &served, 100).await;
     let out = dir.path().join("report");

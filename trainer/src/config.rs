@@ -205,6 +205,8 @@ fn default_true() -> bool {
 }
 
 /// The training method (YAML: `kind: finetune`, ...).
+// One value per run, read once: the size difference of the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Method {
