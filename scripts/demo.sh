@@ -96,7 +96,7 @@ auth:
       sha256: $key_hash
       scopes: [identify, enroll]
 EOF
-"$server" migrate --config "$DEMO_DIR/server.yaml" >/dev/null
+"$server" migrate --database-url "$DATABASE_URL" >/dev/null
 "$server" serve --config "$DEMO_DIR/server.yaml" >"$DEMO_DIR/server.log" 2>&1 &
 server_pid=$!
 for _ in $(seq 1 100); do
