@@ -145,7 +145,9 @@ async fn a_compatible_swap_under_load_fails_no_request_and_bad_checkpoints_are_r
         );
     }
     println!("reload under load: {calls} Identify calls, 0 failed, swap took {swap_seconds:.2} s");
-    // Templates enrolled under A are still found under B (same space).
+    // Templates enrolled under A are still searched under B (same declared
+    // space). A and B are two random models, so no ranking is promised:
+    // every enrolled subject (3, top_k 5) must still come back.
     let probe = people[0].1[0].clone();
     let found = client
         .identify(identify("site", &probe))
@@ -153,7 +155,11 @@ async fn a_compatible_swap_under_load_fails_no_request_and_bad_checkpoints_are_r
         .expect("identify")
         .into_inner();
     assert_eq!(found.model_id, b.model_id);
-    assert_eq!(found.candidates[0].subject_id, people[0].0);
+    let mut ids: Vec<&str> = found.candidates.iter().map(|c| c.subject_id.as_str()).collect();
+    ids.sort_unstable();
+    let mut enrolled: Vec<&str> = people.iter().map(|p| p.0.as_str()).collect();
+    enrolled.sort_unstable();
+    assert_eq!(ids, enrolled);
 
     // A damaged weights file: refused, naming the file; B keeps serving.
     let damaged = tempfile::tempdir().expect("damaged");
