@@ -460,21 +460,43 @@ impl Ctx<'_> {
             model: sorted_vars(&net.vs),
             ..Tensors::default()
         };
-        let checkpoint = state::save(
-            &self.options.out,
-            0,
-            &state,
-            &tensors,
-            true,
-            self.options.keep_checkpoints,
-        )?;
-        state::write_csv(&self.options.out.join("metrics.csv"), history)?;
+        let checkpoint = self.save_epoch(0, &state, &tensors, true, history)?;
         Ok(PhaseOutcome {
             finished: true,
             best,
             throughput: Vec::new(),
             checkpoint,
         })
+    }
+
+    /// Writes the epoch's checkpoint (`latest`, and `best` when `is_best`)
+    /// and rewrites `metrics.csv`; returns the checkpoint folder.
+    fn save_epoch(
+        &self,
+        run_epoch: u64,
+        state: &TrainState,
+        tensors: &Tensors,
+        is_best: bool,
+        history: &[EpochRow],
+    ) -> anyhow::Result<PathBuf> {
+        let out = &self.options.out;
+        let checkpoint = state::save(
+            out,
+            run_epoch,
+            state,
+            tensors,
+            is_best,
+            self.options.keep_checkpoints,
+        )?;
+        state::write_csv(&out.join("metrics.csv"), history)?;
+        Ok(checkpoint)
+    }
+
+    /// Whether `--stop-after-epoch` asks to stop once `run_epoch` epochs are done.
+    fn stop_requested(&self, run_epoch: u64) -> bool {
+        self.options
+            .stop_after_epoch
+            .is_some_and(|stop| run_epoch >= stop)
     }
 
     fn state(
@@ -614,21 +636,8 @@ impl Ctx<'_> {
                 optimizer: optimizer.state_tensors(),
                 ..Tensors::default()
             };
-            checkpoint = state::save(
-                &self.options.out,
-                *run_epoch,
-                &state,
-                &tensors,
-                false,
-                self.options.keep_checkpoints,
-            )?;
-            state::write_csv(&self.options.out.join("metrics.csv"), history)?;
-            if self
-                .options
-                .stop_after_epoch
-                .is_some_and(|stop| *run_epoch >= stop)
-                && epoch < stage.epochs
-            {
+            checkpoint = self.save_epoch(*run_epoch, &state, &tensors, false, history)?;
+            if self.stop_requested(*run_epoch) && epoch < stage.epochs {
                 return Ok(PhaseOutcome {
                     finished: false,
                     best: None,
@@ -833,21 +842,8 @@ impl Ctx<'_> {
                     .map(Optimizer::state_tensors)
                     .unwrap_or_default(),
             };
-            checkpoint = state::save(
-                &self.options.out,
-                *run_epoch,
-                &state,
-                &tensors,
-                is_best,
-                self.options.keep_checkpoints,
-            )?;
-            state::write_csv(&self.options.out.join("metrics.csv"), history)?;
-            if self
-                .options
-                .stop_after_epoch
-                .is_some_and(|stop| *run_epoch >= stop)
-                && epoch < stage.epochs
-            {
+            checkpoint = self.save_epoch(*run_epoch, &state, &tensors, is_best, history)?;
+            if self.stop_requested(*run_epoch) && epoch < stage.epochs {
                 return Ok(PhaseOutcome {
                     finished: false,
                     best,
