@@ -2,7 +2,7 @@
 # Training throughput: handid's stage-2 step (Rust, tch) vs the same step in
 # PyTorch, same random-weight architecture, batch, losses, optimizer and
 # thread count. Prints images/s per batch size and the ratio Rust / Python,
-# plus each side's peak resident memory.
+# plus each side's peak resident memory; ROUNDS alternating runs (default 3).
 #
 #   scripts/bench/train_speed.sh                         # ViT-B/16, CPU, batches 2 and 8
 #   PYTHON=/opt/torch/.venv/bin/python3 DEVICE=cuda BATCHES=32,64 \
@@ -14,30 +14,40 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$(dirname "$here")")"
 ARCH="${ARCH:-vit_b16}" DEVICE="${DEVICE:-cpu}" BATCHES="${BATCHES:-2,8}" SECONDS_EACH="${SECONDS_EACH:-30}"
+# Rounds alternate handid and PyTorch so that load from other processes on a
+# shared machine hits both sides alike; the summary takes medians.
+ROUNDS="${ROUNDS:-3}"
 PYTHON="${PYTHON:-$root/.fixture-venv/bin/python}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}" MKL_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 args=(--arch "$ARCH" --device "$DEVICE" --batches "$BATCHES" --seconds "$SECONDS_EACH")
 out="$(mktemp)"
-if [ -n "${RUST_BIN:-}" ]; then
-  "$RUST_BIN" "${args[@]}" | tee -a "$out"
-else
+if [ -z "${RUST_BIN:-}" ]; then
   # shellcheck source=scripts/env.sh
   source "$root/scripts/env.sh"
-  (cd "$root" && cargo run --quiet --release -p handid-trainer --example train_throughput -- "${args[@]}") | tee -a "$out"
+  (cd "$root" && cargo build --quiet --release -p handid-trainer --example train_throughput)
+  RUST_BIN="$CARGO_TARGET_DIR/release/examples/train_throughput"
 fi
-"$PYTHON" "$here/torch_train_step.py" "${args[@]}" | tee -a "$out"
+for round in $(seq "$ROUNDS"); do
+  echo "# round $round of $ROUNDS"
+  "$RUST_BIN" "${args[@]}" | tee -a "$out"
+  "$PYTHON" "$here/torch_train_step.py" "${args[@]}" 2> >(grep -v "No pretrained weights" >&2) | tee -a "$out"
+done
 python3 - "$out" <<'PY'
-import re, sys
-rates, mem = {}, {}
+import re, statistics, sys
+runs = {}
 for line in open(sys.argv[1]):
-    m = re.match(r"(rust|python) batch=(\d+) images_per_s=([\d.]+).*peak_rss_mib=(\d+)", line)
+    m = re.match(r"(rust|python) batch=(\d+) images_per_s=([\d.]+).*best_step_s=([\d.]+).*peak_rss_mib=(\d+)", line)
     if m:
-        rates.setdefault(int(m[2]), {})[m[1]] = float(m[3])
-        mem.setdefault(int(m[2]), {})[m[1]] = int(m[4])
-print("\n| batch | handid (img/s) | PyTorch (img/s) | ratio | peak RSS handid / PyTorch (MiB) |")
-print("|---:|---:|---:|---:|---:|")
-for b, r in sorted(rates.items()):
-    print(f"| {b} | {r['rust']:.2f} | {r['python']:.2f} | {r['rust'] / r['python']:.2f} | "
-          f"{mem[b]['rust']} / {mem[b]['python']} |")
+        r = runs.setdefault(int(m[2]), {}).setdefault(m[1], {"rate": [], "best": [], "rss": []})
+        r["rate"].append(float(m[3]))
+        r["best"].append(float(m[4]))
+        r["rss"].append(int(m[5]))
+print("\n| batch | handid img/s (median) | PyTorch img/s (median) | ratio | ratio of best steps | peak RSS handid / PyTorch (MiB) |")
+print("|---:|---:|---:|---:|---:|---:|")
+for b, r in sorted(runs.items()):
+    rust, py = r["rust"], r["python"]
+    rate_r, rate_p = statistics.median(rust["rate"]), statistics.median(py["rate"])
+    print(f"| {b} | {rate_r:.3f} | {rate_p:.3f} | {rate_r / rate_p:.2f} | "
+          f"{min(py['best']) / min(rust['best']):.2f} | {max(rust['rss'])} / {max(py['rss'])} |")
 PY
 rm -f "$out"
