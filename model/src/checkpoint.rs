@@ -83,8 +83,21 @@ pub struct Manifest {
     pub vision: ClipVisionConfig,
     /// Which output of the tower is the embedding.
     pub feature: Feature,
+    /// A layer between that feature and the L2 normalisation (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub neck: Option<Neck>,
     /// Where the checkpoint came from.
     pub provenance: Provenance,
+}
+
+/// A layer applied to the tower's feature before the L2 normalisation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Neck {
+    /// The trained BNNeck in inference mode (running statistics), weights
+    /// `neck.{weight,bias,running_mean,running_var}`: Bag of Tricks'
+    /// "after BN" feature.
+    BatchNorm,
 }
 
 impl Manifest {
@@ -105,6 +118,7 @@ impl Manifest {
             thresholds: Vec::new(),
             vision,
             feature,
+            neck: None,
             provenance,
         })
     }

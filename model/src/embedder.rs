@@ -7,8 +7,9 @@ use image::RgbImage;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn};
 
-use crate::checkpoint::{Manifest, WEIGHTS_FILE, load_strict, read_safetensors, sha256_file};
+use crate::checkpoint::{Manifest, Neck, WEIGHTS_FILE, load_strict, read_safetensors, sha256_file};
 use crate::error::{Error, Result};
+use crate::heads::BnNeck;
 use crate::promptsg::PromptSgHead;
 use crate::visual::{Feature, ImageEncoder};
 
@@ -46,6 +47,8 @@ pub struct Embedder {
     encoder: Mutex<ImageEncoder>,
     /// PromptSG's interaction module, for [`Feature::PromptSg`] checkpoints.
     promptsg: Option<Mutex<PromptSgHead>>,
+    /// The BNNeck, for [`Neck::BatchNorm`] checkpoints.
+    neck: Option<Mutex<BnNeck>>,
     device: Device,
     precision: Precision,
 }
@@ -80,6 +83,9 @@ impl Embedder {
             )?)),
             _ => None,
         };
+        let neck = manifest.neck.map(|Neck::BatchNorm| {
+            Mutex::new(BnNeck::new(vs.root() / "neck", manifest.embedding_dim as i64))
+        });
         load_strict(&vs, read_safetensors(&weights_path)?)?;
         // The encoder holds shallow copies of the variables, so converting
         // the store in place converts the encoder too.
@@ -89,6 +95,7 @@ impl Embedder {
             manifest,
             encoder: Mutex::new(encoder),
             promptsg,
+            neck,
             device,
             precision,
         })
@@ -145,6 +152,13 @@ impl Embedder {
                 }
                 None => encoder.forward_feature(&x, self.manifest.feature),
             }
+            .map(|f| match &self.neck {
+                Some(neck) => neck
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .forward_t(&f, false),
+                None => f,
+            })
         })?;
         // Normalise in f32: half-precision norms of 512 values lose digits.
         let features = features.to_kind(Kind::Float);

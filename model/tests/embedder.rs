@@ -204,3 +204,68 @@ fn tampered_weights_and_bad_manifests_are_refused() {
         Err(Error::Io { .. })
     ));
 }
+
+#[test]
+fn a_batch_norm_neck_is_applied_with_its_running_statistics() {
+    let (plain_dir, plain) = tiny_checkpoint(4);
+    let plain_embedder = Embedder::load(plain_dir.path(), Device::Cpu).expect("load");
+    // The same tower plus a neck with chosen statistics.
+    let mut weights = Tensor::read_safetensors(plain_dir.path().join(WEIGHTS_FILE)).expect("weights");
+    let dim = plain.embedding_dim as i64;
+    let opts = (Kind::Float, Device::Cpu);
+    let (w, b) = (Tensor::rand([dim], opts) + 0.5, Tensor::randn([dim], opts) * 0.1);
+    let (mean, var) = (Tensor::randn([dim], opts), Tensor::rand([dim], opts) + 0.1);
+    for (name, t) in [
+        ("weight", &w),
+        ("bias", &b),
+        ("running_mean", &mean),
+        ("running_var", &var),
+    ] {
+        weights.push((format!("neck.{name}"), t.shallow_clone()));
+    }
+    let mut manifest = plain.clone();
+    manifest.neck = Some(checkpoint::Neck::BatchNorm);
+    manifest.embedding_space = String::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let written = checkpoint::write_checkpoint(dir.path(), &weights, manifest).expect("write");
+    assert_eq!(
+        Manifest::read(dir.path()).expect("read").neck,
+        Some(checkpoint::Neck::BatchNorm)
+    );
+    let embedder = Embedder::load(dir.path(), Device::Cpu).expect("load");
+    assert_eq!(embedder.model_id(), written.model_id);
+
+    // Reference: the tower's raw (unnormalised) feature through the same
+    // BatchNorm formula, then L2-normalised.
+    let pixels = Tensor::randn([3, 3, 32, 32], opts);
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let encoder = handid_model::ImageEncoder::new(vs.root() / "visual", &plain.vision).expect("encoder");
+    let tower: Vec<(String, Tensor)> =
+        Tensor::read_safetensors(plain_dir.path().join(WEIGHTS_FILE)).expect("w");
+    checkpoint::load_strict(&vs, tower).expect("load tower");
+    let raw = tch::no_grad(|| encoder.forward_feature(&pixels, plain.feature)).expect("forward");
+    let normed = (&raw - &mean) / (&var + 1e-5).sqrt() * &w + &b;
+    let expected = &normed / normed.norm_scalaropt_dim(2, [1], true);
+    let got = embedder.embed_batch(&pixels).expect("embed");
+    assert!(
+        max_abs_diff(&got, &expected) < 1e-5,
+        "{}",
+        max_abs_diff(&got, &expected)
+    );
+    // And it is not the plain embedding.
+    let plain_out = plain_embedder.embed_batch(&pixels).expect("embed");
+    assert!(max_abs_diff(&got, &plain_out) > 1e-2);
+
+    // A neck declared in the manifest but missing from the weights is named.
+    let missing = tempfile::tempdir().expect("tempdir");
+    let mut m = plain.clone();
+    m.neck = Some(checkpoint::Neck::BatchNorm);
+    m.embedding_space = String::new();
+    let tower: Vec<(String, Tensor)> =
+        Tensor::read_safetensors(plain_dir.path().join(WEIGHTS_FILE)).expect("w");
+    checkpoint::write_checkpoint(missing.path(), &tower, m).expect("write");
+    let err = Embedder::load(missing.path(), Device::Cpu)
+        .expect_err("the neck tensors are missing")
+        .to_string();
+    assert!(err.contains("neck.running_mean"), "{err}");
+}

@@ -362,6 +362,24 @@ pub struct HeadConfig {
     /// ArcFace easy margin.
     #[serde(default)]
     pub arcface_easy_margin: bool,
+    /// Which side of the BNNeck is the embedding at inference (CLIP-ReID's
+    /// `TEST.NECK_FEAT`): `before` (CLIP-ReID's choice) or `after` (Bag of
+    /// Tricks' choice: the normalised feature, centred per dimension, which
+    /// suits cosine similarity). `after` needs `bnneck: true`; the serving
+    /// checkpoint then carries the BNNeck as its `neck`.
+    #[serde(default)]
+    pub neck_feat: NeckFeat,
+}
+
+/// Where the inference embedding is taken relative to the BNNeck.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NeckFeat {
+    /// The feature the triplet loss sees.
+    #[default]
+    Before,
+    /// The BatchNorm-normalised feature the classifier sees.
+    After,
 }
 
 fn default_classifier() -> Classifier {
@@ -382,6 +400,7 @@ impl Default for HeadConfig {
             arcface_scale: default_arc_scale(),
             arcface_margin: default_arc_margin(),
             arcface_easy_margin: false,
+            neck_feat: NeckFeat::Before,
         }
     }
 }
@@ -709,6 +728,10 @@ impl TrainConfig {
             anyhow::ensure!(
                 l.id.is_some() || l.triplet.is_some() || l.sup_con.is_some() || l.i2t.is_some(),
                 "{at}.losses: at least one of id, triplet, sup_con, i2t is needed"
+            );
+            anyhow::ensure!(
+                stage.head.bnneck || stage.head.neck_feat == NeckFeat::Before,
+                "{at}.head.neck_feat: after needs bnneck: true"
             );
             if l.i2t.is_some() {
                 anyhow::ensure!(

@@ -101,6 +101,7 @@ pub fn export(checkpoint: &Path, out: &Path, data_root: Option<&Path>) -> anyhow
     };
     let mut manifest = Manifest::new(config.model.vision(), net.serving_feature(), provenance)?;
     manifest.preprocess = config.model.preprocess();
+    manifest.neck = net.serving_neck();
     let manifest = write_checkpoint(out, &net.serving_weights(), manifest)
         .with_context(|| format!("writing the serving checkpoint {}", out.display()))?;
     let (pairs, calibrated) = calibrate(config, out, data_root)?;

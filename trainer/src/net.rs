@@ -9,12 +9,15 @@
 use std::path::Path;
 
 use anyhow::Context;
+use handid_model::checkpoint::Neck;
 use handid_model::heads::{ArcFace, BnNeck, LinearClassifier};
 use handid_model::promptsg::{ComposedPrompt, InversionNetwork, PromptSgHead};
 use handid_model::{Clip, ClipConfig, Feature, ImageEncoder, Tokenizer};
 use tch::{Device, Kind, Tensor, nn};
 
-use crate::config::{Classifier, HeadConfig, ModelConfig, OptimConfig, PromptSgConfig, PromptSgInference};
+use crate::config::{
+    Classifier, HeadConfig, ModelConfig, NeckFeat, OptimConfig, PromptSgConfig, PromptSgInference,
+};
 use crate::engine::ParamGroup;
 
 /// Runs `init` with libtorch's global generator seeded by `seed`, holding a
@@ -81,6 +84,8 @@ pub struct ReidNet {
     pub clip: Clip,
     /// The BNNeck, when configured.
     pub neck: Option<BnNeck>,
+    /// Whether the embedding is the BNNeck's output (`neck_feat: after`).
+    pub embed_after_neck: bool,
     /// The classifier, when the method trains one.
     pub classifier: Option<ClassifierHead>,
     /// Which image-tower output is the embedding.
@@ -125,10 +130,12 @@ impl ReidNet {
                 (neck, Some(classifier))
             }
         };
+        let embed_after_neck = neck.is_some() && head.is_some_and(|h| h.neck_feat == NeckFeat::After);
         Ok(Self {
             vs,
             clip,
             neck,
+            embed_after_neck,
             classifier,
             feature: model.feature,
             promptsg: None,
@@ -179,6 +186,11 @@ impl ReidNet {
             },
             _ => self.feature,
         }
+    }
+
+    /// The layer a serving checkpoint of this net applies after the feature.
+    pub fn serving_neck(&self) -> Option<Neck> {
+        (self.neck.is_some() && self.embed_after_neck).then_some(Neck::BatchNorm)
     }
 
     /// Copies CLIP weights (any format `handid_model::import` reads) into
@@ -292,6 +304,10 @@ impl ReidNet {
                 }
                 (_, feature) => Ok(self.clip.visual.forward_feature(pixels, feature)?),
             }
+            .map(|f| match &self.neck {
+                Some(neck) if self.embed_after_neck => neck.forward_t(&f, false),
+                _ => f,
+            })
         })?;
         Ok(&out / out.norm_scalaropt_dim(2.0, [1], true).clamp_min(1e-12))
     }
@@ -380,14 +396,19 @@ impl ReidNet {
     /// fused PromptSG feature the interaction module and the simplified prompt.
     pub fn serving_weights(&self) -> Vec<(String, Tensor)> {
         let fused = matches!(self.serving_feature(), Feature::PromptSg { .. });
+        let neck = self.serving_neck().is_some();
         let mut vars: Vec<(String, Tensor)> = self
             .vs
             .variables()
             .into_iter()
-            .filter(|(name, _)| {
-                name.starts_with(VISUAL)
+            .filter_map(|(name, var)| {
+                if neck && let Some(rest) = name.strip_prefix("head.bottleneck.") {
+                    return Some((format!("neck.{rest}"), var));
+                }
+                let served = name.starts_with(VISUAL)
                     || (fused
-                        && (name.starts_with("promptsg.interaction.") || name == "promptsg.simplified_text"))
+                        && (name.starts_with("promptsg.interaction.") || name == "promptsg.simplified_text"));
+                served.then_some((name, var))
             })
             .collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));

@@ -293,8 +293,18 @@ fn promptsg_trains_and_serves_the_fused_feature_it_validated() {
     );
     // The server's Embedder computes the feature validation measured: the
     // same val mAP from the exported checkpoint.
-    let embedder = Embedder::load(&serving, tch::Device::Cpu).expect("loads");
-    let data = handid_trainer::engine::load_data(&cfg).expect("data");
+    let map = served_val_map(&serving, &cfg);
+    assert!(
+        (map - best.val.map).abs() < 1e-6,
+        "served {map} vs validated {}",
+        best.val.map
+    );
+}
+
+/// Validation mAP computed from `serving` through the server's `Embedder`.
+fn served_val_map(serving: &Path, cfg: &TrainConfig) -> f64 {
+    let embedder = Embedder::load(serving, tch::Device::Cpu).expect("loads");
+    let data = handid_trainer::engine::load_data(cfg).expect("data");
     let embed = |items: &[handid_trainer::data::Item]| -> Vec<f32> {
         let images: Vec<_> = items
             .iter()
@@ -316,13 +326,58 @@ fn promptsg_trains_and_serves_the_fused_feature_it_validated() {
     let ranking =
         handid_eval::metrics::rank::Ranking::new(&sim, &ids(&data.val_query), &ids(&data.val_gallery))
             .unwrap();
-    let map = ranking.mean_ap(
+    ranking.mean_ap(
         handid_eval::metrics::rank::ApKind::NonInterpolated,
         handid_eval::metrics::rank::QueryScope::All,
+    )
+}
+
+#[test]
+fn the_after_bnneck_feature_is_validated_exported_and_served_alike() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifest = dataset(dir.path());
+    let method = FINETUNE
+        .replace("EPOCHS", "3")
+        .replace("  losses:", "  head: {neck_feat: after}\n  losses:");
+    let cfg = config(&manifest, &method);
+    let run = dir.path().join("run");
+    let best = train(&cfg, &options(&run))
+        .expect("run")
+        .best
+        .expect("validated")
+        .val;
+
+    let serving = dir.path().join("serving");
+    let checkpoint = handid_trainer::engine::state::resolve(&run, "best").expect("best");
+    let exported = handid_trainer::export::export(&checkpoint, &serving, None).expect("export");
+    assert_eq!(
+        exported.manifest.neck,
+        Some(handid_model::checkpoint::Neck::BatchNorm)
     );
+    let served = Tensor::read_safetensors(serving.join("model.safetensors")).expect("weights");
+    let running_var = &served
+        .iter()
+        .find(|(n, _)| n == "neck.running_var")
+        .expect("the neck is served")
+        .1;
     assert!(
-        (map - best.val.map).abs() < 1e-6,
-        "served {map} vs validated {}",
-        best.val.map
+        f64::try_from((running_var - 1.0).abs().max()).unwrap() > 1e-3,
+        "the neck's trained statistics are exported"
     );
+    assert!(!served.iter().any(|(n, _)| n.starts_with("head.")));
+    let map = served_val_map(&serving, &cfg);
+    assert!(
+        (map - best.map).abs() < 1e-6,
+        "served {map} vs validated {}",
+        best.map
+    );
+
+    // `after` needs a BNNeck.
+    let mut bad = cfg.clone();
+    if let handid_trainer::config::Method::Finetune(s) = &mut bad.method {
+        s.head.bnneck = false;
+    }
+    let err = bad.validate().unwrap_err().to_string();
+    assert!(err.contains("neck_feat"), "{err}");
 }
