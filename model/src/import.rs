@@ -1,7 +1,7 @@
 //! Importing real CLIP weights into a serving checkpoint.
 //!
-//! Accepted sources: OpenAI's TorchScript archives (`ViT-B-16.pt`; their
-//! fp16 weights become f32), OpenAI / open_clip state dicts saved as
+//! Accepted sources: OpenAI's TorchScript archives (`ViT-B-16.pt`, `RN50.pt`;
+//! their fp16 weights become f32), OpenAI / open_clip state dicts saved as
 //! safetensors, and Hugging Face `CLIPModel` safetensors. The architecture is
 //! inferred from the tensor shapes as OpenAI CLIP `model.py` `build_model`
 //! does; only the image tower goes into the serving checkpoint.
@@ -18,6 +18,8 @@ use crate::config::{Backbone, ClipVisionConfig};
 use crate::error::{Error, Result};
 use crate::visual::{Feature, ImageEncoder};
 
+mod torchscript;
+
 /// Root-level keys of CLIP's text tower and logit scale: present in a full
 /// CLIP file, not needed to serve images.
 const TEXT_TOWER: [&str; 6] = [
@@ -29,7 +31,8 @@ const TEXT_TOWER: [&str; 6] = [
     "logit_scale",
 ];
 
-/// Reads every tensor of a TorchScript archive (zip) or safetensors file.
+/// Reads every tensor of a TorchScript archive (zip: parameters and
+/// buffers) or safetensors file.
 pub fn read_weights(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let bad = |reason: String| Error::BadWeights {
         path: PathBuf::from(path),
@@ -43,10 +46,9 @@ pub fn read_weights(path: &Path) -> Result<Vec<(String, Tensor)>> {
     file.read_exact(&mut magic)
         .map_err(|_| bad("shorter than any weights file".to_owned()))?;
     if &magic == b"PK\x03\x04" {
-        // A zip: a TorchScript archive. Its parameters carry the state-dict names.
-        let module = tch::CModule::load_on_device(path, Device::Cpu)
-            .map_err(|e| bad(format!("not a readable TorchScript archive: {e}")))?;
-        return module.named_parameters().map_err(|e| bad(e.to_string()));
+        // A zip: a TorchScript archive. Its parameters and buffers (BatchNorm
+        // statistics) carry the state-dict names.
+        return torchscript::read_tensors(path).map_err(bad);
     }
     check_safetensors_layout(path).map_err(bad)?;
     Tensor::read_safetensors(path).map_err(|e| bad(e.to_string()))

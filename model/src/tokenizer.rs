@@ -1,12 +1,10 @@
 //! CLIP's byte-level BPE tokenizer, a port of `SimpleTokenizer` in
 //! open_clip `tokenizer.py` (itself OpenAI CLIP `simple_tokenizer.py`).
 //!
-//! Cleaning is open_clip's default `lower`: `basic_clean` (html unescape
-//! twice, strip), whitespace collapse, lower case. The one difference: the
-//! `ftfy.fix_text` step of `basic_clean` (mojibake repair, quote uncurling,
-//! NFC) is left out, as no Rust port of it exists; ids are identical to
-//! open_clip's whenever `ftfy` leaves the text unchanged, which the golden
-//! test checks on a thousand strings.
+//! Cleaning is open_clip's default `lower`: `basic_clean` (`ftfy.fix_text`,
+//! ported in [`ftfy`], then html unescape twice, strip), whitespace collapse,
+//! lower case. The golden test checks the ids against open_clip's on over a
+//! thousand strings, mojibake and other text ftfy changes among them.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
@@ -17,6 +15,8 @@ use regex::{Captures, Regex};
 use tch::Tensor;
 
 use crate::error::{Error, Result};
+
+pub mod ftfy;
 
 /// Number of BPE merges CLIP uses from the vocabulary file (`49152 - 256 - 2`).
 const MERGES: usize = 49152 - 256 - 2;
@@ -231,9 +231,10 @@ fn bytes_to_unicode() -> Vec<(u8, char)> {
     pairs
 }
 
-/// open_clip's `_clean_lower` without `ftfy`: `whitespace_clean(basic_clean(x)).lower()`.
+/// open_clip's `_clean_lower`: `whitespace_clean(basic_clean(x)).lower()`.
 pub fn clean(text: &str) -> String {
-    let unescaped = html_unescape(&html_unescape(text));
+    let fixed = ftfy::fix_text(text);
+    let unescaped = html_unescape(&html_unescape(&fixed));
     unescaped
         .split(is_python_space)
         .filter(|part| !part.is_empty())

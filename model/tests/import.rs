@@ -254,3 +254,85 @@ fn an_fp16_torchscript_archive_imports_as_f32_and_embeds_as_open_clip() {
     let diff = (&got - &want).abs().max().double_value(&[]);
     assert!(diff <= 1e-2, "differs from open_clip by {diff}");
 }
+
+/// The tiny ResNet's OpenAI-named weights (BatchNorm statistics included) and
+/// its input / open_clip output (make_clip_fixtures.py TINY_RESNET).
+fn tiny_resnet() -> (BTreeMap<String, Tensor>, Tensor, Tensor) {
+    let mut all: BTreeMap<String, Tensor> = Tensor::read_safetensors(fixture("tiny_resnet.safetensors"))
+        .expect("fixture")
+        .into_iter()
+        .collect();
+    let pixels = all.remove("input.pixels").expect("pixels");
+    let pooled = all.remove("expected.pooled").expect("pooled");
+    (all, pixels, pooled)
+}
+
+#[test]
+fn an_rn50_style_torchscript_archive_imports_with_its_batchnorm_buffers() {
+    // tiny_resnet_fp16.pt has RN50.pt's layout: TorchScript, fp16 convolutions
+    // and projections, fp32 BatchNorm whose statistics are buffers.
+    let (weights, pixels, pooled) = tiny_resnet();
+    let raw = read_weights(&fixture("tiny_resnet_fp16.pt")).expect("read TorchScript");
+    let counters = raw
+        .iter()
+        .filter(|(k, t)| k.ends_with(".num_batches_tracked") && t.kind() == Kind::Int64)
+        .count();
+    // 3 stem BatchNorms, 3 per block, 1 per downsample: 3 + 4 * (3 + 1)
+    assert_eq!(counters, 19);
+    let archive: BTreeMap<String, Tensor> = to_openai_keys(raw).expect("rename").into_iter().collect();
+    assert_eq!(
+        archive.keys().collect::<Vec<_>>(),
+        weights.keys().collect::<Vec<_>>()
+    );
+    let mut halves = 0;
+    for (key, t) in &archive {
+        // Each tensor is the f32 fixture's, rounded to the archive's dtype.
+        let want = weights[key].to_kind(t.kind());
+        assert!(t.equal(&want), "{key} differs from the fixture's");
+        if key.contains(".bn") || key.contains("downsample.1.") {
+            assert_eq!(
+                t.kind(),
+                Kind::Float,
+                "{key}: BatchNorm stays fp32, as in RN50.pt"
+            );
+        }
+        halves += usize::from(t.kind() == Kind::Half);
+    }
+    assert!(
+        archive.contains_key("visual.bn1.running_var")
+            && archive.contains_key("visual.layer4.0.downsample.1.running_mean")
+    );
+    assert!(halves >= 20, "{halves} fp16 tensors");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    // make_clip_fixtures.py TINY_RESNET: head_width 32, i.e. 2 * 32 / 32 = 2 heads.
+    let manifest = handid_model::import::import_checkpoint(&fixture("tiny_resnet_fp16.pt"), dir.path(), 32)
+        .expect("import TorchScript");
+    let want_config = ClipVisionConfig {
+        backbone: handid_model::Backbone::ModifiedResnet { layers: [1, 1, 1, 1] },
+        width: 2,
+        heads: 2,
+        image_size: 64,
+        output_dim: 16,
+    };
+    assert_eq!(manifest.vision, want_config);
+    let loaded = read_weights(&dir.path().join("model.safetensors")).expect("read");
+    assert!(loaded.iter().all(|(_, t)| t.kind() == Kind::Float));
+    let embedder = Embedder::load(dir.path(), Device::Cpu).expect("load");
+    let got = embedder.embed_batch(&pixels).expect("embed");
+    let want = &pooled / pooled.norm_scalaropt_dim(2, [1], true);
+    // open_clip's output is for the f32 weights; the archive holds most of
+    // them rounded to fp16 (relative error up to 2^-11), measured 1.4e-4.
+    let diff = (&got - &want).abs().max().double_value(&[]);
+    eprintln!("RN50-style TorchScript: max abs diff {diff:e} from open_clip (f32 weights)");
+    assert!(diff <= 2e-3, "differs from open_clip by {diff}");
+
+    // A zip that is not a whole archive is refused, with the reason.
+    let bytes = std::fs::read(fixture("tiny_resnet_fp16.pt")).expect("read");
+    let cut = dir.path().join("cut.pt");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).expect("write");
+    match read_weights(&cut) {
+        Err(Error::BadWeights { reason, .. }) => assert!(reason.contains("zip"), "{reason}"),
+        other => panic!("expected BadWeights, got {other:?}"),
+    }
+}
