@@ -137,6 +137,49 @@ fn gallery_all_adds_the_other_aspects_as_distractors() {
     }
 }
 
+#[test]
+fn train_extra_adds_training_persons_other_images_and_never_a_test_person() {
+    let protocol = sample_manifest(0, false);
+    let everything = Filter {
+        aspect: None,
+        without_accessories: false,
+    };
+    let (all_rows, _) = hands11k::load(&sample_root(), everything, MissingImages::Fail).expect("loads");
+    let extra = splits::hands11k_train_extra(&all_rows, Aspect::DorsalRight, &protocol);
+    // Training persons (id <= 1050) in the sample: 381 images in all, 69 of
+    // them in the protocol's train_all (dorsal right without accessories).
+    assert_eq!(extra.len(), 381 - 69);
+    assert!(extra.iter().all(|e| e.split == splits::TRAIN_EXTRA));
+    let train_all: Vec<&str> = protocol
+        .split("train_all")
+        .iter()
+        .map(|e| e.image.as_str())
+        .collect();
+    assert!(extra.iter().all(|e| !train_all.contains(&e.image.as_str())));
+    // No test person appears, under any aspect prefix.
+    let test: std::collections::BTreeSet<&str> =
+        protocol.split("test").iter().map(|e| e.person.as_str()).collect();
+    for e in &extra {
+        let id = e.person.rsplit(':').next().expect("id");
+        assert!(!test.contains(id), "{} is a test person", e.person);
+        assert!(id.parse::<u32>().expect("numeric id") <= Aspect::DorsalRight.train_threshold());
+    }
+    // Dorsal-right images with accessories keep the person id; the other
+    // aspects are prefixed (different traits, different identities).
+    let same_aspect = extra.iter().filter(|e| !e.person.contains(':')).count();
+    assert_eq!(same_aspect, 38);
+    assert!(extra.iter().filter(|e| e.person.contains(':')).all(|e| {
+        ["dorsal_left:", "palmar_right:", "palmar_left:"]
+            .iter()
+            .any(|p| e.person.starts_with(p))
+    }));
+    // Deterministic.
+    assert_eq!(
+        extra,
+        splits::hands11k_train_extra(&all_rows, Aspect::DorsalRight, &protocol)
+    );
+}
+
 fn synth(dir: &Path, layout: Layout) -> SynthOptions {
     let options = SynthOptions {
         persons: 6,

@@ -165,6 +165,11 @@ pub struct DataConfig {
     /// The split trained on (training persons only).
     #[serde(default = "default_train_split")]
     pub train_split: String,
+    /// More splits trained on besides `train_split` (e.g. `train_extra` from
+    /// `splits --train-extra`); they may add persons. None may hold a person
+    /// of the manifest's `test` split.
+    #[serde(default)]
+    pub extra_train_splits: Vec<String>,
     /// Validation queries: held-out images of training persons.
     #[serde(default = "default_val_query")]
     pub val_query_split: String,

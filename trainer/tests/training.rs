@@ -381,3 +381,53 @@ fn the_after_bnneck_feature_is_validated_exported_and_served_alike() {
     let err = bad.validate().unwrap_err().to_string();
     assert!(err.contains("neck_feat"), "{err}");
 }
+
+#[test]
+fn extra_training_splits_add_persons_but_never_a_test_person() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dataset(dir.path());
+    let mut manifest = handid_eval::data::manifest::Manifest::read(&path).expect("manifest");
+    let base = handid_trainer::engine::load_data(&config(&path, "method: {kind: zero_shot}")).expect("data");
+
+    // Another trait of two training persons, as `splits --train-extra` writes it.
+    let extra: Vec<_> = manifest
+        .split("val")
+        .into_iter()
+        .take(2)
+        .map(|e| handid_eval::data::manifest::Entry {
+            split: "train_extra".into(),
+            person: format!("palmar_left:{}", e.person),
+            image: e.image.clone(),
+        })
+        .collect();
+    manifest.entries.extend(extra);
+    manifest.write(&path).expect("write");
+    let with_extra = |path: &Path| {
+        let mut cfg = config(path, "method: {kind: zero_shot}");
+        cfg.data.extra_train_splits = vec!["train_extra".into()];
+        handid_trainer::engine::load_data(&cfg)
+    };
+    let data = with_extra(&path).expect("data");
+    assert_eq!(data.persons.len(), base.persons.len() + 2);
+    assert_eq!(data.train.len(), base.train.len() + 2);
+    assert!(data.persons.iter().any(|p| p.starts_with("palmar_left:")));
+
+    // A test person's image, even under an aspect prefix, is refused by name.
+    let test = manifest.split("test")[0].clone();
+    manifest.entries.push(handid_eval::data::manifest::Entry {
+        split: "train_extra".into(),
+        person: format!("dorsal_left:{}", test.person),
+        image: test.image,
+    });
+    manifest.write(&path).expect("write");
+    let err = with_extra(&path).expect_err("a test person trains").to_string();
+    assert!(err.contains("test person") && err.contains(&test.person), "{err}");
+
+    // A named extra split that is absent is an error too.
+    let mut cfg = config(&path, "method: {kind: zero_shot}");
+    cfg.data.extra_train_splits = vec!["nope".into()];
+    let err = handid_trainer::engine::load_data(&cfg)
+        .expect_err("absent split")
+        .to_string();
+    assert!(err.contains("nope"), "{err}");
+}

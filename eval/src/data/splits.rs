@@ -221,6 +221,45 @@ pub fn hands11k(
     })
 }
 
+/// Name of the split [`hands11k_train_extra`] adds.
+pub const TRAIN_EXTRA: &str = "train_extra";
+
+/// Extra training images for the 11k protocol of `aspect`: every image of a
+/// training person (`id <= T(aspect)`) that `protocol` (drawn by
+/// [`hands11k`]) leaves out of `train_all`: the target aspect's images with
+/// accessories (same person) and the other three aspects, whose persons are
+/// prefixed with the aspect (`dorsal_left:0000004`) because a left hand or a
+/// palm is a different biometric trait from the same person's dorsal right
+/// hand. `rows` is the whole `HandInfo.csv`, accessories included. Test
+/// persons (`id > T(aspect)`) contribute nothing, in any aspect, so the test
+/// splits stay person-disjoint from all training data. Sorted by person then
+/// image, so the result is deterministic.
+pub fn hands11k_train_extra(rows: &[HandInfo], aspect: Aspect, protocol: &Manifest) -> Vec<Entry> {
+    let threshold = aspect.train_threshold();
+    let taken: std::collections::BTreeSet<&str> = protocol
+        .split("train_all")
+        .into_iter()
+        .map(|e| e.image.as_str())
+        .collect();
+    let mut extra: Vec<Entry> = rows
+        .iter()
+        .filter(|r| r.id <= threshold)
+        .map(|r| Entry {
+            split: TRAIN_EXTRA.to_owned(),
+            person: if r.aspect == aspect {
+                r.person()
+            } else {
+                format!("{}:{}", r.aspect.slug(), r.person())
+            },
+            image: format!("Hands/{}", r.image_name),
+        })
+        .filter(|e| !taken.contains(e.image.as_str()))
+        .collect();
+    extra.sort();
+    extra.dedup();
+    extra
+}
+
 /// Person-disjoint split for datasets without id thresholds: a seeded
 /// shuffle of the sorted persons puts `round(test_fraction * persons)` of
 /// them in `test` (at least one, and at least one left to train).

@@ -33,6 +33,11 @@ pub struct Args {
     /// 11k: also write `gallery_all{i}` (all aspects' galleries as distractors).
     #[arg(long)]
     pub gallery_all: bool,
+    /// 11k: also write `train_extra`: the training persons' images the
+    /// protocol leaves out (accessories; other aspects as separate
+    /// identities), for `data.extra_train_splits` when data is scarce.
+    #[arg(long)]
+    pub train_extra: bool,
     /// Folder layout: share of persons that go to `test`.
     #[arg(long, default_value_t = 0.5)]
     pub test_fraction: f64,
@@ -87,9 +92,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let (rows, dataset) =
                 hands11k::load(&args.data, filter, missing).context("reading the 11k dataset")?;
             report_skipped(&dataset);
-            splits::hands11k(&rows, aspect, options, args.gallery_all, &root)?
+            let mut manifest = splits::hands11k(&rows, aspect, options, args.gallery_all, &root)?;
+            if args.train_extra {
+                let everything = Filter {
+                    aspect: None,
+                    without_accessories: false,
+                };
+                let (all_rows, dataset) =
+                    hands11k::load(&args.data, everything, missing).context("reading the 11k dataset")?;
+                report_skipped(&dataset);
+                let extra = splits::hands11k_train_extra(&all_rows, aspect, &manifest);
+                manifest.entries.extend(extra);
+            }
+            manifest
         }
         DatasetLayout::Folder => {
+            if args.train_extra {
+                bail!("--train-extra needs the 11k layout (it reads HandInfo.csv's aspects and accessories)");
+            }
             let dataset = folder::load(&args.data, missing).context("reading the dataset folders")?;
             report_skipped(&dataset);
             splits::by_fraction(&dataset, args.test_fraction, options)?

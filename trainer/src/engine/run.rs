@@ -87,7 +87,34 @@ pub fn load_data(config: &TrainConfig) -> anyhow::Result<RunData> {
         d.train_split,
         manifest.split_names().join(", ")
     );
-    let mut persons: Vec<String> = train.iter().map(|e| e.person.clone()).collect();
+    let mut trained = train;
+    for extra in &d.extra_train_splits {
+        let entries = manifest.split(extra);
+        anyhow::ensure!(
+            !entries.is_empty(),
+            "{} has no images in data.extra_train_splits {extra:?} (splits: {})",
+            d.manifest.display(),
+            manifest.split_names().join(", ")
+        );
+        trained.extend(entries);
+    }
+    // A test person must never train: `aspect:person` ids count as `person`.
+    let test: std::collections::BTreeSet<&str> = manifest
+        .split("test")
+        .into_iter()
+        .map(|e| e.person.as_str())
+        .collect();
+    if let Some(e) = trained.iter().find(|e| {
+        test.contains(e.person.as_str()) || test.contains(e.person.rsplit(':').next().unwrap_or(""))
+    }) {
+        bail!(
+            "split {:?} of {} trains on person {}, who is a test person",
+            e.split,
+            d.manifest.display(),
+            e.person
+        );
+    }
+    let mut persons: Vec<String> = trained.iter().map(|e| e.person.clone()).collect();
     persons.sort_unstable();
     persons.dedup();
     let label: BTreeMap<&str, i64> = persons.iter().map(String::as_str).zip(0..).collect();
@@ -110,8 +137,12 @@ pub fn load_data(config: &TrainConfig) -> anyhow::Result<RunData> {
             })
             .collect()
     };
+    let mut train = items(&d.train_split)?;
+    for extra in &d.extra_train_splits {
+        train.extend(items(extra)?);
+    }
     Ok(RunData {
-        train: Arc::new(items(&d.train_split)?),
+        train: Arc::new(train),
         val_query: Arc::new(items(&d.val_query_split)?),
         val_gallery: Arc::new(items(&d.val_gallery_split)?),
         persons,
