@@ -28,7 +28,8 @@ pub struct TrainArgs {
     /// Overrides `model.clip_weights`.
     #[arg(long)]
     pub clip_weights: Option<PathBuf>,
-    /// Overrides the epochs of the (last) fine-tuning stage.
+    /// Overrides the epochs of the (last) fine-tuning stage; a cosine or
+    /// one-cycle schedule that spanned the configured epochs spans these.
     #[arg(long)]
     pub epochs: Option<u64>,
     /// Continue the run in `--out` from its latest checkpoint.
@@ -64,6 +65,14 @@ pub fn effective_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
         match &mut config.method {
             Method::ZeroShot => anyhow::bail!("--epochs: a zero-shot run has no epochs"),
             Method::Finetune(s) | Method::ClipReid { stage2: s, .. } | Method::PromptSg { train: s, .. } => {
+                // A schedule written to span the configured epochs spans the new count.
+                use crate::engine::Schedule;
+                if let Schedule::Cosine { total_steps, .. } | Schedule::OneCycle { total_steps, .. } =
+                    &mut s.optim.schedule
+                    && *total_steps == s.epochs
+                {
+                    *total_steps = e;
+                }
                 s.epochs = e
             }
         }
@@ -109,4 +118,58 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         summary.checkpoint.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Schedule;
+
+    fn args(config: &str, epochs: Option<u64>) -> TrainArgs {
+        TrainArgs {
+            config: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/")).join(config),
+            out: PathBuf::from("unused"),
+            manifest: None,
+            data: None,
+            device: None,
+            clip_weights: None,
+            epochs,
+            resume: false,
+            stop_after_epoch: None,
+            keep_checkpoints: 2,
+            quiet: true,
+        }
+    }
+
+    fn epochs_and_span(config: &TrainConfig) -> (u64, u64) {
+        let Method::Finetune(s) = &config.method else {
+            panic!("a fine-tuning config")
+        };
+        let Schedule::Cosine { total_steps, .. } = s.optim.schedule else {
+            panic!("a cosine schedule")
+        };
+        (s.epochs, total_steps)
+    }
+
+    #[test]
+    fn epochs_override_stretches_a_schedule_that_spanned_the_run() {
+        // demo_tiny: 40 epochs, cosine over 40.
+        let base = effective_config(&args("demo_tiny.yaml", None)).expect("config");
+        assert_eq!(epochs_and_span(&base), (40, 40));
+        let longer = effective_config(&args("demo_tiny.yaml", Some(400))).expect("config");
+        assert_eq!(epochs_and_span(&longer), (400, 400));
+        // A schedule of its own length is left alone.
+        let mut config = base.clone();
+        if let Method::Finetune(s) = &mut config.method
+            && let Schedule::Cosine { total_steps, .. } = &mut s.optim.schedule
+        {
+            *total_steps = 30;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, serde_yaml::to_string(&config).expect("yaml")).expect("write");
+        let mut a = args("demo_tiny.yaml", Some(400));
+        a.config = path;
+        assert_eq!(epochs_and_span(&effective_config(&a).expect("config")), (400, 30));
+    }
 }
