@@ -88,12 +88,8 @@ impl ArcFace {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::heads::seeded_store as vs;
     use tch::{Device, Kind};
-
-    fn vs() -> nn::VarStore {
-        tch::manual_seed(0);
-        nn::VarStore::new(Device::Cpu)
-    }
 
     #[test]
     fn arcface_penalises_only_the_true_class() {

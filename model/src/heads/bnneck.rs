@@ -50,12 +50,7 @@ impl BnNeck {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Device;
-
-    fn vs() -> nn::VarStore {
-        tch::manual_seed(0);
-        nn::VarStore::new(Device::Cpu)
-    }
+    use crate::heads::seeded_store as vs;
 
     #[test]
     fn bnneck_normalises_in_training_and_uses_running_stats_in_eval() {

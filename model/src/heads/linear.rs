@@ -35,12 +35,8 @@ impl LinearClassifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::heads::seeded_store as vs;
     use tch::{Device, Kind};
-
-    fn vs() -> nn::VarStore {
-        tch::manual_seed(0);
-        nn::VarStore::new(Device::Cpu)
-    }
 
     #[test]
     fn linear_classifier_has_clip_reid_names_and_shape() {

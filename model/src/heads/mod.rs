@@ -13,3 +13,10 @@ mod linear;
 pub use arcface::{ArcFace, ArcFaceConfig};
 pub use bnneck::BnNeck;
 pub use linear::LinearClassifier;
+
+/// A CPU VarStore after seeding libtorch's generator, for the heads' tests.
+#[cfg(test)]
+fn seeded_store() -> tch::nn::VarStore {
+    tch::manual_seed(0);
+    tch::nn::VarStore::new(tch::Device::Cpu)
+}

@@ -85,23 +85,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 )
             };
             // All aspects are loaded so that gallery_all can draw from them.
-            let filter = Filter {
-                aspect: None,
-                without_accessories: true,
-            };
-            let (rows, dataset) =
-                hands11k::load(&args.data, filter, missing).context("reading the 11k dataset")?;
-            report_skipped(&dataset);
-            let mut manifest = splits::hands11k(&rows, aspect, options, args.gallery_all, &root)?;
-            if args.train_extra {
-                let everything = Filter {
+            let load = |without_accessories: bool| -> anyhow::Result<Vec<hands11k::HandInfo>> {
+                let filter = Filter {
                     aspect: None,
-                    without_accessories: false,
+                    without_accessories,
                 };
-                let (all_rows, dataset) =
-                    hands11k::load(&args.data, everything, missing).context("reading the 11k dataset")?;
+                let (rows, dataset) =
+                    hands11k::load(&args.data, filter, missing).context("reading the 11k dataset")?;
                 report_skipped(&dataset);
-                let extra = splits::hands11k_train_extra(&all_rows, aspect, &manifest);
+                Ok(rows)
+            };
+            let mut manifest = splits::hands11k(&load(true)?, aspect, options, args.gallery_all, &root)?;
+            if args.train_extra {
+                let extra = splits::hands11k_train_extra(&load(false)?, aspect, &manifest);
                 manifest.entries.extend(extra);
             }
             manifest
