@@ -51,5 +51,6 @@ for run in untrained trained; do
 done
 for run in untrained trained; do
   echo; echo "## $run ($OUT/$run/report/report.md)"
-  grep -E '^\|(---| (metric|rank1|rank5|rank10|mAP|mINP|EER) )' "$OUT/$run/report/report.md" || true
+  # The summary table: from its header to the first blank line.
+  sed -n '/^| metric/,/^$/p' "$OUT/$run/report/report.md" | grep -E '^\|(---| (metric|rank1|rank5|rank10|mAP|mINP|EER) )' || true
 done
