@@ -24,6 +24,8 @@ const MERGES: usize = 49152 - 256 - 2;
 pub const START_OF_TEXT: &str = "<start_of_text>";
 /// The end-of-text special token.
 pub const END_OF_TEXT: &str = "<end_of_text>";
+/// File name of CLIP's BPE vocabulary.
+pub const VOCAB_FILE: &str = "bpe_simple_vocab_16e6.txt.gz";
 /// CLIP's context length.
 pub const CONTEXT_LENGTH: usize = 77;
 
@@ -40,14 +42,23 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
-    /// Reads the vocabulary named by `HANDID_BPE_VOCAB`.
+    /// Reads the vocabulary named by `HANDID_BPE_VOCAB`, else
+    /// `$HANDID_CACHE/bpe_simple_vocab_16e6.txt.gz` (`~/.cache/handid` by default).
     pub fn from_env() -> Result<Self> {
-        let path = std::env::var_os("HANDID_BPE_VOCAB").ok_or_else(|| {
-            Error::InvalidInput(
-                "HANDID_BPE_VOCAB is not set: point it at CLIP's bpe_simple_vocab_16e6.txt.gz".to_owned(),
-            )
-        })?;
-        Self::from_file(Path::new(&path))
+        if let Some(path) = std::env::var_os("HANDID_BPE_VOCAB") {
+            return Self::from_file(Path::new(&path));
+        }
+        // Where scripts/setup.sh puts it: $HANDID_CACHE, by default ~/.cache/handid.
+        let cache = std::env::var_os("HANDID_CACHE")
+            .map(std::path::PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache/handid")));
+        match cache.map(|dir| dir.join(VOCAB_FILE)) {
+            Some(path) if path.is_file() => Self::from_file(&path),
+            _ => Err(Error::InvalidInput(format!(
+                "HANDID_BPE_VOCAB is not set and $HANDID_CACHE/{VOCAB_FILE} (default ~/.cache/handid) \
+                 does not exist: point HANDID_BPE_VOCAB at CLIP's {VOCAB_FILE} (scripts/setup.sh downloads it)"
+            ))),
+        }
     }
 
     /// Reads CLIP's gzipped merges file (`bpe_simple_vocab_16e6.txt.gz`).
