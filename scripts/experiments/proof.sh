@@ -3,8 +3,8 @@
 # are evaluated on the ten query/gallery splits of held-out test persons;
 # prints both tables.
 #
-#   scripts/experiments/proof.sh real        # 11k Hands sample, about 6 min on 2 cores
-#   scripts/experiments/proof.sh synthetic   # 200 synthetic persons, about 5 min
+#   scripts/experiments/proof.sh real        # 11k Hands sample, about 4 min on 2 cores
+#   scripts/experiments/proof.sh synthetic   # 200 synthetic persons, about 4 min
 #
 # real: the sample's dorsal right hands (33 training / 27 test persons by the
 # protocol's id threshold), configs/hands11k_sample_small_vit.yaml.
