@@ -1034,14 +1034,7 @@ impl Engine {
                         Some(slot.indexes.get_or_create(&change.gallery_id))
                     };
                     if let Some(index) = index {
-                        let new: Vec<NewRow<'_>> = rows
-                            .iter()
-                            .map(|r| NewRow {
-                                subject_id: &r.subject_id,
-                                seq: r.seq,
-                                embedding: &r.embedding,
-                            })
-                            .collect();
+                        let new: Vec<NewRow<'_>> = rows.iter().map(TemplateRow::as_new_row).collect();
                         // One critical section: a search never sees the
                         // subject half replaced.
                         let mut index = lock(&index);
@@ -1085,14 +1078,7 @@ fn append_loaded(indexes: &Indexes, pending: &mut Vec<TemplateRow>) -> Result<()
         return Ok(());
     };
     let index = indexes.get_or_create(&first.gallery_id);
-    let rows: Vec<NewRow<'_>> = pending
-        .iter()
-        .map(|r| NewRow {
-            subject_id: &r.subject_id,
-            seq: r.seq,
-            embedding: &r.embedding,
-        })
-        .collect();
+    let rows: Vec<NewRow<'_>> = pending.iter().map(TemplateRow::as_new_row).collect();
     lock(&index).append(&rows)?;
     pending.clear();
     Ok(())

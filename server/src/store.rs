@@ -13,6 +13,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
+use crate::index::NewRow;
 use crate::settings::DatabaseSettings;
 
 /// What can go wrong in the store, already sorted by who must act.
@@ -181,6 +182,17 @@ pub struct TemplateRow {
     pub seq: i64,
     /// The embedding.
     pub embedding: Vec<f32>,
+}
+
+impl TemplateRow {
+    /// The row as the gallery index takes it.
+    pub fn as_new_row(&self) -> NewRow<'_> {
+        NewRow {
+            subject_id: &self.subject_id,
+            seq: self.seq,
+            embedding: &self.embedding,
+        }
+    }
 }
 
 /// What was erased.

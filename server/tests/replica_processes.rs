@@ -60,22 +60,6 @@ async fn replica(
     panic!("replica {name} never accepted a connection");
 }
 
-async fn found(client: &mut HandIdClient<Channel>, gallery: &str, subject: &str, probe: &[u8]) -> bool {
-    match client
-        .identify(pb::IdentifyRequest {
-            gallery_id: gallery.to_owned(),
-            image: Some(pb::Image { data: probe.to_vec() }),
-            top_k: 10,
-            rule: None,
-        })
-        .await
-    {
-        Ok(r) => r.into_inner().candidates.iter().any(|c| c.subject_id == subject),
-        Err(status) if status.code() == tonic::Code::NotFound => false,
-        Err(status) => panic!("identify failed: {status:?}"),
-    }
-}
-
 /// Polls B until `want` holds; the time it took, or `None` after 1 s.
 async fn within_a_second(
     client: &mut HandIdClient<Channel>,
@@ -86,7 +70,12 @@ async fn within_a_second(
 ) -> Option<Duration> {
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(1) {
-        if found(client, gallery, subject, probe).await == want {
+        if common::candidates(client, gallery, probe)
+            .await
+            .iter()
+            .any(|s| s == subject)
+            == want
+        {
             return Some(start.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(10)).await;

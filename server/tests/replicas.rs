@@ -23,29 +23,6 @@ fn enroll(gallery: &str, subject: &str, images: &[Vec<u8>]) -> pb::EnrollRequest
     }
 }
 
-/// The subjects Identify on `client` ranks for `probe` (gallery absent:
-/// none).
-async fn candidates(client: &mut HandIdClient<Channel>, gallery: &str, probe: &[u8]) -> Vec<String> {
-    match client
-        .identify(pb::IdentifyRequest {
-            gallery_id: gallery.to_owned(),
-            image: Some(pb::Image { data: probe.to_vec() }),
-            top_k: 10,
-            rule: None,
-        })
-        .await
-    {
-        Ok(r) => r
-            .into_inner()
-            .candidates
-            .into_iter()
-            .map(|c| c.subject_id)
-            .collect(),
-        Err(status) if status.code() == tonic::Code::NotFound => Vec::new(),
-        Err(status) => panic!("identify failed: {status:?}"),
-    }
-}
-
 /// Polls until `present` says whether `subject` is among the candidates;
 /// returns how long that took, or `None` after `limit`.
 async fn until(
@@ -58,7 +35,7 @@ async fn until(
 ) -> Option<Duration> {
     let started = Instant::now();
     while started.elapsed() < limit {
-        if candidates(client, gallery, probe)
+        if common::candidates(client, gallery, probe)
             .await
             .iter()
             .any(|s| s == subject)
@@ -126,7 +103,7 @@ async fn writes_on_one_replica_reach_the_other_and_missed_notifications_are_caug
         seen.as_millis(),
         gone.as_millis()
     );
-    assert_eq!(candidates(&mut on_b, "site", &s1.1[1]).await.len(), 2);
+    assert_eq!(common::candidates(&mut on_b, "site", &s1.1[1]).await.len(), 2);
 
     let pool = PgPoolOptions::new()
         .connect(&database_url(&options))

@@ -11,6 +11,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use handid_model::{ClipVisionConfig, Embedder, Manifest, OperatingPoint, create_random_checkpoint};
+use handid_proto::v1 as pb;
 use handid_proto::v1::hand_id_client::HandIdClient;
 use handid_server::Settings;
 use sqlx::postgres::PgConnectOptions;
@@ -279,4 +280,27 @@ pub async fn wait_for_health(server: &TestServer, want: ServingStatus) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("health never became {want:?}");
+}
+
+/// The subjects Identify on `client` ranks for `probe` (gallery absent:
+/// none).
+pub async fn candidates(client: &mut HandIdClient<Channel>, gallery: &str, probe: &[u8]) -> Vec<String> {
+    match client
+        .identify(pb::IdentifyRequest {
+            gallery_id: gallery.to_owned(),
+            image: Some(pb::Image { data: probe.to_vec() }),
+            top_k: 10,
+            rule: None,
+        })
+        .await
+    {
+        Ok(r) => r
+            .into_inner()
+            .candidates
+            .into_iter()
+            .map(|c| c.subject_id)
+            .collect(),
+        Err(status) if status.code() == tonic::Code::NotFound => Vec::new(),
+        Err(status) => panic!("identify failed: {status:?}"),
+    }
 }

@@ -90,6 +90,16 @@ pub struct ScoredSplit {
     pub gallery_ids: Vec<i64>,
 }
 
+/// The report's provenance line naming which galleries were searched.
+pub fn galleries_provenance(gallery_all: bool) -> (String, String) {
+    let name = if gallery_all {
+        "gallery_all{i}"
+    } else {
+        "gallery{i}"
+    };
+    ("galleries".to_owned(), name.to_owned())
+}
+
 /// The options of the command line's AP choice.
 pub fn eval_options(ap: Ap) -> EvalOptions {
     EvalOptions {
@@ -299,15 +309,7 @@ pub fn evaluate(args: &Args) -> anyhow::Result<Report> {
             let provenance = vec![
                 ("model".to_string(), model.display().to_string()),
                 ("manifest".to_string(), manifest.display().to_string()),
-                (
-                    "galleries".to_string(),
-                    if args.gallery_all {
-                        "gallery_all{i}"
-                    } else {
-                        "gallery{i}"
-                    }
-                    .to_string(),
-                ),
+                galleries_provenance(args.gallery_all),
             ];
             score_and_report(
                 "Evaluation of a checkpoint",

@@ -112,15 +112,7 @@ pub async fn replay(args: &Args) -> anyhow::Result<Report> {
         ("server".to_string(), args.server.clone()),
         ("model".to_string(), replayed.model_id),
         ("manifest".to_string(), args.manifest.display().to_string()),
-        (
-            "galleries".to_string(),
-            if args.gallery_all {
-                "gallery_all{i}"
-            } else {
-                "gallery{i}"
-            }
-            .to_string(),
-        ),
+        super::eval::galleries_provenance(args.gallery_all),
     ];
     report_scored(
         "Replay through the gRPC service",

@@ -420,10 +420,9 @@ mod tests {
         close(&run(sgd(true), lr, 0.0, 2), &expect(true));
     }
 
-    #[test]
-    fn clipping_scales_the_total_norm_and_state_round_trips() {
-        let p = param(&[3.0, 4.0]);
-        let mut opt = Optimizer::new(
+    /// Adam (lr 0.1, no decay) over the one parameter `p`.
+    fn adam_over(p: &Tensor) -> Optimizer {
+        Optimizer::new(
             OptimizerKind::default(),
             vec![ParamGroup {
                 name: "all".into(),
@@ -432,7 +431,13 @@ mod tests {
                 params: vec![("p".into(), p.shallow_clone())],
             }],
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn clipping_scales_the_total_norm_and_state_round_trips() {
+        let p = param(&[3.0, 4.0]);
+        let mut opt = adam_over(&p);
         (p.square().sum(Kind::Float) / 2.0).backward();
         let norm = opt.clip_grad_norm(1.0);
         assert!((norm - 5.0).abs() < 1e-6);
@@ -441,16 +446,7 @@ mod tests {
         opt.step(1.0);
         let saved = opt.state_tensors();
         assert_eq!(saved.len(), 3);
-        let mut other = Optimizer::new(
-            OptimizerKind::default(),
-            vec![ParamGroup {
-                name: "all".into(),
-                lr: 0.1,
-                weight_decay: 0.0,
-                params: vec![("p".into(), p.shallow_clone())],
-            }],
-        )
-        .unwrap();
+        let mut other = adam_over(&p);
         other.load_state_tensors(saved).unwrap();
         assert_eq!(other.state["p"].step, 1);
         assert!(
