@@ -23,7 +23,21 @@ pub enum Backbone {
     ModifiedResnet {
         /// Bottleneck counts of `layer1` .. `layer4`.
         layers: [i64; 4],
+        /// Stride of `layer4`: OpenAI's 2, or 1 as CLIP-ReID trains RN50
+        /// (`model/clip/model.py`, `_make_layer(width * 8, layers[3],
+        /// stride=1)`; Luo et al.'s "last stride" trick), which doubles the
+        /// final map and the attention pool's grid.
+        #[serde(default = "openai_last_stride", skip_serializing_if = "is_openai_last_stride")]
+        last_stride: i64,
     },
+}
+
+fn openai_last_stride() -> i64 {
+    2
+}
+
+fn is_openai_last_stride(stride: &i64) -> bool {
+    *stride == openai_last_stride()
 }
 
 /// Configuration of CLIP's image encoder (`visual.*`).
@@ -81,7 +95,10 @@ impl ClipVisionConfig {
     /// A modified ResNet with OpenAI's head count (`width * 32 / 64`).
     fn resnet(layers: [i64; 4], width: i64, image_size: i64, output_dim: i64) -> Self {
         Self {
-            backbone: Backbone::ModifiedResnet { layers },
+            backbone: Backbone::ModifiedResnet {
+                layers,
+                last_stride: openai_last_stride(),
+            },
             width,
             heads: width * 32 / 64,
             image_size,
@@ -114,21 +131,48 @@ impl ClipVisionConfig {
                     format!("vit-w{}-l{layers}-p{patch_size}-r{}", self.width, self.image_size)
                 }
             }
-            Backbone::ModifiedResnet { layers } => {
+            Backbone::ModifiedResnet { layers, last_stride } => {
                 let named = [
                     (Self::rn50(), "rn50"),
                     (Self::rn101(), "rn101"),
                     (Self::rn50x4(), "rn50x4"),
                 ];
-                match named.iter().find(|(preset, _)| preset == self) {
+                let openai = Self {
+                    backbone: Backbone::ModifiedResnet {
+                        layers,
+                        last_stride: openai_last_stride(),
+                    },
+                    ..self.clone()
+                };
+                let name = match named.iter().find(|(preset, _)| *preset == openai) {
                     Some((_, name)) => (*name).to_owned(),
                     None => format!(
                         "resnet-w{}-l{}-{}-{}-{}-r{}",
                         self.width, layers[0], layers[1], layers[2], layers[3], self.image_size
                     ),
+                };
+                if last_stride == openai_last_stride() {
+                    name
+                } else {
+                    format!("{name}-s{last_stride}")
                 }
             }
         }
+    }
+
+    /// How many input pixels one position of the final feature map spans:
+    /// the patch size of a ViT; 32 for a ResNet (16 with last stride 1).
+    pub fn total_stride(&self) -> i64 {
+        match self.backbone {
+            Backbone::Vit { patch_size, .. } => patch_size,
+            Backbone::ModifiedResnet { last_stride, .. } => 16 * last_stride,
+        }
+    }
+
+    /// Side of the square grid the positional embedding (ViT) or the
+    /// attention pool's positional embedding (ResNet) is laid out for.
+    pub fn grid(&self) -> i64 {
+        self.image_size / self.total_stride()
     }
 
     /// Checks that the sizes are consistent (a config read from YAML may not be).
@@ -136,12 +180,6 @@ impl ClipVisionConfig {
         let bad = |why: String| Err(Error::InvalidInput(format!("vision config: {why}")));
         if self.width <= 0 || self.heads <= 0 || self.image_size <= 0 || self.output_dim <= 0 {
             return bad("width, heads, image_size and output_dim must be positive".to_owned());
-        }
-        if self.width % self.heads != 0 {
-            return bad(format!(
-                "width {} is not a multiple of heads {}",
-                self.width, self.heads
-            ));
         }
         match self.backbone {
             Backbone::Vit { patch_size, layers } => {
@@ -161,18 +199,28 @@ impl ClipVisionConfig {
                     ));
                 }
             }
-            Backbone::ModifiedResnet { layers } => {
+            Backbone::ModifiedResnet { layers, last_stride } => {
                 if layers.iter().any(|&n| n <= 0) || self.width % 2 != 0 {
                     return bad("every stage needs a block, and the width must be even".to_owned());
                 }
+                // The attention pool works on 32 * width channels: that is
+                // what the heads split (a ResNet imported with a 16-wide head
+                // has more heads than stem channels).
                 if (self.width * 32) % self.heads != 0 {
                     return bad(format!(
                         "32 * width {} is not a multiple of heads {}",
                         self.width, self.heads
                     ));
                 }
-                if self.image_size % 32 != 0 {
-                    return bad(format!("image_size {} is not a multiple of 32", self.image_size));
+                if !matches!(last_stride, 1 | 2) {
+                    return bad(format!("last_stride must be 1 or 2, got {last_stride}"));
+                }
+                let total = self.total_stride();
+                if self.image_size % total != 0 {
+                    return bad(format!(
+                        "image_size {} is not a multiple of {total}",
+                        self.image_size
+                    ));
                 }
             }
         }
@@ -215,5 +263,34 @@ mod tests {
         config = ClipVisionConfig::tiny_vit();
         config.image_size = 30;
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn a_resnet_may_have_more_heads_than_stem_channels() {
+        // RN50 imported with 16-wide heads: 2048 / 16 = 128 heads over a 64-wide stem.
+        let mut config = ClipVisionConfig::rn50();
+        config.heads = 128;
+        config.validate().expect("heads split the pool's 2048 channels");
+        config.heads = 3;
+        assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn last_stride_one_doubles_the_grid_and_is_named() {
+        let mut config = ClipVisionConfig::rn50();
+        assert_eq!(config.grid(), 7);
+        config.backbone = Backbone::ModifiedResnet {
+            layers: [3, 4, 6, 3],
+            last_stride: 1,
+        };
+        config.validate().expect("valid");
+        assert_eq!(config.grid(), 14);
+        assert_eq!(config.architecture(), "rn50-s1");
+        // OpenAI's stride is not written, so older manifests read the same.
+        let yaml = serde_yaml::to_string(&ClipVisionConfig::rn50()).expect("yaml");
+        assert!(!yaml.contains("last_stride"), "{yaml}");
+        let back: ClipVisionConfig =
+            serde_yaml::from_str(&serde_yaml::to_string(&config).expect("yaml")).expect("parse");
+        assert_eq!(back, config);
     }
 }

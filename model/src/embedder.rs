@@ -10,6 +10,7 @@ use tch::{Device, Kind, Tensor, nn};
 use crate::checkpoint::{Manifest, Neck, WEIGHTS_FILE, load_strict, read_safetensors, sha256_file};
 use crate::error::{Error, Result};
 use crate::heads::BnNeck;
+use crate::ops::l2_normalize;
 use crate::promptsg::PromptSgHead;
 use crate::visual::{Feature, ImageEncoder};
 
@@ -161,9 +162,7 @@ impl Embedder {
             })
         })?;
         // Normalise in f32: half-precision norms of 512 values lose digits.
-        let features = features.to_kind(Kind::Float);
-        let norms = features.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12);
-        Ok((features / norms).to_device(Device::Cpu))
+        Ok(l2_normalize(&features.to_kind(Kind::Float)).to_device(Device::Cpu))
     }
 
     /// Preprocesses `images` as the manifest says and embeds them in one batch.

@@ -253,7 +253,10 @@ pub fn infer_vision_config(shapes: &BTreeMap<String, Vec<i64>>, head_width: i64)
             ))
         })?;
         ClipVisionConfig {
-            backbone: Backbone::ModifiedResnet { layers },
+            backbone: Backbone::ModifiedResnet {
+                layers,
+                last_stride: 2,
+            },
             width,
             heads: width * 32 / head_width,
             image_size: side * 32,

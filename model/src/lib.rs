@@ -13,6 +13,7 @@
 //! - [`device`]: choosing `cpu` / `cuda[:N]`, loading libtorch's CUDA library
 //!   at run time so one binary serves CPU-only and GPU hosts.
 //! - [`error`]: the crate's error type.
+//! - [`ops`]: small tensor operations ([`l2_normalize`]).
 //! - [`heads`]: BNNeck, linear and ArcFace classifiers (re-id heads).
 //! - [`prompt`]: CLIP-ReID's per-identity prompt learner; [`promptsg`]: PromptSG's
 //!   inversion network, composed prompt and interaction module.
@@ -26,6 +27,7 @@ pub mod error;
 pub mod heads;
 pub mod image;
 pub mod import;
+pub mod ops;
 pub mod prompt;
 pub mod promptsg;
 pub mod resnet;
@@ -42,8 +44,9 @@ pub use device::{Device, parse_device};
 pub use embedder::{Embedder, Precision};
 pub use error::{Error, Result};
 pub use image::{DecodeLimits, Preprocess, decode};
+pub use ops::l2_normalize;
 pub use prompt::IdPromptLearner;
 pub use promptsg::{ComposedPrompt, InteractionModule, InversionNetwork};
 pub use text::{ClipTextConfig, TextTransformer};
 pub use tokenizer::Tokenizer;
-pub use visual::{Feature, ImageEncoder};
+pub use visual::{Feature, ImageEncoder, ImageFeatures};

@@ -1,38 +1,38 @@
-//! PromptSG (Yang et al., "A Pedestrian is Worth One Prompt: Towards
-//! Language Guidance Person Re-Identification", CVPR 2024), adapted to hands.
+//! PromptSG (Yang, Wu, Wu, Lin, Gu, Wang, "A Pedestrian is Worth One Prompt:
+//! Towards Language Guidance Person Re-Identification", CVPR 2024), adapted
+//! to hands.
 //!
-//! PromptSG lets language guide the visual feature (Sec. 3 "Method"): an
-//! inversion network turns the image feature into a pseudo-word `S*` (after
-//! Pic2Word / textual inversion), the composed prompt "A photo of a `S*`
-//! person" goes through the frozen text encoder, and a multimodal
+//! PromptSG lets language guide the visual feature (sec. 4): an inversion
+//! network turns the global image feature into a pseudo-word `S*` (sec. 4.1,
+//! after Pic2Word / textual inversion), the composed prompt "A photo of a
+//! `S*` person" goes through the frozen text encoder, and a multimodal
 //! interaction module lets that text feature attend over the image's patch
-//! tokens to give the language-guided visual feature that the re-id losses
-//! train. At inference the prompt without the pseudo-word ("A photo of a
-//! person") replaces the composed one, so one text pass serves every image.
-//! Our prompt names the hand aspect instead of "person": "A photo of a {}
-//! dorsal right hand". Subsection and equation numbers are left out on
-//! purpose: they could not be checked against the paper offline, so the
-//! components carry the paper's names instead.
+//! tokens (sec. 4.2, eq. 7) to give the language-guided visual feature that
+//! the re-id losses train (eqs. 8-10; the image-text contrastive pair of
+//! eqs. 4-6 is in the trainer). At inference the prompt without the
+//! pseudo-word ("A photo of a person") replaces the composed one, so one
+//! text pass serves every image (sec. 4.3). Our prompt names the hand aspect
+//! instead of "person": "A photo of a {} dorsal right hand".
 //!
-//! What the paper leaves open, and what we chose:
-//! - Inversion network: the paper calls it a lightweight three-layer MLP
-//!   with batch normalisation. We read it as Linear -> BN -> ReLU -> Linear
-//!   -> BN -> ReLU -> Linear, hidden width = the joint embedding width, no BN
-//!   on the output (a BN there would pin the word's scale to the unit
-//!   variance, far from CLIP's word embeddings, std about 0.02).
-//! - Keys/values of the cross-attention: the patch tokens projected into the
+//! What the paper specifies (sec. 5.1) and what it leaves open (our choice):
+//! - Inversion network: "a three-layered MLP of 512-dimensional hidden
+//!   state", with "a Batch Normalization layer placed after the last state";
+//!   ReLU between the layers is ours (the paper names no activation).
+//! - Keys/values of the cross-attention (the paper: "the patch-wise
+//!   embedding of the visual encoder"): the patch tokens projected into the
 //!   joint space by the image tower's own projection (ViT: `visual.proj`;
 //!   ResNet: the attention pool's value path), see
 //!   [`crate::ImageEncoder::forward_feature_and_tokens`]. This is the map CLIP
 //!   pre-training aligned with text features, so the text query meets keys
 //!   in its own space from the first step; a fresh linear layer would start
 //!   unaligned and add `width x embed_dim` untrained weights.
-//! - "Followed by two self-attention transformer blocks": over one query
-//!   token self-attention would be the identity, so the blocks run over the
-//!   sequence [cross-attention output ; patch tokens] and the first token is
-//!   the output, after a final LayerNorm. Blocks are CLIP's pre-norm
-//!   residual attention blocks; the cross-attention is pre-norm too, with a
-//!   residual on the text query.
+//! - "Two transformer blocks following the cross-attention layer" (sec. 4.2,
+//!   Table 5): over one query token self-attention would be the identity,
+//!   so the blocks run over the sequence [cross-attention output ; patch
+//!   tokens] and the first token is the output, after a final LayerNorm.
+//!   Blocks are CLIP's pre-norm residual attention blocks; the
+//!   cross-attention is pre-norm too, with a residual on the text query;
+//!   the head count is a setting (the paper gives none).
 
 use std::borrow::Borrow;
 
@@ -43,45 +43,45 @@ use crate::error::{Error, Result};
 use crate::prompt::{PLACEHOLDER, tokenize_with_slots};
 use crate::text::TextTransformer;
 use crate::tokenizer::Tokenizer;
-use crate::transformer::{LayerNorm, ResidualAttentionBlock};
+use crate::transformer::{LayerNorm, ResidualAttentionBlock, TransformerConfig};
 
 /// The default composed-prompt template: `{}` is the pseudo-word, `{aspect}` the hand aspect.
 pub const DEFAULT_TEMPLATE: &str = "A photo of a {} {aspect} hand";
 
 /// PromptSG's inversion network: image feature -> pseudo-word embedding.
+/// A three-layer MLP (`fc1`, `fc2`, `fc3`, ReLU between them) whose output
+/// goes through a BatchNorm (`bn`), as the paper specifies.
 #[derive(Debug)]
 pub struct InversionNetwork {
     fc1: nn::Linear,
-    bn1: nn::BatchNorm,
     fc2: nn::Linear,
-    bn2: nn::BatchNorm,
     fc3: nn::Linear,
+    bn: nn::BatchNorm,
 }
 
 impl InversionNetwork {
-    /// `embed_dim` image features -> `word_width` word embeddings (the text tower's width).
-    pub fn new<'a>(p: impl Borrow<nn::Path<'a>>, embed_dim: i64, word_width: i64) -> Self {
+    /// `embed_dim` image features -> `word_width` word embeddings (the text
+    /// tower's width) through `hidden`-wide layers (the paper: 512).
+    pub fn new<'a>(p: impl Borrow<nn::Path<'a>>, embed_dim: i64, hidden: i64, word_width: i64) -> Self {
         let p = p.borrow();
         let linear = Default::default();
         Self {
-            fc1: nn::linear(p / "fc1", embed_dim, embed_dim, linear),
-            bn1: nn::batch_norm1d(p / "bn1", embed_dim, Default::default()),
-            fc2: nn::linear(p / "fc2", embed_dim, embed_dim, linear),
-            bn2: nn::batch_norm1d(p / "bn2", embed_dim, Default::default()),
-            fc3: nn::linear(p / "fc3", embed_dim, word_width, linear),
+            fc1: nn::linear(p / "fc1", embed_dim, hidden, linear),
+            fc2: nn::linear(p / "fc2", hidden, hidden, linear),
+            fc3: nn::linear(p / "fc3", hidden, word_width, linear),
+            bn: nn::batch_norm1d(p / "bn", word_width, Default::default()),
         }
     }
 
-    /// `[B, embed_dim]` -> `[B, word_width]`; `train` selects batch statistics for the BNs.
+    /// `[B, embed_dim]` -> `[B, word_width]`; `train` selects batch statistics for the BatchNorm.
     pub fn forward_t(&self, image_feature: &Tensor, train: bool) -> Tensor {
         image_feature
             .apply(&self.fc1)
-            .apply_t(&self.bn1, train)
             .relu()
             .apply(&self.fc2)
-            .apply_t(&self.bn2, train)
             .relu()
             .apply(&self.fc3)
+            .apply_t(&self.bn, train)
     }
 }
 
@@ -236,7 +236,16 @@ impl InteractionModule {
             ln_tokens: LayerNorm::new(p / "ln_tokens", embed_dim),
             cross: CrossAttention::new(&(p / "cross_attn"), embed_dim, heads),
             blocks: (0..blocks)
-                .map(|i| ResidualAttentionBlock::new(&stack / i, embed_dim, heads, blocks))
+                .map(|i| {
+                    ResidualAttentionBlock::new(
+                        &stack / i,
+                        &TransformerConfig {
+                            width: embed_dim,
+                            layers: blocks,
+                            heads,
+                        },
+                    )
+                })
                 .collect(),
             ln_post: LayerNorm::new(p / "ln_post", embed_dim),
             width: embed_dim,

@@ -1,7 +1,8 @@
 //! CLIP's modified ResNet image encoder (RN50, RN101, RN50x4, ...).
 //!
-//! BatchNorm always runs with its running statistics: these modules serve
-//! and evaluate; fine-tuning code that wants batch statistics builds its own.
+//! BatchNorm runs with its running statistics, except in the `*_t` forward
+//! passes with `train = true`, which use batch statistics and update the
+//! running ones (`model.train()` in PyTorch), as CLIP-ReID fine-tunes RN50.
 
 use std::borrow::Borrow;
 
@@ -67,14 +68,15 @@ impl Bottleneck {
         }
     }
 
-    /// `[batch, inplanes, H, W]` -> `[batch, 4 * planes, H / stride, W / stride]`.
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let out = x.apply(&self.conv1).apply_t(&self.bn1, false).relu();
-        let mut out = out.apply(&self.conv2).apply_t(&self.bn2, false).relu();
+    /// `[batch, inplanes, H, W]` -> `[batch, 4 * planes, H / stride, W / stride]`;
+    /// `train` selects batch statistics for the BatchNorms.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let out = x.apply(&self.conv1).apply_t(&self.bn1, train).relu();
+        let mut out = out.apply(&self.conv2).apply_t(&self.bn2, train).relu();
         if self.stride > 1 {
             out = avg_pool(&out, self.stride);
         }
-        let out = out.apply(&self.conv3).apply_t(&self.bn3, false);
+        let out = out.apply(&self.conv3).apply_t(&self.bn3, train);
         let identity = match &self.downsample {
             Some((conv, bn)) => {
                 let pooled = if self.stride > 1 {
@@ -82,7 +84,7 @@ impl Bottleneck {
                 } else {
                     x.shallow_clone()
                 };
-                pooled.apply(conv).apply_t(bn, false)
+                pooled.apply(conv).apply_t(bn, train)
             }
             None => x.shallow_clone(),
         };
@@ -160,6 +162,21 @@ impl AttentionPool2d {
     }
 }
 
+/// What a training forward pass of a [`ModifiedResNet`] gives.
+#[derive(Debug)]
+pub struct ResNetOutput {
+    /// The attention pool's output `[batch, output_dim]`, CLIP's image feature.
+    pub pooled: Tensor,
+    /// The average-pooled final map `[batch, 32 * width]` (CLIP-ReID's
+    /// `img_feature` of RN50).
+    pub avg: Tensor,
+    /// The average-pooled output of `layer3` `[batch, 16 * width]`
+    /// (CLIP-ReID's `img_feature_last`).
+    pub penultimate: Tensor,
+    /// The final map as tokens `[batch, n, 32 * width]`.
+    pub tokens: Tensor,
+}
+
 /// `ModifiedResNet` of OpenAI CLIP `model.py`: a 3-conv stem with an
 /// avgpool, anti-aliased strided Bottlenecks, and an attention pool.
 #[derive(Debug)]
@@ -167,11 +184,18 @@ pub struct ModifiedResNet {
     stem: Vec<(nn::Conv2D, nn::BatchNorm)>,
     layers: Vec<Vec<Bottleneck>>,
     attnpool: AttentionPool2d,
+    total_stride: i64,
 }
 
 impl ModifiedResNet {
-    /// `layers` are the Bottleneck counts of `layer1..layer4`, from the config's backbone.
-    pub fn new<'a>(p: impl Borrow<nn::Path<'a>>, cfg: &ClipVisionConfig, layers: [i64; 4]) -> Self {
+    /// `layers` are the Bottleneck counts of `layer1..layer4` and
+    /// `last_stride` the stride of `layer4`, from the config's backbone.
+    pub fn new<'a>(
+        p: impl Borrow<nn::Path<'a>>,
+        cfg: &ClipVisionConfig,
+        layers: [i64; 4],
+        last_stride: i64,
+    ) -> Self {
         let p = p.borrow();
         let width = cfg.width;
         let stem = vec![
@@ -193,7 +217,11 @@ impl ModifiedResNet {
         for (i, &blocks) in layers.iter().enumerate() {
             let planes = width << i;
             let stage = p / format!("layer{}", i + 1);
-            let stride = if i == 0 { 1 } else { 2 };
+            let stride = match i {
+                0 => 1,
+                3 => last_stride,
+                _ => 2,
+            };
             let mut stage_blocks = vec![Bottleneck::new(&stage / 0, inplanes, planes, stride)];
             inplanes = planes * 4;
             stage_blocks.extend((1..blocks).map(|b| Bottleneck::new(&stage / b, inplanes, planes, 1)));
@@ -202,32 +230,43 @@ impl ModifiedResNet {
         Self {
             stem,
             layers: stages,
-            attnpool: AttentionPool2d::new(
-                p / "attnpool",
-                cfg.image_size / 32,
-                width * 32,
-                cfg.heads,
-                cfg.output_dim,
-            ),
+            attnpool: AttentionPool2d::new(p / "attnpool", cfg.grid(), width * 32, cfg.heads, cfg.output_dim),
+            total_stride: cfg.total_stride(),
         }
     }
 
-    /// `[batch, 3, H, W]` (H, W multiples of 32) -> `[batch, output_dim]`.
+    /// `[batch, 3, H, W]` (H, W multiples of the total stride) -> `[batch, output_dim]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.attnpool.forward(&self.feature_map(x)?))
+        let (_, map) = self.feature_maps(x, false)?;
+        Ok(self.attnpool.forward(&map))
     }
 
     /// The final feature map as tokens, before the attention pool:
-    /// `[batch, 3, H, W]` -> `[batch, (H / 32) * (W / 32), 32 * width]`.
+    /// `[batch, 3, H, W]` -> `[batch, (H / s) * (W / s), 32 * width]`, `s`
+    /// the total stride.
     pub fn forward_tokens(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.feature_map(x)?.flatten(2, 3).transpose(1, 2))
+        let (_, map) = self.feature_maps(x, false)?;
+        Ok(map.flatten(2, 3).transpose(1, 2))
     }
 
     /// Both the pooled feature `[batch, output_dim]` and the tokens of
     /// [`ModifiedResNet::forward_tokens`], from one pass.
     pub fn forward_pooled_and_tokens(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let map = self.feature_map(x)?;
+        let (_, map) = self.feature_maps(x, false)?;
         Ok((self.attnpool.forward(&map), map.flatten(2, 3).transpose(1, 2)))
+    }
+
+    /// Every feature fine-tuning uses, from one pass; `train` selects batch
+    /// statistics for every BatchNorm (and updates the running ones).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<ResNetOutput> {
+        let (layer3, map) = self.feature_maps(x, train)?;
+        let global_avg = |t: &Tensor| t.mean_dim([2i64, 3].as_slice(), false, t.kind());
+        Ok(ResNetOutput {
+            pooled: self.attnpool.forward(&map),
+            avg: global_avg(&map),
+            penultimate: global_avg(&layer3),
+            tokens: map.flatten(2, 3).transpose(1, 2),
+        })
     }
 
     /// Feature-map tokens `[batch, n, 32 * width]` -> `[batch, n, output_dim]`
@@ -240,29 +279,37 @@ impl ModifiedResNet {
         tokens.apply(&self.attnpool.v_proj).apply(&self.attnpool.c_proj)
     }
 
-    /// `[batch, 3, H, W]` -> the last stage's `[batch, 32 * width, H / 32, W / 32]`.
-    fn feature_map(&self, x: &Tensor) -> Result<Tensor> {
+    /// `[batch, 3, H, W]` -> the outputs of `layer3` and `layer4`, the
+    /// latter `[batch, 32 * width, H / s, W / s]` (`s` the total stride).
+    fn feature_maps(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
         let size = x.size();
         let [_, 3, height, width] = size[..] else {
             return Err(Error::InvalidInput(format!(
                 "expected [batch, 3, H, W] pixels, got {size:?}"
             )));
         };
-        if height % 32 != 0 || width % 32 != 0 || height == 0 || width == 0 {
+        let s = self.total_stride;
+        if height % s != 0 || width % s != 0 || height == 0 || width == 0 {
             return Err(Error::InvalidInput(format!(
-                "input {height}x{width} is not a positive multiple of 32"
+                "input {height}x{width} is not a positive multiple of {s}"
             )));
         }
         let kind = self.attnpool.positional_embedding.kind();
         let mut x = x.to_kind(kind);
         for (conv, bn) in &self.stem {
-            x = x.apply(conv).apply_t(bn, false).relu();
+            x = x.apply(conv).apply_t(bn, train).relu();
         }
         let mut x = avg_pool(&x, 2);
-        for block in self.layers.iter().flatten() {
-            x = block.forward(&x);
+        let mut layer3 = x.shallow_clone();
+        for (stage, blocks) in self.layers.iter().enumerate() {
+            for block in blocks {
+                x = block.forward_t(&x, train);
+            }
+            if stage == 2 {
+                layer3 = x.shallow_clone();
+            }
         }
-        Ok(x)
+        Ok((layer3, x))
     }
 }
 
@@ -275,7 +322,7 @@ mod tests {
     fn tiny_resnet_pools_any_multiple_of_32_to_the_output_dim() {
         let vs = nn::VarStore::new(Device::Cpu);
         let cfg = ClipVisionConfig::tiny_resnet();
-        let model = ModifiedResNet::new(vs.root() / "visual", &cfg, [1, 1, 1, 1]);
+        let model = ModifiedResNet::new(vs.root() / "visual", &cfg, [1, 1, 1, 1], 2);
         for (h, w) in [(64, 64), (96, 64), (32, 32)] {
             let out = model
                 .forward(&Tensor::randn([2, 3, h, w], (Kind::Float, Device::Cpu)))
@@ -290,12 +337,46 @@ mod tests {
     }
 
     #[test]
+    fn last_stride_one_keeps_twice_the_grid_and_train_mode_updates_statistics() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut cfg = ClipVisionConfig::tiny_resnet();
+        cfg.backbone = crate::config::Backbone::ModifiedResnet {
+            layers: [1, 1, 1, 1],
+            last_stride: 1,
+        };
+        let model = ModifiedResNet::new(vs.root() / "visual", &cfg, [1, 1, 1, 1], 1);
+        // 64 px at a total stride of 16: a 4x4 map, 17 pool positions.
+        assert_eq!(
+            vs.variables()["visual.attnpool.positional_embedding"].size(),
+            [17, 128]
+        );
+        let x = Tensor::randn([3, 3, 64, 64], (Kind::Float, Device::Cpu));
+        let mean = vs.variables()["visual.layer4.0.bn3.running_mean"].copy();
+        let out = model.forward_t(&x, false).expect("eval");
+        assert_eq!(out.tokens.size(), [3, 16, 128]);
+        assert_eq!(out.avg.size(), [3, 128]);
+        assert_eq!(out.penultimate.size(), [3, 64]);
+        assert_eq!(out.pooled.size(), [3, 16]);
+        let same = vs.variables()["visual.layer4.0.bn3.running_mean"].copy();
+        assert_eq!(f64::try_from((&same - &mean).abs().max()).expect("max"), 0.0);
+        let _ = model.forward_t(&x, true).expect("train");
+        let moved = vs.variables()["visual.layer4.0.bn3.running_mean"].copy();
+        assert!(f64::try_from((&moved - &mean).abs().max()).expect("max") > 0.0);
+        assert!(
+            model
+                .forward_t(&Tensor::randn([1, 3, 40, 64], (Kind::Float, Device::Cpu)), false)
+                .is_err()
+        );
+    }
+
+    #[test]
     fn strided_and_widening_blocks_have_an_avgpool_downsample() {
         let vs = nn::VarStore::new(Device::Cpu);
         ModifiedResNet::new(
             vs.root() / "visual",
             &ClipVisionConfig::tiny_resnet(),
             [2, 1, 1, 1],
+            2,
         );
         let vars = vs.variables();
         let has = |k: &str| vars.contains_key(k);

@@ -12,7 +12,7 @@ use tch::nn;
 use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::transformer::{LayerNorm, Transformer, normal};
+use crate::transformer::{LayerNorm, Transformer, TransformerConfig, normal};
 
 /// Configuration of CLIP's text transformer (OpenAI CLIP `model.py` names).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,7 +93,14 @@ impl TextTransformer {
                 &[cfg.context_length, cfg.width],
                 normal(0.01),
             ),
-            transformer: Transformer::new(p / "transformer", cfg.width, cfg.layers, cfg.heads),
+            transformer: Transformer::new(
+                p / "transformer",
+                &TransformerConfig {
+                    width: cfg.width,
+                    layers: cfg.layers,
+                    heads: cfg.heads,
+                },
+            ),
             ln_final: LayerNorm::new(p / "ln_final", cfg.width),
             text_projection: p.var(
                 "text_projection",

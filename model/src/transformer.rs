@@ -9,6 +9,19 @@ use std::borrow::Borrow;
 use tch::nn::{self, Init, Module};
 use tch::{Kind, Tensor};
 
+/// The shape of a stack of residual attention blocks (OpenAI CLIP `model.py`
+/// `Transformer(width, layers, heads)`): one struct, so no call site can swap
+/// two of the numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransformerConfig {
+    /// Token width.
+    pub width: i64,
+    /// Residual attention blocks.
+    pub layers: i64,
+    /// Attention heads per block.
+    pub heads: i64,
+}
+
 /// `LayerNorm` of OpenAI CLIP `model.py`: computed in fp32 whatever the input
 /// dtype, so half-precision inference keeps the statistics exact.
 #[derive(Debug)]
@@ -56,10 +69,11 @@ pub struct MultiheadAttention {
 }
 
 impl MultiheadAttention {
-    /// Creates the attention of a `width`-wide block with `heads` heads in a
-    /// transformer of `layers` blocks (the depth scales the init of `out_proj`).
-    pub fn new<'a>(p: impl Borrow<nn::Path<'a>>, width: i64, heads: i64, layers: i64) -> Self {
+    /// Creates the attention of one block of `cfg` (the depth scales the
+    /// init of `out_proj`).
+    pub fn new<'a>(p: impl Borrow<nn::Path<'a>>, cfg: &TransformerConfig) -> Self {
         let p = p.borrow();
+        let TransformerConfig { width, layers, heads } = *cfg;
         let attn_std = (width as f64).powf(-0.5);
         let proj_std = attn_std * ((2 * layers) as f64).powf(-0.5);
         Self {
@@ -98,9 +112,10 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    /// Creates `c_fc` and `c_proj` under `p`.
-    pub fn new<'a>(p: impl Borrow<nn::Path<'a>>, width: i64, layers: i64) -> Self {
+    /// Creates `c_fc` and `c_proj` under `p` for one block of `cfg`.
+    pub fn new<'a>(p: impl Borrow<nn::Path<'a>>, cfg: &TransformerConfig) -> Self {
         let p = p.borrow();
+        let TransformerConfig { width, layers, .. } = *cfg;
         let fc_std = ((2 * width) as f64).powf(-0.5);
         let proj_std = (width as f64).powf(-0.5) * ((2 * layers) as f64).powf(-0.5);
         Self {
@@ -128,14 +143,14 @@ pub struct ResidualAttentionBlock {
 }
 
 impl ResidualAttentionBlock {
-    /// Creates `ln_1`, `attn`, `ln_2` and `mlp` under `p`.
-    pub fn new<'a>(p: impl Borrow<nn::Path<'a>>, width: i64, heads: i64, layers: i64) -> Self {
+    /// Creates `ln_1`, `attn`, `ln_2` and `mlp` under `p` for one block of `cfg`.
+    pub fn new<'a>(p: impl Borrow<nn::Path<'a>>, cfg: &TransformerConfig) -> Self {
         let p = p.borrow();
         Self {
-            ln_1: LayerNorm::new(p / "ln_1", width),
-            attn: MultiheadAttention::new(p / "attn", width, heads, layers),
-            ln_2: LayerNorm::new(p / "ln_2", width),
-            mlp: Mlp::new(p / "mlp", width, layers),
+            ln_1: LayerNorm::new(p / "ln_1", cfg.width),
+            attn: MultiheadAttention::new(p / "attn", cfg),
+            ln_2: LayerNorm::new(p / "ln_2", cfg.width),
+            mlp: Mlp::new(p / "mlp", cfg),
         }
     }
 
@@ -153,12 +168,12 @@ pub struct Transformer {
 }
 
 impl Transformer {
-    /// Creates `layers` blocks under `p / "resblocks"`.
-    pub fn new<'a>(p: impl Borrow<nn::Path<'a>>, width: i64, layers: i64, heads: i64) -> Self {
+    /// Creates `cfg.layers` blocks under `p / "resblocks"`.
+    pub fn new<'a>(p: impl Borrow<nn::Path<'a>>, cfg: &TransformerConfig) -> Self {
         let blocks = p.borrow() / "resblocks";
         Self {
-            resblocks: (0..layers)
-                .map(|i| ResidualAttentionBlock::new(&blocks / i, width, heads, layers))
+            resblocks: (0..cfg.layers)
+                .map(|i| ResidualAttentionBlock::new(&blocks / i, cfg))
                 .collect(),
         }
     }
@@ -168,6 +183,21 @@ impl Transformer {
         self.resblocks
             .iter()
             .fold(x.shallow_clone(), |x, block| block.forward(&x, causal))
+    }
+
+    /// Like [`Transformer::forward`], also returning the input of the last
+    /// block (the output of all blocks but the last; the input itself when
+    /// there is only one block): CLIP-ReID's `x11` of a 12-block ViT.
+    pub fn forward_with_penultimate(&self, x: &Tensor, causal: bool) -> (Tensor, Tensor) {
+        let mut penultimate = x.shallow_clone();
+        let mut x = x.shallow_clone();
+        for (i, block) in self.resblocks.iter().enumerate() {
+            if i + 1 == self.resblocks.len() {
+                penultimate = x.shallow_clone();
+            }
+            x = block.forward(&x, causal);
+        }
+        (x, penultimate)
     }
 }
 

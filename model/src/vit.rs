@@ -9,7 +9,7 @@ use tch::{Kind, Tensor};
 use crate::config::Backbone;
 use crate::config::ClipVisionConfig;
 use crate::error::{Error, Result};
-use crate::transformer::{LayerNorm, Transformer, normal};
+use crate::transformer::{LayerNorm, Transformer, TransformerConfig, normal};
 
 /// What the image transformer produces for a batch.
 #[derive(Debug)]
@@ -20,6 +20,9 @@ pub struct VitOutput {
     pub cls: Tensor,
     /// `ln_post` of the patch tokens (open_clip `output_tokens`): `[batch, grid_h * grid_w, width]`.
     pub tokens: Tensor,
+    /// The class token entering the last block, without `ln_post`:
+    /// `[batch, width]` (CLIP-ReID's `img_feature_last`, layer 11 of ViT-B/16).
+    pub penultimate: Tensor,
 }
 
 /// `VisionTransformer` of OpenAI CLIP `model.py`.
@@ -59,7 +62,7 @@ impl VisionTransformer {
             class_embedding: p.var("class_embedding", &[width], normal(scale)),
             positional_embedding: p.var("positional_embedding", &[grid * grid + 1, width], normal(scale)),
             ln_pre: LayerNorm::new(p / "ln_pre", width),
-            transformer: Transformer::new(p / "transformer", width, layers, heads),
+            transformer: Transformer::new(p / "transformer", &TransformerConfig { width, layers, heads }),
             ln_post: LayerNorm::new(p / "ln_post", width),
             proj: p.var("proj", &[width, output_dim], normal(scale)),
             patch_size,
@@ -95,15 +98,16 @@ impl VisionTransformer {
             .expand([batch, 1, channels], true);
         let x = Tensor::cat(&[cls, patches], 1)
             + resample_positional_embedding(&self.positional_embedding, self.grid, grid_h, grid_w);
-        let x = self
+        let (x, penultimate) = self
             .transformer
-            .forward(&x.apply(&self.ln_pre), false)
-            .apply(&self.ln_post);
+            .forward_with_penultimate(&x.apply(&self.ln_pre), false);
+        let x = x.apply(&self.ln_post);
         let cls = x.select(1, 0); // [batch, width]
         Ok(VitOutput {
             pooled: cls.matmul(&self.proj),
             tokens: x.narrow(1, 1, grid_h * grid_w),
             cls,
+            penultimate: penultimate.select(1, 0),
         })
     }
 }
@@ -140,6 +144,37 @@ pub(crate) fn resample_positional_embedding(pos: &Tensor, grid: i64, grid_h: i64
         .reshape([grid_h * grid_w, width])
         .to_kind(kind);
     Tensor::cat(&[pos.narrow(0, 0, 1), resized], 0)
+}
+
+/// A CLIP positional embedding `[1 + g * g, width]` (a leading class or mean
+/// token, then a square grid) resized to a `grid` x `grid` one, as CLIP-ReID
+/// resizes pretrained ones once when it loads them (`resize_pos_embed` in its
+/// `model/clip/model.py`: bilinear, align_corners false); the leading token
+/// is kept. `None` when `pos` is not 1 + a square.
+pub fn resize_positional_embedding(pos: &Tensor, grid: i64) -> Option<Tensor> {
+    let size = pos.size();
+    let [tokens, width] = size[..] else {
+        return None;
+    };
+    let old = ((tokens - 1) as f64).sqrt().round() as i64;
+    if old * old + 1 != tokens || old < 1 || grid < 1 {
+        return None;
+    }
+    if old == grid {
+        return Some(pos.shallow_clone());
+    }
+    let kind = pos.kind();
+    // [g * g, width] -> [1, width, g, g] -> [1, width, grid, grid] -> [grid * grid, width]
+    let resized = pos
+        .narrow(0, 1, old * old)
+        .to_kind(Kind::Float)
+        .view([1, old, old, width])
+        .permute([0, 3, 1, 2])
+        .upsample_bilinear2d([grid, grid], false, None, None)
+        .permute([0, 2, 3, 1])
+        .reshape([grid * grid, width])
+        .to_kind(kind);
+    Some(Tensor::cat(&[pos.narrow(0, 0, 1), resized], 0))
 }
 
 #[cfg(test)]
@@ -229,6 +264,21 @@ mod tests {
             )
             .expect("bool")
         );
+    }
+
+    #[test]
+    fn resizing_at_load_is_bilinear_and_keeps_the_leading_token() {
+        // A 2x2 grid [[0, 1], [2, 3]] (width 1) doubled: bilinear with
+        // align_corners false (PyTorch: corners keep their values, the
+        // others interpolate with weights 1/4, 3/4).
+        let pos = Tensor::from_slice(&[9.0f32, 0.0, 1.0, 2.0, 3.0]).view([5, 1]);
+        let big = resize_positional_embedding(&pos, 4).expect("square");
+        assert_eq!(big.size(), [17, 1]);
+        let v: Vec<f32> = Vec::try_from(big.flatten(0, 1)).expect("values");
+        assert_eq!(v[0], 9.0);
+        assert_eq!(&v[1..5], &[0.0, 0.25, 0.75, 1.0]);
+        assert_eq!(v[16], 3.0);
+        assert!(resize_positional_embedding(&Tensor::zeros([4, 1], (Kind::Float, Device::Cpu)), 2).is_none());
     }
 
     fn max_abs(t: &Tensor) -> f64 {

@@ -60,7 +60,10 @@ fn modified_resnet_matches_open_clip() {
     // make_clip_fixtures.py TINY_RESNET: layers (1,1,1,1), width 2, head_width 32 (2 * 32 / 32 = 2 heads),
     // image 64; embed 16. Width 2 keeps the fixture small (the attention pool is 32 * width wide).
     let cfg = ClipVisionConfig {
-        backbone: handid_model::Backbone::ModifiedResnet { layers: [1, 1, 1, 1] },
+        backbone: handid_model::Backbone::ModifiedResnet {
+            layers: [1, 1, 1, 1],
+            last_stride: 2,
+        },
         width: 2,
         heads: 2,
         image_size: 64,

@@ -309,7 +309,10 @@ fn an_rn50_style_torchscript_archive_imports_with_its_batchnorm_buffers() {
     let manifest = handid_model::import::import_checkpoint(&fixture("tiny_resnet_fp16.pt"), dir.path(), 32)
         .expect("import TorchScript");
     let want_config = ClipVisionConfig {
-        backbone: handid_model::Backbone::ModifiedResnet { layers: [1, 1, 1, 1] },
+        backbone: handid_model::Backbone::ModifiedResnet {
+            layers: [1, 1, 1, 1],
+            last_stride: 2,
+        },
         width: 2,
         heads: 2,
         image_size: 64,

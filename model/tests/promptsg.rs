@@ -46,7 +46,7 @@ fn model(vision: ClipVisionConfig) -> Model {
         "A photo of a {} hand.",
     )
     .expect("prompt learner");
-    let inversion = InversionNetwork::new(&root / "inversion", text_cfg.output_dim, text_cfg.width);
+    let inversion = InversionNetwork::new(&root / "inversion", text_cfg.output_dim, 64, text_cfg.width);
     let prompt = ComposedPrompt::new(&tokenizer, DEFAULT_TEMPLATE, "dorsal right", CONTEXT).expect("prompt");
     let interaction =
         InteractionModule::new(&root / "interaction", text_cfg.output_dim, 2, 2).expect("interaction");

@@ -12,10 +12,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use handid_trainer::config::{Arch, TrainConfig};
-use handid_trainer::engine::{Optimizer, OptimizerKind, ParamGroup, loss_terms, sorted_vars};
-use handid_trainer::losses::CenterLoss;
-use handid_trainer::net::{ReidNet, seeded};
-use tch::{Device, Kind, Tensor, nn};
+use handid_trainer::engine::ImageTrainer;
+use handid_trainer::net::ReidNet;
+use tch::{Device, Kind, Tensor};
 
 fn arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();
@@ -55,38 +54,18 @@ method:
   epochs: 1
   head: {{classifier: arcface}}
   losses: {{id: {{}}, triplet: {{margin: 0.3}}, center: {{}}, sup_con: {{weight: 0.5}}}}
-  optim: {{lr: 5.0e-6}}
+  optim: {{lr: 5.0e-6, schedule: {{kind: constant}}}}
 "
     ))?;
-    let handid_trainer::config::Method::Finetune(stage) = &config.method else {
-        unreachable!()
-    };
+    let stage = config.method.stage2().context("a training stage")?;
     let size = match config.model.arch {
         Arch::TinyVit => 32,
         Arch::TinyResnet => 64,
         _ => 224,
     };
     let classes = 100;
-    let net = seeded(0, || {
-        ReidNet::new(&config.model, Some(&stage.head), classes, device)
-    })?;
-    net.set_trainable(None);
-    let mut optimizer = Optimizer::new(stage.optim.optimizer.clone(), net.param_groups(&stage.optim))?;
-    let center_vs = nn::VarStore::new(device);
-    let dim = handid_model::ImageEncoder::feature_dim(&config.model.vision(), config.model.feature)?;
-    let center = CenterLoss::new(center_vs.root(), classes, dim);
-    let mut center_opt = Optimizer::new(
-        OptimizerKind::Sgd {
-            momentum: 0.0,
-            nesterov: false,
-        },
-        vec![ParamGroup {
-            name: "center".into(),
-            lr: 0.5,
-            weight_decay: 0.0,
-            params: sorted_vars(&center_vs),
-        }],
-    )?;
+    let net = ReidNet::build(&config, classes, device)?;
+    let mut trainer = ImageTrainer::new(&net, stage, None, None, classes, 0)?;
     println!(
         "# handid stage-2 train step, {arch} at {size}x{size}, {device:?}, {} threads",
         tch::get_num_threads()
@@ -96,19 +75,7 @@ method:
         let labels = Tensor::arange(batch, (Kind::Int64, device)).divide_scalar_mode(2, "floor");
         let pixels = Tensor::randn([batch, 3, size, size], (Kind::Float, device));
         let mut step = || -> anyhow::Result<()> {
-            optimizer.zero_grad();
-            center_opt.zero_grad();
-            let out = net.forward(&pixels, Some(&labels), true)?;
-            let terms = loss_terms(&net, &out, &labels, &stage.losses, Some(&center), None, 0)?;
-            let total = terms
-                .into_iter()
-                .map(|(_, t)| t)
-                .reduce(|a, b| a + b)
-                .unwrap_or_default();
-            total.backward();
-            optimizer.step(1.0);
-            center_opt.scale_grads(1.0 / 0.0005);
-            center_opt.step(1.0);
+            trainer.batch(&pixels, &labels, 0, true)?;
             if device != Device::Cpu {
                 tch::Cuda::synchronize(0);
             }

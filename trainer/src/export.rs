@@ -21,10 +21,10 @@ use handid_model::checkpoint::{Manifest, Provenance, load_strict, write_checkpoi
 use handid_model::{DecodeLimits, Embedder, OperatingPoint};
 use tch::Device;
 
-use crate::config::{Method, TrainConfig};
+use crate::config::TrainConfig;
 use crate::engine::load_data;
 use crate::engine::state::{self, TrainState};
-use crate::net::{ReidNet, seeded};
+use crate::net::ReidNet;
 
 /// A calibrated operating point and how well the data supports it.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,22 +52,9 @@ pub struct Exported {
 pub fn export(checkpoint: &Path, out: &Path, data_root: Option<&Path>) -> anyhow::Result<Exported> {
     let (train_state, tensors) = state::load(checkpoint)?;
     let TrainState { config, persons, .. } = &train_state;
-    let head = match &config.method {
-        Method::ZeroShot => None,
-        Method::Finetune(s) | Method::ClipReid { stage2: s, .. } | Method::PromptSg { train: s, .. } => {
-            Some(&s.head)
-        }
-    };
     // Every weight is overwritten from the checkpoint; the seed only makes
     // the (discarded) initialisation reproducible.
-    let net = seeded(config.seed, || -> anyhow::Result<ReidNet> {
-        let mut net = ReidNet::new(&config.model, head, persons.len() as i64, Device::Cpu)?;
-        if let Method::PromptSg { prompt, .. } = &config.method {
-            net.add_promptsg(prompt, &handid_model::Tokenizer::from_env()?)?;
-        }
-        Ok(net)
-    })?;
-    // CLIP-ReID's prompt learner is not needed to serve; keep what the net has.
+    let net = ReidNet::build(config, persons.len() as i64, Device::Cpu)?;
     let names: std::collections::BTreeSet<String> = net.vs.variables().into_keys().collect();
     let model: Vec<_> = tensors
         .model
@@ -87,7 +74,7 @@ pub fn export(checkpoint: &Path, out: &Path, data_root: Option<&Path>) -> anyhow
             "handid-trainer {} export of {} ({} phase, epoch {})",
             env!("CARGO_PKG_VERSION"),
             config.name,
-            train_state.phase,
+            train_state.phase.name(),
             train_state.epoch
         ),
         source: config

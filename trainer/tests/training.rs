@@ -57,7 +57,7 @@ method:
   kind: finetune
   epochs: EPOCHS
   losses: {id: {}, triplet: {margin: 0.3}, center: {weight: 0.0005}, sup_con: {weight: 0.5, ramp_epochs: 2}}
-  optim: {lr: 0.001, schedule: {kind: cosine, warmup_steps: 1, warmup_factor: 0.1, total_steps: EPOCHS, min_factor: 0.01}, clip_grad_norm: 5.0}
+  optim: {lr: 0.001, schedule: {kind: step, warmup_steps: 2, warmup_factor: 0.1, milestones: [7], gamma: 0.1}, bias_lr_factor: 1.0, clip_grad_norm: 5.0}
 ";
 
 /// libtorch's CPU kernels split reductions by the OpenMP team they get, and
@@ -110,7 +110,10 @@ fn finetuning_beats_the_untrained_weights_and_exports() {
         after.map
     );
     let csv = std::fs::read_to_string(run.join("metrics.csv")).expect("csv");
-    assert!(csv.starts_with("phase,epoch,step,center,id,loss,sup_con,triplet,lr_backbone,lr_head,val_map"));
+    assert!(
+        csv.starts_with("phase,epoch,step,center,id,loss,sup_con,triplet,lr_backbone,lr_head,val_map"),
+        "{csv}"
+    );
     assert_eq!(csv.lines().count(), 1 + 8);
     assert!(run.join("curves_loss.png").is_file() && run.join("curves_val.png").is_file());
 
@@ -265,8 +268,8 @@ method:
   prompt: {template: 'A photo of a {} {aspect} hand', aspect: dorsal right, heads: 2, blocks: 1}
   train:
     epochs: 3
-    losses: {id: {}, triplet: {margin: 0.3}, sup_con: {weight: 0.5}}
-    optim: {lr: 0.001}
+    losses: {id: {}, triplet: {margin: 0.3, features: [fused, projected]}, image_text: {weight: 0.5}}
+    optim: {lr: 0.001, head_lr: 0.001}
 ";
 
 #[test]
@@ -279,7 +282,16 @@ fn promptsg_trains_and_serves_the_fused_feature_it_validated() {
     let summary = train(&cfg, &options(&run)).expect("PromptSG run");
     let best = summary.best.expect("validation ran");
     let csv = std::fs::read_to_string(run.join("metrics.csv")).expect("csv");
-    assert!(csv.lines().next().unwrap().contains("sup_con"), "{csv}");
+    let header = csv.lines().next().unwrap();
+    for term in [
+        "image_text_i2t",
+        "image_text_t2i",
+        "triplet_fused",
+        "triplet_projected",
+        "id",
+    ] {
+        assert!(header.split(',').any(|h| h == term), "{term}: {csv}");
+    }
     let trained = weights(&run);
     let names: Vec<&str> = trained.iter().map(|(n, _)| n.as_str()).collect();
     assert!(names.contains(&"promptsg.inversion.fc1.weight") && names.contains(&"promptsg.simplified_text"));
@@ -380,6 +392,94 @@ fn the_after_bnneck_feature_is_validated_exported_and_served_alike() {
     }
     let err = bad.validate().unwrap_err().to_string();
     assert!(err.contains("neck_feat"), "{err}");
+}
+
+#[test]
+fn clip_reids_two_branches_are_served_as_validated_before_and_after_the_necks() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifest = dataset(dir.path());
+    for neck in ["before", "after"] {
+        let method = CLIP_REID.replace(
+            "  stage2:\n",
+            &format!("  stage2:\n    head: {{neck_feat: {neck}}}\n"),
+        );
+        let mut cfg = config(&manifest, &method);
+        cfg.model.feature = handid_model::Feature::ClipReid;
+        let run = dir.path().join(format!("run-{neck}"));
+        let best = train(&cfg, &options(&run))
+            .expect("run")
+            .best
+            .expect("validated")
+            .val;
+        let names: Vec<String> = weights(&run).into_iter().map(|(n, _)| n).collect();
+        for head in [
+            "head.classifier.weight",
+            "head.classifier_proj.weight",
+            "head.bottleneck_proj.weight",
+        ] {
+            assert!(names.iter().any(|n| n == head), "{head}: {names:?}");
+        }
+        let serving = dir.path().join(format!("serving-{neck}"));
+        let checkpoint = handid_trainer::engine::state::resolve(&run, "best").expect("best");
+        let exported = handid_trainer::export::export(&checkpoint, &serving, None).expect("export");
+        let m = &exported.manifest;
+        assert_eq!(m.feature, handid_model::Feature::ClipReid);
+        // cat(class token 32, projection 16) of the tiny ViT.
+        assert_eq!(m.embedding_dim, 48);
+        assert_eq!(m.neck.is_some(), neck == "after");
+        let map = served_val_map(&serving, &cfg);
+        assert!(
+            (map - best.map).abs() < 1e-6,
+            "{neck}: served {map} vs validated {}",
+            best.map
+        );
+    }
+}
+
+/// The dissertation's training switches: plain shuffled batches, a
+/// schedule counted in optimizer steps, selection on Rank-1 and early stopping.
+#[test]
+fn plain_batches_step_schedules_and_early_stopping() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifest = dataset(dir.path());
+    // A rate too small to change any ranking: every validation after the
+    // first is no better, so patience 2 ends the phase after epoch 3 of 10.
+    let method = "
+method:
+  kind: finetune
+  epochs: 10
+  losses: {id: {}, triplet: {margin: 0.3}}
+  optim: {lr: 1.0e-12, schedule_unit: step, schedule: {kind: one_cycle, total_steps: 40, pct_start: 0.1, div_factor: 25.0, final_div_factor: 1.0e4}}
+validation: {select_by: rank1, early_stop_patience: 2}
+";
+    let mut cfg = config(&manifest, method);
+    cfg.data.sampler = handid_trainer::config::BatchSampler::Random { batch_size: 5 };
+    let run = dir.path().join("run");
+    let summary = train(&cfg, &options(&run)).expect("run");
+    assert!(summary.finished);
+    assert_eq!(summary.epochs, 3, "stopped early");
+    assert_eq!(summary.best.expect("validated").epoch, 1);
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).expect("csv");
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows.len(), 1 + 3, "{csv}");
+    // 12 training persons x 5 images (one held out each) in batches of 5:
+    // 12 optimizer steps per epoch, the schedule counting them.
+    let header: Vec<&str> = rows[0].split(',').collect();
+    let step = header.iter().position(|h| *h == "step").unwrap();
+    assert_eq!(rows[1].split(',').nth(step), Some("12"), "{csv}");
+    // A resume finds the phase over.
+    let resumed = train(
+        &cfg,
+        &RunOptions {
+            resume: true,
+            ..options(&run)
+        },
+    )
+    .expect("resume");
+    assert!(resumed.finished);
+    assert_eq!(resumed.epochs, 3);
 }
 
 #[test]

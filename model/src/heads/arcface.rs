@@ -3,6 +3,8 @@
 use tch::Tensor;
 use tch::nn::{self, Init};
 
+use crate::ops::l2_normalize;
+
 /// Settings of an [`ArcFace`] classifier.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ArcFaceConfig {
@@ -54,9 +56,7 @@ impl ArcFace {
 
     /// Cosine logits without margin, `[batch, classes]`: what inference uses.
     pub fn cosine(&self, features: &Tensor) -> Tensor {
-        let x = features / features.norm_scalaropt_dim(2.0, [1], true).clamp_min(1e-12);
-        let w = &self.weight / self.weight.norm_scalaropt_dim(2.0, [1], true).clamp_min(1e-12);
-        x.matmul(&w.tr())
+        l2_normalize(features).matmul(&l2_normalize(&self.weight).tr())
     }
 
     /// Margin logits for training: `features [batch, dim]`, `labels [batch]`

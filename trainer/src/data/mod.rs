@@ -6,4 +6,4 @@ mod sampler;
 
 pub use augment::{Augment, AugmentConfig, ColorJitter};
 pub use loader::{Batch, Item, Loader, PREFETCH_BATCHES};
-pub use sampler::{PkSampler, SamplerError};
+pub use sampler::{PkSampler, Sampler, SamplerError};

@@ -114,6 +114,49 @@ impl PkSampler {
     }
 }
 
+/// The batches of every epoch: P x K for the metric losses, or plain
+/// shuffled batches (the dissertation's `DataLoader(shuffle=True)`).
+#[derive(Debug, Clone)]
+pub enum Sampler {
+    /// P persons x K images per batch.
+    Pk(PkSampler),
+    /// A fresh permutation of the items per epoch, cut into `batch_size`
+    /// pieces, the last one partial.
+    Random {
+        /// Items in the data.
+        items: usize,
+        /// Items per batch.
+        batch_size: usize,
+        /// Seeds the permutations.
+        seed: u64,
+    },
+}
+
+impl Sampler {
+    /// The batches of the 0-based `epoch`, dataset indices; a pure function
+    /// of the seed and the epoch.
+    pub fn epoch(&self, epoch: u64) -> Vec<Vec<usize>> {
+        match self {
+            Sampler::Pk(pk) => pk.epoch(epoch),
+            Sampler::Random {
+                items,
+                batch_size,
+                seed,
+            } => {
+                let mut rng = ChaCha8Rng::seed_from_u64(*seed);
+                // Streams apart from the P x K sampler's and stage 1's.
+                rng.set_stream(2 << 32 | epoch);
+                let mut order: Vec<usize> = (0..*items).collect();
+                shuffle(&mut order, &mut rng);
+                order
+                    .chunks((*batch_size).max(1))
+                    .map(<[usize]>::to_vec)
+                    .collect()
+            }
+        }
+    }
+}
+
 /// Uniform integer in `0..n` (Lemire's multiply-shift; n >= 1).
 fn below(rng: &mut ChaCha8Rng, n: usize) -> usize {
     ((u128::from(rng.next_u64()) * n as u128) >> 64) as usize
@@ -137,6 +180,22 @@ mod tests {
             .enumerate()
             .flat_map(|(person, &n)| std::iter::repeat_n(person, n))
             .collect()
+    }
+
+    #[test]
+    fn the_random_sampler_covers_every_item_once_per_epoch() {
+        let sampler = Sampler::Random {
+            items: 10,
+            batch_size: 4,
+            seed: 3,
+        };
+        let batches = sampler.epoch(0);
+        assert_eq!(batches.iter().map(Vec::len).collect::<Vec<_>>(), [4, 4, 2]);
+        let mut seen: Vec<usize> = batches.concat();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..10).collect::<Vec<_>>());
+        assert_ne!(sampler.epoch(0), sampler.epoch(1));
+        assert_eq!(sampler.epoch(1), sampler.epoch(1));
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! The training loop: data, phases (CLIP-ReID stage 1, fine-tuning),
-//! validation on training persons, checkpoints every epoch, exact resume,
-//! per-epoch CSV, curves and a summary line.
+//! The training loop: data, the method's phases ([`Phase`]) through one
+//! epoch loop ([`Ctx::run_phase`]: progress, loss sums, validation on
+//! training persons, a checkpoint every epoch, the stop check), exact
+//! resume, per-epoch CSV, curves and a summary line. What a phase does with
+//! a batch is in [`super::steps`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,19 +13,14 @@ use anyhow::{Context, bail};
 use handid_eval::data::manifest::Manifest as SplitManifest;
 use handid_eval::metrics::Similarity;
 use handid_eval::metrics::rank::{ApKind, QueryScope, Ranking};
-use handid_model::Tokenizer;
-use handid_model::prompt::IdPromptLearner;
 use indicatif::{ProgressBar, ProgressStyle};
-use rand_chacha::ChaCha8Rng;
-use rand_chacha::rand_core::{RngCore, SeedableRng};
 use tch::{Device, Kind, Tensor, nn};
 
-use super::optim::{Optimizer, OptimizerKind, ParamGroup};
 use super::state::{self, Best, EpochRow, Tensors, TrainState, ValMetrics};
-use crate::config::{LossConfig, Method, Stage1, Stage2, TrainConfig, TrainPrecision};
-use crate::data::{Augment, Item, Loader, PkSampler};
-use crate::losses::{self, CenterLoss, TripletMargin};
-use crate::net::{Forward, ReidNet, seeded};
+use super::steps::{ImageTrainer, PromptTrainer, TermValue};
+use crate::config::{BatchSampler, Method, Phase, SelectBy, TrainConfig};
+use crate::data::{Augment, Item, Loader, PkSampler, Sampler};
+use crate::net::ReidNet;
 
 /// How a run is driven (beyond its config).
 #[derive(Debug, Clone)]
@@ -149,16 +146,6 @@ pub fn load_data(config: &TrainConfig) -> anyhow::Result<RunData> {
     })
 }
 
-/// The phases of a method, in order, with their epoch counts.
-fn phases(method: &Method) -> Vec<(&'static str, u64)> {
-    match method {
-        Method::ZeroShot => vec![("zero_shot", 0)],
-        Method::Finetune(s) => vec![("stage2", s.epochs)],
-        Method::ClipReid { stage1, stage2 } => vec![("stage1", stage1.epochs), ("stage2", stage2.epochs)],
-        Method::PromptSg { train, .. } => vec![("stage2", train.epochs)],
-    }
-}
-
 /// Trains (or resumes) a run and returns its summary.
 pub fn train(config: &TrainConfig, options: &RunOptions) -> anyhow::Result<RunSummary> {
     let device = handid_model::parse_device(&config.device).context("choosing the device (config.device)")?;
@@ -166,43 +153,7 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> anyhow::Result<RunSu
     let classes = data.persons.len() as i64;
     std::fs::create_dir_all(&options.out).with_context(|| format!("creating {}", options.out.display()))?;
 
-    let head = match &config.method {
-        Method::ZeroShot => None,
-        Method::Finetune(s) | Method::ClipReid { stage2: s, .. } | Method::PromptSg { train: s, .. } => {
-            Some(&s.head)
-        }
-    };
-    // Every variable is drawn under one seed: the net, then the prompts.
-    let (net, prompt_learner) = seeded(config.seed, || -> anyhow::Result<_> {
-        let mut net = ReidNet::new(&config.model, head, classes, device)?;
-        if let Method::PromptSg { prompt, .. } = &config.method {
-            let tokenizer =
-                Tokenizer::from_env().context("loading CLIP's BPE vocabulary (HANDID_BPE_VOCAB)")?;
-            net.add_promptsg(prompt, &tokenizer)?;
-        }
-        // CLIP-ReID's per-person prompts live in the net's VarStore
-        // (`prompt_learner.cls_ctx`), so checkpoints hold them and a resumed
-        // stage 2 recomputes the same text features.
-        let prompt_learner = match &config.method {
-            Method::ClipReid { stage1, .. } => {
-                let tokenizer =
-                    Tokenizer::from_env().context("loading CLIP's BPE vocabulary (HANDID_BPE_VOCAB)")?;
-                let learner = IdPromptLearner::new(
-                    &(net.vs.root() / "prompt_learner"),
-                    &net.clip.text,
-                    &tokenizer,
-                    classes,
-                    stage1.n_ctx,
-                    &stage1.template,
-                )
-                .context("method.stage1.template")?;
-                let _ = learner.ctx().set_requires_grad(false);
-                Some(learner)
-            }
-            _ => None,
-        };
-        Ok((net, prompt_learner))
-    })?;
+    let net = ReidNet::build(config, classes, device)?;
     if let Some(weights) = &config.model.clip_weights {
         net.load_clip_weights(weights)?;
     }
@@ -280,49 +231,108 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> anyhow::Result<RunSu
     let mut best = None;
     let mut throughput = Vec::new();
     let mut checkpoint = PathBuf::new();
-    let all_phases = phases(&config.method);
-    let last_phase = all_phases.last().map(|p| p.0).unwrap_or("stage2");
-    for (phase, epochs) in all_phases {
-        // Epochs of this phase already done (from the resumed history).
+    let phases = config.method.phases();
+    let last_phase = phases.last().map(|p| p.0);
+    for (phase, epochs) in phases {
         let done = history.iter().filter(|r| r.phase == phase).count() as u64;
-        let needed = if phase == "zero_shot" { 1 } else { epochs };
-        if done >= needed {
-            if phase == last_phase {
+        let stopped_early = history.iter().any(|r| r.phase == phase && r.early_stop);
+        if done >= epochs || stopped_early {
+            if Some(phase) == last_phase {
                 best = resumed.as_ref().and_then(|(s, _)| s.best);
             }
             continue;
         }
         let resume_here = resumed.take().filter(|(s, _)| s.phase == phase);
-        let outcome = match (phase, &config.method) {
-            ("zero_shot", _) => ctx.zero_shot(&net, &mut history)?,
-            ("stage1", Method::ClipReid { stage1, .. }) => {
-                let learner = prompt_learner.as_ref().context("the prompt learner")?;
-                ctx.stage1(&net, learner, stage1, resume_here, &mut history, &mut run_epoch)?
-            }
-            ("stage2", Method::Finetune(s) | Method::PromptSg { train: s, .. }) => {
-                ctx.stage2(&net, s, None, resume_here, &mut history, &mut run_epoch)?
-            }
-            ("stage2", Method::ClipReid { stage2, .. }) => {
-                // The frozen stage-1 text feature of every person, normalised.
-                let learner = prompt_learner.as_ref().context("the prompt learner")?;
-                let all = Tensor::arange(classes, (Kind::Int64, device));
-                let text = tch::no_grad(|| learner.text_features(&net.clip.text, &all))?;
-                let text = l2(&text.to_kind(Kind::Float));
-                ctx.stage2(
+        let outcome = match phase {
+            Phase::ZeroShot => {
+                net.freeze_all();
+                ctx.run_phase(
                     &net,
-                    stage2,
-                    Some(&text),
+                    phase,
+                    epochs,
+                    &mut ZeroShot,
                     resume_here,
                     &mut history,
                     &mut run_epoch,
                 )?
             }
-            _ => bail!("unknown phase {phase}"),
+            Phase::Stage1 => {
+                let Method::ClipReid { stage1, .. } = &config.method else {
+                    bail!("only CLIP-ReID has a prompt-learning phase");
+                };
+                let (features, labels) = ctx.cached_features(&net)?;
+                let mut runner = PromptPhase {
+                    trainer: PromptTrainer::new(&net, stage1, features, labels)?,
+                    seed: config.seed,
+                };
+                ctx.run_phase(
+                    &net,
+                    phase,
+                    epochs,
+                    &mut runner,
+                    resume_here,
+                    &mut history,
+                    &mut run_epoch,
+                )?
+            }
+            Phase::Stage2 => {
+                let stage = config
+                    .method
+                    .stage2()
+                    .context("the method has no image-training stage")?;
+                // CLIP-ReID: every person's frozen stage-1 text feature.
+                let text = match &net.prompt_learner {
+                    Some(learner) => {
+                        let all = Tensor::arange(classes, (Kind::Int64, device));
+                        Some(
+                            tch::no_grad(|| learner.text_features(&net.clip.text, &all))?
+                                .to_kind(Kind::Float),
+                        )
+                    }
+                    None => None,
+                };
+                let labels: Vec<usize> = data.train.iter().map(|i| i.label as usize).collect();
+                let sampler = match config.data.sampler {
+                    BatchSampler::Pk => Sampler::Pk(PkSampler::new(
+                        &labels,
+                        config.data.persons_per_batch,
+                        config.data.images_per_person,
+                        config.seed,
+                    )?),
+                    BatchSampler::Random { batch_size } => Sampler::Random {
+                        items: labels.len(),
+                        batch_size,
+                        seed: config.seed,
+                    },
+                };
+                let mut runner = ImagePhase {
+                    trainer: ImageTrainer::new(
+                        &net,
+                        stage,
+                        text,
+                        config.model.unfreeze_last_blocks,
+                        classes,
+                        config.seed,
+                    )?,
+                    sampler,
+                    loader: &ctx.train_loader,
+                    device,
+                };
+                ctx.run_phase(
+                    &net,
+                    phase,
+                    epochs,
+                    &mut runner,
+                    resume_here,
+                    &mut history,
+                    &mut run_epoch,
+                )?
+            }
         };
         throughput.extend(outcome.throughput);
         checkpoint = outcome.checkpoint;
         best = outcome.best;
-        let more_phases = phase != last_phase;
+        let more_phases = Some(phase) != last_phase;
         let stop_here = options
             .stop_after_epoch
             .is_some_and(|stop| history.len() as u64 >= stop);
@@ -365,6 +375,159 @@ struct PhaseOutcome {
     checkpoint: PathBuf,
 }
 
+/// What differs between phases; the epoch loop around it is [`Ctx::run_phase`].
+trait PhaseRunner {
+    /// Restores the optimizer state of a resumed checkpoint of this phase.
+    fn resume(&mut self, tensors: Tensors, state: &TrainState) -> anyhow::Result<()>;
+    /// Trains the 0-based `epoch`, handing each batch's loss terms to
+    /// `record`; returns the images trained on (0: none, no throughput).
+    fn epoch(
+        &mut self,
+        epoch: u64,
+        bar: &ProgressBar,
+        record: &mut dyn FnMut(&[TermValue]),
+    ) -> anyhow::Result<usize>;
+    /// Each parameter group's learning rate in the 0-based `epoch`.
+    fn lrs(&self, epoch: u64) -> Vec<(String, f64)>;
+    /// Optimizer steps taken in the phase.
+    fn steps(&self) -> u64;
+    /// What to checkpoint besides the model.
+    fn tensors(&self) -> Tensors;
+    /// The loss scale of mixed precision.
+    fn loss_scale(&self) -> f64 {
+        1.0
+    }
+    /// Whether the phase changes the embedding, so validation means something.
+    fn validates(&self) -> bool;
+}
+
+/// The zero-shot baseline: no training, the initial weights validated and saved.
+struct ZeroShot;
+
+impl PhaseRunner for ZeroShot {
+    fn resume(&mut self, _: Tensors, _: &TrainState) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn epoch(&mut self, _: u64, _: &ProgressBar, _: &mut dyn FnMut(&[TermValue])) -> anyhow::Result<usize> {
+        Ok(0)
+    }
+    fn lrs(&self, _: u64) -> Vec<(String, f64)> {
+        Vec::new()
+    }
+    fn steps(&self) -> u64 {
+        0
+    }
+    fn tensors(&self) -> Tensors {
+        Tensors::default()
+    }
+    fn validates(&self) -> bool {
+        true
+    }
+}
+
+/// CLIP-ReID stage 1 over the cached image features.
+struct PromptPhase<'a> {
+    trainer: PromptTrainer<'a>,
+    seed: u64,
+}
+
+impl PhaseRunner for PromptPhase<'_> {
+    fn resume(&mut self, tensors: Tensors, state: &TrainState) -> anyhow::Result<()> {
+        self.trainer.optimizer.load_state_tensors(tensors.optimizer)?;
+        self.trainer.steps = state.step;
+        Ok(())
+    }
+    fn epoch(
+        &mut self,
+        epoch: u64,
+        bar: &ProgressBar,
+        record: &mut dyn FnMut(&[TermValue]),
+    ) -> anyhow::Result<usize> {
+        let batches = self.trainer.epoch_batches(self.seed, epoch);
+        bar.set_length(batches.len() as u64);
+        for indices in &batches {
+            record(&self.trainer.batch(indices, epoch)?);
+            bar.inc(1);
+        }
+        Ok(0)
+    }
+    fn lrs(&self, epoch: u64) -> Vec<(String, f64)> {
+        group_lrs(&self.trainer.optimizer, self.trainer.lr_factor(epoch))
+    }
+    fn steps(&self) -> u64 {
+        self.trainer.steps
+    }
+    fn tensors(&self) -> Tensors {
+        self.trainer.tensors()
+    }
+    fn validates(&self) -> bool {
+        false
+    }
+}
+
+/// Training the image encoder and heads on P x K batches.
+struct ImagePhase<'a> {
+    trainer: ImageTrainer<'a>,
+    sampler: Sampler,
+    loader: &'a Loader,
+    device: Device,
+}
+
+impl PhaseRunner for ImagePhase<'_> {
+    fn resume(&mut self, tensors: Tensors, state: &TrainState) -> anyhow::Result<()> {
+        self.trainer.resume(tensors, state.loss_scale)?;
+        self.trainer.steps = state.step;
+        Ok(())
+    }
+    fn epoch(
+        &mut self,
+        epoch: u64,
+        bar: &ProgressBar,
+        record: &mut dyn FnMut(&[TermValue]),
+    ) -> anyhow::Result<usize> {
+        let batches = self.sampler.epoch(epoch);
+        anyhow::ensure!(
+            !batches.is_empty(),
+            "the sampler drew no batch: too few images per person"
+        );
+        let n = batches.len();
+        bar.set_length(n as u64);
+        let mut images = 0;
+        for (i, batch) in self.loader.batches(batches, epoch, true).enumerate() {
+            let batch = batch?;
+            images += batch.indices.len();
+            let x = batch.images.to_device(self.device);
+            let y = batch.labels.to_device(self.device);
+            record(&self.trainer.batch(&x, &y, epoch, i + 1 == n)?);
+            bar.inc(1);
+        }
+        Ok(images)
+    }
+    fn lrs(&self, epoch: u64) -> Vec<(String, f64)> {
+        group_lrs(&self.trainer.optimizer, self.trainer.lr_factor(epoch))
+    }
+    fn steps(&self) -> u64 {
+        self.trainer.steps
+    }
+    fn tensors(&self) -> Tensors {
+        self.trainer.tensors()
+    }
+    fn loss_scale(&self) -> f64 {
+        self.trainer.scaler.scale
+    }
+    fn validates(&self) -> bool {
+        true
+    }
+}
+
+fn group_lrs(optimizer: &super::Optimizer, factor: f64) -> Vec<(String, f64)> {
+    optimizer
+        .groups()
+        .iter()
+        .map(|g| (g.name.clone(), g.lr * factor))
+        .collect()
+}
+
 /// What every phase needs.
 struct Ctx<'a> {
     config: &'a TrainConfig,
@@ -376,51 +539,12 @@ struct Ctx<'a> {
     val_gallery_loader: Loader,
 }
 
-/// Loss scaling for mixed precision (as `torch.cuda.amp.GradScaler`:
-/// initial 2^16, halve on overflow, double after 2000 clean steps).
-#[derive(Debug)]
-struct LossScaler {
-    enabled: bool,
-    scale: f64,
-    clean_steps: u64,
-}
-
-impl LossScaler {
-    fn new(enabled: bool, scale: f64) -> Self {
-        Self {
-            enabled,
-            scale: if enabled { scale } else { 1.0 },
-            clean_steps: 0,
-        }
-    }
-
-    /// Unscales the gradients; false when they overflowed (skip the step).
-    fn unscale(&mut self, optimizer: &mut Optimizer) -> bool {
-        if !self.enabled {
-            return true;
-        }
-        optimizer.scale_grads(1.0 / self.scale);
-        let norm = optimizer.clip_grad_norm(f64::INFINITY);
-        if norm.is_finite() {
-            self.clean_steps += 1;
-            if self.clean_steps.is_multiple_of(2000) {
-                self.scale *= 2.0;
-            }
-            true
-        } else {
-            self.scale /= 2.0;
-            self.clean_steps = 0;
-            false
-        }
-    }
-}
-
 impl Ctx<'_> {
-    fn progress(&self, len: u64, what: String) -> ProgressBar {
+    fn progress(&self, what: String) -> ProgressBar {
         if !self.options.progress {
             return ProgressBar::hidden();
         }
-        let bar = ProgressBar::new(len);
+        let bar = ProgressBar::new(0);
         bar.set_style(
             ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})")
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -430,451 +554,138 @@ impl Ctx<'_> {
         bar
     }
 
-    /// Embeds `items` in inference mode: `[n, dim]` normalised, CPU.
-    fn embed(&self, net: &ReidNet, loader: &Loader, n: usize) -> anyhow::Result<Tensor> {
-        let batch = self.config.validation.batch_size.max(1);
-        let order: Vec<Vec<usize>> = (0..n)
-            .collect::<Vec<_>>()
-            .chunks(batch)
-            .map(<[usize]>::to_vec)
-            .collect();
-        let mut rows = Vec::new();
-        for b in loader.batches(order, 0, false) {
-            let b = b?;
-            rows.push(
-                net.embed(&b.images.to_device(self.device))?
-                    .to_device(Device::Cpu),
-            );
-        }
-        anyhow::ensure!(!rows.is_empty(), "nothing to embed");
-        Ok(Tensor::cat(&rows, 0))
-    }
-
-    /// Validation mAP and Rank-1 on training persons (held-out images as
-    /// queries against the training images); `None` without a validation split.
-    fn validate(&self, net: &ReidNet) -> anyhow::Result<Option<ValMetrics>> {
-        let (q, g) = (&self.data.val_query, &self.data.val_gallery);
-        if q.is_empty() || g.is_empty() {
-            return Ok(None);
-        }
-        let qf = self.embed(net, &self.val_query_loader, q.len())?;
-        let gf = self.embed(net, &self.val_gallery_loader, g.len())?;
-        let sim: Vec<f32> = Vec::try_from(qf.matmul(&gf.tr()).flatten(0, 1))?;
-        let sim = Similarity::new(&sim, q.len(), g.len())?;
-        let q_ids: Vec<i64> = q.iter().map(|i| i.label).collect();
-        let g_ids: Vec<i64> = g.iter().map(|i| i.label).collect();
-        let ranking = Ranking::new(&sim, &q_ids, &g_ids)?;
-        Ok(Some(ValMetrics {
-            map: ranking.mean_ap(ApKind::NonInterpolated, QueryScope::All),
-            rank1: ranking.rank_k(1, QueryScope::All),
-        }))
-    }
-
-    /// The zero-shot baseline: validate the initial weights, save them.
-    fn zero_shot(&self, net: &ReidNet, history: &mut Vec<EpochRow>) -> anyhow::Result<PhaseOutcome> {
-        net.freeze_all();
-        let start = Instant::now();
-        let val = self.validate(net)?;
-        history.push(EpochRow {
-            phase: "zero_shot".into(),
-            epoch: 0,
-            step: 0,
-            losses: Vec::new(),
-            lrs: Vec::new(),
-            val,
-            images_per_second: 0.0,
-            seconds: start.elapsed().as_secs_f64(),
-        });
-        let best = val.map(|val| Best { epoch: 0, val });
-        let state = self.state("zero_shot", 0, 0, best, 1.0, history);
-        let tensors = Tensors {
-            model: sorted_vars(&net.vs),
-            ..Tensors::default()
-        };
-        let checkpoint = self.save_epoch(0, &state, &tensors, true, history)?;
-        Ok(PhaseOutcome {
-            finished: true,
-            best,
-            throughput: Vec::new(),
-            checkpoint,
-        })
-    }
-
-    /// Writes the epoch's checkpoint (`latest`, and `best` when `is_best`)
-    /// and rewrites `metrics.csv`; returns the checkpoint folder.
-    fn save_epoch(
-        &self,
-        run_epoch: u64,
-        state: &TrainState,
-        tensors: &Tensors,
-        is_best: bool,
-        history: &[EpochRow],
-    ) -> anyhow::Result<PathBuf> {
-        let out = &self.options.out;
-        let checkpoint = state::save(
-            out,
-            run_epoch,
-            state,
-            tensors,
-            is_best,
-            self.options.keep_checkpoints,
-        )?;
-        state::write_csv(&out.join("metrics.csv"), history)?;
-        Ok(checkpoint)
-    }
-
-    /// Whether `--stop-after-epoch` asks to stop once `run_epoch` epochs are done.
-    fn stop_requested(&self, run_epoch: u64) -> bool {
-        self.options
-            .stop_after_epoch
-            .is_some_and(|stop| run_epoch >= stop)
-    }
-
-    fn state(
-        &self,
-        phase: &str,
-        epoch: u64,
-        step: u64,
-        best: Option<Best>,
-        loss_scale: f64,
-        history: &[EpochRow],
-    ) -> TrainState {
-        TrainState {
-            format: state::STATE_FORMAT,
-            config: self.config.clone(),
-            persons: self.data.persons.clone(),
-            phase: phase.to_owned(),
-            epoch,
-            step,
-            best,
-            loss_scale,
-            history: history.to_vec(),
-        }
-    }
-
-    /// CLIP-ReID stage 1 (Li et al., AAAI 2023, sec. 3.2): both encoders
-    /// frozen, the image features of the training set are computed once
-    /// (evaluation view), and only the per-person context words learn,
-    /// with the image-to-text and text-to-image supervised contrastive losses
-    /// (eqs. 3-4) at CLIP's temperature.
-    fn stage1(
+    /// The epoch loop every phase shares: trains the phase's remaining
+    /// epochs, sums the loss terms, validates, writes a checkpoint and a
+    /// `metrics.csv` row per epoch and stops when `--stop-after-epoch` says so.
+    // The loop's state is the run's: passing it whole reads better than a struct made for it.
+    #[allow(clippy::too_many_arguments)]
+    fn run_phase(
         &self,
         net: &ReidNet,
-        learner: &IdPromptLearner,
-        stage: &Stage1,
+        phase: Phase,
+        epochs: u64,
+        runner: &mut dyn PhaseRunner,
         resume: Option<(TrainState, Tensors)>,
         history: &mut Vec<EpochRow>,
         run_epoch: &mut u64,
     ) -> anyhow::Result<PhaseOutcome> {
-        net.freeze_all();
-        let ctx = learner.ctx().set_requires_grad(true);
-        let optim = &stage.optim;
-        let mut optimizer = Optimizer::new(
-            optim.optimizer.clone(),
-            vec![ParamGroup {
-                name: "prompt".into(),
-                lr: optim.prompt_lr.unwrap_or(optim.lr),
-                weight_decay: optim.prompt_weight_decay.unwrap_or(optim.weight_decay),
-                params: vec![("prompt_learner.cls_ctx".to_owned(), ctx)],
-            }],
-        )?;
-        let (mut epoch, mut step) = (0, 0);
+        let (mut epoch, mut best) = (0, None);
         if let Some((saved, tensors)) = resume {
-            optimizer.load_state_tensors(tensors.optimizer)?;
-            (epoch, step) = (saved.epoch, saved.step);
+            runner.resume(tensors, &saved)?;
+            (epoch, best) = (saved.epoch, saved.best);
         }
-        let n = self.data.train.len();
-        let bar = self.progress(n as u64, "stage1: caching image features".to_owned());
-        let order: Vec<Vec<usize>> = (0..n)
-            .collect::<Vec<_>>()
-            .chunks(self.config.validation.batch_size.max(1))
-            .map(<[usize]>::to_vec)
-            .collect();
-        let mut rows = Vec::new();
-        for batch in self.train_loader.batches(order, 0, false) {
-            let batch = batch?;
-            bar.inc(batch.indices.len() as u64);
-            rows.push(net.embed_projected(&batch.images.to_device(self.device))?);
-        }
-        bar.finish_and_clear();
-        let features = Tensor::cat(&rows, 0);
-        let labels: Vec<i64> = self.data.train.iter().map(|i| i.label).collect();
-        let labels = Tensor::from_slice(&labels).to_device(self.device);
-        let temperature = 1.0 / net.clip.logit_scale.exp().double_value(&[]);
-        let batch_size = stage.batch_size.min(n).max(2);
-        let mut checkpoint = PathBuf::new();
-        while epoch < stage.epochs {
-            let lr_factor = optim.schedule.factor(epoch);
-            let start = Instant::now();
-            // A fresh permutation per epoch from (seed, epoch) only.
-            let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed);
-            rng.set_stream(1 << 32 | epoch);
-            let mut perm: Vec<i64> = (0..n as i64).collect();
-            for i in (1..n).rev() {
-                perm.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-            }
-            let batches: Vec<&[i64]> = perm
-                .chunks(batch_size)
-                .filter(|c| c.len() == batch_size)
-                .collect();
-            let bar = self.progress(
-                batches.len() as u64,
-                format!("stage1 epoch {}/{}", epoch + 1, stage.epochs),
-            );
-            let mut sums: BTreeMap<&'static str, f64> = BTreeMap::new();
-            for idx in &batches {
-                let idx = Tensor::from_slice(idx).to_device(self.device);
-                let y = labels.index_select(0, &idx);
-                let image = features.index_select(0, &idx);
-                let text = l2(&learner.text_features(&net.clip.text, &y)?.to_kind(Kind::Float));
-                let i2t = losses::sup_con_cross(&image, &text, &y, &y, temperature);
-                let t2i = losses::sup_con_cross(&text, &image, &y, &y, temperature);
-                let total = &i2t + &t2i;
-                *sums.entry("i2t").or_default() += i2t.double_value(&[]);
-                *sums.entry("t2i").or_default() += t2i.double_value(&[]);
-                *sums.entry("loss").or_default() += total.double_value(&[]);
-                optimizer.zero_grad();
-                total.backward();
-                if let Some(max) = optim.clip_grad_norm {
-                    optimizer.clip_grad_norm(max);
-                }
-                optimizer.step(lr_factor);
-                step += 1;
-                bar.inc(1);
-            }
-            bar.finish_and_clear();
-            let seconds = start.elapsed().as_secs_f64();
-            epoch += 1;
-            *run_epoch += 1;
-            let row = EpochRow {
-                phase: "stage1".into(),
-                epoch,
-                step,
-                losses: sums
-                    .iter()
-                    .map(|(k, v)| ((*k).to_owned(), v / batches.len().max(1) as f64))
-                    .collect(),
-                lrs: vec![("prompt".to_owned(), optimizer.groups()[0].lr * lr_factor)],
-                val: None,
-                images_per_second: (batches.len() * batch_size) as f64 / seconds.max(1e-9),
-                seconds,
-            };
-            eprintln!("{}", describe(&row));
-            history.push(row);
-            let state = self.state("stage1", epoch, step, None, 1.0, history);
-            let tensors = Tensors {
-                model: sorted_vars(&net.vs),
-                optimizer: optimizer.state_tensors(),
-                ..Tensors::default()
-            };
-            checkpoint = self.save_epoch(*run_epoch, &state, &tensors, false, history)?;
-            if self.stop_requested(*run_epoch) && epoch < stage.epochs {
-                return Ok(PhaseOutcome {
-                    finished: false,
-                    best: None,
-                    throughput: Vec::new(),
-                    checkpoint,
-                });
-            }
-        }
-        let _ = learner.ctx().set_requires_grad(false);
-        Ok(PhaseOutcome {
-            finished: true,
-            best: None,
-            throughput: Vec::new(),
-            checkpoint,
-        })
-    }
-
-    /// Fine-tuning of the image encoder with the head and the configured
-    /// losses; `text_features` (`[classes, dim]`, from CLIP-ReID stage 1)
-    /// enable the image-to-text cross-entropy.
-    fn stage2(
-        &self,
-        net: &ReidNet,
-        stage: &Stage2,
-        text_features: Option<&Tensor>,
-        resume: Option<(TrainState, Tensors)>,
-        history: &mut Vec<EpochRow>,
-        run_epoch: &mut u64,
-    ) -> anyhow::Result<PhaseOutcome> {
-        let config = self.config;
-        let losses = &stage.losses;
-        net.set_trainable(config.model.unfreeze_last_blocks);
-        let mut optimizer = Optimizer::new(stage.optim.optimizer.clone(), net.param_groups(&stage.optim))?;
-        // Center loss: its centres have their own SGD (BoT, Luo et al. 2019).
-        let center_vs = nn::VarStore::new(self.device);
-        let feature_dim =
-            handid_model::ImageEncoder::feature_dim(&config.model.vision(), config.model.feature)?;
-        let center = losses.center.as_ref().map(|_| {
-            seeded(self.config.seed.wrapping_add(1), || {
-                CenterLoss::new(center_vs.root(), self.data.persons.len() as i64, feature_dim)
-            })
-        });
-        let mut center_optimizer = match &losses.center {
-            Some(c) => Some(Optimizer::new(
-                OptimizerKind::Sgd {
-                    momentum: 0.0,
-                    nesterov: false,
-                },
-                vec![ParamGroup {
-                    name: "center".into(),
-                    lr: c.lr,
-                    weight_decay: 0.0,
-                    params: sorted_vars(&center_vs),
-                }],
-            )?),
-            None => None,
+        let validation = &self.config.validation;
+        let better = |v: ValMetrics, b: ValMetrics| match validation.select_by {
+            SelectBy::Map => v.map > b.map,
+            SelectBy::Rank1 => (v.rank1, v.map) > (b.rank1, b.map),
         };
-        let amp = stage.optim.precision == TrainPrecision::Amp;
-        if amp && self.device == Device::Cpu {
-            bail!("optim.precision amp needs a CUDA device; this run uses the CPU");
-        }
-        let (mut epoch, mut step, mut best, mut scaler) = (0, 0, None, LossScaler::new(amp, 65536.0));
-        if let Some((saved, tensors)) = resume {
-            optimizer.load_state_tensors(tensors.optimizer)?;
-            if let (Some(opt), false) = (center_optimizer.as_mut(), tensors.center.is_empty()) {
-                handid_model::checkpoint::load_strict(&center_vs, tensors.center)?;
-                opt.load_state_tensors(tensors.center_optimizer)?;
-            }
-            (epoch, step, best) = (saved.epoch, saved.step, saved.best);
-            scaler.scale = saved.loss_scale;
-        }
-
-        let labels: Vec<usize> = self.data.train.iter().map(|i| i.label as usize).collect();
-        let sampler = PkSampler::new(
-            &labels,
-            config.data.persons_per_batch,
-            config.data.images_per_person,
-            config.seed,
-        )?;
-        let accumulate = stage.optim.accumulate.max(1);
+        // Validations since the best one (early stopping), from the history on resume.
+        let mut stale = history
+            .iter()
+            .filter(|r| r.phase == phase && r.val.is_some() && best.is_some_and(|b: Best| r.epoch > b.epoch))
+            .count() as u64;
         let mut throughput = Vec::new();
         let mut checkpoint = PathBuf::new();
-        while epoch < stage.epochs {
-            let lr_factor = stage.optim.schedule.factor(epoch);
-            let batches = sampler.epoch(epoch);
-            anyhow::ensure!(
-                !batches.is_empty(),
-                "the sampler drew no batch: too few images per person"
-            );
-            let n_batches = batches.len();
-            let bar = self.progress(
-                n_batches as u64,
-                format!("stage2 epoch {}/{}", epoch + 1, stage.epochs),
-            );
+        while epoch < epochs {
+            let bar = self.progress(format!("{} epoch {}/{epochs}", phase.name(), epoch + 1));
             let start = Instant::now();
-            let mut sums: BTreeMap<&'static str, f64> = BTreeMap::new();
-            let mut images = 0usize;
-            optimizer.zero_grad();
-            if let Some(c) = center_optimizer.as_mut() {
-                c.zero_grad();
-            }
-            for (i, batch) in self.train_loader.batches(batches, epoch, true).enumerate() {
-                let batch = batch?;
-                let x = batch.images.to_device(self.device);
-                let y = batch.labels.to_device(self.device);
-                images += batch.indices.len();
-                let forward = || net.forward(&x, Some(&y), true);
-                let out = if amp {
-                    tch::autocast(true, forward)?
-                } else {
-                    forward()?
-                };
-                let terms = loss_terms(net, &out, &y, losses, center.as_ref(), text_features, epoch)?;
-                let total = terms
-                    .iter()
-                    .map(|(_, t)| t.shallow_clone())
-                    .reduce(|a, b| a + b)
-                    .unwrap_or_default();
-                let total_value = total.double_value(&[]);
-                if !total_value.is_finite() && !amp {
-                    bail!(
-                        "the loss became {total_value} at epoch {} batch {}: lower the learning rate or enable clip_grad_norm",
-                        epoch + 1,
-                        i + 1
-                    );
+            let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+            let mut batches = 0usize;
+            let images = runner.epoch(epoch, &bar, &mut |terms| {
+                batches += 1;
+                let total: f64 = terms.iter().map(|t| t.weighted).sum();
+                for t in terms {
+                    *sums.entry(t.name.clone()).or_default() += t.weighted;
                 }
-                for (name, t) in &terms {
-                    *sums.entry(name).or_default() += t.double_value(&[]);
-                }
-                *sums.entry("loss").or_default() += total_value;
-                (total * (scaler.scale / accumulate as f64)).backward();
-                if ((i + 1) as u64).is_multiple_of(accumulate) || i + 1 == n_batches {
-                    let ok = scaler.unscale(&mut optimizer);
-                    if ok {
-                        if let Some(max) = stage.optim.clip_grad_norm {
-                            optimizer.clip_grad_norm(max);
-                        }
-                        optimizer.step(lr_factor);
-                        if let (Some(c), Some(opt)) = (&losses.center, center_optimizer.as_mut()) {
-                            // The centres' gradient is undone of the loss
-                            // weight (BoT's `param.grad.data *= 1 / weight`).
-                            opt.scale_grads(1.0 / (c.weight * scaler.scale));
-                            opt.step(1.0);
-                        }
-                    }
-                    step += 1;
-                    optimizer.zero_grad();
-                    if let Some(c) = center_optimizer.as_mut() {
-                        c.zero_grad();
-                    }
-                }
-                bar.set_message(format!("loss {:.4}", sums["loss"] / (i + 1) as f64));
-                bar.inc(1);
-            }
+                *sums.entry("loss".to_owned()).or_default() += total;
+                bar.set_message(format!("loss {:.4}", sums["loss"] / batches as f64));
+            })?;
             bar.finish_and_clear();
             let seconds = start.elapsed().as_secs_f64();
+            let lrs = runner.lrs(epoch);
             epoch += 1;
             *run_epoch += 1;
-            let validate_now =
-                epoch == stage.epochs || epoch.is_multiple_of(config.validation.every_epochs.max(1));
+            let validate_now = runner.validates()
+                && (epoch == epochs || epoch.is_multiple_of(self.config.validation.every_epochs.max(1)));
             let val = if validate_now { self.validate(net)? } else { None };
             let is_best = match (val, best) {
-                (Some(v), Some(b)) => v.map > b.val.map,
+                (Some(v), Some(b)) => better(v, b.val),
                 (Some(_), None) => true,
                 (None, _) => false,
             };
             if is_best {
                 best = val.map(|val| Best { epoch, val });
+                stale = 0;
+            } else if val.is_some() {
+                stale += 1;
             }
+            let early_stop = phase == Phase::Stage2
+                && epoch < epochs
+                && validation
+                    .early_stop_patience
+                    .is_some_and(|patience| stale >= patience);
             let ips = images as f64 / seconds.max(1e-9);
-            throughput.push(ips);
+            if images > 0 {
+                throughput.push(ips);
+            }
             let row = EpochRow {
-                phase: "stage2".into(),
+                phase,
                 epoch,
-                step,
+                step: runner.steps(),
                 losses: sums
-                    .iter()
-                    .map(|(n, v)| ((*n).to_owned(), v / n_batches as f64))
+                    .into_iter()
+                    .map(|(n, v)| (n, v / batches.max(1) as f64))
                     .collect(),
-                lrs: optimizer
-                    .groups()
-                    .iter()
-                    .map(|g| (g.name.clone(), g.lr * lr_factor))
-                    .collect(),
+                lrs,
                 val,
                 images_per_second: ips,
                 seconds,
+                early_stop,
             };
             eprintln!("{}", describe(&row));
+            if early_stop {
+                eprintln!(
+                    "{}: no better validation {} in {stale} validations: stopping early",
+                    phase.name(),
+                    match validation.select_by {
+                        SelectBy::Map => "mAP",
+                        SelectBy::Rank1 => "Rank-1",
+                    }
+                );
+            }
             history.push(row);
-            let state = self.state("stage2", epoch, step, best, scaler.scale, history);
+            let state = TrainState {
+                format: state::STATE_FORMAT,
+                config: self.config.clone(),
+                persons: self.data.persons.clone(),
+                phase,
+                epoch,
+                step: runner.steps(),
+                best,
+                loss_scale: runner.loss_scale(),
+                history: history.clone(),
+            };
             let tensors = Tensors {
                 model: sorted_vars(&net.vs),
-                optimizer: optimizer.state_tensors(),
-                center: if center.is_some() {
-                    sorted_vars(&center_vs)
-                } else {
-                    Vec::new()
-                },
-                center_optimizer: center_optimizer
-                    .as_ref()
-                    .map(Optimizer::state_tensors)
-                    .unwrap_or_default(),
+                ..runner.tensors()
             };
-            checkpoint = self.save_epoch(*run_epoch, &state, &tensors, is_best, history)?;
-            if self.stop_requested(*run_epoch) && epoch < stage.epochs {
+            checkpoint = state::save(
+                &self.options.out,
+                *run_epoch,
+                &state,
+                &tensors,
+                is_best,
+                self.options.keep_checkpoints,
+            )?;
+            state::write_csv(&self.options.out.join("metrics.csv"), history)?;
+            if early_stop {
+                break;
+            }
+            let stop = self
+                .options
+                .stop_after_epoch
+                .is_some_and(|stop| *run_epoch >= stop);
+            if stop && epoch < epochs {
                 return Ok(PhaseOutcome {
                     finished: false,
                     best,
@@ -890,59 +701,60 @@ impl Ctx<'_> {
             checkpoint,
         })
     }
-}
 
-/// The weighted loss terms of one fine-tuning batch, by name (`id`,
-/// `triplet`, `center`, `sup_con`, `i2t`); their sum is the loss.
-/// `text_features` (`[classes, dim]`, normalised) enable `i2t`.
-pub fn loss_terms(
-    net: &ReidNet,
-    out: &Forward,
-    labels: &Tensor,
-    losses: &LossConfig,
-    center: Option<&CenterLoss>,
-    text_features: Option<&Tensor>,
-    epoch: u64,
-) -> anyhow::Result<Vec<(&'static str, Tensor)>> {
-    let feature = out.feature.to_kind(Kind::Float);
-    let mut terms: Vec<(&'static str, Tensor)> = Vec::new();
-    if let (Some(id), Some(logits)) = (&losses.id, &out.logits) {
-        let ce = losses::cross_entropy_label_smooth(&logits.to_kind(Kind::Float), labels, id.label_smoothing);
-        terms.push(("id", ce * id.weight));
-    }
-    if let Some(t) = &losses.triplet {
-        let margin = t.margin.map_or(TripletMargin::Soft, TripletMargin::Hard);
-        terms.push((
-            "triplet",
-            losses::batch_hard_triplet(&feature, labels, margin, t.normalize) * t.weight,
-        ));
-    }
-    if let (Some(c), Some(center)) = (&losses.center, center) {
-        terms.push(("center", center.forward(&feature, labels) * c.weight));
-    }
-    if let Some(s) = &losses.sup_con {
-        let w = s.weight_at(epoch);
-        if w > 0.0 {
-            terms.push((
-                "sup_con",
-                losses::sup_con(&l2(&feature), labels, s.temperature) * w,
-            ));
+    /// Runs `items` through `f` in inference-sized batches (the evaluation
+    /// view: no augmentation) and concatenates the rows, on the CPU.
+    fn embed_all(
+        &self,
+        loader: &Loader,
+        n: usize,
+        f: impl Fn(&Tensor) -> anyhow::Result<Tensor>,
+    ) -> anyhow::Result<Tensor> {
+        let batch = self.config.validation.batch_size.max(1);
+        let order: Vec<Vec<usize>> = (0..n)
+            .collect::<Vec<_>>()
+            .chunks(batch)
+            .map(<[usize]>::to_vec)
+            .collect();
+        let mut rows = Vec::new();
+        for b in loader.batches(order, 0, false) {
+            rows.push(f(&b?.images.to_device(self.device))?.to_device(Device::Cpu));
         }
+        anyhow::ensure!(!rows.is_empty(), "nothing to embed");
+        Ok(Tensor::cat(&rows, 0))
     }
-    if let (Some(t), Some(text)) = (&losses.i2t, text_features) {
-        // CLIP-ReID eq. 5: softmax over the similarities of the image to
-        // every person's stage-1 text feature, scaled by CLIP's temperature;
-        // label smoothing as the ID loss.
-        let scale = net.clip.logit_scale.exp().double_value(&[]);
-        let logits = l2(&out.projected.to_kind(Kind::Float)).matmul(&text.tr()) * scale;
-        let eps = losses.id.as_ref().map_or(0.0, |i| i.label_smoothing);
-        terms.push((
-            "i2t",
-            losses::cross_entropy_label_smooth(&logits, labels, eps) * t.weight,
-        ));
+
+    /// CLIP-ReID stage 1's cache: the raw projected feature of every
+    /// training image (inference mode) and its person, on the run's device.
+    fn cached_features(&self, net: &ReidNet) -> anyhow::Result<(Tensor, Tensor)> {
+        let n = self.data.train.len();
+        let features = self.embed_all(&self.train_loader, n, |x| net.projected_features(x))?;
+        let labels: Vec<i64> = self.data.train.iter().map(|i| i.label).collect();
+        Ok((
+            features.to_kind(Kind::Float).to_device(self.device),
+            Tensor::from_slice(&labels).to_device(self.device),
+        ))
     }
-    anyhow::ensure!(!terms.is_empty(), "no loss term applies to this method");
-    Ok(terms)
+
+    /// Validation mAP and Rank-1 on training persons (held-out images as
+    /// queries against the training images); `None` without a validation split.
+    fn validate(&self, net: &ReidNet) -> anyhow::Result<Option<ValMetrics>> {
+        let (q, g) = (&self.data.val_query, &self.data.val_gallery);
+        if q.is_empty() || g.is_empty() {
+            return Ok(None);
+        }
+        let qf = self.embed_all(&self.val_query_loader, q.len(), |x| net.embed(x))?;
+        let gf = self.embed_all(&self.val_gallery_loader, g.len(), |x| net.embed(x))?;
+        let sim: Vec<f32> = Vec::try_from(qf.matmul(&gf.tr()).flatten(0, 1))?;
+        let sim = Similarity::new(&sim, q.len(), g.len())?;
+        let q_ids: Vec<i64> = q.iter().map(|i| i.label).collect();
+        let g_ids: Vec<i64> = g.iter().map(|i| i.label).collect();
+        let ranking = Ranking::new(&sim, &q_ids, &g_ids)?;
+        Ok(Some(ValMetrics {
+            map: ranking.mean_ap(ApKind::NonInterpolated, QueryScope::All),
+            rank1: ranking.rank_k(1, QueryScope::All),
+        }))
+    }
 }
 
 /// One line per epoch on stderr.
@@ -954,17 +766,12 @@ fn describe(row: &EpochRow) -> String {
         .unwrap_or_default();
     format!(
         "{} epoch {}: {}{val}, {:.1} images/s, {:.1} s",
-        row.phase,
+        row.phase.name(),
         row.epoch,
         losses.join(", "),
         row.images_per_second,
         row.seconds
     )
-}
-
-/// L2-normalised rows.
-pub fn l2(x: &Tensor) -> Tensor {
-    x / x.norm_scalaropt_dim(2.0, [1], true).clamp_min(1e-12)
 }
 
 /// A VarStore's variables sorted by name.
@@ -982,7 +789,7 @@ fn write_curves(out: &Path, history: &[EpochRow]) {
         let x = (x + 1) as f64;
         for (name, v) in &row.losses {
             losses
-                .entry(format!("{} {name}", row.phase))
+                .entry(format!("{} {name}", row.phase.name()))
                 .or_default()
                 .push((x, *v));
         }

@@ -1,42 +1,58 @@
 //! Learning-rate schedules, as multipliers of each parameter group's base
-//! learning rate, indexed by optimizer step (so they resume exactly).
+//! learning rate, evaluated once per epoch (a pure function of the epoch, so
+//! a resumed run sees the same rates).
+//!
+//! `cosine` and `step` are CLIP-ReID's two schedulers exactly (Syliz517/CLIP-ReID
+//! at eb1898b): both are stepped *before* each epoch trains
+//! (`scheduler.step(epoch)` with `epoch` from 1 in
+//! `processor_clipreid_stage1.py`, `scheduler.step()` in
+//! `processor_clipreid_stage2.py`), so the first epoch already sees `t = 1`:
+//! [`Schedule::factor`] of the 0-based epoch `e` evaluates them at `t = e + 1`.
 
 use serde::{Deserialize, Serialize};
 use std::f64::consts::PI;
 
 /// A learning-rate schedule (YAML: `kind: cosine`, ...).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Schedule {
     /// The base rate throughout.
+    #[default]
     Constant,
-    /// Linear warm-up from `warmup_factor` x base, then cosine decay to
-    /// `min_factor` x base at `total_steps` (CLIP-ReID's `WarmupCosineLR`).
+    /// timm's `CosineLRScheduler` as CLIP-ReID's `create_scheduler` builds
+    /// it for stage 1 (`solver/scheduler_factory.py`, `cosine_lr.py`): at
+    /// `t < warmup_steps` the rate rises linearly from `warmup_factor`
+    /// (`warmup_lr_init / base`) by `(1 - warmup_factor) / warmup_steps` per
+    /// epoch; from then on it is `min + (1 - min) (1 + cos(π t / total)) / 2`
+    /// (the cosine counts from 0, not from the end of the warm-up), and
+    /// `min_factor` (`lr_min / base`) once `t >= total_steps`.
     Cosine {
-        /// Steps of linear warm-up.
+        /// Epochs of linear warm-up.
         warmup_steps: u64,
-        /// Multiplier at step 0.
+        /// Multiplier at t = 0.
         warmup_factor: f64,
-        /// Length of the whole schedule.
+        /// Length of the cosine (`t_initial`, the epochs of the stage).
         total_steps: u64,
         /// Final multiplier.
         min_factor: f64,
     },
-    /// Linear warm-up, then the rate is multiplied by `gamma` at each
-    /// milestone (CLIP-ReID's `WarmupMultiStepLR`).
+    /// CLIP-ReID's `WarmupMultiStepLR` (`solver/lr_scheduler.py`): at `t <
+    /// warmup_steps` a linear factor `warmup_factor (1 - t / warmup_steps) +
+    /// t / warmup_steps`, times `gamma` to the number of milestones `<= t`.
     Step {
-        /// Steps of linear warm-up.
+        /// Epochs of linear warm-up.
         warmup_steps: u64,
-        /// Multiplier at step 0.
+        /// Multiplier at t = 0.
         warmup_factor: f64,
-        /// Steps at which the rate drops.
+        /// Epochs at which the rate drops.
         milestones: Vec<u64>,
         /// Drop factor.
         gamma: f64,
     },
     /// One-cycle policy (Smith & Topin 2018; PyTorch's `OneCycleLR`, cosine
-    /// annealing): from base/`div_factor` up to base over `pct_start` of the
-    /// steps, then down to base/(`div_factor` x `final_div_factor`).
+    /// annealing), here evaluated at the 0-based epoch: from
+    /// base/`div_factor` up to base over `pct_start` of the epochs, then
+    /// down to base/(`div_factor` x `final_div_factor`).
     OneCycle {
         /// Length of the whole schedule.
         total_steps: u64,
@@ -50,8 +66,10 @@ pub enum Schedule {
 }
 
 impl Schedule {
-    /// The multiplier of the base learning rate at optimizer step `step`.
-    pub fn factor(&self, step: u64) -> f64 {
+    /// The multiplier of the base learning rate in the 0-based `epoch`.
+    pub fn factor(&self, epoch: u64) -> f64 {
+        // CLIP-ReID's schedulers have been stepped once when an epoch starts.
+        let t = epoch + 1;
         match *self {
             Schedule::Constant => 1.0,
             Schedule::Cosine {
@@ -60,12 +78,14 @@ impl Schedule {
                 total_steps,
                 min_factor,
             } => {
-                if step < warmup_steps {
-                    return warmup(step, warmup_steps, warmup_factor);
+                if t < warmup_steps {
+                    warmup_factor + t as f64 * (1.0 - warmup_factor) / warmup_steps as f64
+                } else if t >= total_steps {
+                    min_factor
+                } else {
+                    let progress = t as f64 / total_steps as f64;
+                    min_factor + 0.5 * (1.0 - min_factor) * (1.0 + (PI * progress).cos())
                 }
-                let span = total_steps.saturating_sub(warmup_steps).max(1);
-                let t = ((step - warmup_steps) as f64 / span as f64).min(1.0);
-                min_factor + (1.0 - min_factor) * (1.0 + (PI * t).cos()) / 2.0
             }
             Schedule::Step {
                 warmup_steps,
@@ -73,10 +93,10 @@ impl Schedule {
                 ref milestones,
                 gamma,
             } => {
-                let drops = milestones.iter().filter(|&&m| step >= m).count() as i32;
+                let drops = milestones.iter().filter(|&&m| m <= t).count() as i32;
                 let base = gamma.powi(drops);
-                if step < warmup_steps {
-                    base * warmup(step, warmup_steps, warmup_factor)
+                if t < warmup_steps {
+                    base * warmup(t, warmup_steps, warmup_factor)
                 } else {
                     base
                 }
@@ -91,7 +111,7 @@ impl Schedule {
                 let last = initial / final_div_factor;
                 let up = ((pct_start * total_steps as f64) - 1.0).max(1.0);
                 let down = (total_steps as f64 - 1.0 - up).max(1.0);
-                let s = step as f64;
+                let s = epoch as f64;
                 if s <= up {
                     cosine_between(initial, 1.0, s / up)
                 } else {
@@ -122,34 +142,51 @@ mod tests {
     }
 
     #[test]
-    fn cosine_warms_up_then_decays_to_the_floor() {
+    fn cosine_is_timms_scheduler_stepped_before_each_epoch() {
+        // CLIP-ReID stage 1: base 3.5e-4, warmup_lr_init 1e-5 over 5 epochs,
+        // lr_min 1e-6, t_initial 120; timm's _get_lr(t) for t = epoch + 1.
+        let (base, init, min) = (3.5e-4, 1e-5, 1e-6);
         let s = Schedule::Cosine {
-            warmup_steps: 10,
-            warmup_factor: 0.1,
-            total_steps: 110,
-            min_factor: 0.01,
+            warmup_steps: 5,
+            warmup_factor: init / base,
+            total_steps: 120,
+            min_factor: min / base,
         };
-        assert!(close(s.factor(0), 0.1));
-        assert!(close(s.factor(5), 0.55));
-        assert!(close(s.factor(10), 1.0));
-        assert!(close(s.factor(60), 0.01 + 0.99 * 0.5));
-        assert!(close(s.factor(110), 0.01));
-        assert!(close(s.factor(500), 0.01));
+        let lr = |epoch| base * s.factor(epoch);
+        let timm = |t: f64| {
+            if t < 5.0 {
+                init + t * (base - init) / 5.0
+            } else {
+                min + 0.5 * (base - min) * (1.0 + (PI * t / 120.0).cos())
+            }
+        };
+        for epoch in [0u64, 1, 3, 4, 5, 30, 60, 118] {
+            assert!(
+                (lr(epoch) - timm((epoch + 1) as f64)).abs() < 1e-15,
+                "epoch {epoch}"
+            );
+        }
+        // The first epoch is already past t = 0; the last one ends at lr_min.
+        assert!((lr(0) - 7.8e-5).abs() < 1e-15);
+        assert!((lr(119) - min).abs() < 1e-15);
     }
 
     #[test]
-    fn step_drops_at_milestones() {
+    fn step_is_warmup_multi_step_lr_stepped_before_each_epoch() {
+        // WarmupMultiStepLR(milestones [30, 50], gamma 0.1, factor 0.1, 10 iters):
+        // get_lr at last_epoch = epoch + 1.
         let s = Schedule::Step {
-            warmup_steps: 4,
-            warmup_factor: 0.5,
-            milestones: vec![10, 20],
+            warmup_steps: 10,
+            warmup_factor: 0.1,
+            milestones: vec![30, 50],
             gamma: 0.1,
         };
-        assert!(close(s.factor(0), 0.5));
-        assert!(close(s.factor(2), 0.75));
+        assert!(close(s.factor(0), 0.1 * 0.9 + 0.1));
+        assert!(close(s.factor(4), 0.1 * 0.5 + 0.5));
         assert!(close(s.factor(9), 1.0));
-        assert!(close(s.factor(10), 0.1));
-        assert!(close(s.factor(25), 0.01));
+        assert!(close(s.factor(28), 1.0));
+        assert!(close(s.factor(29), 0.1));
+        assert!(close(s.factor(49), 0.01));
     }
 
     #[test]

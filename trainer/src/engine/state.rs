@@ -23,7 +23,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use crate::config::TrainConfig;
+use crate::config::{Phase, TrainConfig};
 
 /// Version of the state file.
 pub const STATE_FORMAT: u32 = 1;
@@ -40,8 +40,8 @@ pub struct ValMetrics {
 /// One row of `metrics.csv`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochRow {
-    /// `stage1`, `stage2` or `zero_shot`.
-    pub phase: String,
+    /// The phase the epoch belongs to.
+    pub phase: Phase,
     /// Epoch within the phase, from 1.
     pub epoch: u64,
     /// Optimizer steps so far in the phase.
@@ -56,6 +56,9 @@ pub struct EpochRow {
     pub images_per_second: f64,
     /// Wall time of the epoch.
     pub seconds: f64,
+    /// Whether early stopping ended the phase after this epoch.
+    #[serde(default)]
+    pub early_stop: bool,
 }
 
 /// The best validation so far.
@@ -78,7 +81,7 @@ pub struct TrainState {
     /// Class index -> person id of the training split.
     pub persons: Vec<String>,
     /// The phase this checkpoint ends.
-    pub phase: String,
+    pub phase: Phase,
     /// Completed epochs of `phase`.
     pub epoch: u64,
     /// Optimizer steps of `phase`.
@@ -281,7 +284,7 @@ pub fn write_csv(path: &Path, history: &[EpochRow]) -> anyhow::Result<()> {
             .unwrap_or_default()
     };
     for row in history {
-        out.push_str(&format!("{},{},{}", row.phase, row.epoch, row.step));
+        out.push_str(&format!("{},{},{}", row.phase.name(), row.epoch, row.step));
         for n in &loss_names {
             out.push_str(&format!(",{}", find(&row.losses, n)));
         }

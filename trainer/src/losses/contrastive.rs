@@ -84,7 +84,7 @@ mod tests {
     fn unit(rows: &[[f32; 2]]) -> Tensor {
         let flat: Vec<f32> = rows.iter().flatten().copied().collect();
         let t = Tensor::from_slice(&flat).reshape([rows.len() as i64, 2]);
-        &t / t.norm_scalaropt_dim(2.0, [1], true)
+        handid_model::l2_normalize(&t)
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub fn batch_hard_triplet(
     normalize: bool,
 ) -> Tensor {
     let features = if normalize {
-        features / features.norm_scalaropt_dim(2.0, [1], true).clamp_min(1e-12)
+        handid_model::l2_normalize(features)
     } else {
         features.shallow_clone()
     };
