@@ -62,6 +62,7 @@ if [ "$which" = methods ]; then
     echo "  prompt: {heads: 4, blocks: 1, inversion_hidden: 128}"; echo "  train:"
     sed -e 's/^/  /' "$OUT/stage.yaml" \
       | sed -e 's/^\(      \)sup_con: .*$/\1image_text: {weight: 0.5}/' \
+            -e 's/^\(      \)lr: \(.*\)$/&\n\1head_lr: \2/' \
             -e 's/^\(      triplet: .*\)}$/\1, features: [fused, projected, backbone, penultimate]}/'
   } > "$OUT/prompt_sg.yaml"
   "$ht" init --clip-for "$CONFIG" --seed 7 --out "$OUT/clip.safetensors"

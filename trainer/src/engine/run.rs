@@ -465,7 +465,7 @@ impl PhaseRunner for PromptPhase<'_> {
     }
 }
 
-/// Training the image encoder and heads on P x K batches.
+/// Training the image encoder and heads on the sampler's batches.
 struct ImagePhase<'a> {
     trainer: ImageTrainer<'a>,
     sampler: Sampler,
