@@ -153,14 +153,21 @@ impl Manifest {
         Ok(manifest)
     }
 
-    /// Writes `dir/handid.yaml`.
+    /// Writes `dir/handid.yaml` atomically (a temporary file renamed over
+    /// it): a server reading the folder meanwhile sees the old manifest or
+    /// the new one, never half of one.
     pub fn write(&self, dir: &Path) -> Result<()> {
         let path = dir.join(MANIFEST_FILE);
         let text = serde_yaml::to_string(self).map_err(|e| Error::Manifest {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        fs::write(&path, text).map_err(|source| Error::Io { path, source })
+        let partial = dir.join(format!("{MANIFEST_FILE}.partial"));
+        fs::write(&partial, text).map_err(|source| Error::Io {
+            path: partial.clone(),
+            source,
+        })?;
+        fs::rename(&partial, &path).map_err(|source| Error::Io { path, source })
     }
 }
 

@@ -22,6 +22,7 @@ use handid_model::{DecodeLimits, Embedder, OperatingPoint};
 use tch::Device;
 
 use crate::config::TrainConfig;
+use crate::data::Item;
 use crate::engine::load_data;
 use crate::engine::state::{self, TrainState};
 use crate::net::ReidNet;
@@ -91,33 +92,56 @@ pub fn export(checkpoint: &Path, out: &Path, data_root: Option<&Path>) -> anyhow
     manifest.neck = net.serving_neck();
     let manifest = write_checkpoint(out, &net.serving_weights(), manifest)
         .with_context(|| format!("writing the serving checkpoint {}", out.display()))?;
-    let (pairs, calibrated) = calibrate(config, out, data_root)?;
+    let items = export_calibration_items(config, data_root)?;
+    let calibration = calibrate(out, &items, &config.export.fmrs)?;
     let mut manifest = manifest;
-    manifest.thresholds = calibrated.iter().map(|c| c.point.clone()).collect();
+    manifest.thresholds = calibration.thresholds();
     manifest.write(out)?;
     Ok(Exported {
         manifest,
-        pairs: (pairs.genuine.len(), pairs.impostor.len()),
-        calibrated,
+        pairs: calibration.pairs,
+        calibrated: calibration.points,
     })
 }
 
-/// Scores every pair of validation-person images with the exported model.
-fn calibrate(
-    config: &TrainConfig,
-    checkpoint: &Path,
-    data_root: Option<&Path>,
-) -> anyhow::Result<(PairScores, Vec<Calibrated>)> {
+/// The images export calibrates on: the run's training and validation
+/// images (training persons only, as `load_data` guarantees).
+fn export_calibration_items(config: &TrainConfig, data_root: Option<&Path>) -> anyhow::Result<Vec<Item>> {
     let mut config = config.clone();
     if let Some(root) = data_root {
         config.data.root = Some(root.to_owned());
     }
     let data = load_data(&config)?;
-    let mut items: Vec<_> = data.train.iter().chain(data.val_query.iter()).cloned().collect();
+    Ok(data.train.iter().chain(data.val_query.iter()).cloned().collect())
+}
+
+/// Thresholds measured on a set of labelled images.
+#[derive(Debug)]
+pub struct Calibration {
+    /// Genuine and impostor pairs scored.
+    pub pairs: (usize, usize),
+    /// One per requested FMR, in the order asked.
+    pub points: Vec<Calibrated>,
+}
+
+impl Calibration {
+    /// The operating points as a manifest stores them.
+    pub fn thresholds(&self) -> Vec<OperatingPoint> {
+        self.points.iter().map(|c| c.point.clone()).collect()
+    }
+}
+
+/// Embeds `items` (an image once, however often it is listed) with the
+/// serving checkpoint in `checkpoint` through `handid_model::Embedder`, the
+/// code path serving uses, scores every pair once (same label = genuine,
+/// other label = impostor), and finds the threshold at each of `fmrs`.
+pub fn calibrate(checkpoint: &Path, items: &[Item], fmrs: &[f64]) -> anyhow::Result<Calibration> {
+    let mut items = items.to_vec();
     items.sort_by(|a, b| a.path.cmp(&b.path));
     items.dedup_by(|a, b| a.path == b.path);
     let embedder = Embedder::load(checkpoint, Device::Cpu)?;
     let mut vectors: Vec<f32> = Vec::new();
+    let progress = crate::commands::eval::bar(items.len(), "calibrating")?;
     for chunk in items.chunks(32) {
         let images = chunk
             .iter()
@@ -131,7 +155,9 @@ fn calibrate(
         vectors.extend(Vec::<f32>::try_from(
             embedder.embed_images(&images)?.flatten(0, 1),
         )?);
+        progress.inc(chunk.len() as u64);
     }
+    progress.finish_and_clear();
     let dim = embedder.dim();
     let mut pairs = PairScores {
         genuine: Vec::new(),
@@ -153,9 +179,7 @@ fn calibrate(
         !pairs.genuine.is_empty() && !pairs.impostor.is_empty(),
         "calibration needs at least two persons with two images each among the training persons"
     );
-    let calibrated = config
-        .export
-        .fmrs
+    let points = fmrs
         .iter()
         .map(|&fmr| {
             let p = at_fmr(&pairs, fmr);
@@ -169,5 +193,8 @@ fn calibrate(
             }
         })
         .collect();
-    Ok((pairs, calibrated))
+    Ok(Calibration {
+        pairs: (pairs.genuine.len(), pairs.impostor.len()),
+        points,
+    })
 }

@@ -4,7 +4,7 @@
 //! # Layout
 //! - `main.rs`: the command line.
 //! - `commands/` (in the library): one file per subcommand (`splits`,
-//!   `synth`, `eval`, `replay`, `import`, `init`, `embed`, `train`, `export`).
+//!   `synth`, `eval`, `replay`, `import`, `init`, `embed`, `train`, `export`, `calibrate`).
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -49,6 +49,8 @@ enum Command {
     Train(commands::train::TrainArgs),
     /// Write a run's checkpoint as a serving checkpoint with calibrated thresholds.
     Export(commands::export::ExportArgs),
+    /// Calibrate a serving checkpoint's thresholds on training persons' images.
+    Calibrate(commands::calibrate::CalibrateArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -68,6 +70,7 @@ fn main() -> anyhow::Result<()> {
         Command::Embed(args) => commands::embed::run(&args)?,
         Command::Train(args) => commands::train::run(&args)?,
         Command::Export(args) => commands::export::run(&args)?,
+        Command::Calibrate(args) => commands::calibrate::run(&args)?,
     }
     Ok(())
 }

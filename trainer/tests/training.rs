@@ -12,8 +12,11 @@ use std::path::{Path, PathBuf};
 use handid_eval::data::synthetic::{self, Layout, SynthOptions};
 use handid_eval::data::{MissingImages, folder, splits};
 use handid_model::Embedder;
+use handid_model::checkpoint::{Manifest, create_random_checkpoint};
+use handid_trainer::commands::calibrate::{CalibrateArgs, calibration_items, run};
 use handid_trainer::config::TrainConfig;
 use handid_trainer::engine::{RunOptions, train};
+use handid_trainer::export::calibrate;
 use tch::Tensor;
 
 /// 16 persons x 6 images, 32x32: a quarter of the persons are test persons.
@@ -135,6 +138,65 @@ fn finetuning_beats_the_untrained_weights_and_exports() {
     assert_eq!(m.preprocess, cfg.model.preprocess());
     let embedder = Embedder::load(&serving, tch::Device::Cpu).expect("the server's loader accepts it");
     assert_eq!(embedder.model_id(), m.model_id);
+
+    // `calibrate` on the images export used (the run's train and val
+    // splits) finds export's thresholds: one code path.
+    let items = calibration_items(&manifest, None, &["train".to_owned(), "val".to_owned()]).expect("items");
+    let recalibrated = calibrate(&serving, &items, &cfg.export.fmrs).expect("calibrate");
+    assert_eq!(recalibrated.thresholds(), m.thresholds);
+    assert_eq!(recalibrated.pairs, exported.pairs);
+}
+
+#[test]
+fn calibrate_gives_an_imported_checkpoint_thresholds_from_training_persons_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifest = dataset(dir.path());
+    let model = dir.path().join("init");
+    let vision = handid_model::ClipVisionConfig::tiny_vit();
+    let created = create_random_checkpoint(&model, &vision, 5).expect("checkpoint");
+    assert!(created.thresholds.is_empty());
+    let args = |splits: &[&str], dry_run: bool| CalibrateArgs {
+        model: model.clone(),
+        manifest: manifest.clone(),
+        splits: splits.iter().map(|s| (*s).to_owned()).collect(),
+        data: None,
+        fmrs: vec![1e-1, 1e-2],
+        dry_run,
+    };
+
+    // Test persons never calibrate, and nothing is written when refused.
+    let err = run(&args(&["train_all", "test"], false)).unwrap_err().to_string();
+    assert!(err.contains("test person"), "{err}");
+    let err = run(&args(&["gallery0"], false)).unwrap_err().to_string();
+    assert!(err.contains("test person"), "{err}");
+    let err = run(&args(&["nope"], false)).unwrap_err().to_string();
+    assert!(err.contains("no images in split \"nope\""), "{err}");
+    let err = run(&CalibrateArgs {
+        fmrs: vec![0.0],
+        ..args(&["train_all"], false)
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("--fmr 0"), "{err}");
+    run(&args(&["train_all"], true)).expect("dry run");
+    assert!(Manifest::read(&model).expect("manifest").thresholds.is_empty());
+
+    run(&args(&["train_all"], false)).expect("calibrate");
+    let m = Manifest::read(&model).expect("manifest");
+    assert_eq!(
+        m.thresholds.iter().map(|p| p.fmr).collect::<Vec<_>>(),
+        vec![1e-1, 1e-2]
+    );
+    assert!(
+        m.thresholds[0].threshold <= m.thresholds[1].threshold,
+        "{:?}",
+        m.thresholds
+    );
+    assert_eq!(m.model_id, created.model_id, "the weights are untouched");
+    assert!(!model.join("handid.yaml.partial").exists());
+    // The server's loader reads the thresholds.
+    let embedder = Embedder::load(&model, tch::Device::Cpu).expect("load");
+    assert_eq!(embedder.manifest().thresholds, m.thresholds);
 }
 
 #[test]

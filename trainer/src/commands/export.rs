@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use crate::engine::state;
-use crate::export::export;
+use crate::export::{Calibration, export};
 use anyhow::Context;
 
 /// Arguments of `export`.
@@ -40,7 +40,18 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
     );
     let (genuine, impostor) = exported.pairs;
     println!("thresholds on validation persons ({genuine} genuine, {impostor} impostor pairs):");
-    for c in &exported.calibrated {
+    print_points(&Calibration {
+        pairs: exported.pairs,
+        points: exported.calibrated,
+    });
+    Ok(())
+}
+
+/// One line per operating point, with a note where the impostor pairs are
+/// too few to measure the FMR asked for.
+pub(crate) fn print_points(calibration: &Calibration) {
+    let impostor = calibration.pairs.1;
+    for c in &calibration.points {
         let note = if c.point.fmr * (impostor as f64) < 1.0 {
             " (fewer impostor pairs than 1/FMR: the threshold is the highest impostor score)"
         } else {
@@ -54,5 +65,4 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
             100.0 * c.tpr
         );
     }
-    Ok(())
 }

@@ -1,5 +1,6 @@
 //! Subcommands, one file each.
 
+pub mod calibrate;
 pub mod embed;
 pub mod eval;
 pub mod export;
