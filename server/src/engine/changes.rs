@@ -1,0 +1,85 @@
+//! Applying the database's change feed to every slot's indexes.
+
+use std::sync::atomic::Ordering;
+
+use super::{CHANGE_BATCH, Engine, types::*};
+use crate::index::{NewRow, lock};
+use crate::store::{Change, TemplateRow};
+
+impl Engine {
+    /// Applies every change committed since the last applied one to the
+    /// indexes of every slot, in order; returns how many were applied.
+    pub async fn apply_changes(&self) -> Result<usize, LoadError> {
+        let _one = self.applying.lock().await;
+        let mut applied = 0;
+        loop {
+            let after = self.applied.load(Ordering::SeqCst);
+            let changes = self.store.changes_after(after, CHANGE_BATCH).await?;
+            if changes.is_empty() {
+                return Ok(applied);
+            }
+            for change in changes {
+                self.apply_change(&change).await?;
+                self.applied.store(change.seq, Ordering::SeqCst);
+                applied += 1;
+            }
+        }
+    }
+
+    /// Re-applies the changes after `from` (idempotent), then goes on from
+    /// wherever the follower had got to.
+    pub(super) async fn resync_since(&self, from: i64) -> Result<(), LoadError> {
+        let _one = self.applying.lock().await;
+        let mut after = from;
+        loop {
+            let changes = self.store.changes_after(after, CHANGE_BATCH).await?;
+            let Some(last) = changes.last().map(|c| c.seq) else {
+                return Ok(());
+            };
+            for change in &changes {
+                self.apply_change(change).await?;
+            }
+            after = last;
+            self.applied.fetch_max(last, Ordering::SeqCst);
+        }
+    }
+
+    /// Makes every slot's index of the change's gallery agree with the
+    /// database: a subject's templates are re-read and replace what the
+    /// index holds (so applying a change twice is harmless); a deleted
+    /// gallery is emptied.
+    async fn apply_change(&self, change: &Change) -> Result<(), LoadError> {
+        let writer = self.writer(&change.gallery_id);
+        let _serialised = writer.lock().await;
+        for slot in self.slots() {
+            match change.subject_id.as_deref() {
+                Some(subject) if change.kind == "subject" => {
+                    let dim = slot.model.embedder.dim();
+                    let rows = self
+                        .store
+                        .subject_templates_in_spaces(&change.gallery_id, subject, &slot.spaces, dim)
+                        .await?;
+                    let index = if rows.is_empty() {
+                        slot.indexes.get(&change.gallery_id)
+                    } else {
+                        Some(slot.indexes.get_or_create(&change.gallery_id))
+                    };
+                    if let Some(index) = index {
+                        let new: Vec<NewRow<'_>> = rows.iter().map(TemplateRow::as_new_row).collect();
+                        // One critical section: a search never sees the
+                        // subject half replaced.
+                        let mut index = lock(&index);
+                        index.remove_subject(subject)?;
+                        index.append(&new)?;
+                    }
+                }
+                _ => {
+                    if let Some(index) = slot.indexes.get(&change.gallery_id) {
+                        lock(&index).clear();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

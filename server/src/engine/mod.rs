@@ -1,0 +1,290 @@
+//! The core of the service: what Enroll, Identify, Verify and the rest do,
+//! in domain types. It knows nothing of protobuf; `service.rs` converts.
+//!
+//! Consistency between Postgres and the in-memory index: mutations of one
+//! gallery (enrol, delete) are serialised by a per-gallery async lock held
+//! from the database transaction until the index is updated, so the index
+//! applies committed changes in commit order. Searches never take that lock.
+//!
+//! Models: every call takes the active [`Slot`] (model, forward thread,
+//! indexes) once, at its start, and uses only that slot: a reload swaps the
+//! slot atomically, and calls in flight finish on the one they took, which
+//! lives until the last of them drops it. During a migration a second,
+//! staged slot receives every enrolment too (both templates in one
+//! transaction); Identify and Verify use the active slot only.
+//!
+//! Replicas: each committed change of the database is numbered (the
+//! `changes` table); [`Engine::apply_changes`] re-reads the subjects changed
+//! since the last applied number into every slot's indexes, which is what
+//! makes another replica's enrolments and deletions visible here.
+//!
+//! # Layout
+//! - [`types`]: the domain types calls take and return ([`Id`], [`Caller`],
+//!   [`Slot`], results).
+//! - `calls`: Enroll, Identify, Verify, Embed, deletions, reads.
+//! - `models`: GetModel, reload, staging and promotion.
+//! - `changes`: applying the database's change feed to the indexes.
+//! - `page_token`: ListSubjects' opaque page tokens.
+
+mod calls;
+mod changes;
+mod models;
+mod page_token;
+pub mod types;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use futures::TryStreamExt;
+use tracing::Instrument;
+
+use crate::batcher::Batcher;
+use crate::error::ServiceError;
+use crate::index::{IndexError, Indexes, NewRow, lock};
+use crate::reload;
+use crate::settings::LimitSettings;
+use crate::store::{AuditEntry, Store, TemplateRow};
+
+pub use types::*;
+
+/// The FMR whose calibrated threshold decides when a call gives no rule.
+pub const DEFAULT_FMR: f64 = 1e-3;
+/// Largest ListSubjects page.
+pub const MAX_PAGE_SIZE: u32 = 1000;
+/// ListSubjects page when the call asks for 0.
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+/// Longest idempotency key (the schema's CHECK).
+pub const MAX_IDEMPOTENCY_KEY: usize = 256;
+/// Templates per index append while loading from Postgres.
+const LOAD_BATCH: usize = 1024;
+/// Changes read per query while catching up.
+const CHANGE_BATCH: u32 = 1000;
+
+type Result<T, E = ServiceError> = std::result::Result<T, E>;
+
+/// The service core.
+#[derive(Debug)]
+pub struct Engine {
+    store: Store,
+    active: RwLock<Arc<Slot>>,
+    staged: RwLock<Option<Arc<Slot>>>,
+    pipeline: Pipeline,
+    limits: LimitSettings,
+    writers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One reload or promotion at a time.
+    reloading: tokio::sync::Mutex<()>,
+    /// One catch-up at a time; changes are applied in order.
+    applying: tokio::sync::Mutex<()>,
+    /// The last change applied to the indexes.
+    applied: AtomicI64,
+}
+
+impl Engine {
+    /// Assembles the core and loads every gallery index of the active model
+    /// from Postgres. `indexes` must be empty and of the model's width.
+    pub async fn start(
+        store: Store,
+        indexes: Indexes,
+        batcher: Batcher,
+        model: ActiveModel,
+        limits: LimitSettings,
+        pipeline: Pipeline,
+    ) -> Result<Self, LoadError> {
+        // Read before loading: a change committed during the load is applied
+        // again afterwards (applying is idempotent), never missed.
+        let applied = store.last_change().await?;
+        let spaces = reload::spaces(model.embedder.manifest());
+        let slot = Slot {
+            model,
+            batcher,
+            indexes: Arc::new(indexes),
+            spaces,
+        };
+        let engine = Self {
+            store,
+            active: RwLock::new(Arc::new(slot)),
+            staged: RwLock::new(None),
+            pipeline,
+            limits,
+            writers: Mutex::new(HashMap::new()),
+            reloading: tokio::sync::Mutex::new(()),
+            applying: tokio::sync::Mutex::new(()),
+            applied: AtomicI64::new(applied),
+        };
+        engine.load_indexes(&engine.active()).await?;
+        Ok(engine)
+    }
+
+    /// The store (health checks).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The active slot: a call takes it once and keeps it to the end.
+    pub fn active(&self) -> Arc<Slot> {
+        Arc::clone(
+            &self
+                .active
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// The staged slot, during a migration.
+    pub fn staged(&self) -> Option<Arc<Slot>> {
+        self.staged
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The serving model.
+    pub fn model(&self) -> ActiveModel {
+        self.active().model.clone()
+    }
+
+    /// Templates held in memory per gallery (metrics).
+    pub fn gallery_sizes(&self) -> Vec<(String, usize)> {
+        self.active().indexes.sizes()
+    }
+
+    /// The serving model's id.
+    pub fn model_id(&self) -> String {
+        self.active().model_id().to_owned()
+    }
+
+    /// The last change applied to the indexes.
+    pub fn applied_change(&self) -> i64 {
+        self.applied.load(Ordering::SeqCst)
+    }
+
+    /// The active slot and, during a migration, the staged one.
+    fn slots(&self) -> Vec<Arc<Slot>> {
+        let mut slots = vec![self.active()];
+        slots.extend(self.staged());
+        slots
+    }
+
+    async fn load_indexes(&self, slot: &Slot) -> Result<(), LoadError> {
+        let model_id = slot.model_id().to_owned();
+        let started = Instant::now();
+        let mut last_report = Instant::now();
+        let mut loaded = 0usize;
+        let mut pending: Vec<TemplateRow> = Vec::with_capacity(LOAD_BATCH);
+        let dim = slot.model.embedder.dim();
+        let mut rows = std::pin::pin!(self.store.templates_in_spaces(&slot.spaces, dim));
+        tracing::info!(%model_id, spaces = ?slot.spaces, "loading gallery indexes from the database");
+        while let Some(row) = rows.try_next().await? {
+            if pending.first().is_some_and(|p| p.gallery_id != row.gallery_id) || pending.len() == LOAD_BATCH
+            {
+                loaded += pending.len();
+                append_loaded(&slot.indexes, &mut pending)?;
+            }
+            pending.push(row);
+            if last_report.elapsed().as_secs() >= 5 {
+                tracing::info!(templates = loaded, "still loading gallery indexes");
+                last_report = Instant::now();
+            }
+        }
+        loaded += pending.len();
+        append_loaded(&slot.indexes, &mut pending)?;
+        let (galleries, templates) = slot.indexes.totals();
+        tracing::info!(
+            %model_id,
+            galleries,
+            templates,
+            read = loaded,
+            seconds = started.elapsed().as_secs_f32(),
+            "gallery indexes loaded"
+        );
+        Ok(())
+    }
+
+    fn writer(&self, gallery: &str) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.writers).entry(gallery.to_owned()).or_default().clone()
+    }
+
+    /// Writes the audit row of a call. A successful call whose audit row
+    /// cannot be written fails (UNAVAILABLE): an identification system must
+    /// not answer what it cannot account for. A failed call's row is best
+    /// effort, since the database is often why it failed.
+    async fn audited<T>(
+        &self,
+        caller: &Caller,
+        action: &str,
+        gallery: Option<&Id>,
+        result: Result<T>,
+        summary: impl FnOnce(&T) -> (Option<String>, Option<f32>),
+    ) -> Result<T> {
+        let model_id = self.model_id();
+        let (subject, top_score, outcome) = match &result {
+            Ok(value) => {
+                let (subject, score) = summary(value);
+                (subject, score, "ok".to_owned())
+            }
+            Err(e) => (None, None, code_name(e.code())),
+        };
+        let written = self
+            .store
+            .audit(&AuditEntry {
+                actor: &caller.id,
+                peer: caller.peer.as_deref(),
+                action,
+                gallery_id: gallery.map(Id::as_str),
+                subject_id: subject.as_deref(),
+                model_id: Some(&model_id),
+                outcome: &outcome,
+                top_score,
+            })
+            .instrument(tracing::info_span!("database", op = "audit"))
+            .await;
+        match (result, written) {
+            (Ok(value), Ok(())) => Ok(value),
+            (Ok(_), Err(e)) => Err(e.into()),
+            (Err(e), written) => {
+                if let Err(audit_error) = written {
+                    tracing::warn!(error = %audit_error, action, "audit row of a failed call not written");
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+fn append_loaded(indexes: &Indexes, pending: &mut Vec<TemplateRow>) -> Result<(), IndexError> {
+    let Some(first) = pending.first() else {
+        return Ok(());
+    };
+    let index = indexes.get_or_create(&first.gallery_id);
+    let rows: Vec<NewRow<'_>> = pending.iter().map(TemplateRow::as_new_row).collect();
+    lock(&index).append(&rows)?;
+    pending.clear();
+    Ok(())
+}
+
+/// The gRPC name of a status code (`INVALID_ARGUMENT`), as the audit log
+/// records outcomes; tonic's `Debug` spells it `InvalidArgument`.
+fn code_name(code: tonic::Code) -> String {
+    let mut name = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            name.push('_');
+        }
+        name.push(c.to_ascii_uppercase());
+    }
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_outcomes_use_grpc_code_names() {
+        assert_eq!(code_name(tonic::Code::InvalidArgument), "INVALID_ARGUMENT");
+        assert_eq!(code_name(tonic::Code::NotFound), "NOT_FOUND");
+        assert_eq!(code_name(tonic::Code::Unavailable), "UNAVAILABLE");
+    }
+}

@@ -1,0 +1,24 @@
+//! The append-only audit log.
+
+use super::{AuditEntry, Store, StoreResult};
+
+impl Store {
+    /// Appends one audit row.
+    pub async fn audit(&self, entry: &AuditEntry<'_>) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO audit_log (actor, action, gallery_id, subject_id, model_id, outcome, top_score, peer)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(entry.actor)
+        .bind(entry.action)
+        .bind(entry.gallery_id)
+        .bind(entry.subject_id)
+        .bind(entry.model_id)
+        .bind(entry.outcome)
+        .bind(entry.top_score)
+        .bind(entry.peer.map(|p| p.get(..p.len().min(128)).unwrap_or(p)))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}

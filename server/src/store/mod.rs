@@ -1,0 +1,139 @@
+//! The PostgreSQL store: galleries, subjects, templates (embeddings tagged
+//! with their model id), model records and the audit log.
+//!
+//! Nothing here ever sees an image: callers hand in embeddings. Database
+//! errors are classified into [`StoreError`] here, by SQLSTATE class and
+//! constraint name, so no database text has to travel further up.
+//!
+//! # Layout
+//! - this file: the pool, and [`StoreError`]: database errors classified.
+//! - [`records`]: the rows and records the store takes and returns; model
+//!   records and a staged model's coverage.
+//! - `enroll`: storing an enrolment, replaying an idempotent retry.
+//! - `subjects`: reading and erasing subjects and galleries.
+//! - `changes`: the change feed, and the template reads that rebuild an
+//!   index from it.
+//! - `audit`: the append-only audit log.
+
+mod audit;
+mod changes;
+mod enroll;
+pub mod records;
+mod subjects;
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+
+use crate::settings::DatabaseSettings;
+
+pub use records::*;
+
+/// What can go wrong in the store, already sorted by who must act.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached (or is shutting down); retry later.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// No such gallery.
+    #[error("unknown gallery")]
+    GalleryNotFound,
+    /// No such subject in the gallery.
+    #[error("unknown subject")]
+    SubjectNotFound,
+    /// The idempotency key was used for another gallery, subject or number
+    /// of images.
+    #[error("idempotency key already used for a different enrolment")]
+    IdempotencyKeyReused,
+    /// A concurrent change won (e.g. the gallery was deleted during an
+    /// enrolment); named by the constraint that caught it.
+    #[error("concurrent modification caught by {0}")]
+    Conflict(String),
+    /// Any other database failure: a server fault.
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
+            sqlx::Error::Database(db) => {
+                let code = db.code().unwrap_or_default();
+                // Class 08: connection exception; 57P01-03: admin shutdown,
+                // crash shutdown, cannot connect now (server restarting).
+                if code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03") {
+                    return StoreError::Unavailable(e);
+                }
+                match db.constraint() {
+                    Some("enrollments_pkey") => StoreError::IdempotencyKeyReused,
+                    // A row we reference vanished under us (a concurrent
+                    // DeleteGallery / DeleteSubject): the caller may retry.
+                    Some(
+                        name @ ("subjects_gallery_id_fkey"
+                        | "templates_gallery_id_fkey"
+                        | "templates_subject_fkey"
+                        | "enrollments_subject_fkey"),
+                    ) => StoreError::Conflict(name.to_owned()),
+                    _ => StoreError::Database(e),
+                }
+            }
+            _ => StoreError::Database(e),
+        }
+    }
+}
+
+/// Result alias of the store.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Handle on the database (cheap to clone: a pool).
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Connects the pool and applies the migrations.
+    ///
+    /// The pool tests each connection before handing it out, so a connection
+    /// broken while the database was down is dropped and replaced rather than
+    /// failing a call after the database is back.
+    pub async fn connect(settings: &DatabaseSettings) -> StoreResult<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+            .test_before_acquire(true)
+            .connect(&settings.url)
+            .await?;
+        crate::MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Database(e.into()))?;
+        Ok(Self { pool })
+    }
+
+    /// Wraps an existing pool (tests; migrations already applied).
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// The pool (the replication listener detaches a connection of it).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// Counts from `count(*)` are never negative; saturate rather than wrap.
+fn to_u32(n: i64) -> u32 {
+    u32::try_from(n.max(0)).unwrap_or(u32::MAX)
+}

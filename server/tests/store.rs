@@ -1,0 +1,292 @@
+//! The PostgreSQL store against a real database: enrolment, replay of
+//! idempotent retries, reads, erasure, the change feed and the audit log.
+//! Each test gets a fresh database (`#[sqlx::test]`).
+
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use handid_server::store::{
+    AuditEntry, Coverage, Enrolled, Erased, ModelRecord, NewEnrollment, StagedEmbeddings, Store, StoreError,
+    TemplateRow,
+};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use uuid::Uuid;
+
+const MODEL: &str = "model-a";
+
+async fn store(pool: PgPool) -> Store {
+    let store = Store::from_pool(pool);
+    store
+        .record_model(&ModelRecord {
+            model_id: MODEL.to_owned(),
+            embedding_space: "space-a".to_owned(),
+            architecture: "tiny".to_owned(),
+            embedding_dim: 2,
+            manifest_json: "{}".to_owned(),
+        })
+        .await
+        .expect("record model");
+    store
+}
+
+fn enrollment<'a>(
+    gallery: &'a str,
+    subject: &'a str,
+    embeddings: &'a [Vec<f32>],
+    key: Option<&'a str>,
+) -> NewEnrollment<'a> {
+    NewEnrollment {
+        gallery_id: gallery,
+        subject_id: subject,
+        model_id: MODEL,
+        embeddings,
+        qualities: &[1.0, 1.0, 1.0, 1.0][..embeddings.len()],
+        idempotency_key: key,
+        staged: None,
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn enroll_get_list_delete_round_trip(pool: PgPool) {
+    let store = store(pool).await;
+    let two = vec![vec![1.0, 0.0], vec![0.0, 1.0]];
+    let first = store
+        .enroll(&enrollment("g1", "bob", &two, None))
+        .await
+        .expect("enroll");
+    assert_eq!(first.templates.len(), 2);
+    assert_eq!(first.template_count, 2);
+    assert!(first.templates[0].seq < first.templates[1].seq);
+    let again = store
+        .enroll(&enrollment("g1", "bob", &two[..1], None))
+        .await
+        .expect("enroll");
+    assert_eq!(again.template_count, 3, "templates accumulate per subject");
+    store
+        .enroll(&enrollment("g1", "alice", &two[..1], None))
+        .await
+        .expect("enroll");
+    store
+        .enroll(&enrollment("g2", "bob", &two[..1], None))
+        .await
+        .expect("enroll");
+
+    let bob = store.get_subject("g1", "bob").await.expect("get");
+    let ids: Vec<Uuid> = bob.templates.iter().map(|t| t.template_id).collect();
+    assert_eq!(
+        ids[..2],
+        [first.templates[0].template_id, first.templates[1].template_id]
+    );
+    assert_eq!(bob.templates.len(), 3);
+
+    let page = store.list_subjects("g1", None, 1).await.expect("list");
+    assert_eq!(
+        page.iter().map(|s| s.subject_id.as_str()).collect::<Vec<_>>(),
+        ["alice"]
+    );
+    let page = store.list_subjects("g1", Some("alice"), 10).await.expect("list");
+    assert_eq!(
+        page.iter().map(|s| s.subject_id.as_str()).collect::<Vec<_>>(),
+        ["bob"]
+    );
+    assert_eq!(page[0].templates.len(), 3);
+
+    let rows: Vec<TemplateRow> = store
+        .templates_of_model(MODEL)
+        .try_collect()
+        .await
+        .expect("stream");
+    assert_eq!(rows.len(), 5);
+    assert!(
+        rows.windows(2)
+            .all(|w| (w[0].gallery_id.as_str(), w[0].seq) < (w[1].gallery_id.as_str(), w[1].seq))
+    );
+
+    assert_eq!(store.delete_subject("g1", "bob").await.expect("delete"), 3);
+    assert!(matches!(
+        store.get_subject("g1", "bob").await,
+        Err(StoreError::SubjectNotFound)
+    ));
+    assert!(matches!(
+        store.delete_subject("g1", "bob").await,
+        Err(StoreError::SubjectNotFound)
+    ));
+    assert!(matches!(
+        store.delete_subject("nope", "bob").await,
+        Err(StoreError::GalleryNotFound)
+    ));
+    assert!(matches!(
+        store.list_subjects("nope", None, 5).await,
+        Err(StoreError::GalleryNotFound)
+    ));
+
+    let erased = store.delete_gallery("g1").await.expect("delete gallery");
+    assert_eq!(
+        erased,
+        Erased {
+            subjects: 1,
+            templates: 1
+        }
+    );
+    assert!(!store.gallery_exists("g1").await.expect("exists"));
+    assert!(store.gallery_exists("g2").await.expect("exists"));
+    assert!(matches!(
+        store.delete_gallery("g1").await,
+        Err(StoreError::GalleryNotFound)
+    ));
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_retried_enroll_returns_the_first_result(pool: PgPool) {
+    let store = store(pool).await;
+    let two = vec![vec![1.0, 0.0], vec![0.0, 1.0]];
+    let first = store
+        .enroll(&enrollment("g", "s", &two, Some("k1")))
+        .await
+        .expect("enroll");
+    let retry = store
+        .enroll(&enrollment("g", "s", &two, Some("k1")))
+        .await
+        .expect("retry");
+    assert!(!first.replayed);
+    assert!(retry.replayed);
+    assert_eq!(retry.templates, first.templates);
+    assert_eq!(retry.template_count, 2, "the retry added nothing");
+    for other in [
+        enrollment("g", "someone-else", &two, Some("k1")),
+        enrollment("other", "s", &two, Some("k1")),
+        enrollment("g", "s", &two[..1], Some("k1")),
+    ] {
+        assert!(matches!(
+            store.enroll(&other).await,
+            Err(StoreError::IdempotencyKeyReused)
+        ));
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_migration_enrolment_stores_both_models_and_replays_the_active_ones(pool: PgPool) {
+    let store = store(pool.clone()).await;
+    store
+        .record_model(&ModelRecord {
+            model_id: "model-b".to_owned(),
+            embedding_space: "space-b".to_owned(),
+            architecture: "tiny".to_owned(),
+            embedding_dim: 3,
+            manifest_json: "{}".to_owned(),
+        })
+        .await
+        .expect("record model b");
+    let active = vec![vec![1.0, 0.0], vec![0.0, 1.0]];
+    let staged = vec![vec![1.0, 0.0, 0.0], vec![0.0, 0.0, 1.0]];
+    let mut new = enrollment("g", "s", &active, Some("k"));
+    new.staged = Some(StagedEmbeddings {
+        model_id: "model-b",
+        embeddings: &staged,
+    });
+    let first = store.enroll(&new).await.expect("dual enrolment");
+    assert_eq!((first.templates.len(), first.staged_templates.len()), (2, 2));
+    assert_eq!(first.template_count, 2, "counted for the active model");
+    let retry = store.enroll(&new).await.expect("replay");
+    assert!(retry.replayed);
+    assert_eq!(retry.templates, first.templates);
+    assert_eq!(retry.model_id, MODEL);
+    let coverage = store.coverage(&["space-b".to_owned()]).await.expect("coverage");
+    assert_eq!(
+        coverage,
+        [Coverage {
+            gallery_id: "g".to_owned(),
+            subjects: 1,
+            covered: 1
+        }]
+    );
+    // One change per subject and statement, numbered in order.
+    let changes = store.changes_after(0, 10).await.expect("changes");
+    assert_eq!(changes.len(), 4, "two template inserts per model: {changes:?}");
+    assert!(changes.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert!(changes.iter().all(|c| c.subject_id.as_deref() == Some("s")));
+    assert_eq!(store.last_change().await.expect("last"), changes[3].seq);
+    store.delete_gallery("g").await.expect("delete");
+    let mut kinds: Vec<String> = store
+        .changes_after(changes[3].seq, 10)
+        .await
+        .expect("changes")
+        .into_iter()
+        .map(|c| c.kind)
+        .collect();
+    // The gallery's own row and its cascade to the subjects (in either
+    // order, applying both leaves the index empty).
+    kinds.sort();
+    assert_eq!(kinds, ["gallery", "subject"]);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn concurrent_retries_store_once(pool: PgPool) {
+    let store = store(pool).await;
+    let one = vec![vec![0.6, 0.8]];
+    let calls = (0..8).map(|_| {
+        let store = store.clone();
+        let one = one.clone();
+        tokio::spawn(async move { store.enroll(&enrollment("g", "s", &one, Some("same-key"))).await })
+    });
+    let results: Vec<Enrolled> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.expect("task").expect("enroll"))
+        .collect();
+    assert_eq!(
+        results.iter().filter(|r| !r.replayed).count(),
+        1,
+        "exactly one call stored"
+    );
+    assert!(results.iter().all(|r| r.templates == results[0].templates));
+    let subject = store.get_subject("g", "s").await.expect("get");
+    assert_eq!(subject.templates.len(), 1);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn an_unknown_model_is_a_server_fault_not_a_conflict(pool: PgPool) {
+    let store = Store::from_pool(pool);
+    let one = vec![vec![1.0, 0.0]];
+    let err = store
+        .enroll(&enrollment("g", "s", &one, None))
+        .await
+        .expect_err("no model row");
+    assert!(matches!(err, StoreError::Database(_)), "{err:?}");
+    // The failed transaction left nothing behind.
+    assert!(!store.gallery_exists("g").await.expect("exists"));
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn audit_rows_are_written(pool: PgPool) {
+    let store = store(pool.clone()).await;
+    store
+        .audit(&AuditEntry {
+            actor: "anonymous",
+            peer: Some("127.0.0.1:1"),
+            action: "identify",
+            gallery_id: Some("g"),
+            subject_id: None,
+            model_id: Some(MODEL),
+            outcome: "ok",
+            top_score: Some(0.5),
+        })
+        .await
+        .expect("audit");
+    let (action, score): (String, Option<f32>) = sqlx::query_as("SELECT action, top_score FROM audit_log")
+        .fetch_one(&pool)
+        .await
+        .expect("row");
+    assert_eq!((action.as_str(), score), ("identify", Some(0.5)));
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_unavailable() {
+    // Port 9 (discard) on loopback: nothing listens; connect fails fast.
+    let pool = PgPoolOptions::new()
+        .acquire_timeout(Duration::from_millis(500))
+        .connect_lazy("postgres://handid@127.0.0.1:9/handid")
+        .expect("lazy pool");
+    let err = Store::from_pool(pool).ping().await.expect_err("nothing listens");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+}
