@@ -2,7 +2,8 @@
 //!
 //! Two stages, neither on the async runtime:
 //! 1. decode + preprocess each image on tokio's blocking pool (CPU work that
-//!    would otherwise stall every other call on the worker thread);
+//!    would otherwise stall every other call on the worker thread), within
+//!    the limits and permits of [`Decoding`] (`decode.rs`);
 //! 2. one dedicated forward thread gathers the preprocessed tensors of all
 //!    concurrent calls into batches (up to `max_batch_size`, waiting at most
 //!    `max_wait` after the first arrives) and runs one forward pass per batch,
@@ -16,10 +17,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use handid_model::{DecodeLimits, Embedder, Error as ModelError, Preprocess};
+use handid_model::{Embedder, Preprocess};
 use tch::Tensor;
 use tokio::sync::oneshot;
 
+use crate::decode::Decoding;
 use crate::error::ImageProblem;
 use crate::settings::BatchSettings;
 use crate::telemetry::metrics;
@@ -69,7 +71,7 @@ pub struct BatchStats {
 pub struct Batcher {
     jobs: mpsc::Sender<Job>,
     preprocess: Arc<Preprocess>,
-    limits: DecodeLimits,
+    decoding: Arc<Decoding>,
     stats: Arc<BatchStats>,
 }
 
@@ -87,7 +89,7 @@ impl Batcher {
     pub fn start(
         embedder: Arc<Embedder>,
         settings: &BatchSettings,
-        limits: DecodeLimits,
+        decoding: Arc<Decoding>,
     ) -> std::io::Result<Self> {
         let (jobs, queue) = mpsc::channel();
         let preprocess = Arc::new(embedder.manifest().preprocess.clone());
@@ -101,7 +103,7 @@ impl Batcher {
         Ok(Self {
             jobs,
             preprocess,
-            limits,
+            decoding,
             stats,
         })
     }
@@ -114,28 +116,17 @@ impl Batcher {
         )
     }
 
-    /// Embeds the images of one call, in order. Fails on the first unusable
-    /// image (by position), without embedding any.
+    /// Embeds the images of one call, in order. Fails with the first
+    /// unusable image found (by its position in the call), without
+    /// embedding any; the others' decoding stops.
     pub async fn embed(&self, images: Vec<Vec<u8>>) -> Result<Vec<Vec<f32>>, BatchError> {
-        let decoding: Vec<_> = images
-            .into_iter()
-            .enumerate()
-            .map(|(index, bytes)| {
-                let preprocess = Arc::clone(&self.preprocess);
-                let limits = self.limits;
-                let span = tracing::info_span!("decode", index, bytes = bytes.len());
-                tokio::task::spawn_blocking(move || {
-                    span.in_scope(|| prepare(index, &bytes, &limits, &preprocess))
-                })
-            })
-            .collect();
-        let mut pixels = Vec::with_capacity(decoding.len());
-        for task in decoding {
-            let prepared = task
-                .await
-                .map_err(|e| BatchError::Model(format!("preprocessing task failed: {e}")))?;
-            pixels.push(prepared?);
-        }
+        let pixels = futures::future::try_join_all(
+            images
+                .into_iter()
+                .enumerate()
+                .map(|(index, bytes)| self.decoding.prepare(index, bytes, Arc::clone(&self.preprocess))),
+        )
+        .await?;
         let waiting = tracing::info_span!("batch_wait", images = pixels.len());
         let mut replies = Vec::with_capacity(pixels.len());
         for pixels in pixels {
@@ -161,96 +152,6 @@ impl Batcher {
             );
         }
         Ok(embeddings)
-    }
-}
-
-/// Stage 1 for one image: limits, decode, preprocess.
-fn prepare(
-    index: usize,
-    bytes: &[u8],
-    limits: &DecodeLimits,
-    preprocess: &Preprocess,
-) -> Result<Tensor, BatchError> {
-    let bad = |problem| BatchError::BadImage { index, problem };
-    if bytes.is_empty() {
-        return Err(bad(ImageProblem::Empty));
-    }
-    if bytes.len() <= limits.max_bytes && jpeg_is_truncated(bytes) {
-        return Err(bad(ImageProblem::Undecodable(
-            "truncated JPEG: the data ends before the end-of-image marker".to_owned(),
-        )));
-    }
-    let image = handid_model::decode(bytes, limits).map_err(|e| match e {
-        ModelError::ImageTooManyBytes { bytes, max_bytes } => bad(ImageProblem::TooManyBytes {
-            bytes,
-            max: max_bytes,
-        }),
-        ModelError::ImageTooManyPixels {
-            width,
-            height,
-            max_pixels,
-        } => bad(ImageProblem::TooManyPixels {
-            width,
-            height,
-            max: max_pixels,
-        }),
-        // The model crate guarantees its errors never contain image bytes.
-        other => bad(ImageProblem::Undecodable(other.to_string())),
-    })?;
-    preprocess
-        .apply(&image)
-        .map_err(|e| BatchError::Model(format!("preprocessing: {e}")))
-}
-
-/// Whether `bytes` is a JPEG whose data stops before its end-of-image
-/// marker. The decoder (`image`'s zune-jpeg) pads a truncated scan with grey
-/// and reports success, and an embedding of half a hand must not be
-/// enrolled. Walks the marker segments (so an EXIF thumbnail's own EOI is
-/// skipped with its APP1 segment) and the entropy-coded data of each scan,
-/// where a 0xFF byte is always followed by 0x00 (stuffing) or a restart
-/// marker, until EOI. Bytes that are not a JPEG are left to the decoder.
-fn jpeg_is_truncated(bytes: &[u8]) -> bool {
-    if !bytes.starts_with(&[0xFF, 0xD8]) {
-        return false;
-    }
-    let len = bytes.len();
-    let mut i = 2;
-    loop {
-        // A marker: 0xFF (any number of fill bytes), then its code.
-        while i < len && bytes[i] == 0xFF {
-            i += 1;
-        }
-        let Some(&marker) = bytes.get(i) else {
-            return true;
-        };
-        i += 1;
-        match marker {
-            0xD9 => return false,
-            // Standalone markers carry no length.
-            0x01 | 0xD0..=0xD7 => continue,
-            _ => {}
-        }
-        let Some(&[high, low]) = bytes.get(i..i + 2) else {
-            return true;
-        };
-        let segment = usize::from(u16::from_be_bytes([high, low]));
-        if segment < 2 || i + segment > len {
-            return true;
-        }
-        i += segment;
-        if marker == 0xDA {
-            // Entropy-coded data of the scan, up to the next real marker.
-            loop {
-                match bytes.get(i..i + 2) {
-                    None => return true,
-                    Some(&[0xFF, next]) if next != 0x00 && !(0xD0..=0xD7).contains(&next) => break,
-                    Some(_) => i += 1,
-                }
-            }
-        } else if bytes.get(i) != Some(&0xFF) {
-            // Segments follow each other directly; anything else is damage.
-            return true;
-        }
     }
 }
 
@@ -315,7 +216,7 @@ fn run_batch(embedder: &Embedder, batch: &[Job]) -> Result<Vec<Vec<f32>>, String
 #[cfg(test)]
 mod tests {
     use super::*;
-    use handid_model::{ClipVisionConfig, Device, create_random_checkpoint};
+    use handid_model::{ClipVisionConfig, DecodeLimits, Device, create_random_checkpoint};
 
     /// `HANDID_TEST_DEVICE=cuda` runs the forward passes on a GPU (the
     /// device check); unset means the CPU. An unusable device fails.
@@ -334,7 +235,8 @@ mod tests {
             max_batch_size: 8,
             max_wait_ms: 200,
         };
-        let batcher = Arc::new(Batcher::start(embedder, &settings, DecodeLimits::default()).expect("start"));
+        let decoding = Arc::new(Decoding::new(DecodeLimits::default(), 0, 0));
+        let batcher = Arc::new(Batcher::start(embedder, &settings, decoding).expect("start"));
         let jpeg = sample_jpeg();
         let calls: Vec<_> = (0..6)
             .map(|i| {
@@ -383,25 +285,5 @@ mod tests {
             .encode_image(&image)
             .expect("encode jpeg");
         jpeg
-    }
-
-    #[test]
-    fn complete_jpegs_pass_and_cut_ones_are_caught() {
-        let jpeg = sample_jpeg();
-        assert!(!jpeg_is_truncated(&jpeg));
-        // Trailing bytes after EOI (some cameras append data) are not damage.
-        assert!(!jpeg_is_truncated(&[jpeg.as_slice(), b"trailer"].concat()));
-        for tenth in 1..10 {
-            let cut = &jpeg[..jpeg.len() * tenth / 10];
-            assert!(jpeg_is_truncated(cut), "cut at {tenth}/10 passed");
-        }
-        assert!(
-            jpeg_is_truncated(&jpeg[..jpeg.len() - 1]),
-            "missing the last byte of EOI"
-        );
-        assert!(
-            !jpeg_is_truncated(b"\x89PNG not a jpeg"),
-            "other formats are the decoder's business"
-        );
     }
 }

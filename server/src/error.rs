@@ -35,6 +35,38 @@ pub enum ImageProblem {
         /// The limit.
         max: u64,
     },
+    /// A side longer than the limit (judged from the header).
+    #[error("is {width}x{height} pixels, a side longer than the limit of {max} pixels")]
+    SideTooLong {
+        /// Declared width.
+        width: u32,
+        /// Declared height.
+        height: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// More elongated than any camera makes (judged from the header).
+    #[error("is {width}x{height} pixels, more elongated than the limit of {max}:1")]
+    AspectRatio {
+        /// Declared width.
+        width: u32,
+        /// Declared height.
+        height: u32,
+        /// The limit (longer side / shorter side).
+        max: u32,
+    },
+    /// Too small to show a hand (judged from the header).
+    #[error(
+        "is {width}x{height} pixels, too small to show a hand (the shorter side must be at least {min} pixels)"
+    )]
+    TooSmall {
+        /// Declared width.
+        width: u32,
+        /// Declared height.
+        height: u32,
+        /// The limit.
+        min: u32,
+    },
     /// Not a JPEG/PNG/BMP/PGM, or truncated or corrupt.
     #[error("is not a decodable image ({0})")]
     Undecodable(String),

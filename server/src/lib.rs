@@ -9,7 +9,9 @@
 //! - [`service`]: the thin gRPC handlers (protobuf <-> domain types).
 //! - [`engine`]: the core: Enroll, Identify, Verify, ... and the audit log.
 //! - [`error`]: [`ServiceError`] and its one conversion to `tonic::Status`.
-//! - [`batcher`]: decoding off the runtime, dynamic batching of forward passes.
+//! - [`decode`]: untrusted image bytes to model input, judged from the
+//!   header first, under decode slots and a pixel budget, cancellable.
+//! - [`batcher`]: dynamic batching of forward passes on their own thread.
 //! - [`index`]: the in-memory gallery matrices that Identify searches.
 //! - [`reload`]: loading and checking a checkpoint for a hot reload.
 //! - [`replication`]: following the database's change feed, so several
@@ -20,6 +22,7 @@
 
 pub mod auth;
 pub mod batcher;
+pub mod decode;
 pub mod engine;
 pub mod error;
 pub mod index;

@@ -16,6 +16,7 @@ use crate::auth::Authenticator;
 use crate::layers::Protection;
 
 use crate::batcher::Batcher;
+use crate::decode::Decoding;
 use crate::engine::{ActiveModel, Caller, Engine, LoadError, Pipeline};
 use crate::index::{DEFAULT_CHUNK_ROWS, Indexes};
 use crate::service::{AdminService, HandIdService};
@@ -118,15 +119,27 @@ pub async fn run_with_reloads(
         })
         .await?;
     store.mark_model(&manifest.model_id, "active").await?;
+    let limits = &settings.limits;
     let pipeline = Pipeline {
         batch: settings.batch.clone(),
-        decode: DecodeLimits {
-            max_bytes: settings.limits.max_image_bytes,
-            max_pixels: settings.limits.max_pixels,
-        },
+        decoding: Arc::new(Decoding::new(
+            DecodeLimits {
+                max_bytes: limits.max_image_bytes,
+                max_pixels: limits.max_pixels,
+                max_side: limits.max_image_side,
+                max_aspect_ratio: limits.max_aspect_ratio,
+                min_side: limits.min_image_side,
+            },
+            limits.decode_concurrency,
+            limits.decode_pixel_budget,
+        )),
     };
-    let batcher = Batcher::start(Arc::clone(&embedder), &pipeline.batch, pipeline.decode)
-        .map_err(ServeError::Thread)?;
+    let batcher = Batcher::start(
+        Arc::clone(&embedder),
+        &pipeline.batch,
+        Arc::clone(&pipeline.decoding),
+    )
+    .map_err(ServeError::Thread)?;
     let model = ActiveModel {
         device: device_name(device),
         path: settings.model.path.clone(),

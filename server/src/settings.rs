@@ -170,6 +170,17 @@ pub struct LimitSettings {
     pub max_image_bytes: usize,
     /// Largest decoded image, in pixels (width x height).
     pub max_pixels: u64,
+    /// Longest side of an image, in pixels.
+    pub max_image_side: u32,
+    /// Most elongated image accepted: longer side / shorter side (8 = 8:1).
+    pub max_aspect_ratio: u32,
+    /// Shortest side of an image, in pixels: below it there is no hand to see.
+    pub min_image_side: u32,
+    /// Images decoded at once across all calls; 0 = one per CPU core.
+    pub decode_concurrency: usize,
+    /// Pixels being decoded at once across all calls (each image counts
+    /// its width x height until its decode ends); at least `max_pixels`.
+    pub decode_pixel_budget: u64,
     /// Images in one Enroll (and one Embed) at most.
     pub max_images_per_request: usize,
     /// Largest `top_k` of Identify.
@@ -182,6 +193,11 @@ impl Default for LimitSettings {
             max_message_bytes: 64 * 1024 * 1024,
             max_image_bytes: 16 * 1024 * 1024,
             max_pixels: 40_000_000,
+            max_image_side: 16_384,
+            max_aspect_ratio: 8,
+            min_image_side: 64,
+            decode_concurrency: 0,
+            decode_pixel_budget: 120_000_000,
             max_images_per_request: 16,
             max_top_k: 100,
         }
@@ -424,8 +440,26 @@ impl Settings {
                 "must not exceed limits.max_message_bytes (such an image could never arrive)",
             );
         }
-        if s.limits.max_pixels == 0 {
-            return bad("limits.max_pixels", "must be at least 1");
+        if s.limits.max_pixels == 0 || s.limits.max_pixels > u64::from(u32::MAX) {
+            return bad("limits.max_pixels", "must be 1 to 4294967295");
+        }
+        if s.limits.max_image_side == 0 {
+            return bad("limits.max_image_side", "must be at least 1");
+        }
+        if s.limits.min_image_side == 0 || s.limits.min_image_side > s.limits.max_image_side {
+            return bad(
+                "limits.min_image_side",
+                "must be at least 1 and at most limits.max_image_side",
+            );
+        }
+        if s.limits.max_aspect_ratio == 0 {
+            return bad("limits.max_aspect_ratio", "must be at least 1 (1 = square only)");
+        }
+        if s.limits.decode_pixel_budget < s.limits.max_pixels {
+            return bad(
+                "limits.decode_pixel_budget",
+                "must be at least limits.max_pixels (or the largest image could never decode)",
+            );
         }
         if s.limits.max_images_per_request == 0 {
             return bad("limits.max_images_per_request", "must be at least 1");

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{TestServer, checkpoint, settings, wait_for_health};
+use common::{TestServer, checkpoint, settings, vm_rss_kib, wait_for_health};
 use handid_proto::v1 as pb;
 use handid_server::auth::{generate_key, hash_key};
 use handid_server::settings::{ApiKeySettings, Scope};
@@ -23,16 +23,6 @@ fn identify(gallery: &str, image: Vec<u8>) -> pb::IdentifyRequest {
             rule: Some(pb::decision_rule::Rule::Threshold(0.0)),
         }),
     }
-}
-
-/// Resident memory of this process (server and clients), from /proc.
-fn vm_rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS line")
 }
 
 #[sqlx::test(migrations = false)]

@@ -89,8 +89,12 @@ impl Engine {
             device: active.model.device.clone(),
             loaded_at: Utc::now(),
         };
-        let batcher = Batcher::start(Arc::clone(&embedder), &self.pipeline.batch, self.pipeline.decode)
-            .map_err(|e| ServiceError::Internal(format!("starting the forward thread: {e}")))?;
+        let batcher = Batcher::start(
+            Arc::clone(&embedder),
+            &self.pipeline.batch,
+            Arc::clone(&self.pipeline.decoding),
+        )
+        .map_err(|e| ServiceError::Internal(format!("starting the forward thread: {e}")))?;
         // Same spaces, same width: the templates are the same, keep the index.
         let shared = !staging && spaces == active.spaces;
         let slot = Arc::new(Slot {

@@ -4,10 +4,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use handid_model::{DecodeLimits, Embedder};
+use handid_model::Embedder;
 
 use super::Result;
 use crate::batcher::Batcher;
+use crate::decode::Decoding;
 use crate::error::ServiceError;
 use crate::index::{Hit, IndexError, Indexes};
 use crate::settings::BatchSettings;
@@ -239,8 +240,8 @@ impl Slot {
 pub struct Pipeline {
     /// Batching of forward passes.
     pub batch: BatchSettings,
-    /// Limits on decoded images.
-    pub decode: DecodeLimits,
+    /// Decoding: limits, slots and pixel budget, shared by every slot.
+    pub decoding: Arc<Decoding>,
 }
 
 #[cfg(test)]

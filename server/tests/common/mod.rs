@@ -304,3 +304,13 @@ pub async fn candidates(client: &mut HandIdClient<Channel>, gallery: &str, probe
         Err(status) => panic!("identify failed: {status:?}"),
     }
 }
+
+/// Resident memory of this process (the server and its clients), from /proc.
+pub fn vm_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS line")
+}
