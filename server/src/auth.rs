@@ -26,8 +26,10 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use crate::engine::Caller;
 use crate::settings::{AuthSettings, Scope};
 
-/// The metadata key carrying the API key.
+/// The metadata key carrying the API key (`Bearer <key>`).
 pub const AUTHORIZATION: &str = "authorization";
+/// The other metadata key the API documents for the key (the bare key).
+pub const X_API_KEY: &str = "x-api-key";
 /// Prefix of generated keys, so a leaked one is recognisable in a scan.
 pub const KEY_PREFIX: &str = "hid_";
 
@@ -137,21 +139,11 @@ impl Authenticator {
                 galleries: None,
             });
         }
-        let grant = match headers.get(AUTHORIZATION) {
-            Some(value) => {
-                let key = value
-                    .to_str()
-                    .ok()
-                    .and_then(|v| v.strip_prefix("Bearer "))
-                    .map(str::trim)
-                    .filter(|k| !k.is_empty())
-                    .ok_or_else(|| {
-                        Status::unauthenticated("the authorization metadata must be \"Bearer <API key>\"")
-                    })?;
-                self.keys
-                    .get(&hash_key(key))
-                    .ok_or_else(|| Status::unauthenticated("the API key is not valid"))?
-            }
+        let grant = match presented_key(headers)? {
+            Some(key) => self
+                .keys
+                .get(&hash_key(key))
+                .ok_or_else(|| Status::unauthenticated("the API key is not valid"))?,
             None => match &subject {
                 Some(subject) => self.certificates.get(subject).ok_or_else(|| {
                     Status::permission_denied(format!(
@@ -179,6 +171,43 @@ impl Authenticator {
             peer,
             galleries: grant.galleries.clone(),
         })
+    }
+}
+
+/// The API key of a call: `authorization: Bearer <key>` or `x-api-key:
+/// <key>`. Both present with different keys is refused rather than one
+/// of them chosen.
+fn presented_key(headers: &http::HeaderMap) -> Result<Option<&str>, Status> {
+    let bearer = match headers.get(AUTHORIZATION) {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .ok_or_else(|| {
+                    Status::unauthenticated("the authorization metadata must be \"Bearer <API key>\"")
+                })?,
+        ),
+    };
+    let bare = match headers.get(X_API_KEY) {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .ok_or_else(|| Status::unauthenticated("the x-api-key metadata must hold the API key"))?,
+        ),
+    };
+    match (bearer, bare) {
+        (Some(a), Some(b)) if a != b => Err(Status::unauthenticated(
+            "authorization and x-api-key carry different keys; send one",
+        )),
+        (a, b) => Ok(a.or(b)),
     }
 }
 
@@ -299,6 +328,18 @@ mod tests {
             let err = auth.check(path, &headers(value), &ext).expect_err("refused");
             assert_eq!(err.code(), code, "{value:?}");
         }
+        let mut bare = http::HeaderMap::new();
+        bare.insert(X_API_KEY, "secret".parse().expect("header"));
+        assert_eq!(auth.check(path, &bare, &ext).expect("x-api-key").id, "door");
+        bare.insert(AUTHORIZATION, "Bearer secret".parse().expect("header"));
+        assert_eq!(
+            auth.check(path, &bare, &ext).expect("the same key twice").id,
+            "door"
+        );
+        bare.insert(X_API_KEY, "other".parse().expect("header"));
+        let err = auth.check(path, &bare, &ext).expect_err("two different keys");
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        assert!(err.message().contains("different keys"), "{}", err.message());
         let err = auth
             .check("/handid.v1.HandId/Enroll", &headers(Some("Bearer secret")), &ext)
             .expect_err("no enroll scope");

@@ -46,6 +46,16 @@ pub enum BatchError {
     Model(String),
 }
 
+/// Why the forward thread could not give an image its embedding.
+#[derive(Debug, Clone)]
+enum Forward {
+    /// The batch failed (a server fault).
+    Failed(String),
+    /// This image's embedding has a NaN or an infinity: it never leaves the
+    /// forward thread, so it can never become a template or a probe.
+    NotFinite,
+}
+
 /// One preprocessed image waiting for a forward pass.
 struct Job {
     /// `[3, H, W]` on the CPU.
@@ -53,7 +63,7 @@ struct Job {
     /// The span of the call waiting for it; the forward pass is traced as
     /// its child (a batch serves several calls: it follows from the others).
     span: tracing::Span,
-    reply: oneshot::Sender<Result<Vec<f32>, String>>,
+    reply: oneshot::Sender<Result<Vec<f32>, Forward>>,
 }
 
 /// Counters of the forward thread (the batch-size figures of DESIGN.md's
@@ -142,14 +152,22 @@ impl Batcher {
             replies.push(answer);
         }
         let mut embeddings = Vec::with_capacity(replies.len());
-        for answer in replies {
-            embeddings.push(
-                answer
-                    .instrument(waiting.clone())
-                    .await
-                    .map_err(|_| BatchError::Stopped)?
-                    .map_err(BatchError::Model)?,
-            );
+        for (index, answer) in replies.into_iter().enumerate() {
+            let embedding = answer
+                .instrument(waiting.clone())
+                .await
+                .map_err(|_| BatchError::Stopped)?;
+            embeddings.push(match embedding {
+                Ok(values) => values,
+                Err(Forward::Failed(message)) => return Err(BatchError::Model(message)),
+                Err(Forward::NotFinite) => {
+                    tracing::warn!(index, "the model gave a non-finite embedding; refused");
+                    return Err(BatchError::BadImage {
+                        index,
+                        problem: ImageProblem::NotEmbeddable,
+                    });
+                }
+            });
         }
         Ok(embeddings)
     }
@@ -191,13 +209,18 @@ fn forward_loop(
         match run_batch(embedder, &batch) {
             Ok(rows) => {
                 for (job, row) in batch.into_iter().zip(rows) {
+                    let answer = if row.iter().all(|v| v.is_finite()) {
+                        Ok(row)
+                    } else {
+                        Err(Forward::NotFinite)
+                    };
                     // The caller may have gone meanwhile; nothing to do then.
-                    let _ = job.reply.send(Ok(row));
+                    let _ = job.reply.send(answer);
                 }
             }
             Err(message) => {
                 for job in batch {
-                    let _ = job.reply.send(Err(message.clone()));
+                    let _ = job.reply.send(Err(Forward::Failed(message.clone())));
                 }
             }
         }

@@ -67,6 +67,10 @@ pub enum ImageProblem {
         /// The limit.
         min: u32,
     },
+    /// Decoded, but the model's embedding of it is not finite (NaN or
+    /// infinity): nothing to store or compare.
+    #[error("gives no usable embedding (the model's output for it is not finite)")]
+    NotEmbeddable,
     /// Not a JPEG/PNG/BMP/PGM, or truncated or corrupt.
     #[error("is not a decodable image ({0})")]
     Undecodable(String),
@@ -75,13 +79,15 @@ pub enum ImageProblem {
 /// A failed call, by cause.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
-    /// A gallery or subject id that is empty or outside `[A-Za-z0-9._:-]{1,128}`.
+    /// A field that breaks its rule: an id that is empty or outside
+    /// `[A-Za-z0-9._:-]{1,128}`, an idempotency key or a path with a NUL,
+    /// an unknown enum value.
     #[error("{field} {problem}")]
-    BadId {
-        /// `gallery_id` or `subject_id`.
+    BadField {
+        /// The field, as the proto names it.
         field: &'static str,
         /// What is wrong with it.
-        problem: &'static str,
+        problem: String,
     },
     /// A request without the image(s) it needs.
     #[error("{0}")]
@@ -130,12 +136,6 @@ pub enum ServiceError {
         /// The limit.
         max: u32,
     },
-    /// An idempotency key longer than the schema allows.
-    #[error("idempotency_key must be at most {max} characters")]
-    IdempotencyKeyTooLong {
-        /// The limit.
-        max: usize,
-    },
     /// The idempotency key was used for another enrolment.
     #[error("idempotency_key was already used for a different gallery, subject or number of images")]
     IdempotencyKeyReused,
@@ -168,7 +168,7 @@ pub enum ServiceError {
         model_id: String,
     },
     /// A concurrent change (e.g. the gallery was deleted meanwhile); retry.
-    #[error("the gallery changed during the call; retry")]
+    #[error("the call conflicted with a concurrent change and was rolled back; retry")]
     Conflict,
     /// The database cannot be reached.
     #[error("the database is unavailable; retry with backoff")]
@@ -194,9 +194,6 @@ pub enum ServiceError {
     /// PromoteModel with full coverage required, and galleries lacking it.
     #[error("the staged model does not cover every subject yet; galleries lacking coverage: {0}")]
     CoverageIncomplete(String),
-    /// Not in this version.
-    #[error("{0} is not implemented yet")]
-    Unimplemented(&'static str),
     /// A server fault; the detail is logged, never sent.
     #[error("internal error")]
     Internal(String),
@@ -245,7 +242,7 @@ impl ServiceError {
     pub fn code(&self) -> tonic::Code {
         use tonic::Code;
         match self {
-            ServiceError::BadId { .. }
+            ServiceError::BadField { .. }
             | ServiceError::MissingImage(_)
             | ServiceError::TooManyImages { .. }
             | ServiceError::BadImage { .. }
@@ -253,7 +250,6 @@ impl ServiceError {
             | ServiceError::BadRule(_)
             | ServiceError::BadPageToken
             | ServiceError::PageSize { .. }
-            | ServiceError::IdempotencyKeyTooLong { .. }
             | ServiceError::BadCheckpoint { .. } => Code::InvalidArgument,
             ServiceError::NotCalibrated { .. }
             | ServiceError::IncompatibleModel(_)
@@ -266,7 +262,6 @@ impl ServiceError {
             ServiceError::Conflict => Code::Aborted,
             ServiceError::GalleryDenied { .. } => Code::PermissionDenied,
             ServiceError::Unavailable | ServiceError::ShuttingDown => Code::Unavailable,
-            ServiceError::Unimplemented(_) => Code::Unimplemented,
             ServiceError::Internal(_) => Code::Internal,
         }
     }

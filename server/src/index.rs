@@ -33,6 +33,14 @@ pub enum IndexError {
         /// The index's dimension.
         expected: usize,
     },
+    /// A vector with a NaN or an infinity: never stored, never compared.
+    #[error("embedding value {index} is {value}, not a finite number")]
+    NotFinite {
+        /// Its position in the vector.
+        index: usize,
+        /// The value.
+        value: f32,
+    },
     /// libtorch failed.
     #[error("tensor operation failed: {0}")]
     Torch(#[from] tch::TchError),
@@ -126,6 +134,11 @@ impl GalleryIndex {
                 got: bad.embedding.len(),
                 expected: self.dim,
             });
+        }
+        for row in rows {
+            if let Some((index, &value)) = row.embedding.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                return Err(IndexError::NotFinite { index, value });
+            }
         }
         if rows.is_empty() {
             return Ok(());
@@ -629,7 +642,7 @@ mod tests {
     }
 
     #[test]
-    fn wrong_dimensions_are_refused() {
+    fn wrong_dimensions_and_non_finite_values_are_refused() {
         let mut index = GalleryIndex::new(3, test_device(), 4);
         let bad = [NewRow {
             subject_id: "a",
@@ -640,6 +653,17 @@ mod tests {
             index.append(&bad),
             Err(IndexError::Dimension { got: 2, expected: 3 })
         ));
+        for value in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let poisoned = [NewRow {
+                subject_id: "a",
+                seq: 1,
+                embedding: &[1.0, value, 0.0],
+            }];
+            assert!(matches!(
+                index.append(&poisoned),
+                Err(IndexError::NotFinite { index: 1, .. })
+            ));
+        }
         assert!(
             index.search(&[1.0], 1).is_ok(),
             "an empty index answers nothing, whatever the probe"

@@ -130,15 +130,71 @@ where
         let call = inner.call(request);
         Box::pin(async move {
             let response = match tokio::time::timeout(timeout, call).await {
-                Ok(response) => response,
+                Ok(response) => response.map(|r| decode_errors_are_invalid_arguments(r, &method)),
                 Err(_) => Ok(refuse(Status::deadline_exceeded(format!(
                     "the call ran past the server's limit of {} ms",
                     timeout.as_millis()
                 )))),
             };
-            metrics().call_finished(&method, started.elapsed());
+            // Labelled by known names only: a client inventing paths must
+            // not invent metric series.
+            metrics().call_finished(method_name(&method), started.elapsed());
             response
         })
+    }
+}
+
+/// The methods this server serves, as metrics and traces name them.
+const METHODS: [&str; 16] = [
+    "handid.v1.HandId/Enroll",
+    "handid.v1.HandId/Identify",
+    "handid.v1.HandId/Verify",
+    "handid.v1.HandId/Embed",
+    "handid.v1.HandId/DeleteSubject",
+    "handid.v1.HandId/DeleteGallery",
+    "handid.v1.HandId/GetSubject",
+    "handid.v1.HandId/ListSubjects",
+    "handid.v1.Admin/GetModel",
+    "handid.v1.Admin/ReloadModel",
+    "handid.v1.Admin/PromoteModel",
+    "grpc.health.v1.Health/Check",
+    "grpc.health.v1.Health/Watch",
+    "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    "unknown",
+];
+
+/// The name of the method at `path` (`/handid.v1.HandId/Identify` ->
+/// `handid.v1.HandId/Identify`), or `unknown` for a path this server does
+/// not serve.
+pub fn method_name(path: &str) -> &'static str {
+    let name = path.strip_prefix('/').unwrap_or(path);
+    METHODS
+        .iter()
+        .find(|known| **known == name)
+        .copied()
+        .unwrap_or("unknown")
+}
+
+/// tonic answers a request body that is not a valid protobuf message with
+/// INTERNAL ("failed to decode Protobuf message: ..."); it is the client's
+/// fault, so it becomes INVALID_ARGUMENT, naming the method. The detail is
+/// prost's description of the problem (field names, wire types), never
+/// the payload.
+fn decode_errors_are_invalid_arguments<B: Default>(
+    response: http::Response<B>,
+    path: &str,
+) -> http::Response<B> {
+    const PREFIX: &str = "failed to decode Protobuf message";
+    match Status::from_header_map(response.headers()) {
+        Some(status) if status.code() == tonic::Code::Internal && status.message().starts_with(PREFIX) => {
+            let detail = status.message()[PREFIX.len()..].trim_start_matches(':').trim();
+            refuse(Status::invalid_argument(format!(
+                "the request is not a valid {} message ({detail})",
+                method_name(path)
+            )))
+        }
+        _ => response,
     }
 }
 
@@ -330,5 +386,51 @@ impl Gate for Shed {
                     self.limit
                 ))
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_labels_come_from_known_method_names_only() {
+        assert_eq!(
+            method_name("/handid.v1.HandId/Identify"),
+            "handid.v1.HandId/Identify"
+        );
+        assert_eq!(
+            method_name("/grpc.health.v1.Health/Check"),
+            "grpc.health.v1.Health/Check"
+        );
+        for invented in [
+            "/handid.v1.HandId/Identify2",
+            "/x",
+            "",
+            "/a/b/c",
+            "/handid.v1.HandId/",
+        ] {
+            assert_eq!(method_name(invented), "unknown", "{invented:?}");
+        }
+    }
+
+    #[test]
+    fn protobuf_decode_errors_become_invalid_arguments() {
+        let decode = refuse::<()>(Status::internal(
+            "failed to decode Protobuf message: EnrollRequest.gallery_id: invalid string value: data is not UTF-8 encoded",
+        ));
+        let out = decode_errors_are_invalid_arguments(decode, "/handid.v1.HandId/Enroll");
+        let status = Status::from_header_map(out.headers()).expect("a status");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            status.message(),
+            "the request is not a valid handid.v1.HandId/Enroll message (EnrollRequest.gallery_id: invalid \
+             string value: data is not UTF-8 encoded)"
+        );
+        // Our own server faults stay what they are.
+        let fault = refuse::<()>(Status::internal("internal error"));
+        let out = decode_errors_are_invalid_arguments(fault, "/handid.v1.HandId/Enroll");
+        let status = Status::from_header_map(out.headers()).expect("a status");
+        assert_eq!(status.code(), tonic::Code::Internal);
     }
 }

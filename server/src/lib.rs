@@ -7,6 +7,8 @@
 //! - [`auth`]: API keys, scopes, client certificates: who calls, and may they.
 //! - [`telemetry`]: logs, OpenTelemetry traces and metrics over OTLP.
 //! - [`service`]: the thin gRPC handlers (protobuf <-> domain types).
+//! - [`validate`]: every check of a request that needs neither the
+//!   database nor the model: protobuf to the core's validated calls.
 //! - [`engine`]: the core: Enroll, Identify, Verify, ... and the audit log.
 //! - [`error`]: [`ServiceError`] and its one conversion to `tonic::Status`.
 //! - [`decode`]: untrusted image bytes to model input, judged from the
@@ -34,6 +36,7 @@ pub mod service;
 pub mod settings;
 pub mod store;
 pub mod telemetry;
+pub mod validate;
 
 pub use error::ServiceError;
 pub use server::{ServeError, run, run_with_reloads};

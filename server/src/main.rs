@@ -54,7 +54,7 @@ enum Command {
     /// Apply the database migrations and exit.
     Migrate {
         /// PostgreSQL URL.
-        #[arg(long, env = "DATABASE_URL")]
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
         database_url: String,
     },
 }

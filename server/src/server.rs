@@ -241,8 +241,10 @@ pub async fn run_with_reloads(
         // and its trace's child spans hang together. Only the path is
         // recorded: never a payload.
         .trace_fn(|request| {
-            let method = request.uri().path();
-            tracing::info_span!("grpc", otel.name = method.trim_start_matches('/'), method = %method)
+            // Named after a known method only (`unknown` otherwise), so a
+            // client inventing paths cannot invent span names.
+            let method = crate::layers::method_name(request.uri().path());
+            tracing::info_span!("grpc", otel.name = method, method = %method)
         })
         // Timeout, access control, rate limit, concurrency limit: the
         // protection stack, commented layer by layer in `layers.rs`.

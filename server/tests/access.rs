@@ -636,3 +636,59 @@ async fn tls_without_client_certificates_serves_api_keys(_: PgPoolOptions, optio
     assert_eq!(got, Code::Unauthenticated);
     server.stop().await.expect("graceful stop");
 }
+
+#[sqlx::test(migrations = false)]
+async fn the_documented_x_api_key_metadata_is_accepted(_: PgPoolOptions, options: PgConnectOptions) {
+    let dir = checkpoint();
+    let secret = generate_key();
+    let mut s = settings(&options, dir.path());
+    s.auth.enabled = true;
+    s.auth.keys = vec![key("reader", &secret, &[Scope::Identify], &[])];
+    let server = TestServer::start(s).await;
+    let mut client = server.client().await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let list = |headers: &[(&'static str, String)]| {
+        let mut request = Request::new(pb::ListSubjectsRequest {
+            gallery_id: HOME.to_owned(),
+            page_size: 0,
+            page_token: String::new(),
+        });
+        for (name, value) in headers {
+            request
+                .metadata_mut()
+                .insert(*name, value.parse().expect("ascii"));
+        }
+        request
+    };
+    // Admitted: the gallery does not exist, which only an admitted call
+    // can find out.
+    for headers in [
+        vec![("x-api-key", secret.clone())],
+        vec![("authorization", format!("Bearer {secret}"))],
+        vec![
+            ("x-api-key", secret.clone()),
+            ("authorization", format!("Bearer {secret}")),
+        ],
+    ] {
+        let status = client
+            .list_subjects(list(&headers))
+            .await
+            .expect_err("no gallery");
+        assert_eq!(status.code(), Code::NotFound, "{headers:?}: {status:?}");
+    }
+    for (headers, says) in [
+        (vec![("x-api-key", "hid_wrong".to_owned())], "not valid"),
+        (
+            vec![
+                ("x-api-key", "hid_wrong".to_owned()),
+                ("authorization", format!("Bearer {secret}")),
+            ],
+            "different keys",
+        ),
+    ] {
+        let status = client.list_subjects(list(&headers)).await.expect_err("refused");
+        assert_eq!(status.code(), Code::Unauthenticated, "{headers:?}");
+        assert!(status.message().contains(says), "{}", status.message());
+    }
+    server.stop().await.expect("graceful stop");
+}

@@ -419,3 +419,392 @@ async fn a_decode_stops_when_its_call_times_out(_: PgPoolOptions, options: PgCon
     );
     server.stop().await.expect("graceful stop");
 }
+
+/// A protobuf length-delimited field: tag, length, bytes.
+fn field(number: u8, bytes: &[u8]) -> Vec<u8> {
+    let mut out = vec![(number << 3) | 2];
+    let mut n = bytes.len();
+    loop {
+        let low = (n & 0x7F) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(low);
+            break;
+        }
+        out.push(low | 0x80);
+    }
+    out.extend_from_slice(bytes);
+    out
+}
+
+#[sqlx::test(migrations = false)]
+async fn hostile_requests_get_their_status(_: PgPoolOptions, options: PgConnectOptions) {
+    let dir = checkpoint();
+    let server = TestServer::start(default_settings(&options, dir.path())).await;
+    let mut client = server.client().await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .expect("url")
+        .connect()
+        .await
+        .expect("channel");
+    let mut admin = handid_proto::v1::admin_client::AdminClient::new(channel.clone());
+    let photo = common::people(1, 1).remove(0).1.remove(0);
+    check(
+        "enrol a subject",
+        enroll(&mut client, "known", vec![photo.clone()]).await,
+        OK,
+    );
+    let bad = Code::InvalidArgument;
+    let not_found = Code::NotFound;
+
+    // Bodies that are not the method's protobuf message.
+    let enroll_path = "/handid.v1.HandId/Enroll";
+    let raw: Vec<(&str, &'static str, Vec<u8>, Expect)> = vec![
+        (
+            "three 0xFF bytes",
+            enroll_path,
+            vec![0xFF; 3],
+            (bad, "not a valid handid.v1.HandId/Enroll message"),
+        ),
+        (
+            "a gallery_id that is not UTF-8",
+            enroll_path,
+            field(1, &[0xC3, 0x28]),
+            (bad, "UTF-8"),
+        ),
+        (
+            "a field claiming 2 GiB",
+            "/handid.v1.HandId/Identify",
+            vec![0x0A, 0xFF, 0xFF, 0xFF, 0xFF, 0x07, b'g'],
+            (bad, "not a valid handid.v1.HandId/Identify message"),
+        ),
+        (
+            "a varint of eleven bytes",
+            "/handid.v1.HandId/Identify",
+            [vec![0x18], vec![0xFF; 10], vec![0x01]].concat(),
+            (bad, "not a valid"),
+        ),
+        (
+            "wire type 7",
+            "/handid.v1.HandId/Verify",
+            vec![0x0F, 0x00],
+            (bad, "not a valid"),
+        ),
+        (
+            "10000 empty images",
+            "/handid.v1.HandId/Embed",
+            field(1, &[]).repeat(10_000),
+            (bad, "10000 images in one call, over the limit of 16"),
+        ),
+        (
+            "only unknown fields",
+            "/handid.v1.HandId/Verify",
+            field(15, b"who knows"),
+            (bad, "gallery_id is empty"),
+        ),
+        (
+            "a method that does not exist",
+            "/handid.v1.HandId/Nope",
+            Vec::new(),
+            (Code::Unimplemented, ""),
+        ),
+    ];
+    for (what, path, body, want) in raw {
+        check(what, common::raw_call(channel.clone(), path, body).await, want);
+    }
+
+    let identify_with =
+        |gallery: &str, top_k: u32, rule: Option<pb::decision_rule::Rule>| pb::IdentifyRequest {
+            gallery_id: gallery.to_owned(),
+            image: Some(image(photo.clone())),
+            top_k,
+            rule: rule.map(|r| pb::DecisionRule { rule: Some(r) }),
+        };
+    let status = |r: Result<tonic::Response<pb::IdentifyResponse>, tonic::Status>| match r {
+        Ok(_) => (Code::Ok, String::new()),
+        Err(s) => (s.code(), s.message().to_owned()),
+    };
+    use pb::decision_rule::Rule::{TargetFmr, Threshold};
+    let identify_cases: Vec<(&str, pb::IdentifyRequest, Expect)> = vec![
+        (
+            "a NUL in gallery_id",
+            identify_with("hostile\0", 1, None),
+            (bad, "gallery_id contains a NUL character at position 7"),
+        ),
+        (
+            "an escape in gallery_id",
+            identify_with("\u{1b}[2J", 1, None),
+            (bad, "gallery_id contains the control character U+001B"),
+        ),
+        (
+            "a non-ASCII gallery_id",
+            identify_with("galerie-é", 1, None),
+            (bad, "may only contain"),
+        ),
+        (
+            "a 129-character gallery_id",
+            identify_with(&"g".repeat(129), 1, None),
+            (bad, "longer than 128 characters"),
+        ),
+        (
+            "top_k 0",
+            identify_with("hostile", 0, None),
+            (bad, "top_k must be 1..=100, got 0"),
+        ),
+        (
+            "top_k u32::MAX",
+            identify_with("hostile", u32::MAX, None),
+            (bad, "got 4294967295"),
+        ),
+        (
+            "threshold NaN",
+            identify_with("hostile", 1, Some(Threshold(f32::NAN))),
+            (bad, "threshold must be a finite number"),
+        ),
+        (
+            "threshold -inf",
+            identify_with("hostile", 1, Some(Threshold(f32::NEG_INFINITY))),
+            (bad, "threshold must be a finite number"),
+        ),
+        (
+            "target_fmr NaN",
+            identify_with("hostile", 1, Some(TargetFmr(f64::NAN))),
+            (bad, "target_fmr must be a rate between 0 and 1"),
+        ),
+        (
+            "target_fmr 2",
+            identify_with("hostile", 1, Some(TargetFmr(2.0))),
+            (bad, "target_fmr must be a rate between 0 and 1"),
+        ),
+        (
+            "an uncalibrated target_fmr",
+            identify_with("hostile", 1, Some(TargetFmr(0.5))),
+            (bad, "no threshold calibrated at FMR 5e-1"),
+        ),
+        (
+            "no image",
+            pb::IdentifyRequest {
+                image: None,
+                ..identify_with("hostile", 1, None)
+            },
+            (bad, "image is required"),
+        ),
+        (
+            "an unknown gallery",
+            identify_with("nobody-here", 1, None),
+            (not_found, "gallery \"nobody-here\" not found"),
+        ),
+    ];
+    for (what, request, want) in identify_cases {
+        check(what, status(client.identify(request).await), want);
+    }
+
+    let enroll_with = |subject: &str, key: &str| pb::EnrollRequest {
+        gallery_id: "hostile".to_owned(),
+        subject_id: subject.to_owned(),
+        images: vec![image(photo.clone())],
+        idempotency_key: key.to_owned(),
+    };
+    let enroll_cases: Vec<(&str, pb::EnrollRequest, Expect)> = vec![
+        (
+            "a NUL in subject_id",
+            enroll_with("a\0b", ""),
+            (bad, "subject_id contains a NUL character at position 1"),
+        ),
+        (
+            "a NUL in the idempotency key",
+            enroll_with("s", "retry\0"),
+            (bad, "idempotency_key contains a NUL character at position 5"),
+        ),
+        (
+            "a 257-character idempotency key",
+            enroll_with("s", &"k".repeat(257)),
+            (bad, "idempotency_key is longer than 256 characters"),
+        ),
+        (
+            "no images",
+            pb::EnrollRequest {
+                images: Vec::new(),
+                ..enroll_with("s", "")
+            },
+            (bad, "at least one image is required"),
+        ),
+    ];
+    for (what, request, want) in enroll_cases {
+        let got = match client.enroll(request).await {
+            Ok(_) => (Code::Ok, String::new()),
+            Err(s) => (s.code(), s.message().to_owned()),
+        };
+        check(what, got, want);
+    }
+
+    let other: Vec<(&str, (Code, String), Expect)> = vec![
+        (
+            "Verify without an image",
+            match client
+                .verify(pb::VerifyRequest {
+                    gallery_id: "hostile".to_owned(),
+                    subject_id: "known".to_owned(),
+                    image: None,
+                    rule: None,
+                })
+                .await
+            {
+                Ok(_) => (Code::Ok, String::new()),
+                Err(s) => (s.code(), s.message().to_owned()),
+            },
+            (bad, "image is required"),
+        ),
+        (
+            "DeleteSubject in an unknown gallery",
+            match client
+                .delete_subject(pb::DeleteSubjectRequest {
+                    gallery_id: "nobody-here".to_owned(),
+                    subject_id: "x".to_owned(),
+                })
+                .await
+            {
+                Ok(_) => (Code::Ok, String::new()),
+                Err(s) => (s.code(), s.message().to_owned()),
+            },
+            (not_found, "gallery \"nobody-here\" not found"),
+        ),
+        (
+            "GetSubject with a NUL",
+            match client
+                .get_subject(pb::GetSubjectRequest {
+                    gallery_id: "hostile".to_owned(),
+                    subject_id: "known\0".to_owned(),
+                })
+                .await
+            {
+                Ok(_) => (Code::Ok, String::new()),
+                Err(s) => (s.code(), s.message().to_owned()),
+            },
+            (bad, "subject_id contains a NUL character"),
+        ),
+        (
+            "ListSubjects of 1001",
+            match client
+                .list_subjects(pb::ListSubjectsRequest {
+                    gallery_id: "hostile".to_owned(),
+                    page_size: 1001,
+                    page_token: String::new(),
+                })
+                .await
+            {
+                Ok(_) => (Code::Ok, String::new()),
+                Err(s) => (s.code(), s.message().to_owned()),
+            },
+            (bad, "page_size must be 0 (default) to 1000, got 1001"),
+        ),
+        (
+            "a page token of a NUL",
+            match client
+                .list_subjects(pb::ListSubjectsRequest {
+                    gallery_id: "hostile".to_owned(),
+                    page_size: 0,
+                    page_token: "p1.00".to_owned(),
+                })
+                .await
+            {
+                Ok(_) => (Code::Ok, String::new()),
+                Err(s) => (s.code(), s.message().to_owned()),
+            },
+            (bad, "page_token is not a token this server issued"),
+        ),
+        (
+            "ReloadModel with a NUL in the path",
+            match admin
+                .reload_model(pb::ReloadModelRequest {
+                    path: "/tmp/\0".to_owned(),
+                    mode: 0,
+                })
+                .await
+            {
+                Ok(_) => (Code::Ok, String::new()),
+                Err(s) => (s.code(), s.message().to_owned()),
+            },
+            (bad, "path contains a NUL character at position 5"),
+        ),
+        (
+            "ReloadModel mode 42",
+            match admin
+                .reload_model(pb::ReloadModelRequest {
+                    path: String::new(),
+                    mode: 42,
+                })
+                .await
+            {
+                Ok(_) => (Code::Ok, String::new()),
+                Err(s) => (s.code(), s.message().to_owned()),
+            },
+            (bad, "mode 42 is not a ReloadMode"),
+        ),
+        (
+            "ReloadModel of a folder that does not exist",
+            match admin
+                .reload_model(pb::ReloadModelRequest {
+                    path: "/nonexistent/checkpoint".to_owned(),
+                    mode: 0,
+                })
+                .await
+            {
+                Ok(_) => (Code::Ok, String::new()),
+                Err(s) => (s.code(), s.message().to_owned()),
+            },
+            (bad, "checkpoint /nonexistent/checkpoint refused"),
+        ),
+        (
+            "ReloadModel of a file",
+            match admin
+                .reload_model(pb::ReloadModelRequest {
+                    path: "/etc/hostname".to_owned(),
+                    mode: 0,
+                })
+                .await
+            {
+                Ok(_) => (Code::Ok, String::new()),
+                Err(s) => (s.code(), s.message().to_owned()),
+            },
+            (bad, "checkpoint /etc/hostname refused"),
+        ),
+    ];
+    for (what, got, want) in other {
+        check(what, got, want);
+    }
+
+    // Still serving, and the one good enrolment is all there is.
+    wait_for_health(&server, ServingStatus::Serving).await;
+    check(
+        "an Identify after all that",
+        identify(&mut client, photo).await,
+        OK,
+    );
+    let page = client
+        .list_subjects(pb::ListSubjectsRequest {
+            gallery_id: "hostile".to_owned(),
+            page_size: 0,
+            page_token: String::new(),
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    let ids: Vec<&str> = page.subjects.iter().map(|s| s.subject_id.as_str()).collect();
+    assert_eq!(ids, ["known"]);
+    server.stop().await.expect("graceful stop");
+}
+
+#[test]
+fn migrate_help_does_not_print_the_database_url() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_handid-server"))
+        .args(["migrate", "--help"])
+        .env("DATABASE_URL", "postgres://owner:s3cret-pa55@db:5432/handid")
+        .output()
+        .expect("run handid-server migrate --help");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("DATABASE_URL"), "the variable is named: {text}");
+    assert!(!text.contains("s3cret-pa55"), "the help printed the URL: {text}");
+}

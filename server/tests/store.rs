@@ -290,3 +290,70 @@ async fn an_unreachable_database_is_unavailable() {
     let err = Store::from_pool(pool).ping().await.expect_err("nothing listens");
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_deadlock_is_a_conflict_the_client_may_retry(pool: PgPool) {
+    let store = store(pool.clone()).await;
+    let one = vec![vec![1.0, 0.0]];
+    store
+        .enroll(&enrollment("g", "s", &one, None))
+        .await
+        .expect("enroll");
+    // An operator's transaction locks the subject, then (while the
+    // DeleteGallery below holds the gallery and waits for the subject)
+    // asks for the gallery: a deadlock. Its own deadlock_timeout is long, so
+    // the store's transaction, waiting since before, is the one rolled back.
+    let mut operator = pool.begin().await.expect("begin");
+    sqlx::query("SET LOCAL deadlock_timeout = '10s'")
+        .execute(&mut *operator)
+        .await
+        .expect("set");
+    sqlx::query("SELECT 1 FROM subjects WHERE gallery_id = 'g' FOR UPDATE")
+        .execute(&mut *operator)
+        .await
+        .expect("lock the subject");
+    let deleting = {
+        let store = store.clone();
+        tokio::spawn(async move { store.delete_gallery("g").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let operator_side =
+        sqlx::query("SELECT 1 FROM galleries WHERE gallery_id = 'g' FOR UPDATE").execute(&mut *operator);
+    let (operator_result, deleted) = tokio::join!(operator_side, deleting);
+    operator_result.expect("the operator's transaction survives");
+    operator.rollback().await.expect("rollback");
+    let err = deleted
+        .expect("task")
+        .expect_err("rolled back by the deadlock detector");
+    assert!(
+        matches!(&err, StoreError::Conflict(reason) if reason == "deadlock_detected"),
+        "{err:?}"
+    );
+    let status = tonic::Status::from(handid_server::ServiceError::from(err));
+    assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
+    assert!(status.message().contains("retry"), "{}", status.message());
+    // Nothing was deleted, and a retry now succeeds.
+    store.delete_gallery("g").await.expect("the retry");
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn the_schema_refuses_non_finite_templates(pool: PgPool) {
+    let store = store(pool.clone()).await;
+    for value in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let poisoned = vec![vec![1.0, value]];
+        let err = store
+            .enroll(&enrollment("g", "s", &poisoned, None))
+            .await
+            .expect_err("refused by the CHECK");
+        assert!(
+            err.to_string().contains("templates_embedding_finite")
+                || format!("{err:?}").contains("templates_embedding_finite"),
+            "{err:?}"
+        );
+    }
+    let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM templates")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(count, 0);
+}

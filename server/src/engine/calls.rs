@@ -2,8 +2,8 @@
 
 use tracing::Instrument;
 
-use super::page_token::{decode_page_token, encode_page_token};
-use super::{DEFAULT_FMR, DEFAULT_PAGE_SIZE, Engine, MAX_IDEMPOTENCY_KEY, MAX_PAGE_SIZE, Result, types::*};
+use super::page_token::encode_page_token;
+use super::{DEFAULT_FMR, Engine, Result, types::*};
 use crate::error::ServiceError;
 use crate::index::{IndexError, NewRow, lock};
 use crate::store::{Enrolled, Erased, NewEnrollment, StagedEmbeddings, StoreError, SubjectRecord};
@@ -11,41 +11,27 @@ use crate::telemetry::metrics;
 use handid_model::OperatingPoint;
 
 impl Engine {
-    /// Enrolls `images` of `subject` into `gallery`; returns once committed.
-    pub async fn enroll(
-        &self,
-        caller: &Caller,
-        gallery: Id,
-        subject: Id,
-        images: Vec<Vec<u8>>,
-        idempotency_key: Option<String>,
-    ) -> Result<Enrolled> {
-        let result = self
-            .enroll_inner(&gallery, &subject, images, idempotency_key)
-            .await;
-        let name = subject.0.clone();
+    /// Enrolls the images of a subject into a gallery; returns once
+    /// committed.
+    pub async fn enroll(&self, caller: &Caller, call: EnrollCall) -> Result<Enrolled> {
+        let (gallery, name) = (call.gallery.clone(), call.subject.0.clone());
+        let result = self.enroll_inner(call).await;
         self.audited(caller, "enroll", Some(&gallery), result, |_| (Some(name), None))
             .await
     }
 
-    async fn enroll_inner(
-        &self,
-        gallery: &Id,
-        subject: &Id,
-        images: Vec<Vec<u8>>,
-        key: Option<String>,
-    ) -> Result<Enrolled> {
-        self.check_image_count(images.len())?;
-        if key
-            .as_ref()
-            .is_some_and(|k| k.chars().count() > MAX_IDEMPOTENCY_KEY)
-        {
-            return Err(ServiceError::IdempotencyKeyTooLong {
-                max: MAX_IDEMPOTENCY_KEY,
-            });
-        }
+    async fn enroll_inner(&self, call: EnrollCall) -> Result<Enrolled> {
+        let EnrollCall {
+            gallery,
+            subject,
+            images,
+            key,
+        } = call;
+        let gallery = &gallery;
+        let subject = &subject;
+        let key = key.as_ref().map(IdempotencyKey::as_str);
         // A retry needs no forward pass: answer it before embedding.
-        if let Some(key) = &key
+        if let Some(key) = key
             && let Some(first) = self
                 .store
                 .find_replay(key, &gallery.0, &subject.0, images.len())
@@ -78,7 +64,7 @@ impl Engine {
                 model_id: active.model_id(),
                 embeddings: &embeddings,
                 qualities: &qualities,
-                idempotency_key: key.as_deref(),
+                idempotency_key: key,
                 staged: staged
                     .as_ref()
                     .zip(staged_embeddings.as_deref())
@@ -98,16 +84,10 @@ impl Engine {
         Ok(enrolled)
     }
 
-    /// 1:N search of `gallery` for the subject in `image`.
-    pub async fn identify(
-        &self,
-        caller: &Caller,
-        gallery: Id,
-        image: Vec<u8>,
-        top_k: u32,
-        rule: Rule,
-    ) -> Result<Identified> {
-        let result = self.identify_inner(&gallery, image, top_k, rule).await;
+    /// 1:N search of a gallery for the subject in a probe image.
+    pub async fn identify(&self, caller: &Caller, call: IdentifyCall) -> Result<Identified> {
+        let gallery = call.gallery.clone();
+        let result = self.identify_inner(call).await;
         if let Ok(r) = &result
             && let Some(top) = r.hits.first()
         {
@@ -123,19 +103,14 @@ impl Engine {
         .await
     }
 
-    async fn identify_inner(
-        &self,
-        gallery: &Id,
-        image: Vec<u8>,
-        top_k: u32,
-        rule: Rule,
-    ) -> Result<Identified> {
-        if top_k == 0 || top_k > self.limits.max_top_k {
-            return Err(ServiceError::TopK {
-                got: top_k,
-                max: self.limits.max_top_k,
-            });
-        }
+    async fn identify_inner(&self, call: IdentifyCall) -> Result<Identified> {
+        let IdentifyCall {
+            gallery,
+            image,
+            top_k,
+            rule,
+        } = call;
+        let gallery = &gallery;
         let slot = self.active();
         let (threshold, fmr) = resolve(&slot, rule)?;
         let probe = embed_one(&slot, image).await?;
@@ -146,7 +121,7 @@ impl Engine {
                     let _in_search = span.enter();
                     let index = lock(&index);
                     index
-                        .search(&probe, top_k as usize)
+                        .search(&probe, top_k)
                         .map(|hits| (hits, index.subject_count()))
                 })
                 .await
@@ -177,27 +152,27 @@ impl Engine {
         })
     }
 
-    /// 1:1 comparison of `image` with `subject` of `gallery`.
-    pub async fn verify(
-        &self,
-        caller: &Caller,
-        gallery: Id,
-        subject: Id,
-        image: Vec<u8>,
-        rule: Rule,
-    ) -> Result<Verified> {
-        let result = self.verify_inner(&gallery, &subject, image, rule).await;
+    /// 1:1 comparison of a probe image with one subject.
+    pub async fn verify(&self, caller: &Caller, call: VerifyCall) -> Result<Verified> {
+        let (gallery, name) = (call.gallery.clone(), call.subject.0.clone());
+        let result = self.verify_inner(call).await;
         if let Ok(v) = &result {
             metrics().score("verify", v.score, v.decision.is_match);
         }
-        let name = subject.0.clone();
         self.audited(caller, "verify", Some(&gallery), result, |v| {
             (Some(name), Some(v.score))
         })
         .await
     }
 
-    async fn verify_inner(&self, gallery: &Id, subject: &Id, image: Vec<u8>, rule: Rule) -> Result<Verified> {
+    async fn verify_inner(&self, call: VerifyCall) -> Result<Verified> {
+        let VerifyCall {
+            gallery,
+            subject,
+            image,
+            rule,
+        } = call;
+        let (gallery, subject) = (&gallery, &subject);
         let slot = self.active();
         let (threshold, fmr) = resolve(&slot, rule)?;
         let probe = embed_one(&slot, image).await?;
@@ -231,7 +206,6 @@ impl Engine {
 
     /// The embeddings of `images`, storing nothing.
     pub async fn embed(&self, images: Vec<Vec<u8>>) -> Result<Embedded> {
-        self.check_image_count(images.len())?;
         let slot = self.active();
         Ok(Embedded {
             embeddings: slot.batcher.embed(images).await?,
@@ -296,18 +270,8 @@ impl Engine {
     }
 
     /// One page of a gallery's subjects, by subject id.
-    pub async fn list_subjects(&self, gallery: Id, page_size: u32, page_token: &str) -> Result<SubjectPage> {
-        let size = match page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            n if n <= MAX_PAGE_SIZE => n,
-            got => {
-                return Err(ServiceError::PageSize {
-                    got,
-                    max: MAX_PAGE_SIZE,
-                });
-            }
-        };
-        let after = decode_page_token(page_token)?;
+    pub async fn list_subjects(&self, call: PageCall) -> Result<SubjectPage> {
+        let PageCall { gallery, size, after } = call;
         let mut subjects = self
             .store
             .list_subjects(&gallery.0, after.as_ref().map(Id::as_str), size + 1)
@@ -323,24 +287,6 @@ impl Engine {
             subjects,
             next_page_token,
         })
-    }
-
-    fn check_image_count(&self, n: usize) -> Result<()> {
-        if n == 0 {
-            return Err(ServiceError::MissingImage("at least one image is required"));
-        }
-        if n > self.limits.max_images_per_request {
-            return Err(ServiceError::TooManyImages {
-                got: n,
-                max: self.limits.max_images_per_request,
-            });
-        }
-        Ok(())
-    }
-
-    /// The threshold (and its FMR) a rule stands for, with the active model.
-    pub fn resolve(&self, rule: Rule) -> Result<(f32, f64)> {
-        resolve(&self.active(), rule)
     }
 }
 
@@ -376,10 +322,7 @@ async fn embed_one(slot: &Slot, image: Vec<u8>) -> Result<Vec<f32>> {
 fn resolve(slot: &Slot, rule: Rule) -> Result<(f32, f64)> {
     let calibrated = &slot.model.embedder.manifest().thresholds;
     match rule {
-        Rule::Threshold(t) if t.is_finite() => Ok((t, 0.0)),
-        Rule::Threshold(_) => Err(ServiceError::BadRule(
-            "threshold must be a finite number".to_owned(),
-        )),
+        Rule::Threshold(t) => Ok((t, 0.0)),
         Rule::TargetFmr(fmr) => find_operating_point(calibrated, fmr).ok_or_else(|| {
             let known: Vec<String> = calibrated.iter().map(|p| format!("{:e}", p.fmr)).collect();
             ServiceError::BadRule(format!(

@@ -47,16 +47,11 @@ use crate::reload;
 use crate::settings::LimitSettings;
 use crate::store::{AuditEntry, Store, TemplateRow};
 
+pub use page_token::decode_page_token;
 pub use types::*;
 
 /// The FMR whose calibrated threshold decides when a call gives no rule.
 pub const DEFAULT_FMR: f64 = 1e-3;
-/// Largest ListSubjects page.
-pub const MAX_PAGE_SIZE: u32 = 1000;
-/// ListSubjects page when the call asks for 0.
-pub const DEFAULT_PAGE_SIZE: u32 = 100;
-/// Longest idempotency key (the schema's CHECK).
-pub const MAX_IDEMPOTENCY_KEY: usize = 256;
 /// Templates per index append while loading from Postgres.
 const LOAD_BATCH: usize = 1024;
 /// Changes read per query while catching up.
@@ -115,6 +110,11 @@ impl Engine {
         };
         engine.load_indexes(&engine.active()).await?;
         Ok(engine)
+    }
+
+    /// The limits on what one request may ask for.
+    pub fn limits(&self) -> &LimitSettings {
+        &self.limits
     }
 
     /// The store (health checks).

@@ -11,7 +11,7 @@ pub(super) fn encode_page_token(last_subject: &str) -> String {
     format!("{PAGE_TOKEN_PREFIX}{}", hex::encode(last_subject))
 }
 
-pub(super) fn decode_page_token(token: &str) -> Result<Option<Id>> {
+pub fn decode_page_token(token: &str) -> Result<Option<Id>> {
     if token.is_empty() {
         return Ok(None);
     }

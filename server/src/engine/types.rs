@@ -44,9 +44,17 @@ pub struct Id(pub(super) String);
 impl Id {
     /// Validates `value` as the field `field`.
     pub fn parse(field: &'static str, value: String) -> Result<Self> {
-        let bad = |problem| Err(ServiceError::BadId { field, problem });
+        let bad = |problem: &str| {
+            Err(ServiceError::BadField {
+                field,
+                problem: problem.to_owned(),
+            })
+        };
         if value.is_empty() {
             return bad("is empty");
+        }
+        if let Some(problem) = control_character(&value) {
+            return Err(ServiceError::BadField { field, problem });
         }
         if value.len() > 128 {
             return bad("is longer than 128 characters");
@@ -64,6 +72,102 @@ impl Id {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// What is wrong with a text field that holds a NUL or another control
+/// character (Postgres refuses NUL in text, and logs should not carry
+/// terminal escapes), naming the character and where it is; `None` when
+/// there is none.
+pub fn control_character(value: &str) -> Option<String> {
+    let (at, c) = value.chars().enumerate().find(|(_, c)| c.is_control())?;
+    let name = if c == '\0' {
+        "a NUL character".to_owned()
+    } else {
+        format!("the control character U+{:04X}", u32::from(c))
+    };
+    Some(format!("contains {name} at position {at}"))
+}
+
+/// A validated idempotency key: 1-256 characters, no control characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    /// Longest key (the schema's CHECK).
+    pub const MAX_CHARS: usize = 256;
+
+    /// `None` for the empty string (no key), else the validated key.
+    pub fn parse(value: String) -> Result<Option<Self>> {
+        let bad = |problem: String| ServiceError::BadField {
+            field: "idempotency_key",
+            problem,
+        };
+        if value.is_empty() {
+            return Ok(None);
+        }
+        if let Some(problem) = control_character(&value) {
+            return Err(bad(problem));
+        }
+        if value.chars().count() > Self::MAX_CHARS {
+            return Err(bad(format!("is longer than {} characters", Self::MAX_CHARS)));
+        }
+        Ok(Some(Self(value)))
+    }
+
+    /// The key as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A validated Enroll.
+#[derive(Debug, Clone)]
+pub struct EnrollCall {
+    /// The gallery (created on first use).
+    pub gallery: Id,
+    /// The subject (created on first use).
+    pub subject: Id,
+    /// 1 to `limits.max_images_per_request` encoded images.
+    pub images: Vec<Vec<u8>>,
+    /// Replays of the same key return the first result.
+    pub key: Option<IdempotencyKey>,
+}
+
+/// A validated Identify.
+#[derive(Debug, Clone)]
+pub struct IdentifyCall {
+    /// The gallery searched.
+    pub gallery: Id,
+    /// The probe.
+    pub image: Vec<u8>,
+    /// 1 to `limits.max_top_k`.
+    pub top_k: usize,
+    /// How the top score becomes a decision.
+    pub rule: Rule,
+}
+
+/// A validated Verify.
+#[derive(Debug, Clone)]
+pub struct VerifyCall {
+    /// The subject's gallery.
+    pub gallery: Id,
+    /// The subject compared with.
+    pub subject: Id,
+    /// The probe.
+    pub image: Vec<u8>,
+    /// How the score becomes a decision.
+    pub rule: Rule,
+}
+
+/// A validated ListSubjects.
+#[derive(Debug, Clone)]
+pub struct PageCall {
+    /// The gallery listed.
+    pub gallery: Id,
+    /// 1 to [`super::MAX_PAGE_SIZE`] subjects.
+    pub size: u32,
+    /// The last subject of the previous page.
+    pub after: Option<Id>,
 }
 
 /// How a score becomes a decision.

@@ -46,7 +46,8 @@ pub enum StoreError {
     #[error("idempotency key already used for a different enrolment")]
     IdempotencyKeyReused,
     /// A concurrent change won (e.g. the gallery was deleted during an
-    /// enrolment); named by the constraint that caught it.
+    /// enrolment, or a deadlock was broken by rolling this transaction
+    /// back); named by the constraint or condition that caught it.
     #[error("concurrent modification caught by {0}")]
     Conflict(String),
     /// Any other database failure: a server fault.
@@ -68,6 +69,17 @@ impl From<sqlx::Error> for StoreError {
                 // crash shutdown, cannot connect now (server restarting).
                 if code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03") {
                     return StoreError::Unavailable(e);
+                }
+                // The transaction lost to a concurrent one (40P01 deadlock
+                // detected, 40001 serialization failure, 55P03 lock not
+                // available) and was rolled back whole: the caller may retry.
+                if let Some(reason) = match code.as_ref() {
+                    "40P01" => Some("deadlock_detected"),
+                    "40001" => Some("serialization_failure"),
+                    "55P03" => Some("lock_not_available"),
+                    _ => None,
+                } {
+                    return StoreError::Conflict(reason.to_owned());
                 }
                 match db.constraint() {
                     Some("enrollments_pkey") => StoreError::IdempotencyKeyReused,
