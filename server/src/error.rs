@@ -167,6 +167,17 @@ pub enum ServiceError {
         /// Serving model.
         model_id: String,
     },
+    /// The caller may not create another gallery.
+    #[error(
+        "{caller:?} has created {max} galleries, its limit (limits.max_galleries_per_caller); \
+         enrol into an existing gallery or delete one"
+    )]
+    GalleryQuota {
+        /// Key id or certificate grant.
+        caller: String,
+        /// The limit.
+        max: u32,
+    },
     /// A concurrent change (e.g. the gallery was deleted meanwhile); retry.
     #[error("the call conflicted with a concurrent change and was rolled back; retry")]
     Conflict,
@@ -207,6 +218,7 @@ impl From<StoreError> for ServiceError {
                 ServiceError::Unavailable
             }
             StoreError::IdempotencyKeyReused => ServiceError::IdempotencyKeyReused,
+            StoreError::GalleryQuota { caller, max } => ServiceError::GalleryQuota { caller, max },
             StoreError::Conflict(constraint) => {
                 tracing::info!(%constraint, "concurrent modification");
                 ServiceError::Conflict
@@ -260,6 +272,7 @@ impl ServiceError {
             | ServiceError::SubjectNotFound { .. }
             | ServiceError::NoTemplatesForModel { .. } => Code::NotFound,
             ServiceError::Conflict => Code::Aborted,
+            ServiceError::GalleryQuota { .. } => Code::ResourceExhausted,
             ServiceError::GalleryDenied { .. } => Code::PermissionDenied,
             ServiceError::Unavailable | ServiceError::ShuttingDown => Code::Unavailable,
             ServiceError::Internal(_) => Code::Internal,

@@ -18,7 +18,7 @@ use crate::layers::Protection;
 use crate::batcher::Batcher;
 use crate::decode::Decoding;
 use crate::engine::{ActiveModel, Caller, Engine, LoadError, Pipeline};
-use crate::index::{DEFAULT_CHUNK_ROWS, Indexes};
+use crate::index::{Indexes, MAX_CHUNK_ROWS};
 use crate::service::{AdminService, HandIdService};
 use crate::settings::Settings;
 use crate::store::{ModelRecord, Store, StoreError};
@@ -146,7 +146,7 @@ pub async fn run_with_reloads(
         loaded_at: chrono::Utc::now(),
         embedder: Arc::clone(&embedder),
     };
-    let indexes = Indexes::new(embedder.dim(), device, DEFAULT_CHUNK_ROWS);
+    let indexes = Indexes::new(embedder.dim(), device, MAX_CHUNK_ROWS);
     let engine = Arc::new(
         Engine::start(
             store.clone(),

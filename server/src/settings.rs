@@ -185,6 +185,10 @@ pub struct LimitSettings {
     pub max_images_per_request: usize,
     /// Largest `top_k` of Identify.
     pub max_top_k: u32,
+    /// Galleries one caller (API key, certificate grant; everyone together
+    /// with auth off) may have created and not deleted. Enroll creates a
+    /// gallery on first use; beyond this it is RESOURCE_EXHAUSTED.
+    pub max_galleries_per_caller: u32,
 }
 
 impl Default for LimitSettings {
@@ -200,6 +204,7 @@ impl Default for LimitSettings {
             decode_pixel_budget: 120_000_000,
             max_images_per_request: 16,
             max_top_k: 100,
+            max_galleries_per_caller: 1_000,
         }
     }
 }
@@ -463,6 +468,9 @@ impl Settings {
         }
         if s.limits.max_images_per_request == 0 {
             return bad("limits.max_images_per_request", "must be at least 1");
+        }
+        if s.limits.max_galleries_per_caller == 0 {
+            return bad("limits.max_galleries_per_caller", "must be at least 1");
         }
         if s.limits.max_top_k == 0 {
             return bad("limits.max_top_k", "must be at least 1");

@@ -42,6 +42,8 @@ fn enrollment<'a>(
         embeddings,
         qualities: &[1.0, 1.0, 1.0, 1.0][..embeddings.len()],
         idempotency_key: key,
+        creator: "tester",
+        max_galleries: 1_000,
         staged: None,
     }
 }
@@ -356,4 +358,57 @@ async fn the_schema_refuses_non_finite_templates(pool: PgPool) {
         .await
         .expect("count");
     assert_eq!(count, 0);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn each_caller_creates_at_most_its_quota_of_galleries(pool: PgPool) {
+    let store = store(pool).await;
+    let one = vec![vec![1.0, 0.0]];
+    let by = |gallery: &'static str, creator: &'static str| NewEnrollment {
+        creator,
+        max_galleries: 2,
+        ..enrollment(gallery, "s", &one, None)
+    };
+    store.enroll(&by("a1", "alice")).await.expect("first");
+    store.enroll(&by("a2", "alice")).await.expect("second");
+    let err = store.enroll(&by("a3", "alice")).await.expect_err("third");
+    assert!(
+        matches!(&err, StoreError::GalleryQuota { caller, max: 2 } if caller == "alice"),
+        "{err:?}"
+    );
+    assert!(!store.gallery_exists("a3").await.expect("exists"));
+    // Enrolling into a gallery that exists creates nothing: always allowed,
+    // whoever created it.
+    store.enroll(&by("a1", "alice")).await.expect("existing gallery");
+    store
+        .enroll(&by("a1", "bob"))
+        .await
+        .expect("someone else's gallery");
+    // Another caller has its own quota; a deletion gives one back.
+    store.enroll(&by("b1", "bob")).await.expect("bob's first");
+    store.delete_gallery("a2").await.expect("delete");
+    store.enroll(&by("a3", "alice")).await.expect("room again");
+    // Concurrent creations cannot both pass the count.
+    let calls = ["c1", "c2", "c3", "c4"].map(|g| {
+        let store = store.clone();
+        let one = one.clone();
+        tokio::spawn(async move {
+            store
+                .enroll(&NewEnrollment {
+                    creator: "carol",
+                    max_galleries: 2,
+                    ..enrollment(g, "s", &one, None)
+                })
+                .await
+        })
+    });
+    let mut created = 0;
+    for call in calls {
+        match call.await.expect("task") {
+            Ok(_) => created += 1,
+            Err(StoreError::GalleryQuota { .. }) => {}
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(created, 2);
 }

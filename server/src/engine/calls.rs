@@ -15,12 +15,12 @@ impl Engine {
     /// committed.
     pub async fn enroll(&self, caller: &Caller, call: EnrollCall) -> Result<Enrolled> {
         let (gallery, name) = (call.gallery.clone(), call.subject.0.clone());
-        let result = self.enroll_inner(call).await;
+        let result = self.enroll_inner(caller, call).await;
         self.audited(caller, "enroll", Some(&gallery), result, |_| (Some(name), None))
             .await
     }
 
-    async fn enroll_inner(&self, call: EnrollCall) -> Result<Enrolled> {
+    async fn enroll_inner(&self, caller: &Caller, call: EnrollCall) -> Result<Enrolled> {
         let EnrollCall {
             gallery,
             subject,
@@ -65,6 +65,8 @@ impl Engine {
                 embeddings: &embeddings,
                 qualities: &qualities,
                 idempotency_key: key,
+                creator: &caller.id,
+                max_galleries: self.limits.max_galleries_per_caller,
                 staged: staged
                     .as_ref()
                     .zip(staged_embeddings.as_deref())
@@ -227,6 +229,7 @@ impl Engine {
             for slot in self.slots() {
                 if let Some(index) = slot.indexes.get(&gallery.0) {
                     lock(&index).remove_subject(&subject.0)?;
+                    slot.indexes.forget_if_empty(&gallery.0);
                 }
             }
             Ok(erased)
@@ -252,6 +255,7 @@ impl Engine {
             for slot in self.slots() {
                 if let Some(index) = slot.indexes.get(&gallery.0) {
                     lock(&index).clear();
+                    slot.indexes.forget_if_empty(&gallery.0);
                 }
             }
             Ok(erased)

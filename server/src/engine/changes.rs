@@ -72,11 +72,13 @@ impl Engine {
                         index.remove_subject(subject)?;
                         index.append(&new)?;
                     }
+                    slot.indexes.forget_if_empty(&change.gallery_id);
                 }
                 _ => {
                     if let Some(index) = slot.indexes.get(&change.gallery_id) {
                         lock(&index).clear();
                     }
+                    slot.indexes.forget_if_empty(&change.gallery_id);
                 }
             }
         }

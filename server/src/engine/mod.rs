@@ -2,9 +2,10 @@
 //! in domain types. It knows nothing of protobuf; `service.rs` converts.
 //!
 //! Consistency between Postgres and the in-memory index: mutations of one
-//! gallery (enrol, delete) are serialised by a per-gallery async lock held
-//! from the database transaction until the index is updated, so the index
-//! applies committed changes in commit order. Searches never take that lock.
+//! gallery (enrol, delete) are serialised by an async writer lock (one of a
+//! fixed set, chosen by the gallery id) held from the database transaction
+//! until the index is updated, so the index applies committed changes in
+//! commit order. Searches never take that lock.
 //!
 //! Models: every call takes the active [`Slot`] (model, forward thread,
 //! indexes) once, at its start, and uses only that slot: a reload swaps the
@@ -32,9 +33,8 @@ mod models;
 mod page_token;
 pub mod types;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use futures::TryStreamExt;
@@ -52,6 +52,8 @@ pub use types::*;
 
 /// The FMR whose calibrated threshold decides when a call gives no rule.
 pub const DEFAULT_FMR: f64 = 1e-3;
+/// Writer locks: galleries sharing one only wait for each other's writes.
+const WRITER_LOCKS: usize = 64;
 /// Templates per index append while loading from Postgres.
 const LOAD_BATCH: usize = 1024;
 /// Changes read per query while catching up.
@@ -67,7 +69,10 @@ pub struct Engine {
     staged: RwLock<Option<Arc<Slot>>>,
     pipeline: Pipeline,
     limits: LimitSettings,
-    writers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Serialises the changes of one gallery (see the module doc); a fixed
+    /// set of locks, a gallery's chosen by a hash of its id, so the set
+    /// never grows with the names callers send.
+    writers: [tokio::sync::Mutex<()>; WRITER_LOCKS],
     /// One reload or promotion at a time.
     reloading: tokio::sync::Mutex<()>,
     /// One catch-up at a time; changes are applied in order.
@@ -103,7 +108,7 @@ impl Engine {
             staged: RwLock::new(None),
             pipeline,
             limits,
-            writers: Mutex::new(HashMap::new()),
+            writers: std::array::from_fn(|_| tokio::sync::Mutex::new(())),
             reloading: tokio::sync::Mutex::new(()),
             applying: tokio::sync::Mutex::new(()),
             applied: AtomicI64::new(applied),
@@ -202,8 +207,12 @@ impl Engine {
         Ok(())
     }
 
-    fn writer(&self, gallery: &str) -> Arc<tokio::sync::Mutex<()>> {
-        lock(&self.writers).entry(gallery.to_owned()).or_default().clone()
+    fn writer(&self, gallery: &str) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        // SipHash with fixed keys: the same lock for a gallery every time.
+        let mut hasher = std::hash::DefaultHasher::new();
+        gallery.hash(&mut hasher);
+        &self.writers[(hasher.finish() % WRITER_LOCKS as u64) as usize]
     }
 
     /// Writes the audit row of a call. A successful call whose audit row

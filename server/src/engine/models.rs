@@ -9,7 +9,7 @@ use chrono::Utc;
 use super::{Engine, Result, code_name, types::*};
 use crate::batcher::Batcher;
 use crate::error::ServiceError;
-use crate::index::{DEFAULT_CHUNK_ROWS, Indexes};
+use crate::index::{Indexes, MAX_CHUNK_ROWS};
 use crate::reload::{self, ReloadMode};
 use crate::store::ModelRecord;
 use crate::telemetry::metrics;
@@ -101,7 +101,7 @@ impl Engine {
             indexes: if shared {
                 Arc::clone(&active.indexes)
             } else {
-                Arc::new(Indexes::new(embedder.dim(), device, DEFAULT_CHUNK_ROWS))
+                Arc::new(Indexes::new(embedder.dim(), device, MAX_CHUNK_ROWS))
             },
             model,
             batcher,

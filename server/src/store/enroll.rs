@@ -19,10 +19,7 @@ impl Store {
             return Ok(first);
         }
         let mut tx = self.pool.begin().await?;
-        sqlx::query("INSERT INTO galleries (gallery_id) VALUES ($1) ON CONFLICT DO NOTHING")
-            .bind(new.gallery_id)
-            .execute(&mut *tx)
-            .await?;
+        create_gallery(&mut tx, new).await?;
         // DO UPDATE (a no-op) rather than DO NOTHING so the row comes back
         // and stays locked until commit: a concurrent DeleteSubject waits.
         let subject: i64 = sqlx::query_scalar(
@@ -126,6 +123,40 @@ impl Store {
             staged_templates: Vec::new(),
         }))
     }
+}
+
+/// Creates the enrolment's gallery unless it exists, within its caller's
+/// quota: the count and the insert are serialised per caller by an
+/// advisory lock held until commit, so concurrent creations cannot both
+/// pass the count.
+async fn create_gallery(tx: &mut Transaction<'_, Postgres>, new: &NewEnrollment<'_>) -> StoreResult<()> {
+    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM galleries WHERE gallery_id = $1")
+        .bind(new.gallery_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    if exists.is_some() {
+        return Ok(());
+    }
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('handid.galleries.' || $1, 0))")
+        .bind(new.creator)
+        .execute(&mut **tx)
+        .await?;
+    let created: i64 = sqlx::query_scalar("SELECT count(*) FROM galleries WHERE created_by = $1")
+        .bind(new.creator)
+        .fetch_one(&mut **tx)
+        .await?;
+    if created >= i64::from(new.max_galleries) {
+        return Err(StoreError::GalleryQuota {
+            caller: new.creator.to_owned(),
+            max: new.max_galleries,
+        });
+    }
+    sqlx::query("INSERT INTO galleries (gallery_id, created_by) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+        .bind(new.gallery_id)
+        .bind(new.creator)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 /// Inserts one template per embedding of `model_id` for an enrolment.

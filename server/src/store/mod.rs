@@ -45,6 +45,14 @@ pub enum StoreError {
     /// of images.
     #[error("idempotency key already used for a different enrolment")]
     IdempotencyKeyReused,
+    /// Creating the gallery would exceed its caller's gallery quota.
+    #[error("{caller:?} has created {max} galleries, its limit")]
+    GalleryQuota {
+        /// The caller.
+        caller: String,
+        /// The quota.
+        max: u32,
+    },
     /// A concurrent change won (e.g. the gallery was deleted during an
     /// enrolment, or a deadlock was broken by rolling this transaction
     /// back); named by the constraint or condition that caught it.

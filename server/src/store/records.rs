@@ -37,6 +37,11 @@ pub struct NewEnrollment<'a> {
     pub qualities: &'a [f32],
     /// Optional idempotency key.
     pub idempotency_key: Option<&'a str>,
+    /// Who enrols: the creator recorded when this creates the gallery.
+    pub creator: &'a str,
+    /// How many galleries `creator` may have created; creating one more
+    /// is refused ([`super::StoreError::GalleryQuota`]).
+    pub max_galleries: u32,
     /// During a model migration: the same images embedded by the staged
     /// model, stored in the same transaction (after the active model's, so
     /// a replay finds the active model's templates first).
