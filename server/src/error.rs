@@ -223,10 +223,9 @@ impl From<StoreError> for ServiceError {
                 tracing::info!(%constraint, "concurrent modification");
                 ServiceError::Conflict
             }
-            // The gallery / subject names are filled in by the caller, which
-            // knows them; these two are mapped there.
-            StoreError::GalleryNotFound | StoreError::SubjectNotFound => {
-                ServiceError::Internal(format!("unmapped store outcome: {e}"))
+            StoreError::GalleryNotFound(gallery) => ServiceError::GalleryNotFound(gallery),
+            StoreError::SubjectNotFound { gallery, subject } => {
+                ServiceError::SubjectNotFound { gallery, subject }
             }
             StoreError::Database(cause) => ServiceError::Internal(format!("database: {cause}")),
         }

@@ -42,12 +42,15 @@ impl Protection {
     pub fn stack(settings: &Settings, auth: Arc<Authenticator>) -> ProtectionLayer {
         ServiceBuilder::new()
             // 1. Request timeout: a call may not run forever; past
-            //    `server.request_timeout_ms` it is dropped (and with it its
-            //    batch slot and database work) and the client gets
+            //    `server.request_timeout_ms` (`admin_timeout_ms` for the
+            //    Admin service, whose reloads take minutes) it is dropped
+            //    (with it its decoding and batch slot; a write already
+            //    committing finishes on its own task) and the client gets
             //    DEADLINE_EXCEEDED. Outermost so it bounds everything below;
             //    it also records each call's latency.
             .layer(DeadlineLayer {
                 timeout: settings.request_timeout(),
+                admin_timeout: settings.admin_timeout(),
             })
             // 2. Authentication and scope: who is calling (API key or client
             //    certificate) and whether the method's scope is granted.
@@ -86,6 +89,7 @@ fn refuse<B: Default>(status: Status) -> http::Response<B> {
 #[derive(Debug, Clone)]
 pub struct DeadlineLayer {
     timeout: Duration,
+    admin_timeout: Duration,
 }
 
 impl<S> Layer<S> for DeadlineLayer {
@@ -94,6 +98,7 @@ impl<S> Layer<S> for DeadlineLayer {
         Deadline {
             inner,
             timeout: self.timeout,
+            admin_timeout: self.admin_timeout,
         }
     }
 }
@@ -103,6 +108,7 @@ impl<S> Layer<S> for DeadlineLayer {
 pub struct Deadline<S> {
     inner: S,
     timeout: Duration,
+    admin_timeout: Duration,
 }
 
 impl<S, B, R> Service<http::Request<B>> for Deadline<S>
@@ -124,8 +130,12 @@ where
         // The clone is the ready one's twin; keep the ready one for this call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let timeout = self.timeout;
         let method = request.uri().path().to_owned();
+        let timeout = if method.starts_with("/handid.v1.Admin/") {
+            self.admin_timeout
+        } else {
+            self.timeout
+        };
         let started = Instant::now();
         let call = inner.call(request);
         Box::pin(async move {

@@ -11,6 +11,7 @@
 //!   database nor the model: protobuf to the core's validated calls.
 //! - [`engine`]: the core: Enroll, Identify, Verify, ... and the audit log.
 //! - [`error`]: [`ServiceError`] and its one conversion to `tonic::Status`.
+//! - [`faults`]: test-only fault injection (feature `fault-injection`).
 //! - [`decode`]: untrusted image bytes to model input, judged from the
 //!   header first, under decode slots and a pixel budget, cancellable.
 //! - [`batcher`]: dynamic batching of forward passes on their own thread.
@@ -27,6 +28,7 @@ pub mod batcher;
 pub mod decode;
 pub mod engine;
 pub mod error;
+pub mod faults;
 pub mod index;
 pub mod layers;
 pub mod reload;

@@ -212,6 +212,7 @@ pub async fn run_with_reloads(
     // The last protection layer, per service: the largest message the codec
     // accepts (OUT_OF_RANGE beyond it); the others are in `layers.rs`.
     let max_message = settings.limits.max_message_bytes;
+    let engine_for_writes = Arc::clone(&engine);
     let handid = HandIdServer::new(HandIdService::new(Arc::clone(&engine)))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
@@ -255,6 +256,9 @@ pub async fn run_with_reloads(
         .add_service(admin)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
         .await;
+    // Writes whose calls were cancelled may still be committing: they
+    // finish before the server says it has stopped.
+    engine_for_writes.finish_writes().await;
     health_task.abort();
     reloader.abort();
     if let Some(follower) = follower {

@@ -75,7 +75,11 @@ pub struct ServerSettings {
     /// with RESOURCE_EXHAUSTED instead of queueing without bound.
     pub max_concurrent_requests: usize,
     /// A request running longer than this is cancelled (DEADLINE_EXCEEDED).
+    /// Writes already committing finish regardless.
     pub request_timeout_ms: u64,
+    /// The same for the Admin service, whose reloads load a checkpoint and
+    /// every gallery's templates (a reload past it still completes).
+    pub admin_timeout_ms: u64,
     /// How often the health check probes the database.
     pub health_check_interval_ms: u64,
     /// Calls per second one caller (API key, certificate subject, or peer
@@ -91,6 +95,7 @@ impl Default for ServerSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             max_concurrent_requests: 256,
             request_timeout_ms: 30_000,
+            admin_timeout_ms: 600_000,
             health_check_interval_ms: 1_000,
             rate_limit_per_second: 0.0,
             rate_limit_burst: 50,
@@ -400,6 +405,9 @@ impl Settings {
         if s.server.request_timeout_ms == 0 {
             return bad("server.request_timeout_ms", "must be at least 1");
         }
+        if s.server.admin_timeout_ms == 0 {
+            return bad("server.admin_timeout_ms", "must be at least 1");
+        }
         if s.server.health_check_interval_ms == 0 {
             return bad("server.health_check_interval_ms", "must be at least 1");
         }
@@ -530,6 +538,11 @@ impl Settings {
     /// The request timeout as a duration.
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.server.request_timeout_ms)
+    }
+
+    /// The Admin service's timeout as a duration.
+    pub fn admin_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.admin_timeout_ms)
     }
 }
 

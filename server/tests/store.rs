@@ -14,6 +14,18 @@ use uuid::Uuid;
 
 const MODEL: &str = "model-a";
 
+/// The audit row every write of these tests appends.
+const AUDIT: AuditEntry<'static> = AuditEntry {
+    actor: "tester",
+    peer: None,
+    action: "test",
+    gallery_id: None,
+    subject_id: None,
+    model_id: None,
+    outcome: "ok",
+    top_score: None,
+};
+
 async fn store(pool: PgPool) -> Store {
     let store = Store::from_pool(pool);
     store
@@ -53,23 +65,23 @@ async fn enroll_get_list_delete_round_trip(pool: PgPool) {
     let store = store(pool).await;
     let two = vec![vec![1.0, 0.0], vec![0.0, 1.0]];
     let first = store
-        .enroll(&enrollment("g1", "bob", &two, None))
+        .enroll(&enrollment("g1", "bob", &two, None), &AUDIT)
         .await
         .expect("enroll");
     assert_eq!(first.templates.len(), 2);
     assert_eq!(first.template_count, 2);
     assert!(first.templates[0].seq < first.templates[1].seq);
     let again = store
-        .enroll(&enrollment("g1", "bob", &two[..1], None))
+        .enroll(&enrollment("g1", "bob", &two[..1], None), &AUDIT)
         .await
         .expect("enroll");
     assert_eq!(again.template_count, 3, "templates accumulate per subject");
     store
-        .enroll(&enrollment("g1", "alice", &two[..1], None))
+        .enroll(&enrollment("g1", "alice", &two[..1], None), &AUDIT)
         .await
         .expect("enroll");
     store
-        .enroll(&enrollment("g2", "bob", &two[..1], None))
+        .enroll(&enrollment("g2", "bob", &two[..1], None), &AUDIT)
         .await
         .expect("enroll");
 
@@ -104,25 +116,28 @@ async fn enroll_get_list_delete_round_trip(pool: PgPool) {
             .all(|w| (w[0].gallery_id.as_str(), w[0].seq) < (w[1].gallery_id.as_str(), w[1].seq))
     );
 
-    assert_eq!(store.delete_subject("g1", "bob").await.expect("delete"), 3);
+    assert_eq!(
+        store.delete_subject("g1", "bob", &AUDIT).await.expect("delete"),
+        3
+    );
     assert!(matches!(
         store.get_subject("g1", "bob").await,
-        Err(StoreError::SubjectNotFound)
+        Err(StoreError::SubjectNotFound { .. })
     ));
     assert!(matches!(
-        store.delete_subject("g1", "bob").await,
-        Err(StoreError::SubjectNotFound)
+        store.delete_subject("g1", "bob", &AUDIT).await,
+        Err(StoreError::SubjectNotFound { .. })
     ));
     assert!(matches!(
-        store.delete_subject("nope", "bob").await,
-        Err(StoreError::GalleryNotFound)
+        store.delete_subject("nope", "bob", &AUDIT).await,
+        Err(StoreError::GalleryNotFound(_))
     ));
     assert!(matches!(
         store.list_subjects("nope", None, 5).await,
-        Err(StoreError::GalleryNotFound)
+        Err(StoreError::GalleryNotFound(_))
     ));
 
-    let erased = store.delete_gallery("g1").await.expect("delete gallery");
+    let erased = store.delete_gallery("g1", &AUDIT).await.expect("delete gallery");
     assert_eq!(
         erased,
         Erased {
@@ -133,8 +148,8 @@ async fn enroll_get_list_delete_round_trip(pool: PgPool) {
     assert!(!store.gallery_exists("g1").await.expect("exists"));
     assert!(store.gallery_exists("g2").await.expect("exists"));
     assert!(matches!(
-        store.delete_gallery("g1").await,
-        Err(StoreError::GalleryNotFound)
+        store.delete_gallery("g1", &AUDIT).await,
+        Err(StoreError::GalleryNotFound(_))
     ));
 }
 
@@ -143,11 +158,11 @@ async fn a_retried_enroll_returns_the_first_result(pool: PgPool) {
     let store = store(pool).await;
     let two = vec![vec![1.0, 0.0], vec![0.0, 1.0]];
     let first = store
-        .enroll(&enrollment("g", "s", &two, Some("k1")))
+        .enroll(&enrollment("g", "s", &two, Some("k1")), &AUDIT)
         .await
         .expect("enroll");
     let retry = store
-        .enroll(&enrollment("g", "s", &two, Some("k1")))
+        .enroll(&enrollment("g", "s", &two, Some("k1")), &AUDIT)
         .await
         .expect("retry");
     assert!(!first.replayed);
@@ -160,7 +175,7 @@ async fn a_retried_enroll_returns_the_first_result(pool: PgPool) {
         enrollment("g", "s", &two[..1], Some("k1")),
     ] {
         assert!(matches!(
-            store.enroll(&other).await,
+            store.enroll(&other, &AUDIT).await,
             Err(StoreError::IdempotencyKeyReused)
         ));
     }
@@ -186,10 +201,10 @@ async fn a_migration_enrolment_stores_both_models_and_replays_the_active_ones(po
         model_id: "model-b",
         embeddings: &staged,
     });
-    let first = store.enroll(&new).await.expect("dual enrolment");
+    let first = store.enroll(&new, &AUDIT).await.expect("dual enrolment");
     assert_eq!((first.templates.len(), first.staged_templates.len()), (2, 2));
     assert_eq!(first.template_count, 2, "counted for the active model");
-    let retry = store.enroll(&new).await.expect("replay");
+    let retry = store.enroll(&new, &AUDIT).await.expect("replay");
     assert!(retry.replayed);
     assert_eq!(retry.templates, first.templates);
     assert_eq!(retry.model_id, MODEL);
@@ -208,7 +223,7 @@ async fn a_migration_enrolment_stores_both_models_and_replays_the_active_ones(po
     assert!(changes.windows(2).all(|w| w[0].seq < w[1].seq));
     assert!(changes.iter().all(|c| c.subject_id.as_deref() == Some("s")));
     assert_eq!(store.last_change().await.expect("last"), changes[3].seq);
-    store.delete_gallery("g").await.expect("delete");
+    store.delete_gallery("g", &AUDIT).await.expect("delete");
     let mut kinds: Vec<String> = store
         .changes_after(changes[3].seq, 10)
         .await
@@ -229,7 +244,11 @@ async fn concurrent_retries_store_once(pool: PgPool) {
     let calls = (0..8).map(|_| {
         let store = store.clone();
         let one = one.clone();
-        tokio::spawn(async move { store.enroll(&enrollment("g", "s", &one, Some("same-key"))).await })
+        tokio::spawn(async move {
+            store
+                .enroll(&enrollment("g", "s", &one, Some("same-key")), &AUDIT)
+                .await
+        })
     });
     let results: Vec<Enrolled> = futures::future::join_all(calls)
         .await
@@ -248,15 +267,48 @@ async fn concurrent_retries_store_once(pool: PgPool) {
 
 #[sqlx::test(migrations = "../migrations")]
 async fn an_unknown_model_is_a_server_fault_not_a_conflict(pool: PgPool) {
-    let store = Store::from_pool(pool);
+    let store = Store::from_pool(pool.clone());
     let one = vec![vec![1.0, 0.0]];
     let err = store
-        .enroll(&enrollment("g", "s", &one, None))
+        .enroll(&enrollment("g", "s", &one, None), &AUDIT)
         .await
         .expect_err("no model row");
     assert!(matches!(err, StoreError::Database(_)), "{err:?}");
-    // The failed transaction left nothing behind.
+    // The failed transaction left nothing behind, its audit row included.
     assert!(!store.gallery_exists("g").await.expect("exists"));
+    assert_eq!(audit_count(&pool).await, 0);
+}
+
+async fn audit_count(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM audit_log")
+        .fetch_one(pool)
+        .await
+        .expect("count")
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_write_and_its_audit_row_commit_together(pool: PgPool) {
+    let store = store(pool.clone()).await;
+    let one = vec![vec![1.0, 0.0]];
+    store
+        .enroll(&enrollment("g", "s", &one, Some("k")), &AUDIT)
+        .await
+        .expect("enroll");
+    // A replay stores nothing, and appends no row here.
+    let replay = store
+        .enroll(&enrollment("g", "s", &one, Some("k")), &AUDIT)
+        .await
+        .expect("replay");
+    assert!(replay.replayed);
+    assert_eq!(audit_count(&pool).await, 1);
+    store.delete_subject("g", "s", &AUDIT).await.expect("delete");
+    assert_eq!(audit_count(&pool).await, 2);
+    // A deletion that finds nothing rolls its row back with it.
+    assert!(store.delete_subject("g", "s", &AUDIT).await.is_err());
+    assert!(store.delete_gallery("nope", &AUDIT).await.is_err());
+    assert_eq!(audit_count(&pool).await, 2);
+    store.delete_gallery("g", &AUDIT).await.expect("delete gallery");
+    assert_eq!(audit_count(&pool).await, 3);
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -298,7 +350,7 @@ async fn a_deadlock_is_a_conflict_the_client_may_retry(pool: PgPool) {
     let store = store(pool.clone()).await;
     let one = vec![vec![1.0, 0.0]];
     store
-        .enroll(&enrollment("g", "s", &one, None))
+        .enroll(&enrollment("g", "s", &one, None), &AUDIT)
         .await
         .expect("enroll");
     // An operator's transaction locks the subject, then (while the
@@ -316,7 +368,7 @@ async fn a_deadlock_is_a_conflict_the_client_may_retry(pool: PgPool) {
         .expect("lock the subject");
     let deleting = {
         let store = store.clone();
-        tokio::spawn(async move { store.delete_gallery("g").await })
+        tokio::spawn(async move { store.delete_gallery("g", &AUDIT).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let operator_side =
@@ -335,7 +387,7 @@ async fn a_deadlock_is_a_conflict_the_client_may_retry(pool: PgPool) {
     assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
     assert!(status.message().contains("retry"), "{}", status.message());
     // Nothing was deleted, and a retry now succeeds.
-    store.delete_gallery("g").await.expect("the retry");
+    store.delete_gallery("g", &AUDIT).await.expect("the retry");
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -344,7 +396,7 @@ async fn the_schema_refuses_non_finite_templates(pool: PgPool) {
     for value in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
         let poisoned = vec![vec![1.0, value]];
         let err = store
-            .enroll(&enrollment("g", "s", &poisoned, None))
+            .enroll(&enrollment("g", "s", &poisoned, None), &AUDIT)
             .await
             .expect_err("refused by the CHECK");
         assert!(
@@ -369,9 +421,9 @@ async fn each_caller_creates_at_most_its_quota_of_galleries(pool: PgPool) {
         max_galleries: 2,
         ..enrollment(gallery, "s", &one, None)
     };
-    store.enroll(&by("a1", "alice")).await.expect("first");
-    store.enroll(&by("a2", "alice")).await.expect("second");
-    let err = store.enroll(&by("a3", "alice")).await.expect_err("third");
+    store.enroll(&by("a1", "alice"), &AUDIT).await.expect("first");
+    store.enroll(&by("a2", "alice"), &AUDIT).await.expect("second");
+    let err = store.enroll(&by("a3", "alice"), &AUDIT).await.expect_err("third");
     assert!(
         matches!(&err, StoreError::GalleryQuota { caller, max: 2 } if caller == "alice"),
         "{err:?}"
@@ -379,26 +431,35 @@ async fn each_caller_creates_at_most_its_quota_of_galleries(pool: PgPool) {
     assert!(!store.gallery_exists("a3").await.expect("exists"));
     // Enrolling into a gallery that exists creates nothing: always allowed,
     // whoever created it.
-    store.enroll(&by("a1", "alice")).await.expect("existing gallery");
     store
-        .enroll(&by("a1", "bob"))
+        .enroll(&by("a1", "alice"), &AUDIT)
+        .await
+        .expect("existing gallery");
+    store
+        .enroll(&by("a1", "bob"), &AUDIT)
         .await
         .expect("someone else's gallery");
     // Another caller has its own quota; a deletion gives one back.
-    store.enroll(&by("b1", "bob")).await.expect("bob's first");
-    store.delete_gallery("a2").await.expect("delete");
-    store.enroll(&by("a3", "alice")).await.expect("room again");
+    store.enroll(&by("b1", "bob"), &AUDIT).await.expect("bob's first");
+    store.delete_gallery("a2", &AUDIT).await.expect("delete");
+    store
+        .enroll(&by("a3", "alice"), &AUDIT)
+        .await
+        .expect("room again");
     // Concurrent creations cannot both pass the count.
     let calls = ["c1", "c2", "c3", "c4"].map(|g| {
         let store = store.clone();
         let one = one.clone();
         tokio::spawn(async move {
             store
-                .enroll(&NewEnrollment {
-                    creator: "carol",
-                    max_galleries: 2,
-                    ..enrollment(g, "s", &one, None)
-                })
+                .enroll(
+                    &NewEnrollment {
+                        creator: "carol",
+                        max_galleries: 2,
+                        ..enrollment(g, "s", &one, None)
+                    },
+                    &AUDIT,
+                )
                 .await
         })
     });

@@ -3,42 +3,62 @@
 use tracing::Instrument;
 
 use super::page_token::encode_page_token;
+use std::sync::Arc;
+
 use super::{DEFAULT_FMR, Engine, Result, types::*};
 use crate::error::ServiceError;
-use crate::index::{IndexError, NewRow, lock};
-use crate::store::{Enrolled, Erased, NewEnrollment, StagedEmbeddings, StoreError, SubjectRecord};
+use crate::index::{NewRow, lock};
+use crate::store::{AuditEntry, Enrolled, Erased, NewEnrollment, StagedEmbeddings, SubjectRecord};
 use crate::telemetry::metrics;
 use handid_model::OperatingPoint;
 
 impl Engine {
     /// Enrolls the images of a subject into a gallery; returns once
-    /// committed.
-    pub async fn enroll(&self, caller: &Caller, call: EnrollCall) -> Result<Enrolled> {
+    /// committed. The images are embedded within the call; the commit, the
+    /// index update and the audit row then run to completion whether or not
+    /// the caller is still there ([`Engine::detach`]).
+    pub async fn enroll(self: &Arc<Self>, caller: &Caller, call: EnrollCall) -> Result<Enrolled> {
         let (gallery, name) = (call.gallery.clone(), call.subject.0.clone());
-        let result = self.enroll_inner(caller, call).await;
-        self.audited(caller, "enroll", Some(&gallery), result, |_| (Some(name), None))
-            .await
+        match self.embed_enrolment(call).await {
+            Ok(Prepared::Embedded(embedded)) => {
+                let (engine, caller) = (Arc::clone(self), caller.clone());
+                self.detach(async move { engine.commit_enrolment(&caller, embedded).await })
+                    .await
+            }
+            // A replay stores nothing: its row stands alone.
+            Ok(Prepared::Replayed(first)) => {
+                self.audited(caller, "enroll", Some(&gallery), Ok(first), |_| {
+                    (Some(name), None)
+                })
+                .await
+            }
+            Err(e) => {
+                self.audited(caller, "enroll", Some(&gallery), Err(e), |_: &Enrolled| {
+                    (None, None)
+                })
+                .await
+            }
+        }
     }
 
-    async fn enroll_inner(&self, caller: &Caller, call: EnrollCall) -> Result<Enrolled> {
+    /// The part of an enrolment that belongs to the call: a replay answered
+    /// from the database, or the images embedded by every slot.
+    async fn embed_enrolment(&self, call: EnrollCall) -> Result<Prepared> {
         let EnrollCall {
             gallery,
             subject,
             images,
             key,
         } = call;
-        let gallery = &gallery;
-        let subject = &subject;
-        let key = key.as_ref().map(IdempotencyKey::as_str);
         // A retry needs no forward pass: answer it before embedding.
-        if let Some(key) = key
+        if let Some(key) = &key
             && let Some(first) = self
                 .store
-                .find_replay(key, &gallery.0, &subject.0, images.len())
+                .find_replay(key.as_str(), &gallery.0, &subject.0, images.len())
                 .instrument(tracing::info_span!("database", op = "find_replay"))
                 .await?
         {
-            return Ok(first);
+            return Ok(Prepared::Replayed(first));
         }
         let active = self.active();
         let staged = self.staged();
@@ -52,38 +72,126 @@ impl Engine {
             }
             None => (active.batcher.embed(images).await?, None),
         };
-        // No quality estimator exists yet; every template records full quality.
-        let qualities = vec![1.0f32; embeddings.len()];
+        Ok(Prepared::Embedded(EmbeddedEnrolment {
+            gallery,
+            subject,
+            key,
+            active,
+            embeddings,
+            staged: staged.zip(staged_embeddings),
+        }))
+    }
+
+    /// Commits an embedded enrolment with its audit row (one transaction),
+    /// then adds it to the indexes. Runs detached from the call.
+    async fn commit_enrolment(&self, caller: &Caller, e: EmbeddedEnrolment) -> Result<Enrolled> {
+        let (gallery, subject) = (&e.gallery, &e.subject);
         let writer = self.writer(&gallery.0);
         let _serialised = writer.lock().await;
-        let enrolled = self
+        let _published = self.publishing.read().await;
+        // No quality estimator exists yet; every template records full quality.
+        let qualities = vec![1.0f32; e.embeddings.len()];
+        let stored = self
             .store
-            .enroll(&NewEnrollment {
-                gallery_id: &gallery.0,
-                subject_id: &subject.0,
-                model_id: active.model_id(),
-                embeddings: &embeddings,
-                qualities: &qualities,
-                idempotency_key: key,
-                creator: &caller.id,
-                max_galleries: self.limits.max_galleries_per_caller,
-                staged: staged
-                    .as_ref()
-                    .zip(staged_embeddings.as_deref())
-                    .map(|(slot, embeddings)| StagedEmbeddings {
+            .enroll(
+                &NewEnrollment {
+                    gallery_id: &gallery.0,
+                    subject_id: &subject.0,
+                    model_id: e.active.model_id(),
+                    embeddings: &e.embeddings,
+                    qualities: &qualities,
+                    idempotency_key: e.key.as_ref().map(IdempotencyKey::as_str),
+                    creator: &caller.id,
+                    max_galleries: self.limits.max_galleries_per_caller,
+                    staged: e.staged.as_ref().map(|(slot, embeddings)| StagedEmbeddings {
                         model_id: slot.model_id(),
                         embeddings,
                     }),
-            })
+                },
+                &AuditEntry {
+                    actor: &caller.id,
+                    peer: caller.peer.as_deref(),
+                    action: "enroll",
+                    gallery_id: Some(&gallery.0),
+                    subject_id: Some(&subject.0),
+                    model_id: Some(e.active.model_id()),
+                    outcome: "ok",
+                    top_score: None,
+                },
+            )
             .instrument(tracing::info_span!("database", op = "enroll"))
-            .await?;
-        if !enrolled.replayed {
-            append_enrolled(&active, &gallery.0, &subject.0, &enrolled.templates, &embeddings)?;
-            if let (Some(slot), Some(vectors)) = (&staged, &staged_embeddings) {
-                append_enrolled(slot, &gallery.0, &subject.0, &enrolled.staged_templates, vectors)?;
+            .await;
+        let enrolled = match stored {
+            Ok(enrolled) => enrolled,
+            Err(error) => {
+                return self
+                    .audited(
+                        caller,
+                        "enroll",
+                        Some(gallery),
+                        Err(error.into()),
+                        |_: &Enrolled| (None, None),
+                    )
+                    .await;
             }
+        };
+        if enrolled.replayed {
+            // A concurrent call with the same key stored first; this one
+            // stored nothing and its row stands alone.
+            let name = subject.0.clone();
+            return self
+                .audited(caller, "enroll", Some(gallery), Ok(enrolled), |_| {
+                    (Some(name), None)
+                })
+                .await;
+        }
+        if let Some(pause) = crate::faults::after_commit() {
+            tokio::time::sleep(pause).await;
+        }
+        // Committed: from here on the answer is yes. An index that cannot
+        // take the rows (device memory) is logged; the change feed re-reads
+        // the subject at its next pass.
+        self.index_enrolled(gallery, subject, &e.active, &enrolled.templates, &e.embeddings);
+        if let Some((slot, vectors)) = &e.staged {
+            self.index_enrolled(gallery, subject, slot, &enrolled.staged_templates, vectors);
         }
         Ok(enrolled)
+    }
+
+    /// Adds committed templates embedded by `by`'s model to every current
+    /// slot that compares that model's space (the slots may have changed
+    /// since the images were embedded: a reload in between).
+    fn index_enrolled(
+        &self,
+        gallery: &Id,
+        subject: &Id,
+        by: &Slot,
+        templates: &[crate::store::CreatedTemplate],
+        embeddings: &[Vec<f32>],
+    ) {
+        let space = &by.model.embedder.manifest().embedding_space;
+        let rows: Vec<NewRow<'_>> = templates
+            .iter()
+            .zip(embeddings)
+            .map(|(t, e)| NewRow {
+                subject_id: &subject.0,
+                seq: t.seq,
+                embedding: e,
+            })
+            .collect();
+        for slot in self.slots() {
+            if !slot.spaces.contains(space) || slot.model.embedder.dim() != by.model.embedder.dim() {
+                continue;
+            }
+            if let Err(error) = lock(&slot.indexes.get_or_create(&gallery.0)).append(&rows) {
+                tracing::error!(
+                    %error,
+                    gallery = %gallery.0,
+                    subject = %subject.0,
+                    "committed templates not indexed; the change feed will re-read them"
+                );
+            }
+        }
     }
 
     /// 1:N search of a gallery for the subject in a probe image.
@@ -186,10 +294,7 @@ impl Engine {
         };
         let Some(score) = score else {
             // Not in the index: say precisely why.
-            self.store
-                .get_subject(&gallery.0, &subject.0)
-                .await
-                .map_err(|e| not_found(e, gallery, Some(subject)))?;
+            self.store.get_subject(&gallery.0, &subject.0).await?;
             return Err(ServiceError::NoTemplatesForModel {
                 subject: subject.0.clone(),
                 model_id: slot.model_id().to_owned(),
@@ -216,61 +321,123 @@ impl Engine {
         })
     }
 
-    /// Erases a subject from the database and the index.
-    pub async fn delete_subject(&self, caller: &Caller, gallery: Id, subject: Id) -> Result<u32> {
-        let result = async {
-            let writer = self.writer(&gallery.0);
-            let _serialised = writer.lock().await;
-            let erased = self
-                .store
-                .delete_subject(&gallery.0, &subject.0)
-                .await
-                .map_err(|e| not_found(e, &gallery, Some(&subject)))?;
-            for slot in self.slots() {
-                if let Some(index) = slot.indexes.get(&gallery.0) {
-                    lock(&index).remove_subject(&subject.0)?;
-                    slot.indexes.forget_if_empty(&gallery.0);
-                }
-            }
-            Ok(erased)
-        }
-        .await;
-        let name = subject.0.clone();
-        self.audited(caller, "delete_subject", Some(&gallery), result, |_| {
-            (Some(name), None)
-        })
-        .await
+    /// Erases a subject from the database (with its audit row, one
+    /// transaction) and from every index; detached from the call.
+    pub async fn delete_subject(self: &Arc<Self>, caller: &Caller, gallery: Id, subject: Id) -> Result<u32> {
+        let (engine, caller) = (Arc::clone(self), caller.clone());
+        self.detach(async move { engine.erase_subject(&caller, gallery, subject).await })
+            .await
     }
 
-    /// Erases a gallery from the database and the index.
-    pub async fn delete_gallery(&self, caller: &Caller, gallery: Id) -> Result<Erased> {
-        let result = async {
-            let writer = self.writer(&gallery.0);
-            let _serialised = writer.lock().await;
-            let erased = self
-                .store
-                .delete_gallery(&gallery.0)
-                .await
-                .map_err(|e| not_found(e, &gallery, None))?;
-            for slot in self.slots() {
-                if let Some(index) = slot.indexes.get(&gallery.0) {
-                    lock(&index).clear();
-                    slot.indexes.forget_if_empty(&gallery.0);
-                }
+    async fn erase_subject(&self, caller: &Caller, gallery: Id, subject: Id) -> Result<u32> {
+        let writer = self.writer(&gallery.0);
+        let _serialised = writer.lock().await;
+        let _published = self.publishing.read().await;
+        let model_id = self.model_id();
+        let erased = self
+            .store
+            .delete_subject(
+                &gallery.0,
+                &subject.0,
+                &AuditEntry {
+                    actor: &caller.id,
+                    peer: caller.peer.as_deref(),
+                    action: "delete_subject",
+                    gallery_id: Some(&gallery.0),
+                    subject_id: Some(&subject.0),
+                    model_id: Some(&model_id),
+                    outcome: "ok",
+                    top_score: None,
+                },
+            )
+            .instrument(tracing::info_span!("database", op = "delete_subject"))
+            .await;
+        let erased = match erased {
+            Ok(erased) => erased,
+            Err(error) => {
+                return self
+                    .audited(
+                        caller,
+                        "delete_subject",
+                        Some(&gallery),
+                        Err(error.into()),
+                        |_: &u32| (None, None),
+                    )
+                    .await;
             }
-            Ok(erased)
+        };
+        if let Some(pause) = crate::faults::after_commit() {
+            tokio::time::sleep(pause).await;
         }
-        .await;
-        self.audited(caller, "delete_gallery", Some(&gallery), result, |_| (None, None))
+        for slot in self.slots() {
+            if let Some(index) = slot.indexes.get(&gallery.0) {
+                // The subject leaves the index's bookkeeping first, so even a
+                // failure moving its rows cannot make a search return it.
+                if let Err(error) = lock(&index).remove_subject(&subject.0) {
+                    tracing::error!(%error, gallery = %gallery.0, "erased subject's rows not reclaimed");
+                }
+                slot.indexes.forget_if_empty(&gallery.0);
+            }
+        }
+        Ok(erased)
+    }
+
+    /// Erases a gallery from the database (with its audit row, one
+    /// transaction) and from every index; detached from the call.
+    pub async fn delete_gallery(self: &Arc<Self>, caller: &Caller, gallery: Id) -> Result<Erased> {
+        let (engine, caller) = (Arc::clone(self), caller.clone());
+        self.detach(async move { engine.erase_gallery(&caller, gallery).await })
             .await
+    }
+
+    async fn erase_gallery(&self, caller: &Caller, gallery: Id) -> Result<Erased> {
+        let writer = self.writer(&gallery.0);
+        let _serialised = writer.lock().await;
+        let _published = self.publishing.read().await;
+        let model_id = self.model_id();
+        let erased = self
+            .store
+            .delete_gallery(
+                &gallery.0,
+                &AuditEntry {
+                    actor: &caller.id,
+                    peer: caller.peer.as_deref(),
+                    action: "delete_gallery",
+                    gallery_id: Some(&gallery.0),
+                    subject_id: None,
+                    model_id: Some(&model_id),
+                    outcome: "ok",
+                    top_score: None,
+                },
+            )
+            .instrument(tracing::info_span!("database", op = "delete_gallery"))
+            .await;
+        let erased = match erased {
+            Ok(erased) => erased,
+            Err(error) => {
+                return self
+                    .audited(
+                        caller,
+                        "delete_gallery",
+                        Some(&gallery),
+                        Err(error.into()),
+                        |_: &Erased| (None, None),
+                    )
+                    .await;
+            }
+        };
+        for slot in self.slots() {
+            if let Some(index) = slot.indexes.get(&gallery.0) {
+                lock(&index).clear();
+                slot.indexes.forget_if_empty(&gallery.0);
+            }
+        }
+        Ok(erased)
     }
 
     /// One subject's record.
     pub async fn get_subject(&self, gallery: Id, subject: Id) -> Result<SubjectRecord> {
-        self.store
-            .get_subject(&gallery.0, &subject.0)
-            .await
-            .map_err(|e| not_found(e, &gallery, Some(&subject)))
+        Ok(self.store.get_subject(&gallery.0, &subject.0).await?)
     }
 
     /// One page of a gallery's subjects, by subject id.
@@ -279,8 +446,7 @@ impl Engine {
         let mut subjects = self
             .store
             .list_subjects(&gallery.0, after.as_ref().map(Id::as_str), size + 1)
-            .await
-            .map_err(|e| not_found(e, &gallery, None))?;
+            .await?;
         let next_page_token = if subjects.len() > size as usize {
             subjects.truncate(size as usize);
             subjects.last().map(|s| encode_page_token(&s.subject_id))
@@ -294,24 +460,23 @@ impl Engine {
     }
 }
 
-/// Appends the rows of one enrolment to a slot's index.
-fn append_enrolled(
-    slot: &Slot,
-    gallery: &str,
-    subject: &str,
-    templates: &[crate::store::CreatedTemplate],
-    embeddings: &[Vec<f32>],
-) -> Result<(), IndexError> {
-    let rows: Vec<NewRow<'_>> = templates
-        .iter()
-        .zip(embeddings)
-        .map(|(t, e)| NewRow {
-            subject_id: subject,
-            seq: t.seq,
-            embedding: e,
-        })
-        .collect();
-    lock(&slot.indexes.get_or_create(gallery)).append(&rows)
+/// An enrolment after its call's part.
+enum Prepared {
+    /// A retry of a stored enrolment: its first result.
+    Replayed(Enrolled),
+    /// Images embedded, ready to commit.
+    Embedded(EmbeddedEnrolment),
+}
+
+/// An enrolment's embeddings, with the slots that made them.
+struct EmbeddedEnrolment {
+    gallery: Id,
+    subject: Id,
+    key: Option<IdempotencyKey>,
+    active: Arc<Slot>,
+    embeddings: Vec<Vec<f32>>,
+    /// During a migration: the staged slot and its embeddings.
+    staged: Option<(Arc<Slot>, Vec<Vec<f32>>)>,
 }
 
 async fn embed_one(slot: &Slot, image: Vec<u8>) -> Result<Vec<f32>> {
@@ -346,18 +511,6 @@ fn find_operating_point(points: &[OperatingPoint], fmr: f64) -> Option<(f32, f64
         .iter()
         .find(|p| (p.fmr - fmr).abs() <= 1e-9 * fmr.abs().max(f64::MIN_POSITIVE))
         .map(|p| (p.threshold, p.fmr))
-}
-
-/// Names the missing gallery or subject.
-fn not_found(e: StoreError, gallery: &Id, subject: Option<&Id>) -> ServiceError {
-    match (e, subject) {
-        (StoreError::GalleryNotFound, _) => ServiceError::GalleryNotFound(gallery.0.clone()),
-        (StoreError::SubjectNotFound, Some(subject)) => ServiceError::SubjectNotFound {
-            gallery: gallery.0.clone(),
-            subject: subject.0.clone(),
-        },
-        (other, _) => other.into(),
-    }
 }
 
 #[cfg(test)]

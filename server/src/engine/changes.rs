@@ -26,10 +26,10 @@ impl Engine {
         }
     }
 
-    /// Re-applies the changes after `from` (idempotent), then goes on from
-    /// wherever the follower had got to.
-    pub(super) async fn resync_since(&self, from: i64) -> Result<(), LoadError> {
-        let _one = self.applying.lock().await;
+    /// Applies every change after `from` to `slot` alone: a slot being
+    /// loaded, not yet published, so no other code touches it. The caller
+    /// holds the change lock.
+    pub(super) async fn catch_up_slot(&self, slot: &Slot, from: i64) -> Result<(), LoadError> {
         let mut after = from;
         loop {
             let changes = self.store.changes_after(after, CHANGE_BATCH).await?;
@@ -37,49 +37,56 @@ impl Engine {
                 return Ok(());
             };
             for change in &changes {
-                self.apply_change(change).await?;
+                self.apply_change_to(slot, change).await?;
             }
             after = last;
-            self.applied.fetch_max(last, Ordering::SeqCst);
         }
     }
 
     /// Makes every slot's index of the change's gallery agree with the
-    /// database: a subject's templates are re-read and replace what the
-    /// index holds (so applying a change twice is harmless); a deleted
-    /// gallery is emptied.
+    /// database (see [`Engine::apply_change_to`]), under the gallery's
+    /// writer lock.
     async fn apply_change(&self, change: &Change) -> Result<(), LoadError> {
         let writer = self.writer(&change.gallery_id);
         let _serialised = writer.lock().await;
         for slot in self.slots() {
-            match change.subject_id.as_deref() {
-                Some(subject) if change.kind == "subject" => {
-                    let dim = slot.model.embedder.dim();
-                    let rows = self
-                        .store
-                        .subject_templates_in_spaces(&change.gallery_id, subject, &slot.spaces, dim)
-                        .await?;
-                    let index = if rows.is_empty() {
-                        slot.indexes.get(&change.gallery_id)
-                    } else {
-                        Some(slot.indexes.get_or_create(&change.gallery_id))
-                    };
-                    if let Some(index) = index {
-                        let new: Vec<NewRow<'_>> = rows.iter().map(TemplateRow::as_new_row).collect();
-                        // One critical section: a search never sees the
-                        // subject half replaced.
-                        let mut index = lock(&index);
-                        index.remove_subject(subject)?;
-                        index.append(&new)?;
-                    }
-                    slot.indexes.forget_if_empty(&change.gallery_id);
+            self.apply_change_to(&slot, change).await?;
+        }
+        Ok(())
+    }
+
+    /// Makes `slot`'s index of the change's gallery agree with the
+    /// database: a subject's templates are re-read and replace what the
+    /// index holds (so applying a change twice is harmless); a deleted
+    /// gallery is emptied.
+    async fn apply_change_to(&self, slot: &Slot, change: &Change) -> Result<(), LoadError> {
+        match change.subject_id.as_deref() {
+            Some(subject) if change.kind == "subject" => {
+                let dim = slot.model.embedder.dim();
+                let rows = self
+                    .store
+                    .subject_templates_in_spaces(&change.gallery_id, subject, &slot.spaces, dim)
+                    .await?;
+                let index = if rows.is_empty() {
+                    slot.indexes.get(&change.gallery_id)
+                } else {
+                    Some(slot.indexes.get_or_create(&change.gallery_id))
+                };
+                if let Some(index) = index {
+                    let new: Vec<NewRow<'_>> = rows.iter().map(TemplateRow::as_new_row).collect();
+                    // One critical section: a search never sees the
+                    // subject half replaced.
+                    let mut index = lock(&index);
+                    index.remove_subject(subject)?;
+                    index.append(&new)?;
                 }
-                _ => {
-                    if let Some(index) = slot.indexes.get(&change.gallery_id) {
-                        lock(&index).clear();
-                    }
-                    slot.indexes.forget_if_empty(&change.gallery_id);
+                slot.indexes.forget_if_empty(&change.gallery_id);
+            }
+            _ => {
+                if let Some(index) = slot.indexes.get(&change.gallery_id) {
+                    lock(&index).clear();
                 }
+                slot.indexes.forget_if_empty(&change.gallery_id);
             }
         }
         Ok(())

@@ -33,6 +33,7 @@ mod models;
 mod page_token;
 pub mod types;
 
+use std::future::Future;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
@@ -52,6 +53,9 @@ pub use types::*;
 
 /// The FMR whose calibrated threshold decides when a call gives no rule.
 pub const DEFAULT_FMR: f64 = 1e-3;
+/// Writes in progress at most (a bound never reached: the concurrency
+/// limit of the middleware is far lower); shutdown waits for all of them.
+const WRITES: usize = 1 << 20;
 /// Writer locks: galleries sharing one only wait for each other's writes.
 const WRITER_LOCKS: usize = 64;
 /// Templates per index append while loading from Postgres.
@@ -75,8 +79,16 @@ pub struct Engine {
     writers: [tokio::sync::Mutex<()>; WRITER_LOCKS],
     /// One reload or promotion at a time.
     reloading: tokio::sync::Mutex<()>,
-    /// One catch-up at a time; changes are applied in order.
+    /// One catch-up at a time; changes are applied in order. Also held by
+    /// a reload while it catches the new slot up and publishes it.
     applying: tokio::sync::Mutex<()>,
+    /// Writers (enrolment, erasure) hold it shared from their commit to
+    /// their index update; a reload holds it exclusively to catch its new
+    /// slot up and publish it, so no write falls between the two.
+    publishing: tokio::sync::RwLock<()>,
+    /// One permit per write in progress, detached from its call; shutdown
+    /// takes them all, so it waits for every write to finish.
+    writes: Arc<tokio::sync::Semaphore>,
     /// The last change applied to the indexes.
     applied: AtomicI64,
 }
@@ -111,6 +123,8 @@ impl Engine {
             writers: std::array::from_fn(|_| tokio::sync::Mutex::new(())),
             reloading: tokio::sync::Mutex::new(()),
             applying: tokio::sync::Mutex::new(()),
+            publishing: tokio::sync::RwLock::new(()),
+            writes: Arc::new(tokio::sync::Semaphore::new(WRITES)),
             applied: AtomicI64::new(applied),
         };
         engine.load_indexes(&engine.active()).await?;
@@ -213,6 +227,38 @@ impl Engine {
         let mut hasher = std::hash::DefaultHasher::new();
         gallery.hash(&mut hasher);
         &self.writers[(hasher.finish() % WRITER_LOCKS as u64) as usize]
+    }
+
+    /// Runs `write` (a commit, its index update and its audit row) on its
+    /// own task: it runs to completion even when the call that started it
+    /// is cancelled or passes its deadline, so a client that gave up finds
+    /// the write either wholly done or not done at all.
+    async fn detach<T: Send + 'static>(
+        &self,
+        write: impl Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        let permit = Arc::clone(&self.writes)
+            .acquire_owned()
+            .await
+            .map_err(|_| ServiceError::ShuttingDown)?;
+        let task = tokio::spawn(
+            async move {
+                let _permit = permit;
+                write.await
+            }
+            .in_current_span(),
+        );
+        task.await
+            .map_err(|e| ServiceError::Internal(format!("write task: {e}")))?
+    }
+
+    /// Waits for every detached write to finish and refuses new ones (the
+    /// last step of a graceful shutdown).
+    pub async fn finish_writes(&self) {
+        if let Ok(all) = self.writes.acquire_many(WRITES as u32).await {
+            all.forget();
+        }
+        self.writes.close();
     }
 
     /// Writes the audit row of a call. A successful call whose audit row

@@ -32,15 +32,28 @@ impl Engine {
     /// Loads the checkpoint folder `path` (the active model's folder when
     /// `None`) on the side, checks it and swaps it in, or stages it as a
     /// migration. A refused checkpoint changes nothing.
-    pub async fn reload(&self, caller: &Caller, path: Option<PathBuf>, mode: ReloadMode) -> Result<Reloaded> {
-        let result = self.reload_inner(path, mode).await;
-        let outcome = match &result {
-            Ok(_) => "ok".to_owned(),
-            Err(e) => code_name(e.code()),
-        };
-        metrics().model_reloaded(&outcome);
-        self.audited(caller, "reload", None, result, |_| (None, None))
-            .await
+    ///
+    /// Detached from the call: a reload once begun runs to its end and is
+    /// audited, whether or not the operator's client waits for it.
+    pub async fn reload(
+        self: &Arc<Self>,
+        caller: &Caller,
+        path: Option<PathBuf>,
+        mode: ReloadMode,
+    ) -> Result<Reloaded> {
+        let (engine, caller) = (Arc::clone(self), caller.clone());
+        self.detach(async move {
+            let result = engine.reload_inner(path, mode).await;
+            let outcome = match &result {
+                Ok(_) => "ok".to_owned(),
+                Err(e) => code_name(e.code()),
+            };
+            metrics().model_reloaded(&outcome);
+            engine
+                .audited(&caller, "reload", None, result, |_| (None, None))
+                .await
+        })
+        .await
     }
 
     async fn reload_inner(&self, path: Option<PathBuf>, mode: ReloadMode) -> Result<Reloaded> {
@@ -113,21 +126,32 @@ impl Engine {
                 .await
                 .map_err(|e| ServiceError::Internal(format!("loading the new model's indexes: {e}")))?;
         }
-        if staging {
-            *self
-                .staged
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::clone(&slot));
-        } else {
-            *self
-                .active
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::clone(&slot);
+        if let Some(pause) = crate::faults::after_index_load() {
+            tokio::time::sleep(pause).await;
         }
-        if !shared {
-            // Enrolments committed while the index loaded went to the old
-            // slots only: re-read what changed since the load began.
-            self.resync_since(from).await?;
+        {
+            // Under the change lock and with writers held off: changes
+            // committed while the index loaded (here and on other replicas)
+            // are applied to the new slot before any call can see it, and
+            // none lands between the catch-up and the publication.
+            let _applying = self.applying.lock().await;
+            let _published = self.publishing.write().await;
+            if !shared {
+                self.catch_up_slot(&slot, from).await.map_err(|e| {
+                    ServiceError::Internal(format!("catching the new model's indexes up: {e}"))
+                })?;
+            }
+            if staging {
+                *self
+                    .staged
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::clone(&slot));
+            } else {
+                *self
+                    .active
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::clone(&slot);
+            }
         }
         let role = if staging { "staged" } else { "active" };
         self.store.mark_model(slot.model_id(), role).await?;
@@ -147,10 +171,16 @@ impl Engine {
 
     /// Makes the staged model the active one. With `require_full_coverage`,
     /// refuses while any subject lacks a template of the staged model.
-    pub async fn promote(&self, caller: &Caller, require_full_coverage: bool) -> Result<Promoted> {
-        let result = self.promote_inner(require_full_coverage).await;
-        self.audited(caller, "promote", None, result, |_| (None, None))
-            .await
+    /// Detached from the call, as a reload.
+    pub async fn promote(self: &Arc<Self>, caller: &Caller, require_full_coverage: bool) -> Result<Promoted> {
+        let (engine, caller) = (Arc::clone(self), caller.clone());
+        self.detach(async move {
+            let result = engine.promote_inner(require_full_coverage).await;
+            engine
+                .audited(&caller, "promote", None, result, |_| (None, None))
+                .await
+        })
+        .await
     }
 
     async fn promote_inner(&self, require_full_coverage: bool) -> Result<Promoted> {

@@ -3,14 +3,16 @@
 use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
-use super::{CreatedTemplate, Enrolled, NewEnrollment, Store, StoreError, StoreResult, to_u32};
+use super::{AuditEntry, CreatedTemplate, Enrolled, NewEnrollment, Store, StoreError, StoreResult, to_u32};
 
 impl Store {
     /// Stores an enrolment in one transaction and returns once it is
     /// committed. With an idempotency key, a retry (even a concurrent one)
     /// returns the first call's result: the key's primary key decides which
     /// call is first, not a read-then-write check.
-    pub async fn enroll(&self, new: &NewEnrollment<'_>) -> StoreResult<Enrolled> {
+    /// `audit` is appended in the same transaction: the enrolment and its
+    /// record commit together (a replay appends nothing here).
+    pub async fn enroll(&self, new: &NewEnrollment<'_>, audit: &AuditEntry<'_>) -> StoreResult<Enrolled> {
         if let Some(key) = new.idempotency_key
             && let Some(first) = self
                 .find_replay(key, new.gallery_id, new.subject_id, new.embeddings.len())
@@ -58,6 +60,7 @@ impl Store {
             None => Vec::new(),
         };
         let template_count = count_templates(&mut tx, subject, new.model_id).await?;
+        super::audit::insert(&mut *tx, audit).await?;
         tx.commit().await?;
         Ok(Enrolled {
             templates,

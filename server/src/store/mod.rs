@@ -36,11 +36,16 @@ pub enum StoreError {
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
     /// No such gallery.
-    #[error("unknown gallery")]
-    GalleryNotFound,
+    #[error("gallery {0:?} not found")]
+    GalleryNotFound(String),
     /// No such subject in the gallery.
-    #[error("unknown subject")]
-    SubjectNotFound,
+    #[error("subject {subject:?} not found in gallery {gallery:?}")]
+    SubjectNotFound {
+        /// The gallery.
+        gallery: String,
+        /// The subject.
+        subject: String,
+    },
     /// The idempotency key was used for another gallery, subject or number
     /// of images.
     #[error("idempotency key already used for a different enrolment")]

@@ -6,11 +6,17 @@ use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
-use super::{Erased, Store, StoreError, StoreResult, SubjectRecord, TemplateMeta, to_u32};
+use super::{AuditEntry, Erased, Store, StoreError, StoreResult, SubjectRecord, TemplateMeta, to_u32};
 
 impl Store {
-    /// Erases a subject and its templates; returns the number of templates.
-    pub async fn delete_subject(&self, gallery_id: &str, subject_id: &str) -> StoreResult<u32> {
+    /// Erases a subject and its templates, and appends `audit` in the same
+    /// transaction; returns the number of templates.
+    pub async fn delete_subject(
+        &self,
+        gallery_id: &str,
+        subject_id: &str,
+        audit: &AuditEntry<'_>,
+    ) -> StoreResult<u32> {
         let mut tx = self.pool.begin().await?;
         let subject: Option<i64> = sqlx::query_scalar(
             "SELECT id FROM subjects WHERE gallery_id = $1 AND subject_id = $2 FOR UPDATE",
@@ -20,7 +26,7 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(subject) = subject else {
-            return Err(self.missing(&mut tx, gallery_id).await);
+            return Err(self.missing(&mut tx, gallery_id, subject_id).await);
         };
         let templates: i64 = sqlx::query_scalar("SELECT count(*) FROM templates WHERE subject = $1")
             .bind(subject)
@@ -30,12 +36,14 @@ impl Store {
             .bind(subject)
             .execute(&mut *tx)
             .await?;
+        super::audit::insert(&mut *tx, audit).await?;
         tx.commit().await?;
         Ok(to_u32(templates))
     }
 
-    /// Erases a gallery, its subjects and templates.
-    pub async fn delete_gallery(&self, gallery_id: &str) -> StoreResult<Erased> {
+    /// Erases a gallery, its subjects and templates, and appends `audit` in
+    /// the same transaction.
+    pub async fn delete_gallery(&self, gallery_id: &str, audit: &AuditEntry<'_>) -> StoreResult<Erased> {
         let mut tx = self.pool.begin().await?;
         let found: Option<String> =
             sqlx::query_scalar("SELECT gallery_id FROM galleries WHERE gallery_id = $1 FOR UPDATE")
@@ -43,7 +51,7 @@ impl Store {
                 .fetch_optional(&mut *tx)
                 .await?;
         if found.is_none() {
-            return Err(StoreError::GalleryNotFound);
+            return Err(StoreError::GalleryNotFound(gallery_id.to_owned()));
         }
         let (subjects, templates): (i64, i64) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM subjects WHERE gallery_id = $1),
@@ -56,6 +64,7 @@ impl Store {
             .bind(gallery_id)
             .execute(&mut *tx)
             .await?;
+        super::audit::insert(&mut *tx, audit).await?;
         tx.commit().await?;
         Ok(Erased {
             subjects: to_u32(subjects),
@@ -76,15 +85,23 @@ impl Store {
 
     /// `GalleryNotFound` or `SubjectNotFound`, whichever explains a missing
     /// subject row.
-    async fn missing(&self, tx: &mut Transaction<'_, Postgres>, gallery_id: &str) -> StoreError {
+    async fn missing(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        gallery_id: &str,
+        subject_id: &str,
+    ) -> StoreError {
         let gallery: Result<Option<i32>, sqlx::Error> =
             sqlx::query_scalar("SELECT 1 FROM galleries WHERE gallery_id = $1")
                 .bind(gallery_id)
                 .fetch_optional(&mut **tx)
                 .await;
         match gallery {
-            Ok(Some(_)) => StoreError::SubjectNotFound,
-            Ok(None) => StoreError::GalleryNotFound,
+            Ok(Some(_)) => StoreError::SubjectNotFound {
+                gallery: gallery_id.to_owned(),
+                subject: subject_id.to_owned(),
+            },
+            Ok(None) => StoreError::GalleryNotFound(gallery_id.to_owned()),
             Err(e) => e.into(),
         }
     }
@@ -99,7 +116,7 @@ impl Store {
                 .fetch_optional(&mut *tx)
                 .await?;
         let Some((id, created_at)) = row else {
-            return Err(self.missing(&mut tx, gallery_id).await);
+            return Err(self.missing(&mut tx, gallery_id, subject_id).await);
         };
         let mut templates = templates_of(&mut tx, &[id]).await?;
         tx.commit().await?;
@@ -123,7 +140,7 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?;
         if found.is_none() {
-            return Err(StoreError::GalleryNotFound);
+            return Err(StoreError::GalleryNotFound(gallery_id.to_owned()));
         }
         let subjects: Vec<(i64, String, DateTime<Utc>)> = sqlx::query_as(
             "SELECT id, subject_id, created_at FROM subjects
