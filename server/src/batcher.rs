@@ -12,8 +12,9 @@
 //! A bad image fails in stage 1 and never reaches a batch, so it fails only
 //! the call that sent it.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,7 @@ use tokio::sync::oneshot;
 
 use crate::decode::Decoding;
 use crate::error::ImageProblem;
+use crate::faults::ForwardFault;
 use crate::settings::BatchSettings;
 use crate::telemetry::metrics;
 use tracing::Instrument;
@@ -44,6 +46,9 @@ pub enum BatchError {
     /// The model failed on a batch (a server fault).
     #[error("{0}")]
     Model(String),
+    /// The model cannot run on this replica at present.
+    #[error("the model cannot run")]
+    Unavailable,
 }
 
 /// Why the forward thread could not give an image its embedding.
@@ -54,6 +59,8 @@ enum Forward {
     /// This image's embedding has a NaN or an infinity: it never leaves the
     /// forward thread, so it can never become a template or a probe.
     NotFinite,
+    /// The model cannot run (its self-test fails since a batch failed).
+    Unavailable,
 }
 
 /// One preprocessed image waiting for a forward pass.
@@ -66,14 +73,32 @@ struct Job {
     reply: oneshot::Sender<Result<Vec<f32>, Forward>>,
 }
 
-/// Counters of the forward thread (the batch-size figures of DESIGN.md's
-/// metrics).
-#[derive(Debug, Default)]
+/// Counters and state of the forward thread.
+#[derive(Debug)]
 pub struct BatchStats {
     /// Forward passes run.
     pub forward_passes: AtomicU64,
     /// Images embedded by them.
     pub images: AtomicU64,
+    /// Batches that failed (a panic or an error of the model).
+    pub failed_batches: AtomicU64,
+    /// Times the forward loop itself panicked and was started again.
+    pub restarts: AtomicU64,
+    /// Whether the model can run: false from a failed batch whose
+    /// self-test also failed until a self-test passes again.
+    pub runnable: AtomicBool,
+}
+
+impl Default for BatchStats {
+    fn default() -> Self {
+        Self {
+            forward_passes: AtomicU64::new(0),
+            images: AtomicU64::new(0),
+            failed_batches: AtomicU64::new(0),
+            restarts: AtomicU64::new(0),
+            runnable: AtomicBool::new(true),
+        }
+    }
 }
 
 /// Handle of the embedding pipeline; cheap to share behind an `Arc`.
@@ -109,7 +134,7 @@ impl Batcher {
         let counters = Arc::clone(&stats);
         std::thread::Builder::new()
             .name("handid-forward".to_owned())
-            .spawn(move || forward_loop(&embedder, &queue, max_batch, max_wait, &counters))?;
+            .spawn(move || supervise(&embedder, &queue, max_batch, max_wait, &counters))?;
         Ok(Self {
             jobs,
             preprocess,
@@ -123,6 +148,19 @@ impl Batcher {
         (
             self.stats.forward_passes.load(Ordering::Relaxed),
             self.stats.images.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Whether the model can run (health reports NOT_SERVING otherwise).
+    pub fn runnable(&self) -> bool {
+        self.stats.runnable.load(Ordering::SeqCst)
+    }
+
+    /// Failed batches and restarts of the forward loop so far.
+    pub fn failures(&self) -> (u64, u64) {
+        (
+            self.stats.failed_batches.load(Ordering::Relaxed),
+            self.stats.restarts.load(Ordering::Relaxed),
         )
     }
 
@@ -160,6 +198,7 @@ impl Batcher {
             embeddings.push(match embedding {
                 Ok(values) => values,
                 Err(Forward::Failed(message)) => return Err(BatchError::Model(message)),
+                Err(Forward::Unavailable) => return Err(BatchError::Unavailable),
                 Err(Forward::NotFinite) => {
                     tracing::warn!(index, "the model gave a non-finite embedding; refused");
                     return Err(BatchError::BadImage {
@@ -173,7 +212,34 @@ impl Batcher {
     }
 }
 
-/// Stage 2: the forward thread. Runs until every sender is gone.
+/// How often a model that cannot run is tried again (its self-test).
+const RETRY_SELF_TEST: Duration = Duration::from_secs(1);
+
+/// Stage 2: the forward thread, supervised: the loop runs until every
+/// sender is gone, and is started again should it panic outside a batch
+/// (a panic inside one fails that batch only, below).
+fn supervise(
+    embedder: &Embedder,
+    queue: &mpsc::Receiver<Job>,
+    max_batch: usize,
+    max_wait: Duration,
+    stats: &BatchStats,
+) {
+    loop {
+        let ran = catch_unwind(AssertUnwindSafe(|| {
+            forward_loop(embedder, queue, max_batch, max_wait, stats)
+        }));
+        match ran {
+            Ok(()) => return,
+            Err(panic) => {
+                stats.restarts.fetch_add(1, Ordering::Relaxed);
+                metrics().forward_failed("restart");
+                tracing::error!(panic = %panic_message(&*panic), "the forward thread panicked; restarted");
+            }
+        }
+    }
+}
+
 fn forward_loop(
     embedder: &Embedder,
     queue: &mpsc::Receiver<Job>,
@@ -181,7 +247,24 @@ fn forward_loop(
     max_wait: Duration,
     stats: &BatchStats,
 ) {
-    while let Ok(first) = queue.recv() {
+    loop {
+        // While the model cannot run, wake up to try it again even when
+        // no call comes, so health recovers by itself.
+        let first = if stats.runnable.load(Ordering::SeqCst) {
+            match queue.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            }
+        } else {
+            match queue.recv_timeout(RETRY_SELF_TEST) {
+                Ok(job) => job,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    check_model(embedder, stats);
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        };
         let deadline = Instant::now() + max_wait;
         let mut batch = vec![first];
         while batch.len() < max_batch {
@@ -197,6 +280,14 @@ fn forward_loop(
         if batch.is_empty() {
             continue;
         }
+        if !stats.runnable.load(Ordering::SeqCst) {
+            // Answer at once rather than fail every call on a broken device;
+            // the caller may retry on another replica.
+            for job in batch {
+                let _ = job.reply.send(Err(Forward::Unavailable));
+            }
+            continue;
+        }
         tracing::debug!(batch_size = batch.len(), "forward pass");
         metrics().batch(batch.len());
         let span = tracing::info_span!(parent: &batch[0].span, "forward", batch_size = batch.len());
@@ -206,7 +297,10 @@ fn forward_loop(
         let _in_forward = span.enter();
         stats.forward_passes.fetch_add(1, Ordering::Relaxed);
         stats.images.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        match run_batch(embedder, &batch) {
+        // A panic here (libtorch, a bug) fails this batch only.
+        let ran = catch_unwind(AssertUnwindSafe(|| run_batch(embedder, &batch)))
+            .unwrap_or_else(|panic| Err(format!("the forward pass panicked: {}", panic_message(&*panic))));
+        match ran {
             Ok(rows) => {
                 for (job, row) in batch.into_iter().zip(rows) {
                     let answer = if row.iter().all(|v| v.is_finite()) {
@@ -219,21 +313,64 @@ fn forward_loop(
                 }
             }
             Err(message) => {
+                stats.failed_batches.fetch_add(1, Ordering::Relaxed);
+                metrics().forward_failed("batch");
+                tracing::error!(%message, batch_size = batch.len(), "a forward pass failed; its calls fail");
                 for job in batch {
                     let _ = job.reply.send(Err(Forward::Failed(message.clone())));
                 }
+                // A device fault may have taken the model with it: find out
+                // before the next batch.
+                check_model(embedder, stats);
             }
         }
     }
 }
 
+/// Runs the model's self-test and records whether it can run; logs each
+/// change.
+fn check_model(embedder: &Embedder, stats: &BatchStats) {
+    let test = catch_unwind(AssertUnwindSafe(|| crate::reload::self_test(embedder)))
+        .unwrap_or_else(|panic| Err(format!("the self-test panicked: {}", panic_message(&*panic))));
+    let runnable = test.is_ok();
+    let was = stats.runnable.swap(runnable, Ordering::SeqCst);
+    match (was, test) {
+        (true, Err(reason)) => {
+            tracing::error!(%reason, "the model cannot run: NOT_SERVING until its self-test passes");
+        }
+        (false, Ok(())) => tracing::info!("the model runs again"),
+        _ => {}
+    }
+}
+
+/// The text of a panic payload (`panic!` gives a `&str` or a `String`).
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned())
+}
+
 fn run_batch(embedder: &Embedder, batch: &[Job]) -> Result<Vec<Vec<f32>>, String> {
+    let fault = crate::faults::forward();
+    match fault {
+        Some(ForwardFault::Panic) => panic!("injected forward-pass panic"),
+        Some(ForwardFault::DeviceError) => {
+            return Err("CUDA error: an illegal memory access was encountered (injected)".to_owned());
+        }
+        Some(ForwardFault::NonFinite) | None => {}
+    }
     let pixels: Vec<&Tensor> = batch.iter().map(|job| &job.pixels).collect();
     // [N, 3, H, W]
     let stacked = Tensor::f_stack(&pixels, 0).map_err(|e| format!("stacking a batch: {e}"))?;
     // [N, D], L2-normalised, on the CPU
     let embeddings = embedder.embed_batch(&stacked).map_err(|e| e.to_string())?;
-    Vec::<Vec<f32>>::try_from(&embeddings).map_err(|e| format!("reading embeddings: {e}"))
+    let mut rows = Vec::<Vec<f32>>::try_from(&embeddings).map_err(|e| format!("reading embeddings: {e}"))?;
+    if fault == Some(ForwardFault::NonFinite) {
+        rows.iter_mut().for_each(|row| row.fill(f32::NAN));
+    }
+    Ok(rows)
 }
 
 #[cfg(test)]

@@ -184,6 +184,10 @@ pub enum ServiceError {
     /// The database cannot be reached.
     #[error("the database is unavailable; retry with backoff")]
     Unavailable,
+    /// The model cannot run on this replica (a device fault; its self-test
+    /// fails); health says NOT_SERVING meanwhile.
+    #[error("the model cannot run on this replica at present; retry on another replica")]
+    ModelUnavailable,
     /// The server is stopping.
     #[error("the server is shutting down; retry on another replica")]
     ShuttingDown,
@@ -244,6 +248,7 @@ impl From<BatchError> for ServiceError {
             BatchError::BadImage { index, problem } => ServiceError::BadImage { index, problem },
             BatchError::Stopped => ServiceError::ShuttingDown,
             BatchError::Model(message) => ServiceError::Internal(format!("embedding: {message}")),
+            BatchError::Unavailable => ServiceError::ModelUnavailable,
         }
     }
 }
@@ -273,7 +278,9 @@ impl ServiceError {
             ServiceError::Conflict => Code::Aborted,
             ServiceError::GalleryQuota { .. } => Code::ResourceExhausted,
             ServiceError::GalleryDenied { .. } => Code::PermissionDenied,
-            ServiceError::Unavailable | ServiceError::ShuttingDown => Code::Unavailable,
+            ServiceError::Unavailable | ServiceError::ShuttingDown | ServiceError::ModelUnavailable => {
+                Code::Unavailable
+            }
             ServiceError::Internal(_) => Code::Internal,
         }
     }

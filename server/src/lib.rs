@@ -4,6 +4,8 @@
 //! - [`server`]: [`run`]: start-up, TLS, health, reflection, graceful shutdown.
 //! - [`layers`]: the protection middleware stack (timeout, access control,
 //!   rate limit, concurrency limit with load shedding).
+//! - [`health`]: SERVING only while the database answers, the models run
+//!   and replication keeps up.
 //! - [`auth`]: API keys, scopes, client certificates: who calls, and may they.
 //! - [`telemetry`]: logs, OpenTelemetry traces and metrics over OTLP.
 //! - [`service`]: the thin gRPC handlers (protobuf <-> domain types).
@@ -29,6 +31,7 @@ pub mod decode;
 pub mod engine;
 pub mod error;
 pub mod faults;
+pub mod health;
 pub mod index;
 pub mod layers;
 pub mod reload;

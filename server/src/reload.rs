@@ -40,6 +40,9 @@ pub fn load_checked(dir: &Path, device: Device) -> Result<Embedder, String> {
 /// range) and checks the result is one finite, unit-norm vector of the
 /// manifest's width.
 pub fn self_test(embedder: &Embedder) -> Result<(), String> {
+    if crate::faults::model_broken() {
+        return Err("self-test forward pass failed: the device is broken (injected)".to_owned());
+    }
     let (height, width) = embedder.manifest().preprocess.input_size();
     let (height, width) = (i64::from(height), i64::from(width));
     // [1, 3, H, W]: values in [-2, 2], the range of CLIP-normalised pixels.

@@ -10,7 +10,6 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
 
 use crate::auth::Authenticator;
 use crate::layers::Protection;
@@ -18,6 +17,7 @@ use crate::layers::Protection;
 use crate::batcher::Batcher;
 use crate::decode::Decoding;
 use crate::engine::{ActiveModel, Caller, Engine, LoadError, Pipeline};
+use crate::health::HealthRules;
 use crate::index::{Indexes, MAX_CHUNK_ROWS};
 use crate::service::{AdminService, HandIdService};
 use crate::settings::Settings;
@@ -69,9 +69,6 @@ pub enum ServeError {
         source: std::io::Error,
     },
 }
-
-/// The gRPC service names whose health is reported ("" is the whole server).
-const HEALTH_SERVICES: [&str; 3] = ["", "handid.v1.HandId", "handid.v1.Admin"];
 
 /// Loads the model, connects and migrates the database, loads the gallery
 /// indexes, then serves on `listener` until `shutdown` completes; in-flight
@@ -160,16 +157,20 @@ pub async fn run_with_reloads(
     );
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    set_health(&health, ServingStatus::NotServing).await;
+    crate::health::set(&health, ServingStatus::NotServing).await;
     let (stop_health, health_stopped) = tokio::sync::watch::channel(false);
-    let health_task = tokio::spawn(watch_database(
-        store,
+    let health_task = tokio::spawn(crate::health::watch(
+        Arc::clone(&engine),
         health.clone(),
-        Duration::from_millis(settings.server.health_check_interval_ms),
+        HealthRules {
+            interval: Duration::from_millis(settings.server.health_check_interval_ms),
+            max_lag: (settings.replication.enabled && settings.replication.max_lag_ms > 0)
+                .then(|| Duration::from_millis(settings.replication.max_lag_ms)),
+        },
         health_stopped.clone(),
     ));
     let follower = settings.replication.enabled.then(|| {
-        tokio::spawn(crate::replication::follow(
+        tokio::spawn(crate::replication::supervise(
             Arc::clone(&engine),
             settings.replication.clone(),
             health_stopped,
@@ -233,7 +234,7 @@ pub async fn run_with_reloads(
             shutdown.await;
             // Tell load balancers first, then stop accepting and drain.
             let _ = stop_health.send(true);
-            set_health(&health, ServingStatus::NotServing).await;
+            crate::health::set(&health, ServingStatus::NotServing).await;
             tracing::info!("shutting down: draining in-flight calls");
         }
     };
@@ -292,52 +293,6 @@ async fn tls_config(settings: &Settings) -> Result<Option<ServerTlsConfig>, Serv
     }
     tracing::info!(mutual = settings.tls.client_ca_file.is_some(), "TLS enabled");
     Ok(Some(config))
-}
-
-/// Probes the database every `interval`; SERVING only while it answers.
-/// The model is loaded before this starts, so reachability is the only
-/// condition left. The pool reconnects by itself, so recovery needs nothing
-/// but the next successful probe.
-async fn watch_database(
-    store: Store,
-    health: HealthReporter,
-    interval: Duration,
-    mut stopped: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut serving = None;
-    loop {
-        if *stopped.borrow() {
-            return;
-        }
-        let up = matches!(
-            tokio::time::timeout(interval.max(Duration::from_millis(500)), store.ping()).await,
-            Ok(Ok(()))
-        );
-        // A shutdown that began during the probe has already said NOT_SERVING.
-        if *stopped.borrow() {
-            return;
-        }
-        if serving != Some(up) {
-            if up {
-                tracing::info!("database reachable: SERVING");
-                set_health(&health, ServingStatus::Serving).await;
-            } else {
-                tracing::warn!("database unreachable: NOT_SERVING");
-                set_health(&health, ServingStatus::NotServing).await;
-            }
-            serving = Some(up);
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = stopped.changed() => {}
-        }
-    }
-}
-
-async fn set_health(health: &HealthReporter, status: ServingStatus) {
-    for service in HEALTH_SERVICES {
-        health.set_service_status(service, status).await;
-    }
 }
 
 fn device_name(device: tch::Device) -> String {

@@ -226,6 +226,10 @@ pub struct ReplicationSettings {
     /// bound on how late a change whose notification was lost (listener
     /// connection dropped, database restarted) is applied.
     pub poll_interval_ms: u64,
+    /// Health says NOT_SERVING while the oldest change this replica has not
+    /// applied is older than this (a lagging replica would still match a
+    /// subject deleted elsewhere); 0 turns the check off.
+    pub max_lag_ms: u64,
 }
 
 impl Default for ReplicationSettings {
@@ -233,6 +237,7 @@ impl Default for ReplicationSettings {
         Self {
             enabled: true,
             poll_interval_ms: 5_000,
+            max_lag_ms: 30_000,
         }
     }
 }
@@ -482,6 +487,16 @@ impl Settings {
         }
         if s.limits.max_top_k == 0 {
             return bad("limits.max_top_k", "must be at least 1");
+        }
+        if s.replication.enabled
+            && s.replication.max_lag_ms != 0
+            && s.replication.max_lag_ms <= s.replication.poll_interval_ms
+        {
+            return bad(
+                "replication.max_lag_ms",
+                "must exceed replication.poll_interval_ms (or be 0: no check), or a lost notification \
+                 would take the replica out of service",
+            );
         }
         if s.replication.poll_interval_ms == 0 {
             return bad("replication.poll_interval_ms", "must be at least 1");

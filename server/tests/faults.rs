@@ -325,3 +325,242 @@ async fn admin_calls_have_their_own_timeout(_: PgPoolOptions, options: PgConnect
         .expect("a reload is not held to the request timeout");
     server.stop().await.expect("graceful stop");
 }
+
+async fn embed(client: &mut HandIdClient<Channel>, photo: &[u8]) -> Result<(), tonic::Status> {
+    client
+        .embed(pb::EmbedRequest {
+            images: vec![pb::Image { data: photo.to_vec() }],
+        })
+        .await
+        .map(|_| ())
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_panic_or_a_device_error_in_the_forward_thread_fails_that_batch_only(
+    _: PgPoolOptions,
+    options: PgConnectOptions,
+) {
+    let _one = isolated().await;
+    let dir = checkpoint();
+    let server = TestServer::start(settings(&options, dir.path())).await;
+    let mut client = server.client().await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let photo = common::people(1, 1).remove(0).1.remove(0);
+    embed(&mut client, &photo).await.expect("before");
+    for fault in [faults::ForwardFault::Panic, faults::ForwardFault::DeviceError] {
+        faults::arm_forward(fault);
+        let status = embed(&mut client, &photo).await.expect_err("the faulty batch");
+        assert_eq!(status.code(), Code::Internal, "{fault:?}: {status:?}");
+        assert_eq!(status.message(), "internal error", "no detail leaks");
+        // The next batch runs on the same thread, and health never wavered:
+        // the model's self-test passed after the fault.
+        embed(&mut client, &photo).await.expect("the batch after");
+        wait_for_health(&server, ServingStatus::Serving).await;
+    }
+    let logs = String::from_utf8_lossy(&common::logs()).into_owned();
+    assert!(
+        logs.contains("injected forward-pass panic"),
+        "the panic is logged"
+    );
+    assert!(logs.contains("a forward pass failed; its calls fail"));
+    server.stop().await.expect("graceful stop");
+}
+
+#[sqlx::test(migrations = false)]
+async fn health_is_not_serving_while_no_model_can_run(_: PgPoolOptions, options: PgConnectOptions) {
+    let _one = isolated().await;
+    let dir = checkpoint();
+    let server = TestServer::start(settings(&options, dir.path())).await;
+    let mut client = server.client().await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let photo = common::people(1, 1).remove(0).1.remove(0);
+    // The device breaks for good: the batch fails, so does the self-test.
+    faults::break_model(true);
+    let status = embed(&mut client, &photo).await.expect_err("a broken device");
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    wait_for_health(&server, ServingStatus::NotServing).await;
+    // Meanwhile calls are refused at once, as retryable elsewhere.
+    let status = embed(&mut client, &photo).await.expect_err("still broken");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("retry on another replica"),
+        "{}",
+        status.message()
+    );
+    // Repaired: the forward thread's periodic self-test notices by itself.
+    faults::break_model(false);
+    wait_for_health(&server, ServingStatus::Serving).await;
+    embed(&mut client, &photo).await.expect("runs again");
+    server.stop().await.expect("graceful stop");
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_non_finite_embedding_never_becomes_a_template_or_a_probe(
+    pool_options: PgPoolOptions,
+    options: PgConnectOptions,
+) {
+    let _one = isolated().await;
+    let dir = checkpoint();
+    let server = TestServer::start(settings(&options, dir.path())).await;
+    let mut client = server.client().await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let photo = common::people(1, 1).remove(0).1.remove(0);
+    client.enroll(enroll("g", "known", &photo)).await.expect("enrol");
+    faults::arm_forward(faults::ForwardFault::NonFinite);
+    let status = client
+        .enroll(enroll("g", "poisoned", &photo))
+        .await
+        .expect_err("a NaN embedding");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("image 0 gives no usable embedding"),
+        "{}",
+        status.message()
+    );
+    faults::arm_forward(faults::ForwardFault::NonFinite);
+    let status = client
+        .verify(verify("g", "known", &photo))
+        .await
+        .expect_err("a NaN probe");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let pool = pool_options.connect_with(options.clone()).await.expect("pool");
+    let (subjects, templates): (i64, i64) =
+        sqlx::query_as("SELECT (SELECT count(*) FROM subjects), (SELECT count(*) FROM templates)")
+            .fetch_one(&pool)
+            .await
+            .expect("counts");
+    assert_eq!((subjects, templates), (1, 1), "only the good enrolment is stored");
+    client
+        .verify(verify("g", "known", &photo))
+        .await
+        .expect("fine again");
+    server.stop().await.expect("graceful stop");
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_follower_that_dies_is_restarted_and_its_lag_shows_in_health(
+    _: PgPoolOptions,
+    options: PgConnectOptions,
+) {
+    let _one = isolated().await;
+    let dir = checkpoint();
+    // A writes and follows nothing; B follows A's writes.
+    let mut a_settings = settings(&options, dir.path());
+    a_settings.replication.enabled = false;
+    let mut b_settings = settings(&options, dir.path());
+    b_settings.replication.poll_interval_ms = 200;
+    b_settings.replication.max_lag_ms = 1_000;
+    let a = TestServer::start(a_settings).await;
+    let b = TestServer::start(b_settings).await;
+    let (mut on_a, mut on_b) = (a.client().await, b.client().await);
+    wait_for_health(&a, ServingStatus::Serving).await;
+    wait_for_health(&b, ServingStatus::Serving).await;
+    let photos = common::people(2, 1);
+    let (first, second) = (&photos[0].1[0], &photos[1].1[0]);
+    on_a.enroll(enroll("g", "first", first))
+        .await
+        .expect("enrol on A");
+    let seen = |client: HandIdClient<Channel>, subject: &'static str, photo: Vec<u8>| async move {
+        let mut client = client;
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            if client.verify(verify("g", subject, &photo)).await.is_ok() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    };
+    assert!(seen(on_b.clone(), "first", first.clone()).await, "B follows A");
+
+    // B's follower dies at every step until allowed to live: A's next
+    // enrolment does not reach B, B's lag grows past max_lag_ms, and its
+    // health says so.
+    faults::kill_follower(usize::MAX);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    on_a.enroll(enroll("g", "second", second))
+        .await
+        .expect("enrol on A");
+    wait_for_health(&b, ServingStatus::NotServing).await;
+    assert!(
+        on_b.verify(verify("g", "second", second)).await.is_err(),
+        "B cannot know of it yet"
+    );
+    // Allowed to live: the supervisor's next start catches up.
+    faults::kill_follower(0);
+    assert!(
+        seen(on_b.clone(), "second", second.clone()).await,
+        "the restarted follower caught up"
+    );
+    wait_for_health(&b, ServingStatus::Serving).await;
+    let logs = String::from_utf8_lossy(&common::logs()).into_owned();
+    assert!(logs.contains("the change-feed follower died; starting it again"));
+    assert!(logs.contains("replication lags"), "health says why");
+    b.stop().await.expect("graceful stop");
+    a.stop().await.expect("graceful stop");
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_change_that_keeps_failing_is_reported_and_does_not_hold_back_the_others(
+    pool_options: PgPoolOptions,
+    options: PgConnectOptions,
+) {
+    let _one = isolated().await;
+    let dir = checkpoint();
+    let mut s = settings(&options, dir.path());
+    s.replication.poll_interval_ms = 200;
+    let server = TestServer::start(s).await;
+    let mut client = server.client().await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let photo = common::people(1, 1).remove(0).1.remove(0);
+    client.enroll(enroll("g", "good", &photo)).await.expect("enrol");
+    // An insider (or a bug elsewhere) stores a template no index can hold,
+    // past the schema's own check.
+    let pool = pool_options.connect_with(options.clone()).await.expect("pool");
+    sqlx::query("ALTER TABLE templates DROP CONSTRAINT templates_embedding_finite")
+        .execute(&pool)
+        .await
+        .expect("drop the check");
+    sqlx::query(
+        "WITH s AS (INSERT INTO subjects (gallery_id, subject_id) VALUES ('g', 'poison') RETURNING id)
+         INSERT INTO templates (template_id, subject, gallery_id, model_id, dimension, embedding)
+         SELECT gen_random_uuid(), s.id, 'g', m.model_id, 16, array_fill('NaN'::real, ARRAY[16])
+         FROM s, models m",
+    )
+    .execute(&pool)
+    .await
+    .expect("poisoned template");
+    // A later enrolment, made by another writer, must still arrive.
+    sqlx::query(
+        "WITH s AS (INSERT INTO subjects (gallery_id, subject_id) VALUES ('g', 'later') RETURNING id)
+         INSERT INTO templates (template_id, subject, gallery_id, model_id, dimension, embedding)
+         SELECT gen_random_uuid(), s.id, 'g', m.model_id, 16, array_fill(0.25::real, ARRAY[16])
+         FROM s, models m",
+    )
+    .execute(&pool)
+    .await
+    .expect("a later template");
+    let started = Instant::now();
+    while client.verify(verify("g", "later", &photo)).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the change after the poisoned one never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let logs = String::from_utf8_lossy(&common::logs()).into_owned();
+    assert!(
+        logs.contains("a change keeps failing to apply; passed over"),
+        "the failing change is reported"
+    );
+    let status = client
+        .verify(verify("g", "poison", &photo))
+        .await
+        .expect_err("never searchable");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    client
+        .verify(verify("g", "good", &photo))
+        .await
+        .expect("still there");
+    server.stop().await.expect("graceful stop");
+}

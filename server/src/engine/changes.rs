@@ -2,13 +2,23 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{CHANGE_BATCH, Engine, types::*};
+use super::{CHANGE_ATTEMPTS, CHANGE_BATCH, Engine, types::*};
 use crate::index::{NewRow, lock};
 use crate::store::{Change, TemplateRow};
+use crate::telemetry::metrics;
 
 impl Engine {
     /// Applies every change committed since the last applied one to the
     /// indexes of every slot, in order; returns how many were applied.
+    ///
+    /// A change that cannot be applied because the database cannot be read
+    /// stops the pass (the next one retries; the lag shows in health). One
+    /// the index refuses (a stored vector it cannot hold) is tried
+    /// [`CHANGE_ATTEMPTS`] times, then reported (an error in the log,
+    /// `handid.replication.failed_changes`) and passed over, so it cannot
+    /// hold back every later change. Applying removes the subject before it
+    /// adds its templates back, so a change passed over never leaves a
+    /// deleted subject findable.
     pub async fn apply_changes(&self) -> Result<usize, LoadError> {
         let _one = self.applying.lock().await;
         let mut applied = 0;
@@ -19,7 +29,34 @@ impl Engine {
                 return Ok(applied);
             }
             for change in changes {
-                self.apply_change(&change).await?;
+                match self.apply_change(&change).await {
+                    Ok(()) => {}
+                    Err(LoadError::Index(error)) => {
+                        let attempts = {
+                            let mut failing = lock(&self.failing);
+                            match &mut *failing {
+                                Some((seq, n)) if *seq == change.seq => *n += 1,
+                                other => *other = Some((change.seq, 1)),
+                            }
+                            failing.map_or(1, |(_, n)| n)
+                        };
+                        if attempts < CHANGE_ATTEMPTS {
+                            return Err(LoadError::Index(error));
+                        }
+                        metrics().change_failed();
+                        tracing::error!(
+                            seq = change.seq,
+                            kind = %change.kind,
+                            gallery = %change.gallery_id,
+                            subject = ?change.subject_id,
+                            attempts,
+                            %error,
+                            "a change keeps failing to apply; passed over (its subject is not searchable here)"
+                        );
+                    }
+                    Err(other) => return Err(other),
+                }
+                *lock(&self.failing) = None;
                 self.applied.store(change.seq, Ordering::SeqCst);
                 applied += 1;
             }

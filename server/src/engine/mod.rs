@@ -62,6 +62,8 @@ const WRITER_LOCKS: usize = 64;
 const LOAD_BATCH: usize = 1024;
 /// Changes read per query while catching up.
 const CHANGE_BATCH: u32 = 1000;
+/// Times a change the index refuses is tried before it is passed over.
+const CHANGE_ATTEMPTS: u32 = 3;
 
 type Result<T, E = ServiceError> = std::result::Result<T, E>;
 
@@ -91,6 +93,8 @@ pub struct Engine {
     writes: Arc<tokio::sync::Semaphore>,
     /// The last change applied to the indexes.
     applied: AtomicI64,
+    /// The change that failed to apply last, and how many times it has.
+    failing: std::sync::Mutex<Option<(i64, u32)>>,
 }
 
 impl Engine {
@@ -126,6 +130,7 @@ impl Engine {
             publishing: tokio::sync::RwLock::new(()),
             writes: Arc::new(tokio::sync::Semaphore::new(WRITES)),
             applied: AtomicI64::new(applied),
+            failing: std::sync::Mutex::new(None),
         };
         engine.load_indexes(&engine.active()).await?;
         Ok(engine)
@@ -172,6 +177,12 @@ impl Engine {
     /// The serving model's id.
     pub fn model_id(&self) -> String {
         self.active().model_id().to_owned()
+    }
+
+    /// Whether every loaded model (active, and staged during a migration)
+    /// can run.
+    pub fn models_can_run(&self) -> bool {
+        self.slots().iter().all(|slot| slot.batcher.runnable())
     }
 
     /// The last change applied to the indexes.

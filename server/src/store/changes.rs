@@ -1,8 +1,10 @@
 //! The change feed, and the template reads that build or rebuild an index.
 
+use std::time::Duration;
+
 use futures::{Stream, TryStreamExt};
 
-use super::{Change, Store, StoreError, StoreResult, TemplateRow};
+use super::{Change, Lag, Store, StoreError, StoreResult, TemplateRow};
 
 impl Store {
     /// Every template of `model_id`, by gallery then enrolment order, as a
@@ -71,6 +73,23 @@ impl Store {
                 .await?
                 .unwrap_or(0),
         )
+    }
+
+    /// How far a replica that applied every change up to `applied` is
+    /// behind: changes after it, and the age of the oldest of them.
+    pub async fn lag(&self, applied: i64) -> StoreResult<Lag> {
+        let (last, oldest): (Option<i64>, Option<f64>) = sqlx::query_as(
+            "SELECT (SELECT max(seq) FROM changes),
+                    (SELECT extract(epoch FROM now() - at)::float8 FROM changes
+                     WHERE seq > $1 ORDER BY seq LIMIT 1)",
+        )
+        .bind(applied)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Lag {
+            pending: u64::try_from(last.unwrap_or(0).saturating_sub(applied)).unwrap_or(0),
+            oldest: Duration::from_secs_f64(oldest.unwrap_or(0.0).max(0.0)),
+        })
     }
 
     /// Up to `limit` changes numbered after `after`, in order.

@@ -152,6 +152,15 @@ pub struct Change {
     pub subject_id: Option<String>,
 }
 
+/// How far a replica is behind the change feed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Lag {
+    /// Changes committed after the last one it applied.
+    pub pending: u64,
+    /// How long ago the oldest of them was committed (zero when none).
+    pub oldest: std::time::Duration,
+}
+
 /// A staged model's enrolment coverage of one gallery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Coverage {
