@@ -137,7 +137,9 @@ pub enum ServiceError {
         max: u32,
     },
     /// The idempotency key was used for another enrolment.
-    #[error("idempotency_key was already used for a different gallery, subject or number of images")]
+    #[error(
+        "idempotency_key was already used, by this caller in this gallery, for another subject or other images"
+    )]
     IdempotencyKeyReused,
     /// The caller's key is limited to other galleries.
     #[error("{caller:?} may not use gallery {gallery:?} (its key is limited to other galleries)")]
@@ -232,6 +234,9 @@ impl From<StoreError> for ServiceError {
                 ServiceError::SubjectNotFound { gallery, subject }
             }
             StoreError::Database(cause) => ServiceError::Internal(format!("database: {cause}")),
+            e @ (StoreError::SchemaBehind { .. } | StoreError::SchemaModified { .. }) => {
+                ServiceError::Internal(e.to_string())
+            }
         }
     }
 }

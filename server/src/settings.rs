@@ -115,6 +115,12 @@ pub struct DatabaseSettings {
     /// Short, so an unreachable database fails calls fast instead of piling
     /// them up.
     pub acquire_timeout_ms: u64,
+    /// Apply the migrations at start. Off by default: migrations run as the
+    /// schema's owner (`handid-server migrate`), while `serve` connects as
+    /// a role that may not change the schema and only checks that it is
+    /// the one this release needs. On suits a single-role development
+    /// database.
+    pub migrate_on_start: bool,
 }
 
 impl Default for DatabaseSettings {
@@ -123,6 +129,7 @@ impl Default for DatabaseSettings {
             url: "postgres://handid@127.0.0.1:5432/handid".to_owned(),
             max_connections: 16,
             acquire_timeout_ms: 2_000,
+            migrate_on_start: false,
         }
     }
 }

@@ -692,3 +692,67 @@ async fn the_documented_x_api_key_metadata_is_accepted(_: PgPoolOptions, options
     }
     server.stop().await.expect("graceful stop");
 }
+
+#[sqlx::test(migrations = false)]
+async fn idempotency_keys_belong_to_their_caller_and_gallery(_: PgPoolOptions, options: PgConnectOptions) {
+    let dir = checkpoint();
+    let (desk_a, desk_b) = (generate_key(), generate_key());
+    let mut s = settings(&options, dir.path());
+    s.auth.enabled = true;
+    s.auth.keys = vec![
+        key("desk-a", &desk_a, &[Scope::Enroll], &[]),
+        key("desk-b", &desk_b, &[Scope::Enroll], &[]),
+    ];
+    let server = TestServer::start(s).await;
+    let mut client = server.client().await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let photos = common::people(2, 1);
+    let (alice, bob) = (&photos[0].1[0], &photos[1].1[0]);
+    let enroll = |gallery: &str, subject: &str, photo: &[u8], who: &str| {
+        with_key(
+            pb::EnrollRequest {
+                gallery_id: gallery.to_owned(),
+                subject_id: subject.to_owned(),
+                images: vec![pb::Image { data: photo.to_vec() }],
+                idempotency_key: "retry-1".to_owned(),
+            },
+            Some(who),
+        )
+    };
+    let first = client
+        .enroll(enroll("g", "alice", alice, &desk_a))
+        .await
+        .expect("first")
+        .into_inner();
+    let retry = client
+        .enroll(enroll("g", "alice", alice, &desk_a))
+        .await
+        .expect("retry")
+        .into_inner();
+    assert!(retry.replayed);
+    assert_eq!(retry.template_ids, first.template_ids);
+    // The same key, another caller or another gallery: not a replay.
+    for (gallery, who) in [("g", &desk_b), ("other", &desk_a)] {
+        let stored = client
+            .enroll(enroll(gallery, "alice", alice, who))
+            .await
+            .expect("another scope")
+            .into_inner();
+        assert!(!stored.replayed, "{gallery}");
+        assert_ne!(stored.template_ids, first.template_ids);
+    }
+    // The same caller, gallery and key with other content: ALREADY_EXISTS.
+    for (subject, photo) in [("alice", bob), ("bob", alice)] {
+        let status = client
+            .enroll(enroll("g", subject, photo, &desk_a))
+            .await
+            .expect_err("other content");
+        assert_eq!(status.code(), Code::AlreadyExists, "{subject}: {status:?}");
+        assert!(
+            status.message().contains("idempotency_key"),
+            "{}",
+            status.message()
+        );
+    }
+    server.stop().await.expect("graceful stop");
+}

@@ -24,6 +24,7 @@ fn default_settings(options: &PgConnectOptions, model: &std::path::Path) -> Sett
     s.model.path = model.to_owned();
     s.auth.enabled = false;
     s.server.health_check_interval_ms = 200;
+    s.database.migrate_on_start = true;
     s
 }
 

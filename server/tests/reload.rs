@@ -475,7 +475,7 @@ async fn sighup_reloads_the_real_binary(_: PgPoolOptions, options: PgConnectOpti
         &config,
         format!(
             "server:\n  listen: 127.0.0.1:{port}\n  health_check_interval_ms: 200\n\
-             database:\n  url: {}\n  max_connections: 4\n\
+             database:\n  url: {}\n  max_connections: 4\n  migrate_on_start: true\n\
              model:\n  path: {}\n\
              auth:\n  enabled: false\n",
             database_url(&options),

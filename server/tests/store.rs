@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::TryStreamExt;
 use handid_server::store::{
     AuditEntry, Coverage, Enrolled, Erased, ModelRecord, NewEnrollment, StagedEmbeddings, Store, StoreError,
-    TemplateRow,
+    TemplateRow, images_sha256,
 };
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use uuid::Uuid;
@@ -54,10 +54,17 @@ fn enrollment<'a>(
         embeddings,
         qualities: &[1.0, 1.0, 1.0, 1.0][..embeddings.len()],
         idempotency_key: key,
-        creator: "tester",
+        images_sha256: digest_of(embeddings),
+        caller: "tester",
         max_galleries: 1_000,
         staged: None,
     }
+}
+
+/// A stand-in for the digest of the images these embeddings came from.
+fn digest_of(embeddings: &[Vec<f32>]) -> &'static str {
+    let digest = images_sha256(&[format!("{embeddings:?}").into_bytes()]);
+    Box::leak(digest.into_boxed_str())
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -169,15 +176,34 @@ async fn a_retried_enroll_returns_the_first_result(pool: PgPool) {
     assert!(retry.replayed);
     assert_eq!(retry.templates, first.templates);
     assert_eq!(retry.template_count, 2, "the retry added nothing");
+    // The same key for another subject, other images, or fewer of them:
+    // refused, in the key's scope.
+    let swapped = vec![vec![0.0, 1.0], vec![1.0, 0.0]];
     for other in [
         enrollment("g", "someone-else", &two, Some("k1")),
-        enrollment("other", "s", &two, Some("k1")),
         enrollment("g", "s", &two[..1], Some("k1")),
+        NewEnrollment {
+            images_sha256: digest_of(&swapped),
+            ..enrollment("g", "s", &two, Some("k1"))
+        },
     ] {
         assert!(matches!(
             store.enroll(&other, &AUDIT).await,
             Err(StoreError::IdempotencyKeyReused)
         ));
+    }
+    // Another gallery, or another caller, is another scope: the same key
+    // enrols anew there.
+    for other in [
+        enrollment("other", "s", &two, Some("k1")),
+        NewEnrollment {
+            caller: "someone",
+            ..enrollment("g", "s", &two, Some("k1"))
+        },
+    ] {
+        let stored = store.enroll(&other, &AUDIT).await.expect("a new enrolment");
+        assert!(!stored.replayed);
+        assert_ne!(stored.templates, first.templates);
     }
 }
 
@@ -417,7 +443,7 @@ async fn each_caller_creates_at_most_its_quota_of_galleries(pool: PgPool) {
     let store = store(pool).await;
     let one = vec![vec![1.0, 0.0]];
     let by = |gallery: &'static str, creator: &'static str| NewEnrollment {
-        creator,
+        caller: creator,
         max_galleries: 2,
         ..enrollment(gallery, "s", &one, None)
     };
@@ -454,7 +480,7 @@ async fn each_caller_creates_at_most_its_quota_of_galleries(pool: PgPool) {
             store
                 .enroll(
                     &NewEnrollment {
-                        creator: "carol",
+                        caller: "carol",
                         max_galleries: 2,
                         ..enrollment(g, "s", &one, None)
                     },

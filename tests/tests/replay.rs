@@ -81,6 +81,7 @@ async fn start_server(
     let mut settings = Settings::default();
     settings.database.url = database_url(options);
     settings.database.max_connections = 4;
+    settings.database.migrate_on_start = true;
     settings.model.path = checkpoint.to_owned();
     // One image per forward pass, as offline `eval --batch-size 1` runs:
     // batch composition changes the float rounding of a forward pass.

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use super::{DEFAULT_FMR, Engine, Result, types::*};
 use crate::error::ServiceError;
 use crate::index::{NewRow, lock};
-use crate::store::{AuditEntry, Enrolled, Erased, NewEnrollment, StagedEmbeddings, SubjectRecord};
+use crate::store::{
+    AuditEntry, Enrolled, Erased, NewEnrollment, Replay, StagedEmbeddings, SubjectRecord, images_sha256,
+};
 use crate::telemetry::metrics;
 use handid_model::OperatingPoint;
 
@@ -19,7 +21,7 @@ impl Engine {
     /// the caller is still there ([`Engine::detach`]).
     pub async fn enroll(self: &Arc<Self>, caller: &Caller, call: EnrollCall) -> Result<Enrolled> {
         let (gallery, name) = (call.gallery.clone(), call.subject.0.clone());
-        match self.embed_enrolment(call).await {
+        match self.embed_enrolment(caller, call).await {
             Ok(Prepared::Embedded(embedded)) => {
                 let (engine, caller) = (Arc::clone(self), caller.clone());
                 self.detach(async move { engine.commit_enrolment(&caller, embedded).await })
@@ -43,18 +45,26 @@ impl Engine {
 
     /// The part of an enrolment that belongs to the call: a replay answered
     /// from the database, or the images embedded by every slot.
-    async fn embed_enrolment(&self, call: EnrollCall) -> Result<Prepared> {
+    async fn embed_enrolment(&self, caller: &Caller, call: EnrollCall) -> Result<Prepared> {
         let EnrollCall {
             gallery,
             subject,
             images,
             key,
         } = call;
+        let digest = images_sha256(&images);
         // A retry needs no forward pass: answer it before embedding.
         if let Some(key) = &key
             && let Some(first) = self
                 .store
-                .find_replay(key.as_str(), &gallery.0, &subject.0, images.len())
+                .find_replay(&Replay {
+                    caller: &caller.id,
+                    gallery_id: &gallery.0,
+                    key: key.as_str(),
+                    subject_id: &subject.0,
+                    images: images.len(),
+                    images_sha256: &digest,
+                })
                 .instrument(tracing::info_span!("database", op = "find_replay"))
                 .await?
         {
@@ -76,6 +86,7 @@ impl Engine {
             gallery,
             subject,
             key,
+            digest,
             active,
             embeddings,
             staged: staged.zip(staged_embeddings),
@@ -101,7 +112,8 @@ impl Engine {
                     embeddings: &e.embeddings,
                     qualities: &qualities,
                     idempotency_key: e.key.as_ref().map(IdempotencyKey::as_str),
-                    creator: &caller.id,
+                    images_sha256: &e.digest,
+                    caller: &caller.id,
                     max_galleries: self.limits.max_galleries_per_caller,
                     staged: e.staged.as_ref().map(|(slot, embeddings)| StagedEmbeddings {
                         model_id: slot.model_id(),
@@ -473,6 +485,8 @@ struct EmbeddedEnrolment {
     gallery: Id,
     subject: Id,
     key: Option<IdempotencyKey>,
+    /// The images' digest, which a retry must carry again.
+    digest: String,
     active: Arc<Slot>,
     embeddings: Vec<Vec<f32>>,
     /// During a migration: the staged slot and its embeddings.

@@ -8,15 +8,16 @@ use super::{AuditEntry, CreatedTemplate, Enrolled, NewEnrollment, Store, StoreEr
 impl Store {
     /// Stores an enrolment in one transaction and returns once it is
     /// committed. With an idempotency key, a retry (even a concurrent one)
-    /// returns the first call's result: the key's primary key decides which
-    /// call is first, not a read-then-write check.
+    /// returns the first call's result: the key's unique constraint decides
+    /// which call is first, not a read-then-write check. Keys are scoped by
+    /// caller and gallery; a retry must name the same subject and carry the
+    /// same images (their digest), or it is refused.
+    ///
     /// `audit` is appended in the same transaction: the enrolment and its
     /// record commit together (a replay appends nothing here).
     pub async fn enroll(&self, new: &NewEnrollment<'_>, audit: &AuditEntry<'_>) -> StoreResult<Enrolled> {
         if let Some(key) = new.idempotency_key
-            && let Some(first) = self
-                .find_replay(key, new.gallery_id, new.subject_id, new.embeddings.len())
-                .await?
+            && let Some(first) = self.find_replay(&new.replay_of(key)).await?
         {
             return Ok(first);
         }
@@ -33,29 +34,47 @@ impl Store {
         .bind(new.subject_id)
         .fetch_one(&mut *tx)
         .await?;
-        if let Some(key) = new.idempotency_key {
-            // Blocks while another transaction holds the same key; once that
-            // one commits, no row comes back and its result is replayed.
-            let claimed: Option<String> = sqlx::query_scalar(
-                "INSERT INTO enrollments (idempotency_key, subject) VALUES ($1, $2)
-                 ON CONFLICT (idempotency_key) DO NOTHING RETURNING idempotency_key",
-            )
-            .bind(key)
-            .bind(subject)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if claimed.is_none() {
-                tx.rollback().await?;
-                return self
-                    .find_replay(key, new.gallery_id, new.subject_id, new.embeddings.len())
-                    .await?
-                    .ok_or_else(|| StoreError::Conflict("enrollments_pkey".to_owned()));
+        let enrollment = match new.idempotency_key {
+            Some(key) => {
+                // Blocks while another transaction holds the same key; once
+                // that one commits, no row comes back and its result is
+                // replayed.
+                let claimed: Option<i64> = sqlx::query_scalar(
+                    "INSERT INTO enrollments (caller, gallery_id, idempotency_key, subject, content_sha256)
+                     VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT ON CONSTRAINT enrollments_scope_key DO NOTHING RETURNING id",
+                )
+                .bind(new.caller)
+                .bind(new.gallery_id)
+                .bind(key)
+                .bind(subject)
+                .bind(new.images_sha256)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if claimed.is_none() {
+                    tx.rollback().await?;
+                    return self
+                        .find_replay(&new.replay_of(key))
+                        .await?
+                        .ok_or_else(|| StoreError::Conflict("enrollments_scope_key".to_owned()));
+                }
+                claimed
             }
-        }
-        let templates = insert_templates(&mut tx, subject, new, new.model_id, new.embeddings).await?;
+            None => None,
+        };
+        let templates =
+            insert_templates(&mut tx, subject, enrollment, new, new.model_id, new.embeddings).await?;
         let staged_templates = match new.staged {
             Some(staged) => {
-                insert_templates(&mut tx, subject, new, staged.model_id, staged.embeddings).await?
+                insert_templates(
+                    &mut tx,
+                    subject,
+                    enrollment,
+                    new,
+                    staged.model_id,
+                    staged.embeddings,
+                )
+                .await?
             }
             None => Vec::new(),
         };
@@ -71,33 +90,33 @@ impl Store {
         })
     }
 
-    /// The first result of the Enroll that used `key`, if there was one; a
-    /// key used for another gallery, subject or number of images is refused.
-    pub async fn find_replay(
-        &self,
-        key: &str,
-        gallery: &str,
-        subject_id_wanted: &str,
-        images: usize,
-    ) -> StoreResult<Option<Enrolled>> {
+    /// The first result of the Enroll that used the replay's key (in its
+    /// caller's and gallery's scope), if there was one; the same key with
+    /// another subject, other images or another number of images is
+    /// refused.
+    pub async fn find_replay(&self, replay: &Replay<'_>) -> StoreResult<Option<Enrolled>> {
         let mut tx = self.pool.begin().await?;
         let Some(row) = sqlx::query(
-            "SELECT s.id, s.gallery_id, s.subject_id FROM enrollments e
-             JOIN subjects s ON s.id = e.subject WHERE e.idempotency_key = $1",
+            "SELECT e.id, e.content_sha256, s.id AS subject, s.subject_id FROM enrollments e
+             JOIN subjects s ON s.id = e.subject
+             WHERE e.caller = $1 AND e.gallery_id = $2 AND e.idempotency_key = $3",
         )
-        .bind(key)
+        .bind(replay.caller)
+        .bind(replay.gallery_id)
+        .bind(replay.key)
         .fetch_optional(&mut *tx)
         .await?
         else {
             return Ok(None);
         };
-        let subject: i64 = row.try_get("id")?;
-        let gallery_id: String = row.try_get("gallery_id")?;
+        let enrollment: i64 = row.try_get("id")?;
+        let digest: Option<String> = row.try_get("content_sha256")?;
+        let subject: i64 = row.try_get("subject")?;
         let subject_id: String = row.try_get("subject_id")?;
         let rows = sqlx::query(
-            "SELECT template_id, seq, model_id FROM templates WHERE idempotency_key = $1 ORDER BY seq",
+            "SELECT template_id, seq, model_id FROM templates WHERE enrollment = $1 ORDER BY seq",
         )
-        .bind(key)
+        .bind(enrollment)
         .fetch_all(&mut *tx)
         .await?;
         // During a migration one call stored templates of two models, the
@@ -113,7 +132,8 @@ impl Store {
                 });
             }
         }
-        if gallery_id != gallery || subject_id != subject_id_wanted || templates.len() != images {
+        let same_images = digest.as_deref().is_none_or(|d| d == replay.images_sha256);
+        if subject_id != replay.subject_id || !same_images || templates.len() != replay.images {
             return Err(StoreError::IdempotencyKeyReused);
         }
         let template_count = count_templates(&mut tx, subject, &model_id).await?;
@@ -126,6 +146,49 @@ impl Store {
             staged_templates: Vec::new(),
         }))
     }
+}
+
+/// What identifies an idempotent enrolment, and what its retry must match.
+#[derive(Debug, Clone, Copy)]
+pub struct Replay<'a> {
+    /// The key's scope: the caller (key id or certificate grant)...
+    pub caller: &'a str,
+    /// ... and the gallery.
+    pub gallery_id: &'a str,
+    /// The key.
+    pub key: &'a str,
+    /// The subject the retry names.
+    pub subject_id: &'a str,
+    /// How many images it carries...
+    pub images: usize,
+    /// ... and their digest ([`images_sha256`]).
+    pub images_sha256: &'a str,
+}
+
+impl<'a> NewEnrollment<'a> {
+    fn replay_of(&self, key: &'a str) -> Replay<'a> {
+        Replay {
+            caller: self.caller,
+            gallery_id: self.gallery_id,
+            key,
+            subject_id: self.subject_id,
+            images: self.embeddings.len(),
+            images_sha256: self.images_sha256,
+        }
+    }
+}
+
+/// The digest that tells a retry from another enrolment: SHA-256 over each
+/// image's length (8 bytes, little-endian) and bytes, in order, in hex. No
+/// image can be recovered from it.
+pub fn images_sha256(images: &[Vec<u8>]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for image in images {
+        hasher.update((image.len() as u64).to_le_bytes());
+        hasher.update(image);
+    }
+    hex::encode(hasher.finalize())
 }
 
 /// Creates the enrolment's gallery unless it exists, within its caller's
@@ -141,22 +204,22 @@ async fn create_gallery(tx: &mut Transaction<'_, Postgres>, new: &NewEnrollment<
         return Ok(());
     }
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('handid.galleries.' || $1, 0))")
-        .bind(new.creator)
+        .bind(new.caller)
         .execute(&mut **tx)
         .await?;
     let created: i64 = sqlx::query_scalar("SELECT count(*) FROM galleries WHERE created_by = $1")
-        .bind(new.creator)
+        .bind(new.caller)
         .fetch_one(&mut **tx)
         .await?;
     if created >= i64::from(new.max_galleries) {
         return Err(StoreError::GalleryQuota {
-            caller: new.creator.to_owned(),
+            caller: new.caller.to_owned(),
             max: new.max_galleries,
         });
     }
     sqlx::query("INSERT INTO galleries (gallery_id, created_by) VALUES ($1, $2) ON CONFLICT DO NOTHING")
         .bind(new.gallery_id)
-        .bind(new.creator)
+        .bind(new.caller)
         .execute(&mut **tx)
         .await?;
     Ok(())
@@ -166,6 +229,7 @@ async fn create_gallery(tx: &mut Transaction<'_, Postgres>, new: &NewEnrollment<
 async fn insert_templates(
     tx: &mut Transaction<'_, Postgres>,
     subject: i64,
+    enrollment: Option<i64>,
     new: &NewEnrollment<'_>,
     model_id: &str,
     embeddings: &[Vec<f32>],
@@ -175,7 +239,7 @@ async fn insert_templates(
         let template_id = Uuid::new_v4();
         let seq: i64 = sqlx::query_scalar(
             "INSERT INTO templates
-               (template_id, subject, gallery_id, model_id, dimension, embedding, quality, idempotency_key)
+               (template_id, subject, gallery_id, model_id, dimension, embedding, quality, enrollment)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING seq",
         )
         .bind(template_id)
@@ -185,7 +249,7 @@ async fn insert_templates(
         .bind(i32::try_from(embedding.len()).unwrap_or(i32::MAX))
         .bind(embedding)
         .bind(quality)
-        .bind(new.idempotency_key)
+        .bind(enrollment)
         .fetch_one(&mut **tx)
         .await?;
         templates.push(CreatedTemplate { template_id, seq });

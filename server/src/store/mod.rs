@@ -27,6 +27,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use crate::settings::DatabaseSettings;
 
+pub use enroll::{Replay, images_sha256};
 pub use records::*;
 
 /// What can go wrong in the store, already sorted by who must act.
@@ -46,8 +47,8 @@ pub enum StoreError {
         /// The subject.
         subject: String,
     },
-    /// The idempotency key was used for another gallery, subject or number
-    /// of images.
+    /// The idempotency key was used (by this caller, in this gallery) for
+    /// another subject or other images.
     #[error("idempotency key already used for a different enrolment")]
     IdempotencyKeyReused,
     /// Creating the gallery would exceed its caller's gallery quota.
@@ -63,6 +64,23 @@ pub enum StoreError {
     /// back); named by the constraint or condition that caught it.
     #[error("concurrent modification caught by {0}")]
     Conflict(String),
+    /// The database lacks a migration this release needs.
+    #[error(
+        "the database schema lacks migration {missing} ({description}): run `handid-server migrate` as \
+         the schema's owner, or set database.migrate_on_start on a single-role database"
+    )]
+    SchemaBehind {
+        /// The first missing migration.
+        missing: i64,
+        /// What it does.
+        description: String,
+    },
+    /// An applied migration differs from the one this release embeds.
+    #[error("migration {version} applied to the database differs from this release's")]
+    SchemaModified {
+        /// The migration.
+        version: i64,
+    },
     /// Any other database failure: a server fault.
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),
@@ -95,13 +113,14 @@ impl From<sqlx::Error> for StoreError {
                     return StoreError::Conflict(reason.to_owned());
                 }
                 match db.constraint() {
-                    Some("enrollments_pkey") => StoreError::IdempotencyKeyReused,
+                    Some("enrollments_scope_key") => StoreError::IdempotencyKeyReused,
                     // A row we reference vanished under us (a concurrent
                     // DeleteGallery / DeleteSubject): the caller may retry.
                     Some(
                         name @ ("subjects_gallery_id_fkey"
                         | "templates_gallery_id_fkey"
                         | "templates_subject_fkey"
+                        | "templates_enrollment_fkey"
                         | "enrollments_subject_fkey"),
                     ) => StoreError::Conflict(name.to_owned()),
                     _ => StoreError::Database(e),
@@ -122,7 +141,8 @@ pub struct Store {
 }
 
 impl Store {
-    /// Connects the pool and applies the migrations.
+    /// Connects the pool, then applies the migrations
+    /// (`database.migrate_on_start`) or checks that they all are applied.
     ///
     /// The pool tests each connection before handing it out, so a connection
     /// broken while the database was down is dropped and replaced rather than
@@ -134,11 +154,52 @@ impl Store {
             .test_before_acquire(true)
             .connect(&settings.url)
             .await?;
-        crate::MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(|e| StoreError::Database(e.into()))?;
-        Ok(Self { pool })
+        let store = Self { pool };
+        if settings.migrate_on_start {
+            crate::MIGRATOR
+                .run(&store.pool)
+                .await
+                .map_err(|e| StoreError::Database(e.into()))?;
+        } else {
+            store.check_schema().await?;
+        }
+        Ok(store)
+    }
+
+    /// Whether every migration this binary embeds has been applied, as it
+    /// is embedded (a migration edited after it ran is refused too).
+    pub async fn check_schema(&self) -> StoreResult<()> {
+        let applied: Vec<(i64, Vec<u8>)> = match sqlx::query_as(
+            "SELECT version, checksum FROM _sqlx_migrations WHERE success ORDER BY version",
+        )
+        .fetch_all(&self.pool)
+        .await
+        {
+            Ok(rows) => rows,
+            // 42P01 undefined_table: never migrated.
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P01") => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        for migration in crate::MIGRATOR
+            .iter()
+            .filter(|m| !m.migration_type.is_down_migration())
+        {
+            match applied.iter().find(|(version, _)| *version == migration.version) {
+                None => {
+                    return Err(StoreError::SchemaBehind {
+                        missing: migration.version,
+                        description: migration.description.to_string(),
+                    });
+                }
+                Some((_, checksum)) if checksum.as_slice() != &*migration.checksum => {
+                    return Err(StoreError::SchemaModified {
+                        version: migration.version,
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
     }
 
     /// Wraps an existing pool (tests; migrations already applied).

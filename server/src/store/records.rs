@@ -35,11 +35,15 @@ pub struct NewEnrollment<'a> {
     pub embeddings: &'a [Vec<f32>],
     /// Quality estimate per image, in [0, 1].
     pub qualities: &'a [f32],
-    /// Optional idempotency key.
+    /// Optional idempotency key, scoped by `caller` and the gallery.
     pub idempotency_key: Option<&'a str>,
-    /// Who enrols: the creator recorded when this creates the gallery.
-    pub creator: &'a str,
-    /// How many galleries `creator` may have created; creating one more
+    /// The digest of the images ([`super::images_sha256`]) a retry must
+    /// carry again.
+    pub images_sha256: &'a str,
+    /// Who enrols (key id or certificate grant): the key's scope, and the
+    /// creator recorded when this creates the gallery.
+    pub caller: &'a str,
+    /// How many galleries `caller` may have created; creating one more
     /// is refused ([`super::StoreError::GalleryQuota`]).
     pub max_galleries: u32,
     /// During a model migration: the same images embedded by the staged

@@ -108,6 +108,9 @@ pub fn settings(options: &PgConnectOptions, checkpoint: &Path) -> Settings {
     s.database.url = database_url(options);
     s.database.max_connections = 4;
     s.database.acquire_timeout_ms = 1_000;
+    // One superuser for everything in tests; the two roles are tested in
+    // insider.rs.
+    s.database.migrate_on_start = true;
     s.model.path = checkpoint.to_owned();
     s.server.health_check_interval_ms = 200;
     s.batch.max_wait_ms = 2;
