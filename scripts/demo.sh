@@ -89,6 +89,9 @@ service_url="${DATABASE_URL/\/\/handid@/\/\/handid_server@}"
 cat >"$DEMO_DIR/server.yaml" <<EOF
 server:
   listen: 127.0.0.1:$port
+  # The replay is one bulk client; the default per-caller rate limit
+  # (100 calls/s) is meant for door readers and desks.
+  rate_limit_per_second: 0
 database:
   url: $service_url
 model:

@@ -149,6 +149,14 @@ pub enum ServiceError {
         /// The gallery asked for.
         gallery: String,
     },
+    /// A caller limited to galleries asked for Embed, which serves none.
+    #[error(
+        "{caller:?} is limited to galleries, and Embed belongs to none; use a key without a gallery list"
+    )]
+    EmbedDenied {
+        /// Key id or certificate grant.
+        caller: String,
+    },
     /// No such gallery.
     #[error("gallery {0:?} not found")]
     GalleryNotFound(String),
@@ -282,7 +290,7 @@ impl ServiceError {
             | ServiceError::NoTemplatesForModel { .. } => Code::NotFound,
             ServiceError::Conflict => Code::Aborted,
             ServiceError::GalleryQuota { .. } => Code::ResourceExhausted,
-            ServiceError::GalleryDenied { .. } => Code::PermissionDenied,
+            ServiceError::GalleryDenied { .. } | ServiceError::EmbedDenied { .. } => Code::PermissionDenied,
             ServiceError::Unavailable | ServiceError::ShuttingDown | ServiceError::ModelUnavailable => {
                 Code::Unavailable
             }

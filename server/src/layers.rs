@@ -17,6 +17,7 @@ use tonic::Status;
 use tower::layer::util::{Identity, Stack};
 use tower::{Layer, Service, ServiceBuilder};
 
+use crate::audit::{AuditLayer, AuditSink};
 use crate::auth::{Access, Authenticator, access_of};
 use crate::engine::Caller;
 use crate::index::lock;
@@ -28,7 +29,13 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// The stack's type, outermost layer last (tower's `Stack` nesting).
 pub type ProtectionLayer = Stack<
     GateLayer<Shed>,
-    Stack<GateLayer<RateLimit>, Stack<GateLayer<Authenticate>, Stack<DeadlineLayer, Identity>>>,
+    Stack<
+        GateLayer<PerCaller>,
+        Stack<
+            GateLayer<RateLimit>,
+            Stack<GateLayer<Authenticate>, Stack<DeadlineLayer, Stack<AuditLayer, Identity>>>,
+        >,
+    >,
 >;
 
 /// Builds the stack, outermost first.
@@ -39,32 +46,44 @@ impl Protection {
     /// The layers, in the order a call meets them. The order matters:
     /// cheap refusals come first, and nothing refused takes a slot of the
     /// concurrency limit.
-    pub fn stack(settings: &Settings, auth: Arc<Authenticator>) -> ProtectionLayer {
+    pub fn stack(settings: &Settings, auth: Arc<Authenticator>, audit: AuditSink) -> ProtectionLayer {
         ServiceBuilder::new()
-            // 1. Request timeout: a call may not run forever; past
+            // 1. The audit record: every call (health and reflection
+            //    aside) leaves a row; this layer writes it for the calls
+            //    refused before the core could (`audit.rs`). Outermost, so
+            //    it sees every refusal below.
+            .layer(AuditLayer::new(audit))
+            // 2. Request timeout: a call may not run forever; past
             //    `server.request_timeout_ms` (`admin_timeout_ms` for the
             //    Admin service, whose reloads take minutes) it is dropped
             //    (with it its decoding and batch slot; a write already
             //    committing finishes on its own task) and the client gets
-            //    DEADLINE_EXCEEDED. Outermost so it bounds everything below;
-            //    it also records each call's latency.
+            //    DEADLINE_EXCEEDED. It bounds everything below; it also
+            //    records each call's latency.
             .layer(DeadlineLayer {
                 timeout: settings.request_timeout(),
                 admin_timeout: settings.admin_timeout(),
             })
-            // 2. Authentication and scope: who is calling (API key or client
+            // 3. Authentication and scope: who is calling (API key or client
             //    certificate) and whether the method's scope is granted.
             //    UNAUTHENTICATED / PERMISSION_DENIED before any work is done.
             //    Health and reflection stay open.
             .layer(GateLayer(Arc::new(Authenticate(auth))))
-            // 3. Per-caller rate limit (token bucket per key id): one noisy
+            // 4. Per-caller rate limit (token bucket per key id): one noisy
             //    client cannot take the capacity of the others.
             //    RESOURCE_EXHAUSTED naming the limit.
             .layer(GateLayer(Arc::new(RateLimit::new(
                 settings.server.rate_limit_per_second,
                 settings.server.rate_limit_burst,
             ))))
-            // 4. Concurrency limit with load shedding: at most
+            // 5. Per-caller concurrency: at most
+            //    `server.max_concurrent_per_caller` calls of one caller in
+            //    flight, so one caller cannot take every slot of the next
+            //    layer. RESOURCE_EXHAUSTED at once.
+            .layer(GateLayer(Arc::new(PerCaller::new(
+                settings.server.max_concurrent_per_caller,
+            ))))
+            // 6. Concurrency limit with load shedding: at most
             //    `server.max_concurrent_requests` calls in flight across all
             //    connections (one semaphore for the server); one more is
             //    refused at once with RESOURCE_EXHAUSTED rather than queued,
@@ -73,7 +92,7 @@ impl Protection {
             .layer(GateLayer(Arc::new(Shed::new(
                 settings.server.max_concurrent_requests,
             ))))
-            // 5. (In server.rs, per service) the maximum message size:
+            // 7. (In server.rs, per service) the maximum message size:
             //    `limits.max_message_bytes`, refused by the codec with
             //    OUT_OF_RANGE before the message is buffered whole.
             .into_inner()
@@ -332,16 +351,10 @@ impl Gate for RateLimit {
         if self.per_second <= 0.0 {
             return Ok(());
         }
-        // With auth off every caller is "anonymous": fall back to the peer
-        // address so one client still cannot starve the others.
         let Some(caller) = request.extensions().get::<Caller>() else {
             return Ok(());
         };
-        let key = match (caller.id.as_str(), &caller.peer) {
-            // The peer's IP without its port: one client, many connections.
-            ("anonymous", Some(peer)) => peer.rsplit_once(':').map_or(peer.as_str(), |p| p.0).to_owned(),
-            (id, _) => id.to_owned(),
-        };
+        let key = limit_key(caller);
         let now = Instant::now();
         let mut buckets = lock(&self.buckets);
         if buckets.len() >= RATE_LIMIT_TABLE {
@@ -349,17 +362,91 @@ impl Gate for RateLimit {
             let refill = Duration::from_secs_f64(self.burst / self.per_second);
             buckets.retain(|_, (_, last)| now.duration_since(*last) < refill);
         }
-        let (tokens, last) = buckets.entry(key).or_insert((self.burst, now));
+        let (tokens, last) = buckets.entry(key.clone()).or_insert((self.burst, now));
         *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.per_second).min(self.burst);
         *last = now;
         if *tokens < 1.0 {
             return Err(Status::resource_exhausted(format!(
-                "rate limit of {} calls per second (burst {}) exceeded for {:?}; retry later",
-                self.per_second, self.burst, caller.id
+                "rate limit of {} calls per second (burst {}) exceeded for {key:?} \
+                 (server.rate_limit_per_second, server.rate_limit_burst); retry later",
+                self.per_second, self.burst
             )));
         }
         *tokens -= 1.0;
         Ok(())
+    }
+}
+
+/// Whom the per-caller limits count: the caller id, or with auth off
+/// (every caller `anonymous`) the peer's IP without its port (one client,
+/// many connections), so one client still cannot starve the others.
+fn limit_key(caller: &Caller) -> String {
+    match (caller.id.as_str(), &caller.peer) {
+        ("anonymous", Some(peer)) => peer.rsplit_once(':').map_or(peer.as_str(), |p| p.0).to_owned(),
+        (id, _) => id.to_owned(),
+    }
+}
+
+/// Calls in flight per caller, refusing one more beyond the limit.
+#[derive(Debug)]
+pub struct PerCaller {
+    limit: usize,
+    in_flight: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl PerCaller {
+    fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            in_flight: Arc::default(),
+        }
+    }
+}
+
+/// One call counted against its caller until it ends; the caller's entry
+/// goes when its count returns to zero, so the table holds the callers with
+/// calls in flight, no more.
+#[derive(Debug)]
+pub struct InFlight {
+    key: String,
+    in_flight: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut in_flight = lock(&self.in_flight);
+        if let Some(n) = in_flight.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                in_flight.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Gate for PerCaller {
+    type Ticket = Option<InFlight>;
+    fn admit<B>(&self, request: &mut http::Request<B>) -> Result<Self::Ticket, Status> {
+        let Some(caller) = request.extensions().get::<Caller>() else {
+            return Ok(None);
+        };
+        if access_of(request.uri().path()) == Access::Open {
+            return Ok(None);
+        }
+        let key = limit_key(caller);
+        let mut in_flight = lock(&self.in_flight);
+        let n = in_flight.entry(key.clone()).or_insert(0);
+        if *n >= self.limit {
+            return Err(Status::resource_exhausted(format!(
+                "{key:?} has {} calls in flight, its limit (server.max_concurrent_per_caller); retry with backoff",
+                self.limit
+            )));
+        }
+        *n += 1;
+        Ok(Some(InFlight {
+            key,
+            in_flight: Arc::clone(&self.in_flight),
+        }))
     }
 }
 

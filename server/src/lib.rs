@@ -6,6 +6,7 @@
 //!   rate limit, concurrency limit with load shedding).
 //! - [`health`]: SERVING only while the database answers, the models run
 //!   and replication keeps up.
+//! - [`audit`]: the audit rows of calls the core never saw (refusals).
 //! - [`auth`]: API keys, scopes, client certificates: who calls, and may they.
 //! - [`telemetry`]: logs, OpenTelemetry traces and metrics over OTLP.
 //! - [`service`]: the thin gRPC handlers (protobuf <-> domain types).
@@ -25,6 +26,7 @@
 //! - [`settings`]: the YAML settings with `HANDID__SECTION__KEY` overrides.
 //! - [`MIGRATOR`]: the migrations, embedded so the binary applies them at start.
 
+pub mod audit;
 pub mod auth;
 pub mod batcher;
 pub mod decode;

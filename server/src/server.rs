@@ -11,6 +11,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
+use crate::audit::AuditSink;
 use crate::auth::Authenticator;
 use crate::layers::Protection;
 
@@ -49,6 +50,13 @@ pub enum ServeError {
     /// The forward thread could not be started.
     #[error("starting the embedding thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// A listener other hosts can reach, without TLS, and plain text not
+    /// explicitly allowed.
+    #[error(
+        "{0} is reachable from other hosts and TLS is off: set tls.cert_file and tls.key_file, \
+         or server.allow_plaintext: true where a mesh protects the traffic"
+    )]
+    Plaintext(std::net::SocketAddr),
     /// The gRPC transport failed.
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -92,6 +100,13 @@ pub async fn run_with_reloads(
     mut reloads: tokio::sync::mpsc::Receiver<()>,
 ) -> Result<(), ServeError> {
     settings.validate()?;
+    if let Ok(local) = listener.local_addr()
+        && !local.ip().is_loopback()
+        && settings.tls.cert_file.is_none()
+        && !settings.server.allow_plaintext
+    {
+        return Err(ServeError::Plaintext(local));
+    }
     let model_error = |source| ServeError::Model {
         path: settings.model.path.display().to_string(),
         source,
@@ -181,11 +196,7 @@ pub async fn run_with_reloads(
         tokio::spawn(async move {
             while reloads.recv().await.is_some() {
                 // Audited like an Admin call, with the signal as the caller.
-                let caller = Caller {
-                    id: "signal:SIGHUP".to_owned(),
-                    peer: None,
-                    galleries: None,
-                };
+                let caller = Caller::named("signal:SIGHUP", None);
                 match engine
                     .reload(&caller, None, crate::reload::ReloadMode::Swap)
                     .await
@@ -221,6 +232,7 @@ pub async fn run_with_reloads(
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
     let auth = Arc::new(Authenticator::new(&settings.auth));
+    let (audit_sink, audit_writer) = AuditSink::start(engine_for_writes.store().clone());
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls_config(&settings).await? {
         builder = builder.tls_config(tls)?;
@@ -250,7 +262,7 @@ pub async fn run_with_reloads(
         })
         // Timeout, access control, rate limit, concurrency limit: the
         // protection stack, commented layer by layer in `layers.rs`.
-        .layer(Protection::stack(&settings, auth))
+        .layer(Protection::stack(&settings, auth, audit_sink))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(handid)
@@ -258,8 +270,10 @@ pub async fn run_with_reloads(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
         .await;
     // Writes whose calls were cancelled may still be committing: they
-    // finish before the server says it has stopped.
+    // finish before the server says it has stopped; then the audit rows of
+    // the last calls refused or cancelled before the core saw them.
     engine_for_writes.finish_writes().await;
+    audit_writer.finish(Duration::from_secs(5)).await;
     health_task.abort();
     reloader.abort();
     if let Some(follower) = follower {

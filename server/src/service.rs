@@ -169,8 +169,9 @@ impl HandId for HandIdService {
 
     #[tracing::instrument(skip_all, fields(images = request.get_ref().images.len()))]
     async fn embed(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
-        let images = validate::embed(request.into_inner(), self.engine.limits())?;
-        let out = self.engine.embed(images).await?;
+        let caller = caller(&request);
+        let images = validate::embed(&caller, request.into_inner(), self.engine.limits())?;
+        let out = self.engine.embed(&caller, images).await?;
         Ok(Response::new(pb::EmbedResponse {
             dimension: u32::try_from(out.dim).unwrap_or(u32::MAX),
             embeddings: out
@@ -226,7 +227,7 @@ impl HandId for HandIdService {
             validate::gallery(&caller, r.gallery_id)?,
             validate::subject(r.subject_id)?,
         );
-        let record = self.engine.get_subject(g.clone(), s).await?;
+        let record = self.engine.get_subject(&caller, g.clone(), s).await?;
         Ok(Response::new(pb::GetSubjectResponse {
             subject: Some(subject_record(g.as_str(), record)),
             model_id: self.engine.model_id().to_owned(),
@@ -241,7 +242,7 @@ impl HandId for HandIdService {
         let caller = caller(&request);
         let call = validate::list(&caller, request.into_inner())?;
         let g = call.gallery.clone();
-        let page = self.engine.list_subjects(call).await?;
+        let page = self.engine.list_subjects(&caller, call).await?;
         Ok(Response::new(pb::ListSubjectsResponse {
             subjects: page
                 .subjects
@@ -258,9 +259,9 @@ impl HandId for HandIdService {
 impl Admin for AdminService {
     async fn get_model(
         &self,
-        _: Request<pb::GetModelRequest>,
+        request: Request<pb::GetModelRequest>,
     ) -> Result<Response<pb::GetModelResponse>, Status> {
-        let report = self.engine.report().await?;
+        let report = self.engine.report(&caller(&request)).await?;
         Ok(Response::new(pb::GetModelResponse {
             active: Some(model_info(&report.active)),
             staged: report.staged.as_ref().map(model_info),

@@ -82,11 +82,20 @@ pub struct ServerSettings {
     pub admin_timeout_ms: u64,
     /// How often the health check probes the database.
     pub health_check_interval_ms: u64,
-    /// Calls per second one caller (API key, certificate subject, or peer
-    /// address when auth is off) may make on average; 0 turns the limit off.
+    /// Calls per second one caller (API key, certificate grant, or peer
+    /// address when auth is off) may make on average; 0 turns the limit
+    /// off.
     pub rate_limit_per_second: f64,
     /// Calls one caller may make in a burst above that rate.
     pub rate_limit_burst: u32,
+    /// Calls of one caller in flight at once; one more is refused with
+    /// RESOURCE_EXHAUSTED.
+    pub max_concurrent_per_caller: usize,
+    /// Serve plain text on an address other than loopback. Off: such a
+    /// listener needs `tls.cert_file`, or the server refuses to start
+    /// (keys and images would cross the network in clear). On only where
+    /// something else protects the traffic (a service mesh's mTLS).
+    pub allow_plaintext: bool,
 }
 
 impl Default for ServerSettings {
@@ -97,8 +106,10 @@ impl Default for ServerSettings {
             request_timeout_ms: 30_000,
             admin_timeout_ms: 600_000,
             health_check_interval_ms: 1_000,
-            rate_limit_per_second: 0.0,
-            rate_limit_burst: 50,
+            rate_limit_per_second: 100.0,
+            rate_limit_burst: 200,
+            max_concurrent_per_caller: 64,
+            allow_plaintext: false,
         }
     }
 }
@@ -253,8 +264,11 @@ impl Default for ReplicationSettings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Scope {
-    /// Identify, Verify, Embed, GetSubject, ListSubjects.
+    /// Identify, Verify, GetSubject, ListSubjects.
     Identify,
+    /// Embed: raw embeddings, comparable offline with anything; a scope of
+    /// its own, refused to keys limited to galleries.
+    Embed,
     /// Enroll, DeleteSubject, DeleteGallery.
     Enroll,
     /// The Admin service.
@@ -266,6 +280,7 @@ impl Scope {
     pub fn as_str(self) -> &'static str {
         match self {
             Scope::Identify => "identify",
+            Scope::Embed => "embed",
             Scope::Enroll => "enroll",
             Scope::Admin => "admin",
         }
@@ -310,18 +325,37 @@ pub struct ApiKeySettings {
     pub galleries: Vec<String>,
 }
 
-/// What a client certificate subject (RFC 4514 text, e.g. `CN=door-1`) may
-/// call when it comes without an API key.
+/// What a mutual-TLS client may call when it comes without an API key. It
+/// is recognised by its certificate's subject, parsed and compared
+/// attribute by attribute (RFC 4514 text: `CN=enrolment-desk,O=Example`; the
+/// order of the attributes does not matter, their values must be equal), or
+/// by one subject alternative name (`dns:door-7.example`,
+/// `uri:spiffe://site/door-7`, `email:desk@example.org`). Exactly one of the
+/// two.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CertificateGrant {
-    /// The certificate's subject, as the audit log records it.
-    pub subject: String,
+    /// The certificate's subject (the audit log records this text).
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// A subject alternative name of the certificate.
+    #[serde(default)]
+    pub san: Option<String>,
     /// What it may call.
     pub scopes: Vec<Scope>,
     /// When not empty, the only galleries it may touch.
     #[serde(default)]
     pub galleries: Vec<String>,
+}
+
+impl CertificateGrant {
+    /// The caller id of this grant: its subject or san text, as written.
+    pub fn id(&self) -> String {
+        self.subject
+            .clone()
+            .or_else(|| self.san.clone())
+            .unwrap_or_default()
+    }
 }
 
 /// TLS of the gRPC listener; off unless both files are named.
@@ -413,6 +447,19 @@ impl Settings {
         let s = self;
         if s.server.max_concurrent_requests == 0 {
             return bad("server.max_concurrent_requests", "must be at least 1");
+        }
+        if s.server.max_concurrent_per_caller == 0 {
+            return bad("server.max_concurrent_per_caller", "must be at least 1");
+        }
+        if !s.server.listen.ip().is_loopback() && s.tls.cert_file.is_none() && !s.server.allow_plaintext {
+            return bad(
+                "server.listen",
+                &format!(
+                    "{} is reachable from other hosts and TLS is off: set tls.cert_file and \
+                     tls.key_file, or server.allow_plaintext: true where a mesh protects the traffic",
+                    s.server.listen
+                ),
+            );
         }
         if s.server.request_timeout_ms == 0 {
             return bad("server.request_timeout_ms", "must be at least 1");
@@ -530,10 +577,13 @@ impl Settings {
             }
         }
         for grant in &s.auth.certificates {
-            if grant.subject.is_empty() || grant.scopes.is_empty() {
+            if let Err(problem) = crate::auth::check_grant(grant) {
+                return bad("auth.certificates", &problem.to_string());
+            }
+            if grant.scopes.is_empty() {
                 return bad(
                     "auth.certificates",
-                    "each grant needs a subject and at least one scope",
+                    &format!("grant {:?} has no scope", grant.id()),
                 );
             }
         }

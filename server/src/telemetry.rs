@@ -159,6 +159,7 @@ pub struct Metrics {
     follower_restarts: Counter<u64>,
     failed_changes: Counter<u64>,
     replication_lag: Gauge<f64>,
+    audit_dropped: Counter<u64>,
     pending_changes: Gauge<u64>,
     gallery_sizes: Arc<OnceLock<ObservableGauge<u64>>>,
 }
@@ -218,6 +219,10 @@ pub fn metrics() -> &'static Metrics {
                 .u64_gauge("handid.replication.pending_changes")
                 .with_description("Changes committed that this replica has not applied")
                 .build(),
+            audit_dropped: meter
+                .u64_counter("handid.audit.dropped")
+                .with_description("Audit rows of refused calls dropped because the audit queue was full")
+                .build(),
             gallery_sizes: Arc::new(OnceLock::new()),
         }
     })
@@ -274,6 +279,11 @@ impl Metrics {
     /// A change kept failing and was passed over.
     pub fn change_failed(&self) {
         self.failed_changes.add(1, &[]);
+    }
+
+    /// A refused call's audit row was dropped (queue full).
+    pub fn audit_dropped(&self) {
+        self.audit_dropped.add(1, &[]);
     }
 
     /// How far this replica is behind the change feed.

@@ -157,6 +157,7 @@ impl Engine {
                 })
                 .await;
         }
+        caller.record.mark_audited();
         if let Some(pause) = crate::faults::after_commit() {
             tokio::time::sleep(pause).await;
         }
@@ -323,14 +324,17 @@ impl Engine {
         })
     }
 
-    /// The embeddings of `images`, storing nothing.
-    pub async fn embed(&self, images: Vec<Vec<u8>>) -> Result<Embedded> {
+    /// The embeddings of `images`, storing nothing (but the audit row).
+    pub async fn embed(&self, caller: &Caller, images: Vec<Vec<u8>>) -> Result<Embedded> {
         let slot = self.active();
-        Ok(Embedded {
-            embeddings: slot.batcher.embed(images).await?,
+        let result = slot.batcher.embed(images).await.map_err(ServiceError::from);
+        let result = result.map(|embeddings| Embedded {
+            embeddings,
             dim: slot.model.embedder.dim(),
             model_id: slot.model_id().to_owned(),
-        })
+        });
+        self.audited(caller, "embed", None, result, |_| (None, None))
+            .await
     }
 
     /// Erases a subject from the database (with its audit row, one
@@ -378,6 +382,7 @@ impl Engine {
                     .await;
             }
         };
+        caller.record.mark_audited();
         if let Some(pause) = crate::faults::after_commit() {
             tokio::time::sleep(pause).await;
         }
@@ -438,6 +443,7 @@ impl Engine {
                     .await;
             }
         };
+        caller.record.mark_audited();
         for slot in self.slots() {
             if let Some(index) = slot.indexes.get(&gallery.0) {
                 lock(&index).clear();
@@ -448,12 +454,28 @@ impl Engine {
     }
 
     /// One subject's record.
-    pub async fn get_subject(&self, gallery: Id, subject: Id) -> Result<SubjectRecord> {
-        Ok(self.store.get_subject(&gallery.0, &subject.0).await?)
+    pub async fn get_subject(&self, caller: &Caller, gallery: Id, subject: Id) -> Result<SubjectRecord> {
+        let result = self
+            .store
+            .get_subject(&gallery.0, &subject.0)
+            .await
+            .map_err(ServiceError::from);
+        let name = subject.0.clone();
+        self.audited(caller, "get_subject", Some(&gallery), result, |_| {
+            (Some(name), None)
+        })
+        .await
     }
 
     /// One page of a gallery's subjects, by subject id.
-    pub async fn list_subjects(&self, call: PageCall) -> Result<SubjectPage> {
+    pub async fn list_subjects(&self, caller: &Caller, call: PageCall) -> Result<SubjectPage> {
+        let gallery = call.gallery.clone();
+        let result = self.list_page(call).await;
+        self.audited(caller, "list_subjects", Some(&gallery), result, |_| (None, None))
+            .await
+    }
+
+    async fn list_page(&self, call: PageCall) -> Result<SubjectPage> {
         let PageCall { gallery, size, after } = call;
         let mut subjects = self
             .store

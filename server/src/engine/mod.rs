@@ -41,6 +41,7 @@ use std::time::Instant;
 use futures::TryStreamExt;
 use tracing::Instrument;
 
+use crate::audit::code_name;
 use crate::batcher::Batcher;
 use crate::error::ServiceError;
 use crate::index::{IndexError, Indexes, NewRow, lock};
@@ -292,6 +293,7 @@ impl Engine {
             }
             Err(e) => (None, None, code_name(e.code())),
         };
+        caller.record.mark_audited();
         let written = self
             .store
             .audit(&AuditEntry {
@@ -328,29 +330,4 @@ fn append_loaded(indexes: &Indexes, pending: &mut Vec<TemplateRow>) -> Result<()
     lock(&index).append(&rows)?;
     pending.clear();
     Ok(())
-}
-
-/// The gRPC name of a status code (`INVALID_ARGUMENT`), as the audit log
-/// records outcomes; tonic's `Debug` spells it `InvalidArgument`.
-fn code_name(code: tonic::Code) -> String {
-    let mut name = String::new();
-    for (i, c) in format!("{code:?}").chars().enumerate() {
-        if c.is_ascii_uppercase() && i > 0 {
-            name.push('_');
-        }
-        name.push(c.to_ascii_uppercase());
-    }
-    name
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn audit_outcomes_use_grpc_code_names() {
-        assert_eq!(code_name(tonic::Code::InvalidArgument), "INVALID_ARGUMENT");
-        assert_eq!(code_name(tonic::Code::NotFound), "NOT_FOUND");
-        assert_eq!(code_name(tonic::Code::Unavailable), "UNAVAILABLE");
-    }
 }

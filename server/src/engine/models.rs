@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use chrono::Utc;
 
-use super::{Engine, Result, code_name, types::*};
+use super::{Engine, Result, types::*};
+use crate::audit::code_name;
 use crate::batcher::Batcher;
 use crate::error::ServiceError;
 use crate::index::{Indexes, MAX_CHUNK_ROWS};
@@ -16,7 +17,13 @@ use crate::telemetry::metrics;
 
 impl Engine {
     /// What GetModel reports.
-    pub async fn report(&self) -> Result<ModelReport> {
+    pub async fn report(&self, caller: &Caller) -> Result<ModelReport> {
+        let result = self.model_report().await;
+        self.audited(caller, "get_model", None, result, |_| (None, None))
+            .await
+    }
+
+    async fn model_report(&self) -> Result<ModelReport> {
         let staged = self.staged();
         let coverage = match &staged {
             Some(slot) => self.store.coverage(&slot.spaces).await?,

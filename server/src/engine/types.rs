@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use handid_model::Embedder;
 
 use super::Result;
+use crate::audit::CallRecord;
 use crate::batcher::Batcher;
 use crate::decode::Decoding;
 use crate::error::ServiceError;
@@ -291,15 +292,23 @@ pub struct Caller {
     pub peer: Option<String>,
     /// When set, the only galleries this caller may use.
     pub galleries: Option<Arc<[String]>>,
+    /// This call's audit record: the core marks it once it wrote the row.
+    pub record: Arc<CallRecord>,
 }
 
 impl Caller {
     /// A caller with every right (auth off; also in-process tools).
     pub fn anonymous(peer: Option<String>) -> Self {
+        Self::named("anonymous", peer)
+    }
+
+    /// A caller with every right, named `id` (e.g. `signal:SIGHUP`).
+    pub fn named(id: &str, peer: Option<String>) -> Self {
         Self {
-            id: "anonymous".to_owned(),
+            id: id.to_owned(),
             peer,
             galleries: None,
+            record: Arc::default(),
         }
     }
 

@@ -135,9 +135,16 @@ pub struct TestServer {
 impl TestServer {
     /// Starts `handid_server::run` on 127.0.0.1:0.
     pub async fn start(settings: Settings) -> Self {
-        capture_logs();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
+        Self::start_on(listener, settings)
+    }
+
+    /// Starts `handid_server::run` on `listener`; `addr` is its loopback
+    /// address (a listener on 0.0.0.0 answers there too).
+    pub fn start_on(listener: tokio::net::TcpListener, settings: Settings) -> Self {
+        capture_logs();
+        let port = listener.local_addr().expect("addr").port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(handid_server::run(listener, settings, async {
             let _ = stopped.await;
