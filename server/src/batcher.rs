@@ -25,6 +25,7 @@ use tokio::sync::oneshot;
 use crate::decode::Decoding;
 use crate::error::ImageProblem;
 use crate::faults::ForwardFault;
+use crate::reload::SelfTestError;
 use crate::settings::BatchSettings;
 use crate::telemetry::metrics;
 use tracing::Instrument;
@@ -43,19 +44,48 @@ pub enum BatchError {
     /// The forward thread has stopped (server shutting down).
     #[error("the embedding thread has stopped")]
     Stopped,
-    /// The model failed on a batch (a server fault).
-    #[error("{0}")]
-    Model(String),
+    /// The forward pass of the image's batch failed (a server fault).
+    #[error(transparent)]
+    Forward(Arc<ForwardError>),
+    /// Preprocessing a decoded image failed (a server fault).
+    #[error("preprocessing: {0}")]
+    Preprocess(#[source] handid_model::Error),
+    /// The decoding task died (a server fault).
+    #[error("preprocessing task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
+    /// The call was dropped while its image decoded; nobody reads this.
+    #[error("decoding cancelled")]
+    Cancelled,
     /// The model cannot run on this replica at present.
     #[error("the model cannot run")]
     Unavailable,
+}
+
+/// Why a forward pass failed: every call of its batch fails with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// A device fault, injected by a test (`faults.rs`).
+    #[error("CUDA error: an illegal memory access was encountered (injected)")]
+    Injected,
+    /// The batch's tensors could not be stacked.
+    #[error("stacking a batch: {0}")]
+    Stack(#[source] tch::TchError),
+    /// The model's forward pass failed (libtorch, the device).
+    #[error(transparent)]
+    Model(#[from] handid_model::Error),
+    /// The embeddings could not be read back.
+    #[error("reading embeddings: {0}")]
+    Read(#[source] tch::TchError),
+    /// The forward pass panicked (caught: the thread goes on).
+    #[error("the forward pass panicked: {0}")]
+    Panicked(String),
 }
 
 /// Why the forward thread could not give an image its embedding.
 #[derive(Debug, Clone)]
 enum Forward {
     /// The batch failed (a server fault).
-    Failed(String),
+    Failed(Arc<ForwardError>),
     /// This image's embedding has a NaN or an infinity: it never leaves the
     /// forward thread, so it can never become a template or a probe.
     NotFinite,
@@ -197,7 +227,7 @@ impl Batcher {
                 .map_err(|_| BatchError::Stopped)?;
             embeddings.push(match embedding {
                 Ok(values) => values,
-                Err(Forward::Failed(message)) => return Err(BatchError::Model(message)),
+                Err(Forward::Failed(error)) => return Err(BatchError::Forward(error)),
                 Err(Forward::Unavailable) => return Err(BatchError::Unavailable),
                 Err(Forward::NotFinite) => {
                     tracing::warn!(index, "the model gave a non-finite embedding; refused");
@@ -299,7 +329,7 @@ fn forward_loop(
         stats.images.fetch_add(batch.len() as u64, Ordering::Relaxed);
         // A panic here (libtorch, a bug) fails this batch only.
         let ran = catch_unwind(AssertUnwindSafe(|| run_batch(embedder, &batch)))
-            .unwrap_or_else(|panic| Err(format!("the forward pass panicked: {}", panic_message(&*panic))));
+            .unwrap_or_else(|panic| Err(ForwardError::Panicked(panic_message(&*panic))));
         match ran {
             Ok(rows) => {
                 for (job, row) in batch.into_iter().zip(rows) {
@@ -312,12 +342,13 @@ fn forward_loop(
                     let _ = job.reply.send(answer);
                 }
             }
-            Err(message) => {
+            Err(error) => {
                 stats.failed_batches.fetch_add(1, Ordering::Relaxed);
                 metrics().forward_failed("batch");
-                tracing::error!(%message, batch_size = batch.len(), "a forward pass failed; its calls fail");
+                tracing::error!(%error, batch_size = batch.len(), "a forward pass failed; its calls fail");
+                let error = Arc::new(error);
                 for job in batch {
-                    let _ = job.reply.send(Err(Forward::Failed(message.clone())));
+                    let _ = job.reply.send(Err(Forward::Failed(Arc::clone(&error))));
                 }
                 // A device fault may have taken the model with it: find out
                 // before the next batch.
@@ -331,7 +362,7 @@ fn forward_loop(
 /// change.
 fn check_model(embedder: &Embedder, stats: &BatchStats) {
     let test = catch_unwind(AssertUnwindSafe(|| crate::reload::self_test(embedder)))
-        .unwrap_or_else(|panic| Err(format!("the self-test panicked: {}", panic_message(&*panic))));
+        .unwrap_or_else(|panic| Err(SelfTestError::Panicked(panic_message(&*panic))));
     let runnable = test.is_ok();
     let was = stats.runnable.swap(runnable, Ordering::SeqCst);
     match (was, test) {
@@ -352,21 +383,19 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "(no message)".to_owned())
 }
 
-fn run_batch(embedder: &Embedder, batch: &[Job]) -> Result<Vec<Vec<f32>>, String> {
+fn run_batch(embedder: &Embedder, batch: &[Job]) -> Result<Vec<Vec<f32>>, ForwardError> {
     let fault = crate::faults::forward();
     match fault {
         Some(ForwardFault::Panic) => panic!("injected forward-pass panic"),
-        Some(ForwardFault::DeviceError) => {
-            return Err("CUDA error: an illegal memory access was encountered (injected)".to_owned());
-        }
+        Some(ForwardFault::DeviceError) => return Err(ForwardError::Injected),
         Some(ForwardFault::NonFinite) | None => {}
     }
     let pixels: Vec<&Tensor> = batch.iter().map(|job| &job.pixels).collect();
     // [N, 3, H, W]
-    let stacked = Tensor::f_stack(&pixels, 0).map_err(|e| format!("stacking a batch: {e}"))?;
+    let stacked = Tensor::f_stack(&pixels, 0).map_err(ForwardError::Stack)?;
     // [N, D], L2-normalised, on the CPU
-    let embeddings = embedder.embed_batch(&stacked).map_err(|e| e.to_string())?;
-    let mut rows = Vec::<Vec<f32>>::try_from(&embeddings).map_err(|e| format!("reading embeddings: {e}"))?;
+    let embeddings = embedder.embed_batch(&stacked)?;
+    let mut rows = Vec::<Vec<f32>>::try_from(&embeddings).map_err(ForwardError::Read)?;
     if fault == Some(ForwardFault::NonFinite) {
         rows.iter_mut().for_each(|row| row.fill(f32::NAN));
     }

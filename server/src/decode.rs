@@ -93,14 +93,10 @@ impl Decoding {
                 if cancelled.load(Ordering::Relaxed) {
                     return Err(refusal(index, ModelError::Cancelled));
                 }
-                preprocess
-                    .apply(&image)
-                    .map_err(|e| BatchError::Model(format!("preprocessing: {e}")))
+                preprocess.apply(&image).map_err(BatchError::Preprocess)
             })
         });
-        let prepared = work
-            .await
-            .map_err(|e| BatchError::Model(format!("preprocessing task failed: {e}")))?;
+        let prepared = work.await.map_err(BatchError::Task)?;
         drop(cancel);
         prepared
     }
@@ -161,7 +157,7 @@ fn refusal(index: usize, error: ModelError) -> BatchError {
             min: min_side,
         }),
         // Only a dropped call cancels, so no one reads this answer.
-        ModelError::Cancelled => BatchError::Model("decoding cancelled".to_owned()),
+        ModelError::Cancelled => BatchError::Cancelled,
         // The model crate guarantees its errors never contain image bytes.
         other => bad(ImageProblem::Undecodable(other.to_string())),
     }

@@ -9,6 +9,7 @@
 
 use crate::batcher::BatchError;
 use crate::index::IndexError;
+use crate::reload::ReloadError;
 use crate::store::StoreError;
 
 /// Why one image of a request was refused.
@@ -208,11 +209,14 @@ pub enum ServiceError {
         /// The folder.
         path: String,
         /// What is wrong with it.
-        reason: String,
+        reason: ReloadError,
     },
     /// A checkpoint of another embedding space, loaded without staging it.
-    #[error("checkpoint refused: {0}")]
-    IncompatibleModel(String),
+    #[error(
+        "checkpoint refused: {0}; stage it as a migration (RELOAD_MODE_STAGE_MIGRATION) and promote it \
+         once enrolments cover the galleries"
+    )]
+    IncompatibleModel(ReloadError),
     /// PromoteModel without a staged model.
     #[error("no model is staged; stage one with ReloadModel (RELOAD_MODE_STAGE_MIGRATION) first")]
     NothingStaged,
@@ -260,7 +264,10 @@ impl From<BatchError> for ServiceError {
         match e {
             BatchError::BadImage { index, problem } => ServiceError::BadImage { index, problem },
             BatchError::Stopped => ServiceError::ShuttingDown,
-            BatchError::Model(message) => ServiceError::Internal(format!("embedding: {message}")),
+            e @ (BatchError::Forward(_)
+            | BatchError::Preprocess(_)
+            | BatchError::Task(_)
+            | BatchError::Cancelled) => ServiceError::Internal(format!("embedding: {e}")),
             BatchError::Unavailable => ServiceError::ModelUnavailable,
         }
     }
@@ -322,6 +329,43 @@ mod tests {
         assert_eq!(status.code(), Code::Internal);
         assert_eq!(status.message(), "internal error");
         let status = tonic::Status::from(ServiceError::from(StoreError::Database(sqlx::Error::RowNotFound)));
+        assert_eq!(status.message(), "internal error");
+    }
+
+    #[test]
+    fn refused_checkpoints_and_failed_batches_keep_their_typed_causes() {
+        use crate::batcher::ForwardError;
+        use crate::reload::SelfTestError;
+        let incompatible = ServiceError::IncompatibleModel(ReloadError::OtherSpace {
+            space: "b".to_owned(),
+            compatible: Vec::new(),
+            active: "a".to_owned(),
+        });
+        assert!(matches!(
+            &incompatible,
+            ServiceError::IncompatibleModel(ReloadError::OtherSpace { active, .. }) if active == "a"
+        ));
+        let status = tonic::Status::from(incompatible);
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(
+            status.message(),
+            "checkpoint refused: the checkpoint's embedding space \"b\" (compatible with []) is not the \
+             active model's \"a\"; stage it as a migration (RELOAD_MODE_STAGE_MIGRATION) and promote it \
+             once enrolments cover the galleries"
+        );
+        let status = tonic::Status::from(ServiceError::BadCheckpoint {
+            path: "/models/next".to_owned(),
+            reason: SelfTestError::Norm(0.5).into(),
+        });
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(
+            status.message(),
+            "checkpoint /models/next refused: self-test embedding has norm 0.5, not 1"
+        );
+        // A failed forward pass is a server fault: its cause stays here.
+        let failed = BatchError::Forward(std::sync::Arc::new(ForwardError::Injected));
+        let status = tonic::Status::from(ServiceError::from(failed));
+        assert_eq!(status.code(), Code::Internal);
         assert_eq!(status.message(), "internal error");
     }
 

@@ -30,13 +30,14 @@ pub enum ServeError {
     /// Invalid settings.
     #[error(transparent)]
     Settings(#[from] crate::settings::SettingsError),
-    /// The device or the checkpoint could not be loaded.
+    /// The device or the checkpoint could not be loaded, or the checkpoint
+    /// failed its self-test.
     #[error("loading the model from {path}: {source}")]
     Model {
         /// The checkpoint folder.
         path: String,
         /// Why.
-        source: handid_model::Error,
+        source: crate::reload::ReloadError,
     },
     /// The database could not be prepared (connect, migrate, load).
     #[error("preparing the database: {0}")]
@@ -107,17 +108,17 @@ pub async fn run_with_reloads(
     {
         return Err(ServeError::Plaintext(local));
     }
-    let model_error = |source| ServeError::Model {
+    let model_error = |source: crate::reload::ReloadError| ServeError::Model {
         path: settings.model.path.display().to_string(),
         source,
     };
-    let device = handid_model::parse_device(&settings.model.device).map_err(model_error)?;
+    let device = handid_model::parse_device(&settings.model.device).map_err(|e| model_error(e.into()))?;
     let path = settings.model.path.clone();
     // Loading reads and hashes the weights: blocking work. The same checks
     // as a hot reload, self-test included.
     let embedder = tokio::task::spawn_blocking(move || crate::reload::load_checked(&path, device))
         .await?
-        .map_err(|reason| model_error(handid_model::Error::InvalidInput(reason)))?;
+        .map_err(model_error)?;
     let embedder = Arc::new(embedder);
     let store = Store::connect(&settings.database).await?;
     let manifest = embedder.manifest();

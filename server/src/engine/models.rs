@@ -84,12 +84,7 @@ impl Engine {
         ) {
             (Ok(()), _) => false,
             (Err(_), ReloadMode::StageMigration) => true,
-            (Err(reason), ReloadMode::Swap) => {
-                return Err(ServiceError::IncompatibleModel(format!(
-                    "{reason}; stage it as a migration (RELOAD_MODE_STAGE_MIGRATION) and promote it \
-                     once enrolments cover the galleries"
-                )));
-            }
+            (Err(reason), ReloadMode::Swap) => return Err(ServiceError::IncompatibleModel(reason)),
         };
         let manifest = embedder.manifest();
         self.store
