@@ -1,14 +1,17 @@
 //! Access control: who is calling, and whether they may call this method.
 //!
 //! A caller proves who it is with an API key sent as gRPC metadata
-//! `authorization: Bearer <key>`, or, on a mutual-TLS listener, with its
-//! client certificate (whose subject then names it). Keys are stored only as
-//! their SHA-256 (`handid-server keygen` prints a new key once, with the
-//! settings entry holding its hash), so a leaked settings file gives no key.
+//! `authorization: Bearer <key>` (or `x-api-key`), or, on a mutual-TLS
+//! listener, with its client certificate, granted by its parsed subject or
+//! one subject alternative name ([`PeerCertificate`], [`parse_dn`]); the
+//! grant names the caller. Keys are stored only as their SHA-256
+//! (`handid-server keygen` prints a new key once, with the settings entry
+//! holding its hash), so a leaked settings file gives no key.
 //!
 //! Each method needs one [`Scope`]; a key may further be limited to a list of
 //! galleries, which the handlers check once the request is decoded
-//! ([`Caller::check_gallery`]). Health and reflection stay open.
+//! ([`Caller::check_gallery`], [`Caller::check_embed`]). Health and
+//! reflection stay open.
 //!
 //! No key: UNAUTHENTICATED. A key that is unknown: UNAUTHENTICATED. A known
 //! key without the method's scope (or the gallery): PERMISSION_DENIED, naming
@@ -63,7 +66,7 @@ pub fn access_of(path: &str) -> Access {
     }
 }
 
-/// One holder of rights: a key or a certificate subject.
+/// One holder of rights: a key or a certificate grant.
 #[derive(Debug)]
 struct Grant {
     id: String,
@@ -457,9 +460,10 @@ pub enum NameProblem {
 /// allowed; multi-valued RDNs with `+`; `\,` and `\2C` escapes) into
 /// attributes (type OID, value), sorted: a grant and a certificate match
 /// when they hold the same attributes with the same values (exactly, case
-/// included), whatever their order or grouping. Types are names of
-/// [`ATTRIBUTES`] (any case) or dotted OIDs; `#`-encoded values are not
-/// supported.
+/// included), whatever their order or grouping. Types are the usual names
+/// (CN, O, OU, C, L, ST, STREET, DC, UID, SN, SERIALNUMBER, TITLE,
+/// GIVENNAME, EMAILADDRESS or E; any case) or dotted OIDs; `#`-encoded
+/// values are not supported.
 pub fn parse_dn(text: &str) -> Result<Vec<(String, String)>, NameError> {
     let fail = |problem| NameError {
         text: text.to_owned(),

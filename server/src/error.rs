@@ -145,7 +145,7 @@ pub enum ServiceError {
     /// The caller's key is limited to other galleries.
     #[error("{caller:?} may not use gallery {gallery:?} (its key is limited to other galleries)")]
     GalleryDenied {
-        /// Key id or certificate subject.
+        /// Key id or certificate grant.
         caller: String,
         /// The gallery asked for.
         gallery: String,

@@ -69,9 +69,11 @@ impl Protection {
             //    UNAUTHENTICATED / PERMISSION_DENIED before any work is done.
             //    Health and reflection stay open.
             .layer(GateLayer(Arc::new(Authenticate(auth))))
-            // 4. Per-caller rate limit (token bucket per key id): one noisy
-            //    client cannot take the capacity of the others.
-            //    RESOURCE_EXHAUSTED naming the limit.
+            // 4. Per-caller rate limit (a token bucket per key id,
+            //    certificate grant, or peer IP with auth off; 100/s, burst
+            //    200 by default): one noisy client cannot take the capacity
+            //    of the others. RESOURCE_EXHAUSTED naming the setting.
+            //    Health checks are not counted.
             .layer(GateLayer(Arc::new(RateLimit::new(
                 settings.server.rate_limit_per_second,
                 settings.server.rate_limit_burst,
@@ -348,7 +350,9 @@ impl RateLimit {
 impl Gate for RateLimit {
     type Ticket = ();
     fn admit<B>(&self, request: &mut http::Request<B>) -> Result<(), Status> {
-        if self.per_second <= 0.0 {
+        // Health checks are not counted: a busy client must not make its
+        // address's probes fail.
+        if self.per_second <= 0.0 || access_of(request.uri().path()) == Access::Open {
             return Ok(());
         }
         let Some(caller) = request.extensions().get::<Caller>() else {

@@ -170,7 +170,8 @@ impl HandId for HandIdService {
     #[tracing::instrument(skip_all, fields(images = request.get_ref().images.len()))]
     async fn embed(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
         let caller = caller(&request);
-        let images = validate::embed(&caller, request.into_inner(), self.engine.limits())?;
+        caller.check_embed()?;
+        let images = validate::embed(request.into_inner(), self.engine.limits())?;
         let out = self.engine.embed(&caller, images).await?;
         Ok(Response::new(pb::EmbedResponse {
             dimension: u32::try_from(out.dim).unwrap_or(u32::MAX),

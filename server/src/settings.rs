@@ -296,7 +296,7 @@ pub struct AuthSettings {
     pub enabled: bool,
     /// The API keys, stored as hashes (`handid-server keygen` makes them).
     pub keys: Vec<ApiKeySettings>,
-    /// Grants of mutual-TLS clients, by certificate subject.
+    /// Grants of mutual-TLS clients, by certificate subject or san.
     pub certificates: Vec<CertificateGrant>,
 }
 

@@ -285,8 +285,9 @@ pub struct ActiveModel {
 /// the audit log records, and which galleries the caller may touch.
 #[derive(Debug, Clone)]
 pub struct Caller {
-    /// The API key id, the client certificate subject, or `anonymous` when
-    /// auth is off.
+    /// The API key id, the certificate grant's subject or san text, or
+    /// `anonymous` when auth is off (the certificate's subject, with mutual
+    /// TLS).
     pub id: String,
     /// The peer address, recorded as extra.
     pub peer: Option<String>,
@@ -309,6 +310,18 @@ impl Caller {
             peer,
             galleries: None,
             record: Arc::default(),
+        }
+    }
+
+    /// PERMISSION_DENIED unless this caller may call Embed: an embedding
+    /// belongs to no gallery (it can be compared offline with anything), so
+    /// a caller limited to galleries may not make one.
+    pub fn check_embed(&self) -> Result<()> {
+        match self.galleries {
+            Some(_) => Err(ServiceError::EmbedDenied {
+                caller: self.id.clone(),
+            }),
+            None => Ok(()),
         }
     }
 

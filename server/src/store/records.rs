@@ -180,7 +180,8 @@ pub struct Coverage {
 /// field for an image or an embedding.
 #[derive(Debug, Clone)]
 pub struct AuditEntry<'a> {
-    /// API key id or client certificate subject (`anonymous` with auth off).
+    /// API key id or certificate grant (`anonymous` with auth off;
+    /// `unauthenticated` for a call refused before anyone was recognised).
     pub actor: &'a str,
     /// The peer address of the call, as extra.
     pub peer: Option<&'a str>,
