@@ -79,11 +79,21 @@ trap cleanup EXIT
 api_key="hid_$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 key_hash="$(printf '%s' "$api_key" | sha256sum | cut -d' ' -f1)"
 port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+# Two roles, as in production: the cluster's owner migrates; the server
+# connects as handid_server, a member of handid_app (made by the migration),
+# which may only append to the audit log.
+"$server" migrate --database-url "$DATABASE_URL" >/dev/null
+pg_bin="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)"
+"$pg_bin/psql" -q "$DATABASE_URL" -c "CREATE ROLE handid_server LOGIN IN ROLE handid_app"
+service_url="${DATABASE_URL/\/\/handid@/\/\/handid_server@}"
 cat >"$DEMO_DIR/server.yaml" <<EOF
 server:
   listen: 127.0.0.1:$port
+  # The replay is one bulk client; the default per-caller rate limit
+  # (100 calls/s) is meant for door readers and desks.
+  rate_limit_per_second: 0
 database:
-  url: $DATABASE_URL
+  url: $service_url
 model:
   path: $DEMO_DIR/serving
   device: cpu
@@ -96,7 +106,6 @@ auth:
       sha256: $key_hash
       scopes: [identify, enroll]
 EOF
-"$server" migrate --database-url "$DATABASE_URL" >/dev/null
 "$server" serve --config "$DEMO_DIR/server.yaml" >"$DEMO_DIR/server.log" 2>&1 &
 server_pid=$!
 for _ in $(seq 1 100); do

@@ -40,6 +40,40 @@ pub enum Error {
         /// The limit.
         max_pixels: u64,
     },
+    /// The image header declares a side longer than the configured limit.
+    #[error("image is {width}x{height} pixels, a side longer than the limit of {max_side} pixels")]
+    ImageSideTooLong {
+        /// Declared width.
+        width: u32,
+        /// Declared height.
+        height: u32,
+        /// The limit.
+        max_side: u32,
+    },
+    /// The image header declares a shape no camera makes: the longer side
+    /// is more than `max_ratio` times the shorter.
+    #[error("image is {width}x{height} pixels, more elongated than the limit of {max_ratio}:1")]
+    ImageAspectRatio {
+        /// Declared width.
+        width: u32,
+        /// Declared height.
+        height: u32,
+        /// The limit (longer side / shorter side).
+        max_ratio: u32,
+    },
+    /// The image is too small to show a hand.
+    #[error("image is {width}x{height} pixels, its shorter side below the minimum of {min_side}")]
+    ImageTooSmall {
+        /// Declared width.
+        width: u32,
+        /// Declared height.
+        height: u32,
+        /// The limit.
+        min_side: u32,
+    },
+    /// Decoding stopped because its caller no longer wants the result.
+    #[error("decoding was cancelled")]
+    Cancelled,
     /// The bytes are not a decodable image of an accepted format.
     #[error("cannot decode image: {0}")]
     Decode(String),

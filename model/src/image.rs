@@ -2,10 +2,13 @@
 //!
 //! Images come from security systems over the network, so decoding is
 //! defensive: the byte size is checked first, then the dimensions declared in
-//! the header, and only then are pixels decoded. Errors describe what is wrong
-//! and never include the bytes.
+//! the header (pixel count, longest side, aspect ratio, shortest side), and
+//! only then are pixels decoded, under an allocation limit. A caller that
+//! stops wanting the result can stop the work ([`decode_cancellable`]).
+//! Errors describe what is wrong and never include the bytes.
 
-use std::io::Cursor;
+use std::io::{self, BufRead, Read, Seek, SeekFrom};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use image::imageops::{self, FilterType};
 use image::{DynamicImage, ImageDecoder, ImageReader, Limits, RgbImage};
@@ -19,6 +22,11 @@ pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 /// CLIP's per-channel standard deviation (RGB), from OpenAI CLIP `clip.py`.
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
+/// The largest image a resize may produce before cropping (64 Mi pixels,
+/// 192 MiB of RGB): a bound on preprocessing memory that holds whatever
+/// limits decoded the image.
+pub const MAX_RESIZE_PIXELS: u64 = 1 << 26;
+
 /// Limits applied to an encoded image before and while decoding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodeLimits {
@@ -26,17 +34,80 @@ pub struct DecodeLimits {
     pub max_bytes: usize,
     /// Largest accepted width x height, checked from the header before decoding.
     pub max_pixels: u64,
+    /// Longest accepted side (width or height), from the header.
+    pub max_side: u32,
+    /// Largest accepted ratio of the longer side to the shorter (8 = 8:1).
+    pub max_aspect_ratio: u32,
+    /// Shortest accepted side, from the header.
+    pub min_side: u32,
 }
 
 impl Default for DecodeLimits {
-    /// 20 MiB and 40 megapixels: a modern phone photo fits, a decompression
-    /// bomb does not.
+    /// 20 MiB, 40 megapixels, 16384 pixels a side and 8:1: a modern phone
+    /// or camera photo fits (sensors are at most about 3:1, 16k wide), a
+    /// decompression bomb or a crafted header does not. No minimum side:
+    /// callers that need one (the server) set it.
     fn default() -> Self {
         Self {
             max_bytes: 20 << 20,
             max_pixels: 40_000_000,
+            max_side: 16_384,
+            max_aspect_ratio: 8,
+            min_side: 1,
         }
     }
+}
+
+impl DecodeLimits {
+    /// Whether an image of `width` x `height` (as its header declares) may
+    /// be decoded: every check that needs no pixel, in the order a client
+    /// can act on (empty, too long a side, too elongated, too many pixels,
+    /// too small).
+    pub fn check_dimensions(&self, width: u32, height: u32) -> Result<()> {
+        let (long, short) = (width.max(height), width.min(height));
+        if short == 0 {
+            return Err(Error::Decode(format!("image has no pixels ({width}x{height})")));
+        }
+        if long > self.max_side {
+            return Err(Error::ImageSideTooLong {
+                width,
+                height,
+                max_side: self.max_side,
+            });
+        }
+        // long / short > ratio, without division: long > ratio * short.
+        if u64::from(long) > u64::from(self.max_aspect_ratio) * u64::from(short) {
+            return Err(Error::ImageAspectRatio {
+                width,
+                height,
+                max_ratio: self.max_aspect_ratio,
+            });
+        }
+        if u64::from(width) * u64::from(height) > self.max_pixels {
+            return Err(Error::ImageTooManyPixels {
+                width,
+                height,
+                max_pixels: self.max_pixels,
+            });
+        }
+        if short < self.min_side {
+            return Err(Error::ImageTooSmall {
+                width,
+                height,
+                min_side: self.min_side,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The dimensions an image's header declares, checked against `limits`;
+/// reads the header only, allocates no pixel.
+pub fn read_dimensions(bytes: &[u8], limits: &DecodeLimits) -> Result<(u32, u32)> {
+    let never = AtomicBool::new(false);
+    let (width, height) = open(bytes, limits, &never)?.dimensions();
+    limits.check_dimensions(width, height)?;
+    Ok((width, height))
 }
 
 /// Decodes a JPEG, PNG, BMP or PNM (PGM/PPM) image into 8-bit RGB.
@@ -44,45 +115,137 @@ impl Default for DecodeLimits {
 /// EXIF orientation is applied, grey images are replicated to three
 /// channels, alpha is dropped and 16-bit samples are scaled to 8 bits.
 pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage> {
-    if bytes.len() > limits.max_bytes {
-        return Err(Error::ImageTooManyBytes {
-            bytes: bytes.len(),
-            max_bytes: limits.max_bytes,
-        });
-    }
-    let reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| Error::Decode(e.to_string()))?;
-    if reader.format().is_none() {
-        return Err(Error::Decode(
-            "unrecognised format (accepted: JPEG, PNG, BMP, PNM)".to_owned(),
-        ));
-    }
-    let mut decoder = reader.into_decoder().map_err(decode_error)?;
+    decode_cancellable(bytes, limits, &AtomicBool::new(false))
+}
+
+/// [`decode`] that gives up with [`Error::Cancelled`] once `cancelled` is
+/// set: the decoder reads its input a few KiB at a time through a reader
+/// that checks the flag, so a PNG stops within one chunk of compressed
+/// data; a JPEG (read whole, then decoded) stops before and after its
+/// decode.
+pub fn decode_cancellable(bytes: &[u8], limits: &DecodeLimits, cancelled: &AtomicBool) -> Result<RgbImage> {
+    let stopped = |e: Error| {
+        if cancelled.load(Ordering::Relaxed) {
+            Error::Cancelled
+        } else {
+            e
+        }
+    };
+    let mut decoder = open(bytes, limits, cancelled).map_err(stopped)?;
     let (width, height) = decoder.dimensions();
-    let pixels = u64::from(width) * u64::from(height);
-    if pixels > limits.max_pixels {
-        return Err(Error::ImageTooManyPixels {
-            width,
-            height,
-            max_pixels: limits.max_pixels,
-        });
-    }
-    if pixels == 0 {
-        return Err(Error::Decode(format!("image has no pixels ({width}x{height})")));
-    }
-    // The decoder's own allocation limit backs up the header check (16-bit
-    // RGBA is the widest layout we accept: 8 bytes per pixel).
+    limits.check_dimensions(width, height)?;
+    // The decoder's own limits back up the header check (16-bit RGBA is
+    // the widest layout we accept: 8 bytes per pixel).
     let mut decoder_limits = Limits::default();
+    decoder_limits.max_image_width = Some(limits.max_side);
+    decoder_limits.max_image_height = Some(limits.max_side);
     decoder_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8).saturating_add(1 << 20));
     decoder.set_limits(decoder_limits).map_err(decode_error)?;
     // A missing or malformed EXIF block is not worth rejecting the photo.
     let orientation = decoder
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut image = DynamicImage::from_decoder(decoder).map_err(decode_error)?;
+    let mut image = DynamicImage::from_decoder(decoder)
+        .map_err(decode_error)
+        .map_err(stopped)?;
+    if cancelled.load(Ordering::Relaxed) {
+        return Err(Error::Cancelled);
+    }
     image.apply_orientation(orientation);
     Ok(image.into_rgb8())
+}
+
+/// The decoder of `bytes`' format, its header read, after the byte limit.
+fn open<'a>(
+    bytes: &'a [u8],
+    limits: &DecodeLimits,
+    cancelled: &'a AtomicBool,
+) -> Result<impl ImageDecoder + 'a> {
+    if bytes.len() > limits.max_bytes {
+        return Err(Error::ImageTooManyBytes {
+            bytes: bytes.len(),
+            max_bytes: limits.max_bytes,
+        });
+    }
+    let reader = ImageReader::new(Chunked {
+        bytes,
+        at: 0,
+        cancelled,
+    })
+    .with_guessed_format()
+    .map_err(|e| Error::Decode(e.to_string()))?;
+    if reader.format().is_none() {
+        return Err(Error::Decode(
+            "unrecognised format (accepted: JPEG, PNG, BMP, PNM)".to_owned(),
+        ));
+    }
+    reader.into_decoder().map_err(decode_error)
+}
+
+/// Bytes handed to a decoder [`Chunked::CHUNK`] at a time, refusing to
+/// hand more once `cancelled` is set: how a decode is interrupted.
+struct Chunked<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    cancelled: &'a AtomicBool,
+}
+
+impl Chunked<'_> {
+    const CHUNK: usize = 4096;
+
+    fn check(&self) -> io::Result<()> {
+        if self.cancelled.load(Ordering::Relaxed) {
+            // Not `Interrupted`: readers retry that one.
+            return Err(io::Error::other("decoding cancelled"));
+        }
+        Ok(())
+    }
+}
+
+impl Read for Chunked<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = {
+            let available = self.fill_buf()?;
+            let n = available.len().min(buf.len());
+            buf[..n].copy_from_slice(&available[..n]);
+            n
+        };
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl BufRead for Chunked<'_> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        self.check()?;
+        let start = self.at.min(self.bytes.len());
+        let end = start.saturating_add(Self::CHUNK).min(self.bytes.len());
+        Ok(&self.bytes[start..end])
+    }
+
+    fn consume(&mut self, amount: usize) {
+        self.at = self.at.saturating_add(amount).min(self.bytes.len());
+    }
+}
+
+impl Seek for Chunked<'_> {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let len = self.bytes.len() as i128;
+        let target = match to {
+            SeekFrom::Start(n) => i128::from(n),
+            SeekFrom::End(n) => len + i128::from(n),
+            SeekFrom::Current(n) => self.at as i128 + i128::from(n),
+        };
+        if target < 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek before the start of the image",
+            ));
+        }
+        // Past the end is allowed (reads then return nothing), as a Cursor.
+        self.at = usize::try_from(target).unwrap_or(usize::MAX);
+        Ok(self.at as u64)
+    }
 }
 
 fn decode_error(error: image::ImageError) -> Error {
@@ -142,32 +305,46 @@ impl Preprocess {
         if img.width() == 0 || img.height() == 0 {
             return Err(Error::InvalidInput("image has no pixels".to_owned()));
         }
-        let resized = match *self {
+        match *self {
             Preprocess::Clip { size } => resize_shorter_and_crop(img, size),
             Preprocess::Resize { height, width } => {
-                imageops::resize(img, width, height, FilterType::CatmullRom)
+                if u64::from(height) * u64::from(width) > MAX_RESIZE_PIXELS {
+                    return Err(Error::InvalidInput(format!(
+                        "preprocessing to {height}x{width} needs more than {MAX_RESIZE_PIXELS} pixels"
+                    )));
+                }
+                Ok(imageops::resize(img, width, height, FilterType::CatmullRom))
             }
-        };
-        Ok(resized)
+        }
     }
 }
 
 /// torchvision `Resize(size)` + `CenterCrop(size)` as OpenAI CLIP composes
 /// them: the longer side is `int(size * long / short)`, the crop offset
-/// `round((len - size) / 2)`.
-fn resize_shorter_and_crop(img: &RgbImage, size: u32) -> RgbImage {
+/// `round((len - size) / 2)`. The target is computed with checked
+/// arithmetic and refused beyond [`MAX_RESIZE_PIXELS`].
+fn resize_shorter_and_crop(img: &RgbImage, size: u32) -> Result<RgbImage> {
     let (w, h) = (u64::from(img.width()), u64::from(img.height()));
     let size64 = u64::from(size);
+    let too_large = || {
+        Error::InvalidInput(format!(
+            "resizing a {w}x{h} image to a shorter side of {size} needs more than {MAX_RESIZE_PIXELS} pixels"
+        ))
+    };
     // Integer floor division is torchvision's int() of a positive ratio.
     let (new_w, new_h) = if w <= h {
-        (size64, size64 * h / w)
+        (size64, size64.checked_mul(h).ok_or_else(too_large)? / w)
     } else {
-        (size64 * w / h, size64)
+        (size64.checked_mul(w).ok_or_else(too_large)? / h, size64)
     };
-    // The longer side is at least `size`, and at most `size` times the
-    // pixel count, which the decoder limits bound; u32 holds it.
-    let new_w = u32::try_from(new_w).unwrap_or(u32::MAX);
-    let new_h = u32::try_from(new_h).unwrap_or(u32::MAX);
+    if new_w
+        .checked_mul(new_h)
+        .is_none_or(|pixels| pixels > MAX_RESIZE_PIXELS)
+    {
+        return Err(too_large());
+    }
+    let new_w = u32::try_from(new_w).map_err(|_| too_large())?;
+    let new_h = u32::try_from(new_h).map_err(|_| too_large())?;
     let resized = if (new_w, new_h) == (img.width(), img.height()) {
         img.clone()
     } else {
@@ -175,7 +352,7 @@ fn resize_shorter_and_crop(img: &RgbImage, size: u32) -> RgbImage {
     };
     let left = ((f64::from(new_w) - f64::from(size)) / 2.0).round() as u32;
     let top = ((f64::from(new_h) - f64::from(size)) / 2.0).round() as u32;
-    imageops::crop_imm(&resized, left, top, size, size).to_image()
+    Ok(imageops::crop_imm(&resized, left, top, size, size).to_image())
 }
 
 /// The value half of [`Preprocess::apply`]: `[H, W, 3]` u8 -> `[3, H, W]`
@@ -196,6 +373,8 @@ pub fn to_normalised_tensor(img: &RgbImage) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Cursor, Write};
+
     use image::{ImageFormat, Rgb};
 
     fn encode(img: &DynamicImage, format: ImageFormat) -> Vec<u8> {
@@ -317,15 +496,29 @@ mod tests {
         bmp[18..22].copy_from_slice(&60_000i32.to_le_bytes());
         bmp[22..26].copy_from_slice(&60_000i32.to_le_bytes());
         match decode(&bmp, &DecodeLimits::default()) {
-            Err(Error::ImageTooManyPixels { width, height, .. }) => {
+            Err(Error::ImageSideTooLong { width, height, .. }) => {
                 assert_eq!((width, height), (60_000, 60_000))
             }
             other => panic!("expected a refusal, got {other:?}"),
         }
+        let roomy = DecodeLimits {
+            max_side: 100_000,
+            max_pixels: 40_000_000,
+            ..DecodeLimits::default()
+        };
+        assert!(matches!(
+            decode(&bmp, &roomy),
+            Err(Error::ImageTooManyPixels {
+                width: 60_000,
+                height: 60_000,
+                ..
+            })
+        ));
         let small = encode(&DynamicImage::ImageRgb8(gradient(30, 20)), ImageFormat::Bmp);
         let tight = DecodeLimits {
             max_bytes: 1 << 20,
             max_pixels: 599,
+            ..DecodeLimits::default()
         };
         assert!(matches!(
             decode(&small, &tight),
@@ -337,11 +530,147 @@ mod tests {
         ));
         let tiny = DecodeLimits {
             max_bytes: 100,
-            max_pixels: 1 << 20,
+            ..DecodeLimits::default()
         };
         assert!(matches!(
             decode(&small, &tiny),
             Err(Error::ImageTooManyBytes { .. })
+        ));
+    }
+
+    /// A PNG whose IHDR declares `width` x `height` RGB pixels, followed by
+    /// a deflate stream of `rows` rows of zeros: what a decompression bomb
+    /// looks like (kilobytes that inflate to gigabytes).
+    fn png_declaring(width: u32, height: u32, rows: u32) -> Vec<u8> {
+        fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            let start = out.len();
+            out.extend_from_slice(kind);
+            out.extend_from_slice(data);
+            let crc = crc32(&out[start..]);
+            out.extend_from_slice(&crc.to_be_bytes());
+        }
+        fn crc32(bytes: &[u8]) -> u32 {
+            let mut crc = 0xFFFF_FFFFu32;
+            for &b in bytes {
+                crc ^= u32::from(b);
+                for _ in 0..8 {
+                    crc = if crc & 1 == 1 {
+                        (crc >> 1) ^ 0xEDB8_8320
+                    } else {
+                        crc >> 1
+                    };
+                }
+            }
+            !crc
+        }
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut ihdr = Vec::new();
+        ihdr.extend_from_slice(&width.to_be_bytes());
+        ihdr.extend_from_slice(&height.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB
+        chunk(&mut out, b"IHDR", &ihdr);
+        let raw = vec![0u8; rows as usize * (1 + 3 * width as usize)];
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+        z.write_all(&raw).expect("deflate");
+        chunk(&mut out, b"IDAT", &z.finish().expect("deflate"));
+        chunk(&mut out, b"IEND", &[]);
+        out
+    }
+
+    #[test]
+    fn shapes_no_camera_makes_are_refused_from_the_header() {
+        let limits = DecodeLimits::default();
+        // Within 40 megapixels, but 30 million pixels long: the shape of
+        // the attack that once asked the resizer for 122 GB.
+        for (w, h) in [(30_000_000, 1), (1, 30_000_000)] {
+            assert!(
+                matches!(
+                    decode(&png_declaring(w, h, 1), &limits),
+                    Err(Error::ImageSideTooLong { max_side: 16_384, .. })
+                ),
+                "{w}x{h}"
+            );
+        }
+        // Within every side limit, but 10:1.
+        for (w, h) in [(10_000, 1_000), (1_000, 10_000)] {
+            assert!(
+                matches!(
+                    decode(&png_declaring(w, h, 1), &limits),
+                    Err(Error::ImageAspectRatio { max_ratio: 8, .. })
+                ),
+                "{w}x{h}"
+            );
+        }
+        assert!(limits.check_dimensions(8_000, 1_000).is_ok(), "8:1 is allowed");
+        assert!(matches!(limits.check_dimensions(0, 10), Err(Error::Decode(_))));
+        let with_minimum = DecodeLimits {
+            min_side: 64,
+            ..DecodeLimits::default()
+        };
+        let one_pixel = encode(&DynamicImage::ImageRgb8(gradient(1, 1)), ImageFormat::Png);
+        assert!(matches!(
+            decode(&one_pixel, &with_minimum),
+            Err(Error::ImageTooSmall {
+                width: 1,
+                height: 1,
+                min_side: 64
+            })
+        ));
+        assert_eq!(read_dimensions(&one_pixel, &limits).expect("header"), (1, 1));
+        assert!(matches!(
+            read_dimensions(&one_pixel, &with_minimum),
+            Err(Error::ImageTooSmall { .. })
+        ));
+    }
+
+    #[test]
+    fn a_cancelled_decode_stops() {
+        // 6000 x 6000 zeros: a few hundred KB of deflate, 108 MB decoded.
+        let bomb = png_declaring(6_000, 6_000, 6_000);
+        assert!(bomb.len() < 1 << 20, "{} bytes", bomb.len());
+        let cancelled = AtomicBool::new(true);
+        assert!(matches!(
+            decode_cancellable(&bomb, &DecodeLimits::default(), &cancelled),
+            Err(Error::Cancelled)
+        ));
+        // Cancelled while inflating: it stops with the flag, long before the
+        // 108 MB are decoded (which takes far more than the 5 ms given).
+        let flag = std::sync::Arc::new(AtomicBool::new(false));
+        let decoding = {
+            let flag = std::sync::Arc::clone(&flag);
+            let bomb = bomb.clone();
+            std::thread::spawn(move || decode_cancellable(&bomb, &DecodeLimits::default(), &flag))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        flag.store(true, Ordering::Relaxed);
+        let result = decoding.join().expect("decode thread");
+        assert!(matches!(result, Err(Error::Cancelled)), "{result:?}");
+        let image = decode(&bomb, &DecodeLimits::default()).expect("decodes when not cancelled");
+        assert_eq!(image.dimensions(), (6_000, 6_000));
+    }
+
+    #[test]
+    fn resize_targets_are_checked() {
+        // 8:1 at a 224 input: 1792 x 224, fine.
+        let wide = RgbImage::new(800, 100);
+        let x = Preprocess::Clip { size: 224 }.apply(&wide).expect("8:1");
+        assert_eq!(x.size(), [3, 224, 224]);
+        // A 1 x 40000 strip resized to a shorter side of 224 would be
+        // 224 x 8960000 pixels: refused, not allocated.
+        let strip = RgbImage::new(1, 40_000);
+        assert!(matches!(
+            Preprocess::Clip { size: 224 }.resize(&strip),
+            Err(Error::InvalidInput(_))
+        ));
+        let huge = Preprocess::Resize {
+            height: 1 << 20,
+            width: 1 << 20,
+        };
+        assert!(matches!(huge.resize(&wide), Err(Error::InvalidInput(_))));
+        assert!(matches!(
+            Preprocess::Clip { size: u32::MAX }.resize(&wide),
+            Err(Error::InvalidInput(_))
         ));
     }
 

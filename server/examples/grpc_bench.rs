@@ -90,6 +90,7 @@ async fn main() -> Result<(), Error> {
     // The real server, in this process, on a free port.
     let mut settings = Settings::default();
     settings.database.url = database_url;
+    settings.database.migrate_on_start = true;
     settings.model.path = dir.path().to_owned();
     // A local benchmark without API keys.
     settings.auth.enabled = false;
@@ -238,6 +239,7 @@ async fn identify_at_scale(database_url: &str, sizes: &[u64], photos: &[Vec<u8>]
     let manifest = create_random_checkpoint(dir.path(), &config, 5)?;
     let mut settings = Settings::default();
     settings.database.url = database_url.to_owned();
+    settings.database.migrate_on_start = true;
     settings.model.path = dir.path().to_owned();
     // A local benchmark without API keys.
     settings.auth.enabled = false;

@@ -11,7 +11,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use handid_server::index::{DEFAULT_CHUNK_ROWS, GalleryIndex, NewRow};
+use handid_server::index::{GalleryIndex, MAX_CHUNK_ROWS, NewRow};
 use tch::{Device, Kind, Tensor};
 
 /// Templates per `append` call while filling the index.
@@ -54,7 +54,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let flat: Vec<f32> = Vec::try_from(gallery.flatten(0, 1))?;
         let names: Vec<String> = (0..n).map(|i| format!("s{i}")).collect();
-        let mut index = GalleryIndex::new(dim, device, DEFAULT_CHUNK_ROWS);
+        let mut index = GalleryIndex::new(dim, device, MAX_CHUNK_ROWS);
         let start = Instant::now();
         for (block, rows) in flat.chunks(APPEND_BLOCK * dim).enumerate() {
             let new: Vec<NewRow<'_>> = rows

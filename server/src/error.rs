@@ -9,6 +9,7 @@
 
 use crate::batcher::BatchError;
 use crate::index::IndexError;
+use crate::reload::ReloadError;
 use crate::store::StoreError;
 
 /// Why one image of a request was refused.
@@ -35,6 +36,42 @@ pub enum ImageProblem {
         /// The limit.
         max: u64,
     },
+    /// A side longer than the limit (judged from the header).
+    #[error("is {width}x{height} pixels, a side longer than the limit of {max} pixels")]
+    SideTooLong {
+        /// Declared width.
+        width: u32,
+        /// Declared height.
+        height: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// More elongated than any camera makes (judged from the header).
+    #[error("is {width}x{height} pixels, more elongated than the limit of {max}:1")]
+    AspectRatio {
+        /// Declared width.
+        width: u32,
+        /// Declared height.
+        height: u32,
+        /// The limit (longer side / shorter side).
+        max: u32,
+    },
+    /// Too small to show a hand (judged from the header).
+    #[error(
+        "is {width}x{height} pixels, too small to show a hand (the shorter side must be at least {min} pixels)"
+    )]
+    TooSmall {
+        /// Declared width.
+        width: u32,
+        /// Declared height.
+        height: u32,
+        /// The limit.
+        min: u32,
+    },
+    /// Decoded, but the model's embedding of it is not finite (NaN or
+    /// infinity): nothing to store or compare.
+    #[error("gives no usable embedding (the model's output for it is not finite)")]
+    NotEmbeddable,
     /// Not a JPEG/PNG/BMP/PGM, or truncated or corrupt.
     #[error("is not a decodable image ({0})")]
     Undecodable(String),
@@ -43,13 +80,15 @@ pub enum ImageProblem {
 /// A failed call, by cause.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
-    /// A gallery or subject id that is empty or outside `[A-Za-z0-9._:-]{1,128}`.
+    /// A field that breaks its rule: an id that is empty or outside
+    /// `[A-Za-z0-9._:-]{1,128}`, an idempotency key or a path with a NUL,
+    /// an unknown enum value.
     #[error("{field} {problem}")]
-    BadId {
-        /// `gallery_id` or `subject_id`.
+    BadField {
+        /// The field, as the proto names it.
         field: &'static str,
         /// What is wrong with it.
-        problem: &'static str,
+        problem: String,
     },
     /// A request without the image(s) it needs.
     #[error("{0}")]
@@ -98,22 +137,26 @@ pub enum ServiceError {
         /// The limit.
         max: u32,
     },
-    /// An idempotency key longer than the schema allows.
-    #[error("idempotency_key must be at most {max} characters")]
-    IdempotencyKeyTooLong {
-        /// The limit.
-        max: usize,
-    },
     /// The idempotency key was used for another enrolment.
-    #[error("idempotency_key was already used for a different gallery, subject or number of images")]
+    #[error(
+        "idempotency_key was already used, by this caller in this gallery, for another subject or other images"
+    )]
     IdempotencyKeyReused,
     /// The caller's key is limited to other galleries.
     #[error("{caller:?} may not use gallery {gallery:?} (its key is limited to other galleries)")]
     GalleryDenied {
-        /// Key id or certificate subject.
+        /// Key id or certificate grant.
         caller: String,
         /// The gallery asked for.
         gallery: String,
+    },
+    /// A caller limited to galleries asked for Embed, which serves none.
+    #[error(
+        "{caller:?} is limited to galleries, and Embed belongs to none; use a key without a gallery list"
+    )]
+    EmbedDenied {
+        /// Key id or certificate grant.
+        caller: String,
     },
     /// No such gallery.
     #[error("gallery {0:?} not found")]
@@ -135,12 +178,27 @@ pub enum ServiceError {
         /// Serving model.
         model_id: String,
     },
+    /// The caller may not create another gallery.
+    #[error(
+        "{caller:?} has created {max} galleries, its limit (limits.max_galleries_per_caller); \
+         enrol into an existing gallery or delete one"
+    )]
+    GalleryQuota {
+        /// Key id or certificate grant.
+        caller: String,
+        /// The limit.
+        max: u32,
+    },
     /// A concurrent change (e.g. the gallery was deleted meanwhile); retry.
-    #[error("the gallery changed during the call; retry")]
+    #[error("the call conflicted with a concurrent change and was rolled back; retry")]
     Conflict,
     /// The database cannot be reached.
     #[error("the database is unavailable; retry with backoff")]
     Unavailable,
+    /// The model cannot run on this replica (a device fault; its self-test
+    /// fails); health says NOT_SERVING meanwhile.
+    #[error("the model cannot run on this replica at present; retry on another replica")]
+    ModelUnavailable,
     /// The server is stopping.
     #[error("the server is shutting down; retry on another replica")]
     ShuttingDown,
@@ -151,20 +209,20 @@ pub enum ServiceError {
         /// The folder.
         path: String,
         /// What is wrong with it.
-        reason: String,
+        reason: ReloadError,
     },
     /// A checkpoint of another embedding space, loaded without staging it.
-    #[error("checkpoint refused: {0}")]
-    IncompatibleModel(String),
+    #[error(
+        "checkpoint refused: {0}; stage it as a migration (RELOAD_MODE_STAGE_MIGRATION) and promote it \
+         once enrolments cover the galleries"
+    )]
+    IncompatibleModel(ReloadError),
     /// PromoteModel without a staged model.
     #[error("no model is staged; stage one with ReloadModel (RELOAD_MODE_STAGE_MIGRATION) first")]
     NothingStaged,
     /// PromoteModel with full coverage required, and galleries lacking it.
     #[error("the staged model does not cover every subject yet; galleries lacking coverage: {0}")]
     CoverageIncomplete(String),
-    /// Not in this version.
-    #[error("{0} is not implemented yet")]
-    Unimplemented(&'static str),
     /// A server fault; the detail is logged, never sent.
     #[error("internal error")]
     Internal(String),
@@ -178,16 +236,19 @@ impl From<StoreError> for ServiceError {
                 ServiceError::Unavailable
             }
             StoreError::IdempotencyKeyReused => ServiceError::IdempotencyKeyReused,
+            StoreError::GalleryQuota { caller, max } => ServiceError::GalleryQuota { caller, max },
             StoreError::Conflict(constraint) => {
                 tracing::info!(%constraint, "concurrent modification");
                 ServiceError::Conflict
             }
-            // The gallery / subject names are filled in by the caller, which
-            // knows them; these two are mapped there.
-            StoreError::GalleryNotFound | StoreError::SubjectNotFound => {
-                ServiceError::Internal(format!("unmapped store outcome: {e}"))
+            StoreError::GalleryNotFound(gallery) => ServiceError::GalleryNotFound(gallery),
+            StoreError::SubjectNotFound { gallery, subject } => {
+                ServiceError::SubjectNotFound { gallery, subject }
             }
             StoreError::Database(cause) => ServiceError::Internal(format!("database: {cause}")),
+            e @ (StoreError::SchemaBehind { .. } | StoreError::SchemaModified { .. }) => {
+                ServiceError::Internal(e.to_string())
+            }
         }
     }
 }
@@ -203,7 +264,11 @@ impl From<BatchError> for ServiceError {
         match e {
             BatchError::BadImage { index, problem } => ServiceError::BadImage { index, problem },
             BatchError::Stopped => ServiceError::ShuttingDown,
-            BatchError::Model(message) => ServiceError::Internal(format!("embedding: {message}")),
+            e @ (BatchError::Forward(_)
+            | BatchError::Preprocess(_)
+            | BatchError::Task(_)
+            | BatchError::Cancelled) => ServiceError::Internal(format!("embedding: {e}")),
+            BatchError::Unavailable => ServiceError::ModelUnavailable,
         }
     }
 }
@@ -213,7 +278,7 @@ impl ServiceError {
     pub fn code(&self) -> tonic::Code {
         use tonic::Code;
         match self {
-            ServiceError::BadId { .. }
+            ServiceError::BadField { .. }
             | ServiceError::MissingImage(_)
             | ServiceError::TooManyImages { .. }
             | ServiceError::BadImage { .. }
@@ -221,7 +286,6 @@ impl ServiceError {
             | ServiceError::BadRule(_)
             | ServiceError::BadPageToken
             | ServiceError::PageSize { .. }
-            | ServiceError::IdempotencyKeyTooLong { .. }
             | ServiceError::BadCheckpoint { .. } => Code::InvalidArgument,
             ServiceError::NotCalibrated { .. }
             | ServiceError::IncompatibleModel(_)
@@ -232,9 +296,11 @@ impl ServiceError {
             | ServiceError::SubjectNotFound { .. }
             | ServiceError::NoTemplatesForModel { .. } => Code::NotFound,
             ServiceError::Conflict => Code::Aborted,
-            ServiceError::GalleryDenied { .. } => Code::PermissionDenied,
-            ServiceError::Unavailable | ServiceError::ShuttingDown => Code::Unavailable,
-            ServiceError::Unimplemented(_) => Code::Unimplemented,
+            ServiceError::GalleryQuota { .. } => Code::ResourceExhausted,
+            ServiceError::GalleryDenied { .. } | ServiceError::EmbedDenied { .. } => Code::PermissionDenied,
+            ServiceError::Unavailable | ServiceError::ShuttingDown | ServiceError::ModelUnavailable => {
+                Code::Unavailable
+            }
             ServiceError::Internal(_) => Code::Internal,
         }
     }
@@ -263,6 +329,43 @@ mod tests {
         assert_eq!(status.code(), Code::Internal);
         assert_eq!(status.message(), "internal error");
         let status = tonic::Status::from(ServiceError::from(StoreError::Database(sqlx::Error::RowNotFound)));
+        assert_eq!(status.message(), "internal error");
+    }
+
+    #[test]
+    fn refused_checkpoints_and_failed_batches_keep_their_typed_causes() {
+        use crate::batcher::ForwardError;
+        use crate::reload::SelfTestError;
+        let incompatible = ServiceError::IncompatibleModel(ReloadError::OtherSpace {
+            space: "b".to_owned(),
+            compatible: Vec::new(),
+            active: "a".to_owned(),
+        });
+        assert!(matches!(
+            &incompatible,
+            ServiceError::IncompatibleModel(ReloadError::OtherSpace { active, .. }) if active == "a"
+        ));
+        let status = tonic::Status::from(incompatible);
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(
+            status.message(),
+            "checkpoint refused: the checkpoint's embedding space \"b\" (compatible with []) is not the \
+             active model's \"a\"; stage it as a migration (RELOAD_MODE_STAGE_MIGRATION) and promote it \
+             once enrolments cover the galleries"
+        );
+        let status = tonic::Status::from(ServiceError::BadCheckpoint {
+            path: "/models/next".to_owned(),
+            reason: SelfTestError::Norm(0.5).into(),
+        });
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(
+            status.message(),
+            "checkpoint /models/next refused: self-test embedding has norm 0.5, not 1"
+        );
+        // A failed forward pass is a server fault: its cause stays here.
+        let failed = BatchError::Forward(std::sync::Arc::new(ForwardError::Injected));
+        let status = tonic::Status::from(ServiceError::from(failed));
+        assert_eq!(status.code(), Code::Internal);
         assert_eq!(status.message(), "internal error");
     }
 

@@ -1,26 +1,37 @@
 //! In-memory gallery index: exact cosine search over one gallery's templates
 //! of one model.
 //!
-//! The normalised embeddings live in fixed-size chunks of one `[rows, dim]`
-//! tensor each, on the model's device. Identify is one matrix-vector product
-//! per chunk, then a per-subject maximum (`index_reduce` "amax" over the
-//! row -> subject-slot map, also on the device) and a top-k.
+//! The normalised embeddings live in chunks of one `[rows, dim]` tensor
+//! each, on the model's device. Identify is one matrix-vector product per
+//! chunk, then a per-subject maximum (`index_reduce` "amax" over the row ->
+//! subject-slot map, also on the device) and a top-k.
 //!
 //! Why chunks: an append copies only the new rows into the free tail of the
-//! last chunk (or a fresh chunk); nothing is ever re-allocated and copied
+//! last chunk (or fresh chunks); nothing is ever re-allocated and copied
 //! whole, which at tens of millions of rows would need twice the GPU memory.
+//! Chunks grow geometrically, from [`FIRST_CHUNK_ROWS`] doubling up to
+//! [`MAX_CHUNK_ROWS`], so memory follows the templates held: a gallery of one
+//! template costs one small chunk, not 64 Ki rows.
+//!
 //! A delete moves the last row into the hole (swap-remove), so the rows stay
-//! dense without a rebuild; the row order therefore is not the enrolment
-//! order, and ties are broken by each subject's first enrolment `seq`, kept
-//! on the host.
+//! dense without a rebuild, and every chunk but the last stays full; the row
+//! order therefore is not the enrolment order, and ties are broken by each
+//! subject's first enrolment `seq`, kept on the host.
+//!
+//! An append plans on the host and allocates on the device first, and
+//! changes the index only once nothing can fail any more: an allocation
+//! that fails (device memory) leaves the index as it was.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tch::{Device, Kind, Tensor};
 
-/// Rows per chunk in production: 64 Ki rows of 512 f32 are 128 MiB.
-pub const DEFAULT_CHUNK_ROWS: usize = 65_536;
+/// Rows of a gallery's first chunk (16 KiB of 512-d f32).
+pub const FIRST_CHUNK_ROWS: usize = 8;
+/// Rows of the largest chunk in production: 64 Ki rows of 512 f32 are
+/// 128 MiB.
+pub const MAX_CHUNK_ROWS: usize = 65_536;
 
 /// Errors of the index; all are server faults, never the client's.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +44,18 @@ pub enum IndexError {
         /// The index's dimension.
         expected: usize,
     },
+    /// A vector with a NaN or an infinity: never stored, never compared.
+    #[error("embedding value {index} is {value}, not a finite number")]
+    NotFinite {
+        /// Its position in the vector.
+        index: usize,
+        /// The value.
+        value: f32,
+    },
+    /// The index's own bookkeeping disagrees with itself (a bug): the call
+    /// fails rather than reading out of bounds.
+    #[error("gallery index inconsistent: {0}")]
+    Inconsistent(&'static str),
     /// libtorch failed.
     #[error("tensor operation failed: {0}")]
     Torch(#[from] tch::TchError),
@@ -60,10 +83,13 @@ pub struct Hit {
 
 #[derive(Debug)]
 struct Chunk {
-    /// `[chunk_rows, dim]` f32; rows `fill..` are unused.
+    /// `[capacity, dim]` f32; rows `fill..` are unused.
     vectors: Tensor,
-    /// `[chunk_rows]` i64: the subject slot of each row.
+    /// `[capacity]` i64: the subject slot of each row.
     slots: Tensor,
+    /// Its first global row.
+    start: usize,
+    capacity: usize,
     fill: usize,
 }
 
@@ -81,7 +107,8 @@ struct Slot {
 pub struct GalleryIndex {
     dim: usize,
     device: Device,
-    chunk_rows: usize,
+    max_chunk_rows: usize,
+    /// Every chunk but the last is full.
     chunks: Vec<Chunk>,
     /// Global row -> subject slot.
     row_slot: Vec<usize>,
@@ -91,12 +118,13 @@ pub struct GalleryIndex {
 }
 
 impl GalleryIndex {
-    /// An empty index of `dim`-d vectors on `device`.
-    pub fn new(dim: usize, device: Device, chunk_rows: usize) -> Self {
+    /// An empty index of `dim`-d vectors on `device`, whose chunks grow
+    /// from [`FIRST_CHUNK_ROWS`] up to `max_chunk_rows` rows.
+    pub fn new(dim: usize, device: Device, max_chunk_rows: usize) -> Self {
         Self {
             dim,
             device,
-            chunk_rows: chunk_rows.max(1),
+            max_chunk_rows: max_chunk_rows.max(1),
             chunks: Vec::new(),
             row_slot: Vec::new(),
             slots: Vec::new(),
@@ -114,12 +142,27 @@ impl GalleryIndex {
         self.row_slot.len()
     }
 
+    /// Rows allocated (held or free), on the device.
+    pub fn capacity(&self) -> usize {
+        self.chunks.iter().map(|c| c.capacity).sum()
+    }
+
     /// Whether `subject_id` has templates here.
     pub fn contains(&self, subject_id: &str) -> bool {
         self.by_subject.contains_key(subject_id)
     }
 
-    /// Appends templates, filling the last chunk before opening a new one.
+    /// The capacity of chunk number `k`: doubling from the first, capped.
+    fn chunk_capacity(&self, k: usize) -> usize {
+        let doubled = u32::try_from(k)
+            .ok()
+            .and_then(|k| FIRST_CHUNK_ROWS.checked_shl(k))
+            .unwrap_or(usize::MAX);
+        doubled.min(self.max_chunk_rows)
+    }
+
+    /// Appends templates, filling the last chunk before opening new ones.
+    /// All or nothing: on an error the index is unchanged.
     pub fn append(&mut self, rows: &[NewRow<'_>]) -> Result<(), IndexError> {
         if let Some(bad) = rows.iter().find(|r| r.embedding.len() != self.dim) {
             return Err(IndexError::Dimension {
@@ -127,53 +170,98 @@ impl GalleryIndex {
                 expected: self.dim,
             });
         }
+        for row in rows {
+            if let Some((index, &value)) = row.embedding.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                return Err(IndexError::NotFinite { index, value });
+            }
+        }
         if rows.is_empty() {
             return Ok(());
         }
-        let flat: Vec<f32> = rows.iter().flat_map(|r| r.embedding.iter().copied()).collect();
-        // [n, dim] on the index's device, copied from once per chunk below.
-        let vectors = Tensor::f_from_slice(&flat)?
-            .f_view([rows.len() as i64, self.dim as i64])?
-            .f_to_device(self.device)?;
+        // 1. The plan, on the host: each row's subject slot, new subjects
+        //    numbered after the existing ones.
+        let mut new_subjects: Vec<(&str, i64)> = Vec::new();
+        let mut planned: HashMap<&str, usize> = HashMap::new();
         let mut slot_ids = Vec::with_capacity(rows.len());
         for row in rows {
-            let global = self.row_slot.len() + slot_ids.len();
-            let slot = self.slot_for(row.subject_id, row.seq);
-            if let Some(s) = self.slots[slot].as_mut() {
-                s.rows.push(global);
-            }
+            let slot = match self.by_subject.get(row.subject_id) {
+                Some(&slot) => slot,
+                None => *planned.entry(row.subject_id).or_insert_with(|| {
+                    new_subjects.push((row.subject_id, row.seq));
+                    self.slots.len() + new_subjects.len() - 1
+                }),
+            };
             slot_ids.push(slot);
         }
+        // 2. Allocations: the rows and their slots on the device, and the
+        //    chunks they need beyond the last chunk's free tail.
+        let n = rows.len();
+        let flat: Vec<f32> = rows.iter().flat_map(|r| r.embedding.iter().copied()).collect();
+        let vectors = Tensor::f_from_slice(&flat)?
+            .f_view([n as i64, self.dim as i64])?
+            .f_to_device(self.device)?;
         let slot_tensor = Tensor::f_from_slice(&slot_ids.iter().map(|&s| s as i64).collect::<Vec<_>>())?
             .f_to_device(self.device)?;
+        let tail = self.chunks.last().map_or(0, |c| c.capacity - c.fill);
+        let mut fresh: Vec<Chunk> = Vec::new();
+        let mut start = self.row_slot.len() + tail;
+        let mut needed = n.saturating_sub(tail);
+        while needed > 0 {
+            let capacity = self.chunk_capacity(self.chunks.len() + fresh.len());
+            fresh.push(Chunk {
+                vectors: Tensor::f_zeros([capacity as i64, self.dim as i64], (Kind::Float, self.device))?,
+                slots: Tensor::f_zeros([capacity as i64], (Kind::Int64, self.device))?,
+                start,
+                capacity,
+                fill: 0,
+            });
+            start += capacity;
+            needed = needed.saturating_sub(capacity);
+        }
+        // 3. Copies into rows no search reads yet (past every fill): a
+        //    failure here still leaves the index as it was.
         let mut done = 0;
-        while done < rows.len() {
-            if self.chunks.last().is_none_or(|c| c.fill == self.chunk_rows) {
-                self.chunks.push(Chunk {
-                    vectors: Tensor::f_zeros(
-                        [self.chunk_rows as i64, self.dim as i64],
-                        (Kind::Float, self.device),
-                    )?,
-                    slots: Tensor::f_zeros([self.chunk_rows as i64], (Kind::Int64, self.device))?,
-                    fill: 0,
-                });
+        let mut fills = Vec::with_capacity(fresh.len() + 1);
+        for chunk in self.chunks.last_mut().into_iter().chain(fresh.iter_mut()) {
+            let take = (chunk.capacity - chunk.fill).min(n - done);
+            if take > 0 {
+                let (at, count, from) = (chunk.fill as i64, take as i64, done as i64);
+                chunk
+                    .vectors
+                    .f_narrow(0, at, count)?
+                    .f_copy_(&vectors.f_narrow(0, from, count)?)?;
+                chunk
+                    .slots
+                    .f_narrow(0, at, count)?
+                    .f_copy_(&slot_tensor.f_narrow(0, from, count)?)?;
             }
-            let chunk_rows = self.chunk_rows;
-            let Some(chunk) = self.chunks.last_mut() else {
-                unreachable!("a chunk was pushed above")
-            };
-            let take = (chunk_rows - chunk.fill).min(rows.len() - done);
-            let (at, n, from) = (chunk.fill as i64, take as i64, done as i64);
-            chunk
-                .vectors
-                .f_narrow(0, at, n)?
-                .f_copy_(&vectors.f_narrow(0, from, n)?)?;
-            chunk
-                .slots
-                .f_narrow(0, at, n)?
-                .f_copy_(&slot_tensor.f_narrow(0, from, n)?)?;
-            chunk.fill += take;
+            fills.push(take);
             done += take;
+        }
+        // 4. Bookkeeping, which cannot fail.
+        let had_last = !self.chunks.is_empty();
+        let mut fills = fills.into_iter();
+        if had_last && let (Some(last), Some(take)) = (self.chunks.last_mut(), fills.next()) {
+            last.fill += take;
+        }
+        for (mut chunk, take) in fresh.into_iter().zip(fills) {
+            chunk.fill = take;
+            self.chunks.push(chunk);
+        }
+        for (subject_id, seq) in new_subjects {
+            self.by_subject.insert(subject_id.to_owned(), self.slots.len());
+            self.slots.push(Some(Slot {
+                subject_id: subject_id.to_owned(),
+                first_seq: seq,
+                rows: Vec::new(),
+            }));
+        }
+        let first_row = self.row_slot.len();
+        for (i, (row, &slot)) in rows.iter().zip(&slot_ids).enumerate() {
+            if let Some(Some(s)) = self.slots.get_mut(slot) {
+                s.first_seq = s.first_seq.min(row.seq);
+                s.rows.push(first_row + i);
+            }
         }
         self.row_slot.extend(slot_ids);
         Ok(())
@@ -184,7 +272,7 @@ impl GalleryIndex {
         let Some(slot) = self.by_subject.remove(subject_id) else {
             return Ok(0);
         };
-        let Some(mut info) = self.slots[slot].take() else {
+        let Some(mut info) = self.slots.get_mut(slot).and_then(Option::take) else {
             return Ok(0);
         };
         // Highest rows first: the row moved into a hole is then never one of
@@ -199,7 +287,7 @@ impl GalleryIndex {
         Ok(info.rows.len())
     }
 
-    /// Empties the index (the gallery was deleted).
+    /// Empties the index (the gallery was deleted) and frees its memory.
     pub fn clear(&mut self) {
         self.chunks.clear();
         self.row_slot.clear();
@@ -243,7 +331,7 @@ impl GalleryIndex {
             .iter()
             .zip(chosen_scores)
             .filter_map(|(&slot, score)| {
-                let s = self.slots.get(slot as usize)?.as_ref()?;
+                let s = self.slots.get(usize::try_from(slot).ok()?)?.as_ref()?;
                 Some((score, s.first_seq, s.subject_id.as_str()))
             })
             .collect();
@@ -264,19 +352,16 @@ impl GalleryIndex {
         let Some(slot) = self
             .by_subject
             .get(subject_id)
-            .and_then(|&s| self.slots[s].as_ref())
+            .and_then(|&s| self.slots.get(s))
+            .and_then(Option::as_ref)
         else {
             return Ok(None);
         };
         let probe = self.probe_tensor(probe)?;
         let mut best = f32::NEG_INFINITY;
         for &row in &slot.rows {
-            let (chunk, offset) = (row / self.chunk_rows, (row % self.chunk_rows) as i64);
-            let score = self.chunks[chunk]
-                .vectors
-                .f_get(offset)?
-                .f_dot(&probe)?
-                .f_double_value(&[])?;
+            let (chunk, offset) = self.locate(row)?;
+            let score = chunk.vectors.f_get(offset)?.f_dot(&probe)?.f_double_value(&[])?;
             best = best.max(score as f32);
         }
         Ok(Some(best))
@@ -292,36 +377,40 @@ impl GalleryIndex {
         Ok(Tensor::f_from_slice(probe)?.f_to_device(self.device)?)
     }
 
-    fn slot_for(&mut self, subject_id: &str, seq: i64) -> usize {
-        if let Some(&slot) = self.by_subject.get(subject_id) {
-            if let Some(s) = self.slots[slot].as_mut() {
-                s.first_seq = s.first_seq.min(seq);
-            }
-            return slot;
-        }
-        let slot = self.slots.len();
-        self.slots.push(Some(Slot {
-            subject_id: subject_id.to_owned(),
-            first_seq: seq,
-            rows: Vec::new(),
-        }));
-        self.by_subject.insert(subject_id.to_owned(), slot);
-        slot
+    /// The chunk holding global row `row`, and the row's offset in it.
+    fn locate(&self, row: usize) -> Result<(&Chunk, i64), IndexError> {
+        let at = self.chunks.partition_point(|c| c.start <= row);
+        let chunk = at
+            .checked_sub(1)
+            .and_then(|i| self.chunks.get(i))
+            .filter(|c| row - c.start < c.fill)
+            .ok_or(IndexError::Inconsistent("a row outside every chunk"))?;
+        Ok((chunk, (row - chunk.start) as i64))
     }
 
     /// Moves the last row into `row` and shrinks by one.
     fn swap_remove(&mut self, row: usize) -> Result<(), IndexError> {
-        let last = self.row_slot.len() - 1;
+        let last = self
+            .row_slot
+            .len()
+            .checked_sub(1)
+            .ok_or(IndexError::Inconsistent("a removal from an empty index"))?;
         if row != last {
-            let (dst_chunk, dst) = (row / self.chunk_rows, (row % self.chunk_rows) as i64);
-            let (src_chunk, src) = (last / self.chunk_rows, (last % self.chunk_rows) as i64);
-            let vector = self.chunks[src_chunk].vectors.f_get(src)?;
-            let slot_value = self.chunks[src_chunk].slots.f_get(src)?;
-            self.chunks[dst_chunk].vectors.f_get(dst)?.f_copy_(&vector)?;
-            self.chunks[dst_chunk].slots.f_get(dst)?.f_copy_(&slot_value)?;
-            let moved_slot = self.row_slot[last];
-            self.row_slot[row] = moved_slot;
-            if let Some(s) = self.slots[moved_slot].as_mut()
+            let (vector, slot_value) = {
+                let (src, offset) = self.locate(last)?;
+                (src.vectors.f_get(offset)?, src.slots.f_get(offset)?)
+            };
+            let (dst, offset) = self.locate(row)?;
+            dst.vectors.f_get(offset)?.f_copy_(&vector)?;
+            dst.slots.f_get(offset)?.f_copy_(&slot_value)?;
+            let moved_slot = *self
+                .row_slot
+                .get(last)
+                .ok_or(IndexError::Inconsistent("the last row has no slot"))?;
+            if let Some(place) = self.row_slot.get_mut(row) {
+                *place = moved_slot;
+            }
+            if let Some(Some(s)) = self.slots.get_mut(moved_slot)
                 && let Some(r) = s.rows.iter_mut().find(|r| **r == last)
             {
                 *r = row;
@@ -329,7 +418,7 @@ impl GalleryIndex {
         }
         self.row_slot.pop();
         if let Some(chunk) = self.chunks.last_mut() {
-            chunk.fill -= 1;
+            chunk.fill = chunk.fill.saturating_sub(1);
             if chunk.fill == 0 {
                 self.chunks.pop();
             }
@@ -344,18 +433,25 @@ impl GalleryIndex {
         let mut live = Vec::with_capacity(self.by_subject.len());
         for (old, slot) in std::mem::take(&mut self.slots).into_iter().enumerate() {
             if let Some(slot) = slot {
-                renumber[old] = live.len();
+                if let Some(new) = renumber.get_mut(old) {
+                    *new = live.len();
+                }
                 self.by_subject.insert(slot.subject_id.clone(), live.len());
                 live.push(Some(slot));
             }
         }
         self.slots = live;
         for slot in &mut self.row_slot {
-            *slot = renumber[*slot];
+            *slot = renumber
+                .get(*slot)
+                .copied()
+                .ok_or(IndexError::Inconsistent("a row of a slot that never was"))?;
         }
-        for (i, chunk) in self.chunks.iter_mut().enumerate() {
-            let start = i * self.chunk_rows;
-            let ids: Vec<i64> = self.row_slot[start..start + chunk.fill]
+        for chunk in &mut self.chunks {
+            let ids: Vec<i64> = self
+                .row_slot
+                .get(chunk.start..chunk.start + chunk.fill)
+                .ok_or(IndexError::Inconsistent("a chunk past the last row"))?
                 .iter()
                 .map(|&s| s as i64)
                 .collect();
@@ -375,22 +471,23 @@ impl GalleryIndex {
 pub struct Indexes {
     dim: usize,
     device: Device,
-    chunk_rows: usize,
+    max_chunk_rows: usize,
     galleries: Mutex<HashMap<String, Arc<Mutex<GalleryIndex>>>>,
 }
 
 impl Indexes {
-    /// No galleries yet.
-    pub fn new(dim: usize, device: Device, chunk_rows: usize) -> Self {
+    /// No galleries yet; each gallery's chunks grow up to `max_chunk_rows`.
+    pub fn new(dim: usize, device: Device, max_chunk_rows: usize) -> Self {
         Self {
             dim,
             device,
-            chunk_rows,
+            max_chunk_rows,
             galleries: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The index of `gallery`, if it has ever held a template.
+    /// The index of `gallery`, if it holds (or held, until
+    /// [`Indexes::forget_if_empty`]) a template.
     pub fn get(&self, gallery: &str) -> Option<Arc<Mutex<GalleryIndex>>> {
         lock(&self.galleries).get(gallery).cloned()
     }
@@ -403,10 +500,23 @@ impl Indexes {
                 Arc::new(Mutex::new(GalleryIndex::new(
                     self.dim,
                     self.device,
-                    self.chunk_rows,
+                    self.max_chunk_rows,
                 )))
             })
             .clone()
+    }
+
+    /// Drops `gallery`'s index once it holds no template, so the map holds
+    /// the galleries that have templates, not every name ever used. The
+    /// caller serialises changes of the gallery (the engine's writer lock).
+    pub fn forget_if_empty(&self, gallery: &str) {
+        let mut galleries = lock(&self.galleries);
+        if galleries
+            .get(gallery)
+            .is_some_and(|index| lock(index).template_count() == 0)
+        {
+            galleries.remove(gallery);
+        }
     }
 
     /// Templates held per gallery, for the metrics.
@@ -601,6 +711,80 @@ mod tests {
     }
 
     #[test]
+    fn chunks_grow_geometrically_and_memory_follows_the_templates() {
+        let dim = 4;
+        let mut rng = Lcg(11);
+        let mut index = GalleryIndex::new(dim, test_device(), 64);
+        let mut templates = Vec::new();
+        let mut seq = 0;
+        add(&mut index, &mut templates, &mut rng, &mut seq, "one", 1, dim);
+        assert_eq!(
+            index.capacity(),
+            FIRST_CHUNK_ROWS,
+            "one template, one small chunk"
+        );
+        // 8 + 16 + 32 + 64 + 64: doubling, then capped at 64.
+        for i in 0..150 {
+            add(
+                &mut index,
+                &mut templates,
+                &mut rng,
+                &mut seq,
+                &format!("s{i}"),
+                1,
+                dim,
+            );
+        }
+        assert_eq!(index.capacity(), 8 + 16 + 32 + 64 + 64);
+        assert_matches(&index, &templates, &mut rng, dim);
+        // One append spanning several fresh chunks.
+        let mut big = GalleryIndex::new(dim, test_device(), 1 << 20);
+        let mut big_templates = Vec::new();
+        add(&mut big, &mut big_templates, &mut rng, &mut seq, "bulk", 100, dim);
+        assert_eq!(big.capacity(), 8 + 16 + 32 + 64);
+        assert_matches(&big, &big_templates, &mut rng, dim);
+        // Deleting down to nothing frees every chunk.
+        for i in 0..150 {
+            index.remove_subject(&format!("s{i}")).expect("remove");
+        }
+        templates.retain(|t| t.0 == "one");
+        assert_eq!(index.capacity(), FIRST_CHUNK_ROWS);
+        assert_matches(&index, &templates, &mut rng, dim);
+        index.remove_subject("one").expect("remove");
+        assert_eq!((index.capacity(), index.template_count()), (0, 0));
+    }
+
+    #[test]
+    fn a_refused_append_changes_nothing() {
+        let mut index = GalleryIndex::new(2, test_device(), 4);
+        let good = [1.0f32, 0.0];
+        index
+            .append(&[NewRow {
+                subject_id: "a",
+                seq: 1,
+                embedding: &good,
+            }])
+            .expect("append");
+        let mixed = [
+            NewRow {
+                subject_id: "b",
+                seq: 2,
+                embedding: &good,
+            },
+            NewRow {
+                subject_id: "c",
+                seq: 3,
+                embedding: &[f32::NAN, 0.0],
+            },
+        ];
+        assert!(index.append(&mixed).is_err());
+        assert_eq!((index.template_count(), index.subject_count()), (1, 1));
+        assert!(!index.contains("b"));
+        let hits = index.search(&good, 10).expect("search");
+        assert_eq!(hits.len(), 1);
+    }
+
+    #[test]
     fn ties_go_to_the_earlier_enrolment() {
         let mut index = GalleryIndex::new(2, test_device(), 4);
         let same = [1.0f32, 0.0];
@@ -629,7 +813,7 @@ mod tests {
     }
 
     #[test]
-    fn wrong_dimensions_are_refused() {
+    fn wrong_dimensions_and_non_finite_values_are_refused() {
         let mut index = GalleryIndex::new(3, test_device(), 4);
         let bad = [NewRow {
             subject_id: "a",
@@ -640,6 +824,17 @@ mod tests {
             index.append(&bad),
             Err(IndexError::Dimension { got: 2, expected: 3 })
         ));
+        for value in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let poisoned = [NewRow {
+                subject_id: "a",
+                seq: 1,
+                embedding: &[1.0, value, 0.0],
+            }];
+            assert!(matches!(
+                index.append(&poisoned),
+                Err(IndexError::NotFinite { index: 1, .. })
+            ));
+        }
         assert!(
             index.search(&[1.0], 1).is_ok(),
             "an empty index answers nothing, whatever the probe"

@@ -17,6 +17,7 @@ use tonic::Status;
 use tower::layer::util::{Identity, Stack};
 use tower::{Layer, Service, ServiceBuilder};
 
+use crate::audit::{AuditLayer, AuditSink};
 use crate::auth::{Access, Authenticator, access_of};
 use crate::engine::Caller;
 use crate::index::lock;
@@ -28,7 +29,13 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// The stack's type, outermost layer last (tower's `Stack` nesting).
 pub type ProtectionLayer = Stack<
     GateLayer<Shed>,
-    Stack<GateLayer<RateLimit>, Stack<GateLayer<Authenticate>, Stack<DeadlineLayer, Identity>>>,
+    Stack<
+        GateLayer<PerCaller>,
+        Stack<
+            GateLayer<RateLimit>,
+            Stack<GateLayer<Authenticate>, Stack<DeadlineLayer, Stack<AuditLayer, Identity>>>,
+        >,
+    >,
 >;
 
 /// Builds the stack, outermost first.
@@ -39,29 +46,46 @@ impl Protection {
     /// The layers, in the order a call meets them. The order matters:
     /// cheap refusals come first, and nothing refused takes a slot of the
     /// concurrency limit.
-    pub fn stack(settings: &Settings, auth: Arc<Authenticator>) -> ProtectionLayer {
+    pub fn stack(settings: &Settings, auth: Arc<Authenticator>, audit: AuditSink) -> ProtectionLayer {
         ServiceBuilder::new()
-            // 1. Request timeout: a call may not run forever; past
-            //    `server.request_timeout_ms` it is dropped (and with it its
-            //    batch slot and database work) and the client gets
-            //    DEADLINE_EXCEEDED. Outermost so it bounds everything below;
-            //    it also records each call's latency.
+            // 1. The audit record: every call (health and reflection
+            //    aside) leaves a row; this layer writes it for the calls
+            //    refused before the core could (`audit.rs`). Outermost, so
+            //    it sees every refusal below.
+            .layer(AuditLayer::new(audit))
+            // 2. Request timeout: a call may not run forever; past
+            //    `server.request_timeout_ms` (`admin_timeout_ms` for the
+            //    Admin service, whose reloads take minutes) it is dropped
+            //    (with it its decoding and batch slot; a write already
+            //    committing finishes on its own task) and the client gets
+            //    DEADLINE_EXCEEDED. It bounds everything below; it also
+            //    records each call's latency.
             .layer(DeadlineLayer {
                 timeout: settings.request_timeout(),
+                admin_timeout: settings.admin_timeout(),
             })
-            // 2. Authentication and scope: who is calling (API key or client
+            // 3. Authentication and scope: who is calling (API key or client
             //    certificate) and whether the method's scope is granted.
             //    UNAUTHENTICATED / PERMISSION_DENIED before any work is done.
             //    Health and reflection stay open.
             .layer(GateLayer(Arc::new(Authenticate(auth))))
-            // 3. Per-caller rate limit (token bucket per key id): one noisy
-            //    client cannot take the capacity of the others.
-            //    RESOURCE_EXHAUSTED naming the limit.
+            // 4. Per-caller rate limit (a token bucket per key id,
+            //    certificate grant, or peer IP with auth off; 100/s, burst
+            //    200 by default): one noisy client cannot take the capacity
+            //    of the others. RESOURCE_EXHAUSTED naming the setting.
+            //    Health checks are not counted.
             .layer(GateLayer(Arc::new(RateLimit::new(
                 settings.server.rate_limit_per_second,
                 settings.server.rate_limit_burst,
             ))))
-            // 4. Concurrency limit with load shedding: at most
+            // 5. Per-caller concurrency: at most
+            //    `server.max_concurrent_per_caller` calls of one caller in
+            //    flight, so one caller cannot take every slot of the next
+            //    layer. RESOURCE_EXHAUSTED at once.
+            .layer(GateLayer(Arc::new(PerCaller::new(
+                settings.server.max_concurrent_per_caller,
+            ))))
+            // 6. Concurrency limit with load shedding: at most
             //    `server.max_concurrent_requests` calls in flight across all
             //    connections (one semaphore for the server); one more is
             //    refused at once with RESOURCE_EXHAUSTED rather than queued,
@@ -70,7 +94,7 @@ impl Protection {
             .layer(GateLayer(Arc::new(Shed::new(
                 settings.server.max_concurrent_requests,
             ))))
-            // 5. (In server.rs, per service) the maximum message size:
+            // 7. (In server.rs, per service) the maximum message size:
             //    `limits.max_message_bytes`, refused by the codec with
             //    OUT_OF_RANGE before the message is buffered whole.
             .into_inner()
@@ -86,6 +110,7 @@ fn refuse<B: Default>(status: Status) -> http::Response<B> {
 #[derive(Debug, Clone)]
 pub struct DeadlineLayer {
     timeout: Duration,
+    admin_timeout: Duration,
 }
 
 impl<S> Layer<S> for DeadlineLayer {
@@ -94,6 +119,7 @@ impl<S> Layer<S> for DeadlineLayer {
         Deadline {
             inner,
             timeout: self.timeout,
+            admin_timeout: self.admin_timeout,
         }
     }
 }
@@ -103,6 +129,7 @@ impl<S> Layer<S> for DeadlineLayer {
 pub struct Deadline<S> {
     inner: S,
     timeout: Duration,
+    admin_timeout: Duration,
 }
 
 impl<S, B, R> Service<http::Request<B>> for Deadline<S>
@@ -124,21 +151,81 @@ where
         // The clone is the ready one's twin; keep the ready one for this call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let timeout = self.timeout;
         let method = request.uri().path().to_owned();
+        let timeout = if method.starts_with("/handid.v1.Admin/") {
+            self.admin_timeout
+        } else {
+            self.timeout
+        };
         let started = Instant::now();
         let call = inner.call(request);
         Box::pin(async move {
             let response = match tokio::time::timeout(timeout, call).await {
-                Ok(response) => response,
+                Ok(response) => response.map(|r| decode_errors_are_invalid_arguments(r, &method)),
                 Err(_) => Ok(refuse(Status::deadline_exceeded(format!(
                     "the call ran past the server's limit of {} ms",
                     timeout.as_millis()
                 )))),
             };
-            metrics().call_finished(&method, started.elapsed());
+            // Labelled by known names only: a client inventing paths must
+            // not invent metric series.
+            metrics().call_finished(method_name(&method), started.elapsed());
             response
         })
+    }
+}
+
+/// The methods this server serves, as metrics and traces name them.
+const METHODS: [&str; 16] = [
+    "handid.v1.HandId/Enroll",
+    "handid.v1.HandId/Identify",
+    "handid.v1.HandId/Verify",
+    "handid.v1.HandId/Embed",
+    "handid.v1.HandId/DeleteSubject",
+    "handid.v1.HandId/DeleteGallery",
+    "handid.v1.HandId/GetSubject",
+    "handid.v1.HandId/ListSubjects",
+    "handid.v1.Admin/GetModel",
+    "handid.v1.Admin/ReloadModel",
+    "handid.v1.Admin/PromoteModel",
+    "grpc.health.v1.Health/Check",
+    "grpc.health.v1.Health/Watch",
+    "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    "unknown",
+];
+
+/// The name of the method at `path` (`/handid.v1.HandId/Identify` ->
+/// `handid.v1.HandId/Identify`), or `unknown` for a path this server does
+/// not serve.
+pub fn method_name(path: &str) -> &'static str {
+    let name = path.strip_prefix('/').unwrap_or(path);
+    METHODS
+        .iter()
+        .find(|known| **known == name)
+        .copied()
+        .unwrap_or("unknown")
+}
+
+/// tonic answers a request body that is not a valid protobuf message with
+/// INTERNAL ("failed to decode Protobuf message: ..."); it is the client's
+/// fault, so it becomes INVALID_ARGUMENT, naming the method. The detail is
+/// prost's description of the problem (field names, wire types), never
+/// the payload.
+fn decode_errors_are_invalid_arguments<B: Default>(
+    response: http::Response<B>,
+    path: &str,
+) -> http::Response<B> {
+    const PREFIX: &str = "failed to decode Protobuf message";
+    match Status::from_header_map(response.headers()) {
+        Some(status) if status.code() == tonic::Code::Internal && status.message().starts_with(PREFIX) => {
+            let detail = status.message()[PREFIX.len()..].trim_start_matches(':').trim();
+            refuse(Status::invalid_argument(format!(
+                "the request is not a valid {} message ({detail})",
+                method_name(path)
+            )))
+        }
+        _ => response,
     }
 }
 
@@ -263,19 +350,15 @@ impl RateLimit {
 impl Gate for RateLimit {
     type Ticket = ();
     fn admit<B>(&self, request: &mut http::Request<B>) -> Result<(), Status> {
-        if self.per_second <= 0.0 {
+        // Health checks are not counted: a busy client must not make its
+        // address's probes fail.
+        if self.per_second <= 0.0 || access_of(request.uri().path()) == Access::Open {
             return Ok(());
         }
-        // With auth off every caller is "anonymous": fall back to the peer
-        // address so one client still cannot starve the others.
         let Some(caller) = request.extensions().get::<Caller>() else {
             return Ok(());
         };
-        let key = match (caller.id.as_str(), &caller.peer) {
-            // The peer's IP without its port: one client, many connections.
-            ("anonymous", Some(peer)) => peer.rsplit_once(':').map_or(peer.as_str(), |p| p.0).to_owned(),
-            (id, _) => id.to_owned(),
-        };
+        let key = limit_key(caller);
         let now = Instant::now();
         let mut buckets = lock(&self.buckets);
         if buckets.len() >= RATE_LIMIT_TABLE {
@@ -283,17 +366,91 @@ impl Gate for RateLimit {
             let refill = Duration::from_secs_f64(self.burst / self.per_second);
             buckets.retain(|_, (_, last)| now.duration_since(*last) < refill);
         }
-        let (tokens, last) = buckets.entry(key).or_insert((self.burst, now));
+        let (tokens, last) = buckets.entry(key.clone()).or_insert((self.burst, now));
         *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.per_second).min(self.burst);
         *last = now;
         if *tokens < 1.0 {
             return Err(Status::resource_exhausted(format!(
-                "rate limit of {} calls per second (burst {}) exceeded for {:?}; retry later",
-                self.per_second, self.burst, caller.id
+                "rate limit of {} calls per second (burst {}) exceeded for {key:?} \
+                 (server.rate_limit_per_second, server.rate_limit_burst); retry later",
+                self.per_second, self.burst
             )));
         }
         *tokens -= 1.0;
         Ok(())
+    }
+}
+
+/// Whom the per-caller limits count: the caller id, or with auth off
+/// (every caller `anonymous`) the peer's IP without its port (one client,
+/// many connections), so one client still cannot starve the others.
+fn limit_key(caller: &Caller) -> String {
+    match (caller.id.as_str(), &caller.peer) {
+        ("anonymous", Some(peer)) => peer.rsplit_once(':').map_or(peer.as_str(), |p| p.0).to_owned(),
+        (id, _) => id.to_owned(),
+    }
+}
+
+/// Calls in flight per caller, refusing one more beyond the limit.
+#[derive(Debug)]
+pub struct PerCaller {
+    limit: usize,
+    in_flight: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl PerCaller {
+    fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            in_flight: Arc::default(),
+        }
+    }
+}
+
+/// One call counted against its caller until it ends; the caller's entry
+/// goes when its count returns to zero, so the table holds the callers with
+/// calls in flight, no more.
+#[derive(Debug)]
+pub struct InFlight {
+    key: String,
+    in_flight: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut in_flight = lock(&self.in_flight);
+        if let Some(n) = in_flight.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                in_flight.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Gate for PerCaller {
+    type Ticket = Option<InFlight>;
+    fn admit<B>(&self, request: &mut http::Request<B>) -> Result<Self::Ticket, Status> {
+        let Some(caller) = request.extensions().get::<Caller>() else {
+            return Ok(None);
+        };
+        if access_of(request.uri().path()) == Access::Open {
+            return Ok(None);
+        }
+        let key = limit_key(caller);
+        let mut in_flight = lock(&self.in_flight);
+        let n = in_flight.entry(key.clone()).or_insert(0);
+        if *n >= self.limit {
+            return Err(Status::resource_exhausted(format!(
+                "{key:?} has {} calls in flight, its limit (server.max_concurrent_per_caller); retry with backoff",
+                self.limit
+            )));
+        }
+        *n += 1;
+        Ok(Some(InFlight {
+            key,
+            in_flight: Arc::clone(&self.in_flight),
+        }))
     }
 }
 
@@ -330,5 +487,51 @@ impl Gate for Shed {
                     self.limit
                 ))
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_labels_come_from_known_method_names_only() {
+        assert_eq!(
+            method_name("/handid.v1.HandId/Identify"),
+            "handid.v1.HandId/Identify"
+        );
+        assert_eq!(
+            method_name("/grpc.health.v1.Health/Check"),
+            "grpc.health.v1.Health/Check"
+        );
+        for invented in [
+            "/handid.v1.HandId/Identify2",
+            "/x",
+            "",
+            "/a/b/c",
+            "/handid.v1.HandId/",
+        ] {
+            assert_eq!(method_name(invented), "unknown", "{invented:?}");
+        }
+    }
+
+    #[test]
+    fn protobuf_decode_errors_become_invalid_arguments() {
+        let decode = refuse::<()>(Status::internal(
+            "failed to decode Protobuf message: EnrollRequest.gallery_id: invalid string value: data is not UTF-8 encoded",
+        ));
+        let out = decode_errors_are_invalid_arguments(decode, "/handid.v1.HandId/Enroll");
+        let status = Status::from_header_map(out.headers()).expect("a status");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            status.message(),
+            "the request is not a valid handid.v1.HandId/Enroll message (EnrollRequest.gallery_id: invalid \
+             string value: data is not UTF-8 encoded)"
+        );
+        // Our own server faults stay what they are.
+        let fault = refuse::<()>(Status::internal("internal error"));
+        let out = decode_errors_are_invalid_arguments(fault, "/handid.v1.HandId/Enroll");
+        let status = Status::from_header_map(out.headers()).expect("a status");
+        assert_eq!(status.code(), tonic::Code::Internal);
     }
 }

@@ -4,12 +4,20 @@
 //! - [`server`]: [`run`]: start-up, TLS, health, reflection, graceful shutdown.
 //! - [`layers`]: the protection middleware stack (timeout, access control,
 //!   rate limit, concurrency limit with load shedding).
+//! - [`health`]: SERVING only while the database answers, the models run
+//!   and replication keeps up.
+//! - [`audit`]: the audit rows of calls the core never saw (refusals).
 //! - [`auth`]: API keys, scopes, client certificates: who calls, and may they.
 //! - [`telemetry`]: logs, OpenTelemetry traces and metrics over OTLP.
 //! - [`service`]: the thin gRPC handlers (protobuf <-> domain types).
+//! - [`validate`]: every check of a request that needs neither the
+//!   database nor the model: protobuf to the core's validated calls.
 //! - [`engine`]: the core: Enroll, Identify, Verify, ... and the audit log.
 //! - [`error`]: [`ServiceError`] and its one conversion to `tonic::Status`.
-//! - [`batcher`]: decoding off the runtime, dynamic batching of forward passes.
+//! - [`faults`]: test-only fault injection (feature `fault-injection`).
+//! - [`decode`]: untrusted image bytes to model input, judged from the
+//!   header first, under decode slots and a pixel budget, cancellable.
+//! - [`batcher`]: dynamic batching of forward passes on their own thread.
 //! - [`index`]: the in-memory gallery matrices that Identify searches.
 //! - [`reload`]: loading and checking a checkpoint for a hot reload.
 //! - [`replication`]: following the database's change feed, so several
@@ -18,10 +26,14 @@
 //! - [`settings`]: the YAML settings with `HANDID__SECTION__KEY` overrides.
 //! - [`MIGRATOR`]: the migrations, embedded so the binary applies them at start.
 
+pub mod audit;
 pub mod auth;
 pub mod batcher;
+pub mod decode;
 pub mod engine;
 pub mod error;
+pub mod faults;
+pub mod health;
 pub mod index;
 pub mod layers;
 pub mod reload;
@@ -31,6 +43,7 @@ pub mod service;
 pub mod settings;
 pub mod store;
 pub mod telemetry;
+pub mod validate;
 
 pub use error::ServiceError;
 pub use server::{ServeError, run, run_with_reloads};

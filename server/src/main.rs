@@ -44,7 +44,7 @@ enum Command {
         /// The key's name, recorded by the audit log for its calls.
         #[arg(long, value_parser = parse_key_id)]
         id: String,
-        /// Comma-separated scopes: identify, enroll, admin.
+        /// Comma-separated scopes: identify, embed, enroll, admin.
         #[arg(long, value_delimiter = ',', required = true, value_parser = parse_scope)]
         scopes: Vec<Scope>,
         /// Comma-separated galleries the key is limited to (default: all).
@@ -54,7 +54,7 @@ enum Command {
     /// Apply the database migrations and exit.
     Migrate {
         /// PostgreSQL URL.
-        #[arg(long, env = "DATABASE_URL")]
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
         database_url: String,
     },
 }
@@ -71,9 +71,12 @@ fn parse_key_id(id: &str) -> Result<String, String> {
 fn parse_scope(name: &str) -> Result<Scope, String> {
     match name.trim() {
         "identify" => Ok(Scope::Identify),
+        "embed" => Ok(Scope::Embed),
         "enroll" => Ok(Scope::Enroll),
         "admin" => Ok(Scope::Admin),
-        other => Err(format!("unknown scope {other:?} (identify, enroll, admin)")),
+        other => Err(format!(
+            "unknown scope {other:?} (identify, embed, enroll, admin)"
+        )),
     }
 }
 

@@ -28,10 +28,86 @@ pub enum ReloadMode {
     StageMigration,
 }
 
+/// Why a checkpoint was refused; each says which file or which check.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The checkpoint does not load: a manifest that is missing or does not
+    /// agree with itself, weights that do not hash to the model id or do
+    /// not fit the architecture (the message names the file).
+    #[error(transparent)]
+    Load(#[from] handid_model::Error),
+    /// It loads, but its self-test fails.
+    #[error(transparent)]
+    SelfTest(#[from] SelfTestError),
+    /// Another embedding space than the active model's, not declared
+    /// compatible: its embeddings cannot be compared with the templates.
+    #[error(
+        "the checkpoint's embedding space {space:?} (compatible with {compatible:?}) is not the active \
+         model's {active:?}"
+    )]
+    OtherSpace {
+        /// The checkpoint's space.
+        space: String,
+        /// The spaces it declares compatible.
+        compatible: Vec<String>,
+        /// The active model's space.
+        active: String,
+    },
+    /// Declares the active space compatible, but embeds into another width.
+    #[error(
+        "the checkpoint declares the active embedding space {active:?} compatible but embeds into {dim} \
+         dimensions, the active model into {active_dim}"
+    )]
+    OtherWidth {
+        /// The active model's space.
+        active: String,
+        /// The checkpoint's width.
+        dim: usize,
+        /// The active model's width.
+        active_dim: usize,
+    },
+}
+
+/// Why a model's self-test failed ([`self_test`]).
+#[derive(Debug, thiserror::Error)]
+pub enum SelfTestError {
+    /// A broken device, injected by a test (`faults.rs`).
+    #[error("self-test forward pass failed: the device is broken (injected)")]
+    Injected,
+    /// The forward pass failed (libtorch, the device).
+    #[error("self-test forward pass failed: {0}")]
+    Forward(#[source] handid_model::Error),
+    /// Not one embedding of the declared width.
+    #[error("self-test embedding has shape {shape:?}, the manifest declares embedding_dim {dim}")]
+    Shape {
+        /// What came out.
+        shape: Vec<i64>,
+        /// The manifest's width.
+        dim: usize,
+    },
+    /// The embedding could not be read back.
+    #[error("self-test embedding: {0}")]
+    Read(#[source] tch::TchError),
+    /// A NaN or an infinity.
+    #[error("self-test embedding is not finite (value {index} is {value})")]
+    NotFinite {
+        /// The first such value.
+        index: usize,
+        /// It.
+        value: f32,
+    },
+    /// Not L2-normalised.
+    #[error("self-test embedding has norm {0}, not 1")]
+    Norm(f64),
+    /// The self-test panicked (caught by the forward thread).
+    #[error("the self-test panicked: {0}")]
+    Panicked(String),
+}
+
 /// Loads `dir` on `device` and runs the self-test; the error is the reason
-/// for refusing it, naming the file and the problem.
-pub fn load_checked(dir: &Path, device: Device) -> Result<Embedder, String> {
-    let embedder = Embedder::load(dir, device).map_err(|e| e.to_string())?;
+/// for refusing it.
+pub fn load_checked(dir: &Path, device: Device) -> Result<Embedder, ReloadError> {
+    let embedder = Embedder::load(dir, device)?;
     self_test(&embedder)?;
     Ok(embedder)
 }
@@ -39,32 +115,33 @@ pub fn load_checked(dir: &Path, device: Device) -> Result<Embedder, String> {
 /// Embeds one fixed synthetic input (a ramp over the preprocessed pixel
 /// range) and checks the result is one finite, unit-norm vector of the
 /// manifest's width.
-pub fn self_test(embedder: &Embedder) -> Result<(), String> {
+pub fn self_test(embedder: &Embedder) -> Result<(), SelfTestError> {
+    if crate::faults::model_broken() {
+        return Err(SelfTestError::Injected);
+    }
     let (height, width) = embedder.manifest().preprocess.input_size();
     let (height, width) = (i64::from(height), i64::from(width));
     // [1, 3, H, W]: values in [-2, 2], the range of CLIP-normalised pixels.
     let pixels = Tensor::linspace(-2.0, 2.0, 3 * height * width, (Kind::Float, Device::Cpu))
         .view([1, 3, height, width]);
-    let out = embedder
-        .embed_batch(&pixels)
-        .map_err(|e| format!("self-test forward pass failed: {e}"))?;
+    let out = embedder.embed_batch(&pixels).map_err(SelfTestError::Forward)?;
     let dim = embedder.dim();
     if out.size() != [1, dim as i64] {
-        return Err(format!(
-            "self-test embedding has shape {:?}, the manifest declares embedding_dim {dim}",
-            out.size()
-        ));
+        return Err(SelfTestError::Shape {
+            shape: out.size(),
+            dim,
+        });
     }
-    let values = Vec::<f32>::try_from(&out.get(0)).map_err(|e| format!("self-test embedding: {e}"))?;
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        return Err(format!(
-            "self-test embedding is not finite (value {i} is {})",
-            values[i]
-        ));
+    let values = Vec::<f32>::try_from(&out.get(0)).map_err(SelfTestError::Read)?;
+    if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+        return Err(SelfTestError::NotFinite {
+            index,
+            value: values[index],
+        });
     }
     let norm = values.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
     if (norm - 1.0).abs() > NORM_TOLERANCE {
-        return Err(format!("self-test embedding has norm {norm}, not 1"));
+        return Err(SelfTestError::Norm(norm));
     }
     Ok(())
 }
@@ -84,19 +161,20 @@ pub fn spaces(manifest: &Manifest) -> Vec<String> {
 /// Whether `new` may replace `active` directly: same embedding space, or a
 /// space `new` declares compatible, and the same width (a template of
 /// another width could not even be scored). `Err` says why not.
-pub fn compatible(active: &Manifest, new: &Manifest) -> Result<(), String> {
+pub fn compatible(active: &Manifest, new: &Manifest) -> Result<(), ReloadError> {
     if !spaces(new).contains(&active.embedding_space) {
-        return Err(format!(
-            "the checkpoint's embedding space {:?} (compatible with {:?}) is not the active model's {:?}",
-            new.embedding_space, new.compatible_spaces, active.embedding_space
-        ));
+        return Err(ReloadError::OtherSpace {
+            space: new.embedding_space.clone(),
+            compatible: new.compatible_spaces.clone(),
+            active: active.embedding_space.clone(),
+        });
     }
     if new.embedding_dim != active.embedding_dim {
-        return Err(format!(
-            "the checkpoint declares the active embedding space {:?} compatible but embeds into {} \
-             dimensions, the active model into {}",
-            active.embedding_space, new.embedding_dim, active.embedding_dim
-        ));
+        return Err(ReloadError::OtherWidth {
+            active: active.embedding_space.clone(),
+            dim: new.embedding_dim,
+            active_dim: active.embedding_dim,
+        });
     }
     Ok(())
 }
@@ -117,7 +195,11 @@ mod tests {
         assert_eq!(embedder.model_id(), ma.model_id);
 
         let refused = compatible(&ma, &mb).expect_err("different spaces");
-        assert!(refused.contains(&ma.embedding_space), "{refused}");
+        assert!(
+            matches!(&refused, ReloadError::OtherSpace { active, .. } if *active == ma.embedding_space),
+            "{refused:?}"
+        );
+        assert!(refused.to_string().contains(&ma.embedding_space), "{refused}");
         mb.compatible_spaces = vec![ma.embedding_space.clone()];
         compatible(&ma, &mb).expect("declared compatible");
         assert_eq!(
@@ -126,7 +208,11 @@ mod tests {
         );
         mb.embedding_dim += 1;
         let refused = compatible(&ma, &mb).expect_err("other width");
-        assert!(refused.contains("dimensions"), "{refused}");
+        assert!(
+            matches!(refused, ReloadError::OtherWidth { dim, active_dim, .. } if dim == active_dim + 1),
+            "{refused:?}"
+        );
+        assert!(refused.to_string().contains("dimensions"), "{refused}");
     }
 
     #[test]
@@ -139,6 +225,7 @@ mod tests {
         bytes[middle] ^= 0xff;
         std::fs::write(&weights, bytes).expect("write");
         let reason = load_checked(dir.path(), Device::Cpu).expect_err("damaged");
-        assert!(reason.contains("model.safetensors"), "{reason}");
+        assert!(matches!(reason, ReloadError::Load(_)), "{reason:?}");
+        assert!(reason.to_string().contains("model.safetensors"), "{reason}");
     }
 }

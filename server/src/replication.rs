@@ -22,9 +22,40 @@ use tokio::sync::watch;
 
 use crate::engine::Engine;
 use crate::settings::ReplicationSettings;
+use crate::telemetry::metrics;
 
 /// The NOTIFY channel of the change feed.
 pub const CHANNEL: &str = "handid_changes";
+
+/// How long a follower that died waits before it starts again.
+const RESTART_PAUSE: Duration = Duration::from_millis(500);
+
+/// Runs [`follow`] until `stopped` turns true, starting it again whenever
+/// it dies (a panic: a bug, or a fault injected by a test), so this replica
+/// never silently stops seeing the others' writes. Each restart is logged
+/// and counted (`handid.replication.follower_restarts`); the lag it caused
+/// shows in the replication metrics and in health.
+pub async fn supervise(
+    engine: Arc<Engine>,
+    settings: ReplicationSettings,
+    mut stopped: watch::Receiver<bool>,
+) {
+    loop {
+        let task = tokio::spawn(follow(Arc::clone(&engine), settings.clone(), stopped.clone()));
+        match task.await {
+            Err(e) if e.is_panic() => {
+                metrics().follower_restarted();
+                tracing::error!("the change-feed follower died; starting it again");
+                tokio::select! {
+                    _ = stopped.changed() => return,
+                    _ = tokio::time::sleep(RESTART_PAUSE) => {}
+                }
+            }
+            // Stopped, or cancelled with the server.
+            _ => return,
+        }
+    }
+}
 
 /// Applies the change feed to `engine` until `stopped` turns true.
 pub async fn follow(engine: Arc<Engine>, settings: ReplicationSettings, mut stopped: watch::Receiver<bool>) {
@@ -33,6 +64,9 @@ pub async fn follow(engine: Arc<Engine>, settings: ReplicationSettings, mut stop
     loop {
         if *stopped.borrow() {
             return;
+        }
+        if crate::faults::follower_dies() {
+            panic!("injected follower death");
         }
         if listener.is_none() {
             listener = connect(&engine).await;

@@ -10,14 +10,16 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
 
+use crate::audit::AuditSink;
 use crate::auth::Authenticator;
 use crate::layers::Protection;
 
 use crate::batcher::Batcher;
+use crate::decode::Decoding;
 use crate::engine::{ActiveModel, Caller, Engine, LoadError, Pipeline};
-use crate::index::{DEFAULT_CHUNK_ROWS, Indexes};
+use crate::health::HealthRules;
+use crate::index::{Indexes, MAX_CHUNK_ROWS};
 use crate::service::{AdminService, HandIdService};
 use crate::settings::Settings;
 use crate::store::{ModelRecord, Store, StoreError};
@@ -28,13 +30,14 @@ pub enum ServeError {
     /// Invalid settings.
     #[error(transparent)]
     Settings(#[from] crate::settings::SettingsError),
-    /// The device or the checkpoint could not be loaded.
+    /// The device or the checkpoint could not be loaded, or the checkpoint
+    /// failed its self-test.
     #[error("loading the model from {path}: {source}")]
     Model {
         /// The checkpoint folder.
         path: String,
         /// Why.
-        source: handid_model::Error,
+        source: crate::reload::ReloadError,
     },
     /// The database could not be prepared (connect, migrate, load).
     #[error("preparing the database: {0}")]
@@ -48,6 +51,13 @@ pub enum ServeError {
     /// The forward thread could not be started.
     #[error("starting the embedding thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// A listener other hosts can reach, without TLS, and plain text not
+    /// explicitly allowed.
+    #[error(
+        "{0} is reachable from other hosts and TLS is off: set tls.cert_file and tls.key_file, \
+         or server.allow_plaintext: true where a mesh protects the traffic"
+    )]
+    Plaintext(std::net::SocketAddr),
     /// The gRPC transport failed.
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -68,9 +78,6 @@ pub enum ServeError {
         source: std::io::Error,
     },
 }
-
-/// The gRPC service names whose health is reported ("" is the whole server).
-const HEALTH_SERVICES: [&str; 3] = ["", "handid.v1.HandId", "handid.v1.Admin"];
 
 /// Loads the model, connects and migrates the database, loads the gallery
 /// indexes, then serves on `listener` until `shutdown` completes; in-flight
@@ -94,17 +101,24 @@ pub async fn run_with_reloads(
     mut reloads: tokio::sync::mpsc::Receiver<()>,
 ) -> Result<(), ServeError> {
     settings.validate()?;
-    let model_error = |source| ServeError::Model {
+    if let Ok(local) = listener.local_addr()
+        && !local.ip().is_loopback()
+        && settings.tls.cert_file.is_none()
+        && !settings.server.allow_plaintext
+    {
+        return Err(ServeError::Plaintext(local));
+    }
+    let model_error = |source: crate::reload::ReloadError| ServeError::Model {
         path: settings.model.path.display().to_string(),
         source,
     };
-    let device = handid_model::parse_device(&settings.model.device).map_err(model_error)?;
+    let device = handid_model::parse_device(&settings.model.device).map_err(|e| model_error(e.into()))?;
     let path = settings.model.path.clone();
     // Loading reads and hashes the weights: blocking work. The same checks
     // as a hot reload, self-test included.
     let embedder = tokio::task::spawn_blocking(move || crate::reload::load_checked(&path, device))
         .await?
-        .map_err(|reason| model_error(handid_model::Error::InvalidInput(reason)))?;
+        .map_err(model_error)?;
     let embedder = Arc::new(embedder);
     let store = Store::connect(&settings.database).await?;
     let manifest = embedder.manifest();
@@ -118,22 +132,34 @@ pub async fn run_with_reloads(
         })
         .await?;
     store.mark_model(&manifest.model_id, "active").await?;
+    let limits = &settings.limits;
     let pipeline = Pipeline {
         batch: settings.batch.clone(),
-        decode: DecodeLimits {
-            max_bytes: settings.limits.max_image_bytes,
-            max_pixels: settings.limits.max_pixels,
-        },
+        decoding: Arc::new(Decoding::new(
+            DecodeLimits {
+                max_bytes: limits.max_image_bytes,
+                max_pixels: limits.max_pixels,
+                max_side: limits.max_image_side,
+                max_aspect_ratio: limits.max_aspect_ratio,
+                min_side: limits.min_image_side,
+            },
+            limits.decode_concurrency,
+            limits.decode_pixel_budget,
+        )),
     };
-    let batcher = Batcher::start(Arc::clone(&embedder), &pipeline.batch, pipeline.decode)
-        .map_err(ServeError::Thread)?;
+    let batcher = Batcher::start(
+        Arc::clone(&embedder),
+        &pipeline.batch,
+        Arc::clone(&pipeline.decoding),
+    )
+    .map_err(ServeError::Thread)?;
     let model = ActiveModel {
         device: device_name(device),
         path: settings.model.path.clone(),
         loaded_at: chrono::Utc::now(),
         embedder: Arc::clone(&embedder),
     };
-    let indexes = Indexes::new(embedder.dim(), device, DEFAULT_CHUNK_ROWS);
+    let indexes = Indexes::new(embedder.dim(), device, MAX_CHUNK_ROWS);
     let engine = Arc::new(
         Engine::start(
             store.clone(),
@@ -147,16 +173,20 @@ pub async fn run_with_reloads(
     );
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    set_health(&health, ServingStatus::NotServing).await;
+    crate::health::set(&health, ServingStatus::NotServing).await;
     let (stop_health, health_stopped) = tokio::sync::watch::channel(false);
-    let health_task = tokio::spawn(watch_database(
-        store,
+    let health_task = tokio::spawn(crate::health::watch(
+        Arc::clone(&engine),
         health.clone(),
-        Duration::from_millis(settings.server.health_check_interval_ms),
+        HealthRules {
+            interval: Duration::from_millis(settings.server.health_check_interval_ms),
+            max_lag: (settings.replication.enabled && settings.replication.max_lag_ms > 0)
+                .then(|| Duration::from_millis(settings.replication.max_lag_ms)),
+        },
         health_stopped.clone(),
     ));
     let follower = settings.replication.enabled.then(|| {
-        tokio::spawn(crate::replication::follow(
+        tokio::spawn(crate::replication::supervise(
             Arc::clone(&engine),
             settings.replication.clone(),
             health_stopped,
@@ -167,11 +197,7 @@ pub async fn run_with_reloads(
         tokio::spawn(async move {
             while reloads.recv().await.is_some() {
                 // Audited like an Admin call, with the signal as the caller.
-                let caller = Caller {
-                    id: "signal:SIGHUP".to_owned(),
-                    peer: None,
-                    galleries: None,
-                };
+                let caller = Caller::named("signal:SIGHUP", None);
                 match engine
                     .reload(&caller, None, crate::reload::ReloadMode::Swap)
                     .await
@@ -199,6 +225,7 @@ pub async fn run_with_reloads(
     // The last protection layer, per service: the largest message the codec
     // accepts (OUT_OF_RANGE beyond it); the others are in `layers.rs`.
     let max_message = settings.limits.max_message_bytes;
+    let engine_for_writes = Arc::clone(&engine);
     let handid = HandIdServer::new(HandIdService::new(Arc::clone(&engine)))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
@@ -206,6 +233,7 @@ pub async fn run_with_reloads(
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
     let auth = Arc::new(Authenticator::new(&settings.auth));
+    let (audit_sink, audit_writer) = AuditSink::start(engine_for_writes.store().clone());
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls_config(&settings).await? {
         builder = builder.tls_config(tls)?;
@@ -219,7 +247,7 @@ pub async fn run_with_reloads(
             shutdown.await;
             // Tell load balancers first, then stop accepting and drain.
             let _ = stop_health.send(true);
-            set_health(&health, ServingStatus::NotServing).await;
+            crate::health::set(&health, ServingStatus::NotServing).await;
             tracing::info!("shutting down: draining in-flight calls");
         }
     };
@@ -228,18 +256,25 @@ pub async fn run_with_reloads(
         // and its trace's child spans hang together. Only the path is
         // recorded: never a payload.
         .trace_fn(|request| {
-            let method = request.uri().path();
-            tracing::info_span!("grpc", otel.name = method.trim_start_matches('/'), method = %method)
+            // Named after a known method only (`unknown` otherwise), so a
+            // client inventing paths cannot invent span names.
+            let method = crate::layers::method_name(request.uri().path());
+            tracing::info_span!("grpc", otel.name = method, method = %method)
         })
         // Timeout, access control, rate limit, concurrency limit: the
         // protection stack, commented layer by layer in `layers.rs`.
-        .layer(Protection::stack(&settings, auth))
+        .layer(Protection::stack(&settings, auth, audit_sink))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(handid)
         .add_service(admin)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
         .await;
+    // Writes whose calls were cancelled may still be committing: they
+    // finish before the server says it has stopped; then the audit rows of
+    // the last calls refused or cancelled before the core saw them.
+    engine_for_writes.finish_writes().await;
+    audit_writer.finish(Duration::from_secs(5)).await;
     health_task.abort();
     reloader.abort();
     if let Some(follower) = follower {
@@ -273,52 +308,6 @@ async fn tls_config(settings: &Settings) -> Result<Option<ServerTlsConfig>, Serv
     }
     tracing::info!(mutual = settings.tls.client_ca_file.is_some(), "TLS enabled");
     Ok(Some(config))
-}
-
-/// Probes the database every `interval`; SERVING only while it answers.
-/// The model is loaded before this starts, so reachability is the only
-/// condition left. The pool reconnects by itself, so recovery needs nothing
-/// but the next successful probe.
-async fn watch_database(
-    store: Store,
-    health: HealthReporter,
-    interval: Duration,
-    mut stopped: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut serving = None;
-    loop {
-        if *stopped.borrow() {
-            return;
-        }
-        let up = matches!(
-            tokio::time::timeout(interval.max(Duration::from_millis(500)), store.ping()).await,
-            Ok(Ok(()))
-        );
-        // A shutdown that began during the probe has already said NOT_SERVING.
-        if *stopped.borrow() {
-            return;
-        }
-        if serving != Some(up) {
-            if up {
-                tracing::info!("database reachable: SERVING");
-                set_health(&health, ServingStatus::Serving).await;
-            } else {
-                tracing::warn!("database unreachable: NOT_SERVING");
-                set_health(&health, ServingStatus::NotServing).await;
-            }
-            serving = Some(up);
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = stopped.changed() => {}
-        }
-    }
-}
-
-async fn set_health(health: &HealthReporter, status: ServingStatus) {
-    for service in HEALTH_SERVICES {
-        health.set_service_status(service, status).await;
-    }
 }
 
 fn device_name(device: tch::Device) -> String {

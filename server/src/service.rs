@@ -3,13 +3,12 @@
 
 use std::sync::Arc;
 
-use handid_proto::v1::{self as pb, admin_server::Admin, decision_rule, hand_id_server::HandId};
+use handid_proto::v1::{self as pb, admin_server::Admin, hand_id_server::HandId};
 use tonic::{Request, Response, Status};
 
-use crate::engine::{ActiveModel, Caller, Decision, Engine, Id, Rule};
-use crate::error::ServiceError;
-use crate::reload::ReloadMode;
+use crate::engine::{ActiveModel, Caller, Decision, Engine};
 use crate::store::SubjectRecord;
+use crate::validate;
 
 /// The `handid.v1.HandId` service.
 #[derive(Debug, Clone)]
@@ -45,31 +44,6 @@ fn caller<T>(request: &Request<T>) -> Caller {
         Some(caller) => caller.clone(),
         None => Caller::anonymous(request.remote_addr().map(|a| a.to_string())),
     }
-}
-
-/// A valid gallery id that `caller` may use.
-fn gallery(caller: &Caller, id: String) -> Result<Id, ServiceError> {
-    let id = Id::parse("gallery_id", id)?;
-    caller.check_gallery(&id)?;
-    Ok(id)
-}
-
-fn subject(id: String) -> Result<Id, ServiceError> {
-    Id::parse("subject_id", id)
-}
-
-fn rule(rule: Option<pb::DecisionRule>) -> Rule {
-    match rule.and_then(|r| r.rule) {
-        None => Rule::Default,
-        Some(decision_rule::Rule::Threshold(t)) => Rule::Threshold(t),
-        Some(decision_rule::Rule::TargetFmr(f)) => Rule::TargetFmr(f),
-    }
-}
-
-fn probe(image: Option<pb::Image>) -> Result<Vec<u8>, ServiceError> {
-    image
-        .map(|i| i.data)
-        .ok_or(ServiceError::MissingImage("image is required"))
 }
 
 fn decision(d: Decision) -> pb::Decision {
@@ -135,14 +109,9 @@ impl HandId for HandIdService {
         request: Request<pb::EnrollRequest>,
     ) -> Result<Response<pb::EnrollResponse>, Status> {
         let caller = caller(&request);
-        let r = request.into_inner();
-        let (g, s) = (gallery(&caller, r.gallery_id)?, subject(r.subject_id)?);
-        let key = Some(r.idempotency_key).filter(|k| !k.is_empty());
-        let images = r.images.into_iter().map(|i| i.data).collect();
-        let out = self
-            .engine
-            .enroll(&caller, g.clone(), s.clone(), images, key)
-            .await?;
+        let call = validate::enroll(&caller, request.into_inner(), self.engine.limits())?;
+        let (g, s) = (call.gallery.clone(), call.subject.clone());
+        let out = self.engine.enroll(&caller, call).await?;
         Ok(Response::new(pb::EnrollResponse {
             gallery_id: g.as_str().to_owned(),
             subject_id: s.as_str().to_owned(),
@@ -159,12 +128,8 @@ impl HandId for HandIdService {
         request: Request<pb::IdentifyRequest>,
     ) -> Result<Response<pb::IdentifyResponse>, Status> {
         let caller = caller(&request);
-        let r = request.into_inner();
-        let g = gallery(&caller, r.gallery_id)?;
-        let out = self
-            .engine
-            .identify(&caller, g, probe(r.image)?, r.top_k, rule(r.rule))
-            .await?;
+        let call = validate::identify(&caller, request.into_inner(), self.engine.limits())?;
+        let out = self.engine.identify(&caller, call).await?;
         let matched_subject_id = match (out.decision.is_match, out.hits.first()) {
             (true, Some(top)) => top.subject_id.clone(),
             _ => String::new(),
@@ -193,12 +158,8 @@ impl HandId for HandIdService {
         request: Request<pb::VerifyRequest>,
     ) -> Result<Response<pb::VerifyResponse>, Status> {
         let caller = caller(&request);
-        let r = request.into_inner();
-        let (g, s) = (gallery(&caller, r.gallery_id)?, subject(r.subject_id)?);
-        let out = self
-            .engine
-            .verify(&caller, g, s, probe(r.image)?, rule(r.rule))
-            .await?;
+        let call = validate::verify(&caller, request.into_inner())?;
+        let out = self.engine.verify(&caller, call).await?;
         Ok(Response::new(pb::VerifyResponse {
             score: out.score,
             decision: Some(decision(out.decision)),
@@ -208,8 +169,10 @@ impl HandId for HandIdService {
 
     #[tracing::instrument(skip_all, fields(images = request.get_ref().images.len()))]
     async fn embed(&self, request: Request<pb::EmbedRequest>) -> Result<Response<pb::EmbedResponse>, Status> {
-        let images = request.into_inner().images.into_iter().map(|i| i.data).collect();
-        let out = self.engine.embed(images).await?;
+        let caller = caller(&request);
+        caller.check_embed()?;
+        let images = validate::embed(request.into_inner(), self.engine.limits())?;
+        let out = self.engine.embed(&caller, images).await?;
         Ok(Response::new(pb::EmbedResponse {
             dimension: u32::try_from(out.dim).unwrap_or(u32::MAX),
             embeddings: out
@@ -228,7 +191,10 @@ impl HandId for HandIdService {
     ) -> Result<Response<pb::DeleteSubjectResponse>, Status> {
         let caller = caller(&request);
         let r = request.into_inner();
-        let (g, s) = (gallery(&caller, r.gallery_id)?, subject(r.subject_id)?);
+        let (g, s) = (
+            validate::gallery(&caller, r.gallery_id)?,
+            validate::subject(r.subject_id)?,
+        );
         let templates_deleted = self.engine.delete_subject(&caller, g, s).await?;
         Ok(Response::new(pb::DeleteSubjectResponse {
             templates_deleted,
@@ -242,7 +208,7 @@ impl HandId for HandIdService {
         request: Request<pb::DeleteGalleryRequest>,
     ) -> Result<Response<pb::DeleteGalleryResponse>, Status> {
         let caller = caller(&request);
-        let g = gallery(&caller, request.into_inner().gallery_id)?;
+        let g = validate::gallery(&caller, request.into_inner().gallery_id)?;
         let erased = self.engine.delete_gallery(&caller, g).await?;
         Ok(Response::new(pb::DeleteGalleryResponse {
             subjects_deleted: erased.subjects,
@@ -258,8 +224,11 @@ impl HandId for HandIdService {
     ) -> Result<Response<pb::GetSubjectResponse>, Status> {
         let caller = caller(&request);
         let r = request.into_inner();
-        let (g, s) = (gallery(&caller, r.gallery_id)?, subject(r.subject_id)?);
-        let record = self.engine.get_subject(g.clone(), s).await?;
+        let (g, s) = (
+            validate::gallery(&caller, r.gallery_id)?,
+            validate::subject(r.subject_id)?,
+        );
+        let record = self.engine.get_subject(&caller, g.clone(), s).await?;
         Ok(Response::new(pb::GetSubjectResponse {
             subject: Some(subject_record(g.as_str(), record)),
             model_id: self.engine.model_id().to_owned(),
@@ -272,12 +241,9 @@ impl HandId for HandIdService {
         request: Request<pb::ListSubjectsRequest>,
     ) -> Result<Response<pb::ListSubjectsResponse>, Status> {
         let caller = caller(&request);
-        let r = request.into_inner();
-        let g = gallery(&caller, r.gallery_id)?;
-        let page = self
-            .engine
-            .list_subjects(g.clone(), r.page_size, &r.page_token)
-            .await?;
+        let call = validate::list(&caller, request.into_inner())?;
+        let g = call.gallery.clone();
+        let page = self.engine.list_subjects(&caller, call).await?;
         Ok(Response::new(pb::ListSubjectsResponse {
             subjects: page
                 .subjects
@@ -294,9 +260,9 @@ impl HandId for HandIdService {
 impl Admin for AdminService {
     async fn get_model(
         &self,
-        _: Request<pb::GetModelRequest>,
+        request: Request<pb::GetModelRequest>,
     ) -> Result<Response<pb::GetModelResponse>, Status> {
-        let report = self.engine.report().await?;
+        let report = self.engine.report(&caller(&request)).await?;
         Ok(Response::new(pb::GetModelResponse {
             active: Some(model_info(&report.active)),
             staged: report.staged.as_ref().map(model_info),
@@ -318,20 +284,7 @@ impl Admin for AdminService {
         request: Request<pb::ReloadModelRequest>,
     ) -> Result<Response<pb::ReloadModelResponse>, Status> {
         let caller = caller(&request);
-        let r = request.into_inner();
-        let mode = match pb::ReloadMode::try_from(r.mode) {
-            Ok(pb::ReloadMode::Unspecified) => ReloadMode::Swap,
-            Ok(pb::ReloadMode::StageMigration) => ReloadMode::StageMigration,
-            Err(_) => {
-                return Err(Status::invalid_argument(format!(
-                    "mode {} is not a ReloadMode",
-                    r.mode
-                )));
-            }
-        };
-        let path = Some(r.path)
-            .filter(|p| !p.is_empty())
-            .map(std::path::PathBuf::from);
+        let (path, mode) = validate::reload(request.into_inner())?;
         let out = self.engine.reload(&caller, path, mode).await?;
         Ok(Response::new(pb::ReloadModelResponse {
             previous: Some(model_info(&out.previous)),

@@ -75,14 +75,27 @@ pub struct ServerSettings {
     /// with RESOURCE_EXHAUSTED instead of queueing without bound.
     pub max_concurrent_requests: usize,
     /// A request running longer than this is cancelled (DEADLINE_EXCEEDED).
+    /// Writes already committing finish regardless.
     pub request_timeout_ms: u64,
+    /// The same for the Admin service, whose reloads load a checkpoint and
+    /// every gallery's templates (a reload past it still completes).
+    pub admin_timeout_ms: u64,
     /// How often the health check probes the database.
     pub health_check_interval_ms: u64,
-    /// Calls per second one caller (API key, certificate subject, or peer
-    /// address when auth is off) may make on average; 0 turns the limit off.
+    /// Calls per second one caller (API key, certificate grant, or peer
+    /// address when auth is off) may make on average; 0 turns the limit
+    /// off.
     pub rate_limit_per_second: f64,
     /// Calls one caller may make in a burst above that rate.
     pub rate_limit_burst: u32,
+    /// Calls of one caller in flight at once; one more is refused with
+    /// RESOURCE_EXHAUSTED.
+    pub max_concurrent_per_caller: usize,
+    /// Serve plain text on an address other than loopback. Off: such a
+    /// listener needs `tls.cert_file`, or the server refuses to start
+    /// (keys and images would cross the network in clear). On only where
+    /// something else protects the traffic (a service mesh's mTLS).
+    pub allow_plaintext: bool,
 }
 
 impl Default for ServerSettings {
@@ -91,9 +104,12 @@ impl Default for ServerSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             max_concurrent_requests: 256,
             request_timeout_ms: 30_000,
+            admin_timeout_ms: 600_000,
             health_check_interval_ms: 1_000,
-            rate_limit_per_second: 0.0,
-            rate_limit_burst: 50,
+            rate_limit_per_second: 100.0,
+            rate_limit_burst: 200,
+            max_concurrent_per_caller: 64,
+            allow_plaintext: false,
         }
     }
 }
@@ -110,6 +126,12 @@ pub struct DatabaseSettings {
     /// Short, so an unreachable database fails calls fast instead of piling
     /// them up.
     pub acquire_timeout_ms: u64,
+    /// Apply the migrations at start. Off by default: migrations run as the
+    /// schema's owner (`handid-server migrate`), while `serve` connects as
+    /// a role that may not change the schema and only checks that it is
+    /// the one this release needs. On suits a single-role development
+    /// database.
+    pub migrate_on_start: bool,
 }
 
 impl Default for DatabaseSettings {
@@ -118,6 +140,7 @@ impl Default for DatabaseSettings {
             url: "postgres://handid@127.0.0.1:5432/handid".to_owned(),
             max_connections: 16,
             acquire_timeout_ms: 2_000,
+            migrate_on_start: false,
         }
     }
 }
@@ -170,10 +193,25 @@ pub struct LimitSettings {
     pub max_image_bytes: usize,
     /// Largest decoded image, in pixels (width x height).
     pub max_pixels: u64,
+    /// Longest side of an image, in pixels.
+    pub max_image_side: u32,
+    /// Most elongated image accepted: longer side / shorter side (8 = 8:1).
+    pub max_aspect_ratio: u32,
+    /// Shortest side of an image, in pixels: below it there is no hand to see.
+    pub min_image_side: u32,
+    /// Images decoded at once across all calls; 0 = one per CPU core.
+    pub decode_concurrency: usize,
+    /// Pixels being decoded at once across all calls (each image counts
+    /// its width x height until its decode ends); at least `max_pixels`.
+    pub decode_pixel_budget: u64,
     /// Images in one Enroll (and one Embed) at most.
     pub max_images_per_request: usize,
     /// Largest `top_k` of Identify.
     pub max_top_k: u32,
+    /// Galleries one caller (API key, certificate grant; everyone together
+    /// with auth off) may have created and not deleted. Enroll creates a
+    /// gallery on first use; beyond this it is RESOURCE_EXHAUSTED.
+    pub max_galleries_per_caller: u32,
 }
 
 impl Default for LimitSettings {
@@ -182,8 +220,14 @@ impl Default for LimitSettings {
             max_message_bytes: 64 * 1024 * 1024,
             max_image_bytes: 16 * 1024 * 1024,
             max_pixels: 40_000_000,
+            max_image_side: 16_384,
+            max_aspect_ratio: 8,
+            min_image_side: 64,
+            decode_concurrency: 0,
+            decode_pixel_budget: 120_000_000,
             max_images_per_request: 16,
             max_top_k: 100,
+            max_galleries_per_caller: 1_000,
         }
     }
 }
@@ -200,6 +244,10 @@ pub struct ReplicationSettings {
     /// bound on how late a change whose notification was lost (listener
     /// connection dropped, database restarted) is applied.
     pub poll_interval_ms: u64,
+    /// Health says NOT_SERVING while the oldest change this replica has not
+    /// applied is older than this (a lagging replica would still match a
+    /// subject deleted elsewhere); 0 turns the check off.
+    pub max_lag_ms: u64,
 }
 
 impl Default for ReplicationSettings {
@@ -207,6 +255,7 @@ impl Default for ReplicationSettings {
         Self {
             enabled: true,
             poll_interval_ms: 5_000,
+            max_lag_ms: 30_000,
         }
     }
 }
@@ -215,8 +264,11 @@ impl Default for ReplicationSettings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Scope {
-    /// Identify, Verify, Embed, GetSubject, ListSubjects.
+    /// Identify, Verify, GetSubject, ListSubjects.
     Identify,
+    /// Embed: raw embeddings, comparable offline with anything; a scope of
+    /// its own, refused to keys limited to galleries.
+    Embed,
     /// Enroll, DeleteSubject, DeleteGallery.
     Enroll,
     /// The Admin service.
@@ -228,6 +280,7 @@ impl Scope {
     pub fn as_str(self) -> &'static str {
         match self {
             Scope::Identify => "identify",
+            Scope::Embed => "embed",
             Scope::Enroll => "enroll",
             Scope::Admin => "admin",
         }
@@ -243,7 +296,7 @@ pub struct AuthSettings {
     pub enabled: bool,
     /// The API keys, stored as hashes (`handid-server keygen` makes them).
     pub keys: Vec<ApiKeySettings>,
-    /// Grants of mutual-TLS clients, by certificate subject.
+    /// Grants of mutual-TLS clients, by certificate subject or san.
     pub certificates: Vec<CertificateGrant>,
 }
 
@@ -272,18 +325,37 @@ pub struct ApiKeySettings {
     pub galleries: Vec<String>,
 }
 
-/// What a client certificate subject (RFC 4514 text, e.g. `CN=door-1`) may
-/// call when it comes without an API key.
+/// What a mutual-TLS client may call when it comes without an API key. It
+/// is recognised by its certificate's subject, parsed and compared
+/// attribute by attribute (RFC 4514 text: `CN=enrolment-desk,O=Example`; the
+/// order of the attributes does not matter, their values must be equal), or
+/// by one subject alternative name (`dns:door-7.example`,
+/// `uri:spiffe://site/door-7`, `email:desk@example.org`). Exactly one of the
+/// two.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CertificateGrant {
-    /// The certificate's subject, as the audit log records it.
-    pub subject: String,
+    /// The certificate's subject (the audit log records this text).
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// A subject alternative name of the certificate.
+    #[serde(default)]
+    pub san: Option<String>,
     /// What it may call.
     pub scopes: Vec<Scope>,
     /// When not empty, the only galleries it may touch.
     #[serde(default)]
     pub galleries: Vec<String>,
+}
+
+impl CertificateGrant {
+    /// The caller id of this grant: its subject or san text, as written.
+    pub fn id(&self) -> String {
+        self.subject
+            .clone()
+            .or_else(|| self.san.clone())
+            .unwrap_or_default()
+    }
 }
 
 /// TLS of the gRPC listener; off unless both files are named.
@@ -376,8 +448,24 @@ impl Settings {
         if s.server.max_concurrent_requests == 0 {
             return bad("server.max_concurrent_requests", "must be at least 1");
         }
+        if s.server.max_concurrent_per_caller == 0 {
+            return bad("server.max_concurrent_per_caller", "must be at least 1");
+        }
+        if !s.server.listen.ip().is_loopback() && s.tls.cert_file.is_none() && !s.server.allow_plaintext {
+            return bad(
+                "server.listen",
+                &format!(
+                    "{} is reachable from other hosts and TLS is off: set tls.cert_file and \
+                     tls.key_file, or server.allow_plaintext: true where a mesh protects the traffic",
+                    s.server.listen
+                ),
+            );
+        }
         if s.server.request_timeout_ms == 0 {
             return bad("server.request_timeout_ms", "must be at least 1");
+        }
+        if s.server.admin_timeout_ms == 0 {
+            return bad("server.admin_timeout_ms", "must be at least 1");
         }
         if s.server.health_check_interval_ms == 0 {
             return bad("server.health_check_interval_ms", "must be at least 1");
@@ -424,14 +512,45 @@ impl Settings {
                 "must not exceed limits.max_message_bytes (such an image could never arrive)",
             );
         }
-        if s.limits.max_pixels == 0 {
-            return bad("limits.max_pixels", "must be at least 1");
+        if s.limits.max_pixels == 0 || s.limits.max_pixels > u64::from(u32::MAX) {
+            return bad("limits.max_pixels", "must be 1 to 4294967295");
+        }
+        if s.limits.max_image_side == 0 {
+            return bad("limits.max_image_side", "must be at least 1");
+        }
+        if s.limits.min_image_side == 0 || s.limits.min_image_side > s.limits.max_image_side {
+            return bad(
+                "limits.min_image_side",
+                "must be at least 1 and at most limits.max_image_side",
+            );
+        }
+        if s.limits.max_aspect_ratio == 0 {
+            return bad("limits.max_aspect_ratio", "must be at least 1 (1 = square only)");
+        }
+        if s.limits.decode_pixel_budget < s.limits.max_pixels {
+            return bad(
+                "limits.decode_pixel_budget",
+                "must be at least limits.max_pixels (or the largest image could never decode)",
+            );
         }
         if s.limits.max_images_per_request == 0 {
             return bad("limits.max_images_per_request", "must be at least 1");
         }
+        if s.limits.max_galleries_per_caller == 0 {
+            return bad("limits.max_galleries_per_caller", "must be at least 1");
+        }
         if s.limits.max_top_k == 0 {
             return bad("limits.max_top_k", "must be at least 1");
+        }
+        if s.replication.enabled
+            && s.replication.max_lag_ms != 0
+            && s.replication.max_lag_ms <= s.replication.poll_interval_ms
+        {
+            return bad(
+                "replication.max_lag_ms",
+                "must exceed replication.poll_interval_ms (or be 0: no check), or a lost notification \
+                 would take the replica out of service",
+            );
         }
         if s.replication.poll_interval_ms == 0 {
             return bad("replication.poll_interval_ms", "must be at least 1");
@@ -458,10 +577,13 @@ impl Settings {
             }
         }
         for grant in &s.auth.certificates {
-            if grant.subject.is_empty() || grant.scopes.is_empty() {
+            if let Err(problem) = crate::auth::check_grant(grant) {
+                return bad("auth.certificates", &problem.to_string());
+            }
+            if grant.scopes.is_empty() {
                 return bad(
                     "auth.certificates",
-                    "each grant needs a subject and at least one scope",
+                    &format!("grant {:?} has no scope", grant.id()),
                 );
             }
         }
@@ -488,6 +610,11 @@ impl Settings {
     /// The request timeout as a duration.
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.server.request_timeout_ms)
+    }
+
+    /// The Admin service's timeout as a duration.
+    pub fn admin_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.admin_timeout_ms)
     }
 }
 

@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Histogram, ObservableGauge, UpDownCounter};
+use opentelemetry::metrics::{Counter, Gauge, Histogram, ObservableGauge, UpDownCounter};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
@@ -155,6 +155,12 @@ pub struct Metrics {
     queue_depth: UpDownCounter<i64>,
     scores: Histogram<f64>,
     reloads: Counter<u64>,
+    forward_failures: Counter<u64>,
+    follower_restarts: Counter<u64>,
+    failed_changes: Counter<u64>,
+    replication_lag: Gauge<f64>,
+    audit_dropped: Counter<u64>,
+    pending_changes: Gauge<u64>,
     gallery_sizes: Arc<OnceLock<ObservableGauge<u64>>>,
 }
 
@@ -189,6 +195,33 @@ pub fn metrics() -> &'static Metrics {
             reloads: meter
                 .u64_counter("handid.model.reloads")
                 .with_description("Model reloads, by outcome")
+                .build(),
+            forward_failures: meter
+                .u64_counter("handid.forward.failures")
+                .with_description(
+                    "Failed forward passes (kind=batch) and restarts of the forward loop (kind=restart)",
+                )
+                .build(),
+            follower_restarts: meter
+                .u64_counter("handid.replication.follower_restarts")
+                .with_description("Times the change-feed follower died and was started again")
+                .build(),
+            failed_changes: meter
+                .u64_counter("handid.replication.failed_changes")
+                .with_description("Changes that kept failing to apply and were reported and passed over")
+                .build(),
+            replication_lag: meter
+                .f64_gauge("handid.replication.lag")
+                .with_unit("s")
+                .with_description("Age of the oldest change this replica has not applied (0 when none)")
+                .build(),
+            pending_changes: meter
+                .u64_gauge("handid.replication.pending_changes")
+                .with_description("Changes committed that this replica has not applied")
+                .build(),
+            audit_dropped: meter
+                .u64_counter("handid.audit.dropped")
+                .with_description("Audit rows of refused calls dropped because the audit queue was full")
                 .build(),
             gallery_sizes: Arc::new(OnceLock::new()),
         }
@@ -230,6 +263,33 @@ impl Metrics {
     pub fn model_reloaded(&self, outcome: &str) {
         self.reloads
             .add(1, &[KeyValue::new("outcome", outcome.to_owned())]);
+    }
+
+    /// A forward pass failed (`batch`) or the forward loop was restarted
+    /// (`restart`).
+    pub fn forward_failed(&self, kind: &'static str) {
+        self.forward_failures.add(1, &[KeyValue::new("kind", kind)]);
+    }
+
+    /// The change-feed follower died and was started again.
+    pub fn follower_restarted(&self) {
+        self.follower_restarts.add(1, &[]);
+    }
+
+    /// A change kept failing and was passed over.
+    pub fn change_failed(&self) {
+        self.failed_changes.add(1, &[]);
+    }
+
+    /// A refused call's audit row was dropped (queue full).
+    pub fn audit_dropped(&self) {
+        self.audit_dropped.add(1, &[]);
+    }
+
+    /// How far this replica is behind the change feed.
+    pub fn replication(&self, lag_seconds: f64, pending: u64) {
+        self.replication_lag.record(lag_seconds, &[]);
+        self.pending_changes.record(pending, &[]);
     }
 
     /// Reports the templates of each gallery, read by `sizes` at every

@@ -1,7 +1,10 @@
 //! The audit log through the real server: every mutating or identifying
 //! call leaves a row saying who (the key id, the peer as extra), what,
-//! which gallery / subject, model, outcome and top score; the rows never
-//! hold an image; and the table refuses UPDATE, DELETE and TRUNCATE.
+//! which gallery / subject, model, outcome and top score; so does every
+//! call refused before the core (UNAUTHENTICATED, PERMISSION_DENIED,
+//! INVALID_ARGUMENT, RESOURCE_EXHAUSTED) or given up by its client
+//! (CANCELLED); the rows never hold an image; and the table refuses UPDATE,
+//! DELETE and TRUNCATE.
 
 mod common;
 
@@ -184,4 +187,198 @@ async fn audit_rows_say_who_did_what_and_never_hold_an_image(
         .expect("count");
     assert_eq!(count, 5);
     server.stop().await.expect("graceful stop");
+}
+
+#[sqlx::test(migrations = false)]
+async fn refused_and_cancelled_calls_leave_rows_too(pool_options: PgPoolOptions, options: PgConnectOptions) {
+    let dir = checkpoint();
+    let (desk, site, flood, door) = (generate_key(), generate_key(), generate_key(), generate_key());
+    let mut s = settings(&options, dir.path());
+    s.auth.enabled = true;
+    let key = |id: &str, key: &str, scopes: &[Scope], galleries: &[&str]| ApiKeySettings {
+        id: id.to_owned(),
+        sha256: hash_key(key),
+        scopes: scopes.to_vec(),
+        galleries: galleries.iter().map(|g| (*g).to_owned()).collect(),
+    };
+    s.auth.keys = vec![
+        key("desk-3", &desk, &[Scope::Identify, Scope::Enroll], &[]),
+        key("site-g", &site, &[Scope::Identify, Scope::Embed], &["g"]),
+        key("flood", &flood, &[Scope::Identify], &[]),
+        key("door", &door, &[Scope::Identify], &[]),
+    ];
+    // Two calls per key, then RESOURCE_EXHAUSTED for a long while.
+    s.server.rate_limit_per_second = 0.01;
+    s.server.rate_limit_burst = 2;
+    // An image call waits this long for its batch: time to cancel it.
+    s.batch.max_wait_ms = 3_000;
+    s.batch.max_batch_size = 64;
+    let server = TestServer::start(s).await;
+    let mut client = server.client().await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let photo = common::people(1, 1).remove(0).1.remove(0);
+    let identify = |gallery: &str| pb::IdentifyRequest {
+        gallery_id: gallery.to_owned(),
+        image: Some(pb::Image { data: photo.clone() }),
+        top_k: 1,
+        rule: None,
+    };
+    let mut expected = Vec::new();
+    let mut expect = |got: tonic::Status, code: tonic::Code, actor: &str, action: &str, outcome: &str| {
+        assert_eq!(got.code(), code, "{actor} {action}: {got:?}");
+        expected.push((actor.to_owned(), action.to_owned(), outcome.to_owned()));
+    };
+
+    // No key, an unknown key: UNAUTHENTICATED, nobody named.
+    let got = client.identify(identify("g")).await.expect_err("no key");
+    expect(
+        got,
+        tonic::Code::Unauthenticated,
+        "unauthenticated",
+        "identify",
+        "UNAUTHENTICATED",
+    );
+    let got = client
+        .delete_gallery(keyed(
+            pb::DeleteGalleryRequest {
+                gallery_id: "g".to_owned(),
+            },
+            &generate_key(),
+        ))
+        .await
+        .expect_err("unknown key");
+    expect(
+        got,
+        tonic::Code::Unauthenticated,
+        "unauthenticated",
+        "delete_gallery",
+        "UNAUTHENTICATED",
+    );
+    // A scope the key lacks; a gallery outside its list; Embed for a key
+    // held to galleries: PERMISSION_DENIED, the key named.
+    let got = client
+        .embed(keyed(
+            pb::EmbedRequest {
+                images: vec![pb::Image { data: photo.clone() }],
+            },
+            &desk,
+        ))
+        .await
+        .expect_err("no embed scope");
+    expect(
+        got,
+        tonic::Code::PermissionDenied,
+        "desk-3",
+        "embed",
+        "PERMISSION_DENIED",
+    );
+    let got = client
+        .identify(keyed(identify("other"), &site))
+        .await
+        .expect_err("other gallery");
+    expect(
+        got,
+        tonic::Code::PermissionDenied,
+        "site-g",
+        "identify",
+        "PERMISSION_DENIED",
+    );
+    let got = client
+        .embed(keyed(
+            pb::EmbedRequest {
+                images: vec![pb::Image { data: photo.clone() }],
+            },
+            &site,
+        ))
+        .await
+        .expect_err("embed held to galleries");
+    expect(
+        got,
+        tonic::Code::PermissionDenied,
+        "site-g",
+        "embed",
+        "PERMISSION_DENIED",
+    );
+    // Invalid requests: INVALID_ARGUMENT.
+    let got = client
+        .identify(keyed(identify("no such gallery!"), &desk))
+        .await
+        .expect_err("bad gallery id");
+    expect(
+        got,
+        tonic::Code::InvalidArgument,
+        "desk-3",
+        "identify",
+        "INVALID_ARGUMENT",
+    );
+    let got = client
+        .enroll(keyed(
+            pb::EnrollRequest {
+                gallery_id: "g".to_owned(),
+                subject_id: "alice".to_owned(),
+                images: Vec::new(),
+                idempotency_key: String::new(),
+            },
+            &desk,
+        ))
+        .await
+        .expect_err("no images");
+    expect(
+        got,
+        tonic::Code::InvalidArgument,
+        "desk-3",
+        "enroll",
+        "INVALID_ARGUMENT",
+    );
+    // Past the rate: RESOURCE_EXHAUSTED (the first two are invalid too).
+    for _ in 0..2 {
+        let got = client
+            .identify(keyed(identify(""), &flood))
+            .await
+            .expect_err("no gallery id");
+        expect(
+            got,
+            tonic::Code::InvalidArgument,
+            "flood",
+            "identify",
+            "INVALID_ARGUMENT",
+        );
+    }
+    let got = client
+        .identify(keyed(identify("g"), &flood))
+        .await
+        .expect_err("rate");
+    expect(
+        got,
+        tonic::Code::ResourceExhausted,
+        "flood",
+        "identify",
+        "RESOURCE_EXHAUSTED",
+    );
+    // A call its client gives up on before the answer: CANCELLED.
+    let gave_up = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        client.identify(keyed(identify("g"), &door)),
+    )
+    .await;
+    assert!(gave_up.is_err(), "answered before its batch was due: {gave_up:?}");
+    expected.push(("door".to_owned(), "identify".to_owned(), "CANCELLED".to_owned()));
+
+    // Stopping writes out the queued rows.
+    server.stop().await.expect("graceful stop");
+    let pool = pool_options.connect_with(options.clone()).await.expect("pool");
+    let rows: Vec<(String, String, String, Option<String>)> =
+        sqlx::query_as("SELECT actor, action, outcome, peer FROM audit_log ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .expect("audit rows");
+    assert!(
+        rows.iter()
+            .all(|(.., peer)| peer.as_deref().is_some_and(|p| p.starts_with("127.0.0.1:"))),
+        "{rows:?}"
+    );
+    let mut got: Vec<(String, String, String)> = rows.into_iter().map(|(a, b, c, _)| (a, b, c)).collect();
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected);
 }

@@ -26,6 +26,7 @@ fn spawn(options: &PgConnectOptions, model: &std::path::Path, port: u16) -> Chil
         .args(["serve", "--config", config])
         .env("HANDID__SERVER__LISTEN", format!("127.0.0.1:{port}"))
         .env("HANDID__DATABASE__URL", database_url(options))
+        .env("HANDID__DATABASE__MIGRATE_ON_START", "true")
         .env("HANDID__MODEL__PATH", model)
         // The example file requires API keys; this test is about durability.
         .env("HANDID__AUTH__ENABLED", "false")

@@ -1,12 +1,15 @@
 //! The protection stack under load: calls beyond the concurrency limit are
 //! refused at once (and memory stays bounded), slow calls hit the request
-//! timeout, a key past its rate is refused, oversized messages are refused.
+//! timeout, a key past its rate is refused (and a default rate limit holds
+//! without any setting), a key past its own concurrency limit is refused
+//! while others are served, oversized messages are refused.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{TestServer, checkpoint, settings, wait_for_health};
+use common::{TestServer, checkpoint, settings, vm_rss_kib, wait_for_health};
+use futures::StreamExt;
 use handid_proto::v1 as pb;
 use handid_server::auth::{generate_key, hash_key};
 use handid_server::settings::{ApiKeySettings, Scope};
@@ -23,16 +26,6 @@ fn identify(gallery: &str, image: Vec<u8>) -> pb::IdentifyRequest {
             rule: Some(pb::decision_rule::Rule::Threshold(0.0)),
         }),
     }
-}
-
-/// Resident memory of this process (server and clients), from /proc.
-fn vm_rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS line")
 }
 
 #[sqlx::test(migrations = false)]
@@ -207,7 +200,7 @@ async fn each_key_has_its_own_rate_limit(_: PgPoolOptions, options: PgConnectOpt
         .map(|(id, key)| ApiKeySettings {
             id: id.to_owned(),
             sha256: hash_key(key),
-            scopes: vec![Scope::Identify],
+            scopes: vec![Scope::Embed],
             galleries: Vec::new(),
         })
         .collect();
@@ -235,13 +228,135 @@ async fn each_key_has_its_own_rate_limit(_: PgPoolOptions, options: PgConnectOpt
     let status = embed(&busy).await.expect_err("past the burst");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(
-        status.message().contains("rate limit") && status.message().contains("busy"),
+        status.message().contains("rate limit")
+            && status.message().contains("busy")
+            && status.message().contains("server.rate_limit_per_second"),
         "{}",
         status.message()
     );
     embed(&quiet)
         .await
         .expect("another key is not limited by the first");
+    server.stop().await.expect("graceful stop");
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_default_rate_limit_holds_without_any_setting(_: PgPoolOptions, options: PgConnectOptions) {
+    let defaults = handid_server::Settings::default();
+    assert_eq!(defaults.server.rate_limit_per_second, 100.0);
+    assert_eq!(defaults.server.rate_limit_burst, 200);
+    let dir = checkpoint();
+    // The test settings leave the rate limit at its default; auth is off,
+    // so the limit counts by peer address.
+    let s = settings(&options, dir.path());
+    assert_eq!(s.server.rate_limit_per_second, 100.0);
+    let server = TestServer::start(s).await;
+    let client = server.client().await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    // 600 cheap calls (no image: refused by validation) as fast as the
+    // server takes them, 32 at a time (within the per-caller concurrency
+    // limit): well past a burst of 200 plus 100 a second.
+    let started = Instant::now();
+    let calls: Vec<_> = futures::stream::iter((0..600).map(|_| {
+        let mut client = client.clone();
+        async move { client.embed(pb::EmbedRequest { images: Vec::new() }).await }
+    }))
+    .buffer_unordered(32)
+    .collect()
+    .await;
+    let mut limited = 0;
+    let mut admitted = 0;
+    for call in calls {
+        let status = call.expect_err("no image");
+        match status.code() {
+            Code::InvalidArgument => admitted += 1,
+            Code::ResourceExhausted => {
+                assert!(
+                    status
+                        .message()
+                        .contains("rate limit of 100 calls per second (burst 200)")
+                        && status.message().contains("server.rate_limit_per_second"),
+                    "{}",
+                    status.message()
+                );
+                limited += 1;
+            }
+            other => panic!("{other:?}: {status:?}"),
+        }
+    }
+    let elapsed = started.elapsed();
+    eprintln!(
+        "[overload] 600 calls in {elapsed:?} with the default rate limit: {admitted} admitted, {limited} limited"
+    );
+    // The bucket holds 200 and refills at 100 a second.
+    let most = 200 + (elapsed.as_secs_f64() * 100.0).ceil() as usize + 1;
+    assert!(admitted >= 200, "{admitted} admitted");
+    assert!(
+        admitted <= most,
+        "{admitted} admitted in {elapsed:?}, at most {most}"
+    );
+    assert!(limited > 0, "none limited in {elapsed:?}");
+    server.stop().await.expect("graceful stop");
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_key_past_its_own_concurrency_limit_is_refused_while_others_are_served(
+    _: PgPoolOptions,
+    options: PgConnectOptions,
+) {
+    let dir = checkpoint();
+    let (busy, quiet) = (generate_key(), generate_key());
+    let mut s = settings(&options, dir.path());
+    s.auth.enabled = true;
+    s.auth.keys = [("busy", &busy), ("quiet", &quiet)]
+        .into_iter()
+        .map(|(id, key)| ApiKeySettings {
+            id: id.to_owned(),
+            sha256: hash_key(key),
+            scopes: vec![Scope::Embed],
+            galleries: Vec::new(),
+        })
+        .collect();
+    s.server.max_concurrent_per_caller = 1;
+    // Every Embed waits this long for its batch to fill: a slow call.
+    s.batch.max_wait_ms = 1_500;
+    s.batch.max_batch_size = 64;
+    let server = TestServer::start(s).await;
+    let client = server.client().await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let photo = common::people(1, 1).remove(0).1.remove(0);
+    let embed = |key: &str| {
+        let mut request = Request::new(pb::EmbedRequest {
+            images: vec![pb::Image { data: photo.clone() }],
+        });
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {key}").parse().expect("ascii"));
+        let mut client = client.clone();
+        async move { client.embed(request).await.map(|_| ()) }
+    };
+    // One slow call of "busy" in flight...
+    let first = tokio::spawn(embed(&busy));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ...so its second is refused at once, naming the setting...
+    let began = Instant::now();
+    let status = embed(&busy).await.expect_err("a second call in flight");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("busy") && status.message().contains("server.max_concurrent_per_caller"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        began.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        began.elapsed()
+    );
+    // ...while another key is served meanwhile.
+    embed(&quiet).await.expect("another key has its own limit");
+    first.await.expect("task").expect("the first call completes");
+    // Its slot is back once the call ends.
+    embed(&busy).await.expect("the limit counts calls in flight only");
     server.stop().await.expect("graceful stop");
 }
 

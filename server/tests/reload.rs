@@ -78,7 +78,11 @@ async fn a_compatible_swap_under_load_fails_no_request_and_bad_checkpoints_are_r
     // Retrained weights declared to be of A's embedding space.
     let b = checkpoint_in(b_dir.path(), 12, Some(&a.embedding_space));
     assert_ne!(a.model_id, b.model_id);
-    let server = TestServer::start(settings(&options, a_dir.path())).await;
+    let mut s = settings(&options, a_dir.path());
+    // A load generator from one address: the default per-caller rate limit
+    // would refuse some of its calls (that limit is tested in overload.rs).
+    s.server.rate_limit_per_second = 0.0;
+    let server = TestServer::start(s).await;
     let mut client = server.client().await;
     wait_for_health(&server, ServingStatus::Serving).await;
     let mut admin = admin(&server).await;
@@ -475,7 +479,7 @@ async fn sighup_reloads_the_real_binary(_: PgPoolOptions, options: PgConnectOpti
         &config,
         format!(
             "server:\n  listen: 127.0.0.1:{port}\n  health_check_interval_ms: 200\n\
-             database:\n  url: {}\n  max_connections: 4\n\
+             database:\n  url: {}\n  max_connections: 4\n  migrate_on_start: true\n\
              model:\n  path: {}\n\
              auth:\n  enabled: false\n",
             database_url(&options),

@@ -34,7 +34,7 @@ async fn replica(
         &config,
         format!(
             "server:\n  listen: 127.0.0.1:{port}\n\
-             database:\n  url: {}\n  max_connections: 4\n\
+             database:\n  url: {}\n  max_connections: 4\n  migrate_on_start: true\n\
              model:\n  path: {}\n\
              replication:\n  poll_interval_ms: 500\n\
              auth:\n  enabled: false\n",

@@ -26,6 +26,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio_stream::wrappers::TcpListenerStream;
@@ -37,6 +38,8 @@ use tonic_health::pb::health_check_response::ServingStatus;
 struct Received {
     spans: Arc<Mutex<Vec<Span>>>,
     metrics: Arc<Mutex<Vec<String>>>,
+    /// The `rpc.method` labels of `handid.rpc.duration`.
+    methods: Arc<Mutex<Vec<String>>>,
 }
 
 #[tonic::async_trait]
@@ -64,9 +67,26 @@ impl MetricsService for Received {
         request: Request<ExportMetricsServiceRequest>,
     ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
         let mut names = self.metrics.lock().expect("lock");
+        let mut methods = self.methods.lock().expect("lock");
         for resource in request.into_inner().resource_metrics {
             for scope in resource.scope_metrics {
-                names.extend(scope.metrics.into_iter().map(|m| m.name));
+                for metric in scope.metrics {
+                    if let Some(Data::Histogram(histogram)) = &metric.data
+                        && metric.name == "handid.rpc.duration"
+                    {
+                        for point in &histogram.data_points {
+                            for label in &point.attributes {
+                                if let Some(Value::StringValue(v)) =
+                                    label.value.as_ref().and_then(|v| v.value.as_ref())
+                                    && label.key == "rpc.method"
+                                {
+                                    methods.push(v.clone());
+                                }
+                            }
+                        }
+                    }
+                    names.push(metric.name);
+                }
             }
         }
         Ok(Response::new(ExportMetricsServiceResponse {
@@ -215,5 +235,41 @@ async fn an_identify_call_is_traced_with_its_child_spans(_: PgPoolOptions, optio
             "metric {w} not received; got {names:?}"
         );
     }
+
+    // Invented paths do not invent label values: they are all `unknown`.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+        .expect("url")
+        .connect()
+        .await
+        .expect("channel");
+    for path in ["/handid.v1.HandId/Invented1", "/x.Y/Z", "/handid.v1.Admin/Nope"] {
+        let (code, _) = common::raw_call(channel.clone(), path, Vec::new()).await;
+        assert_eq!(code, tonic::Code::Unimplemented, "{path}");
+    }
+    let mut methods = Vec::new();
+    for _ in 0..100 {
+        let flushing = Arc::clone(&telemetry);
+        tokio::task::spawn_blocking(move || flushing.flush())
+            .await
+            .expect("flush");
+        methods = received.methods.lock().expect("lock").clone();
+        if methods.iter().any(|m| m == "unknown") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(methods.iter().any(|m| m == "unknown"), "{methods:?}");
+    assert!(
+        methods
+            .iter()
+            .all(|m| m == "unknown" || m.starts_with("handid.v1.") || m.starts_with("grpc.health.v1.")),
+        "{methods:?}"
+    );
+    assert!(
+        !methods
+            .iter()
+            .any(|m| m.contains("Invented") || m.contains("x.Y")),
+        "{methods:?}"
+    );
     server.stop().await.expect("graceful stop");
 }

@@ -343,3 +343,27 @@ fn an_unknown_environment_override_is_caught() {
         "{problems:#?}"
     );
 }
+
+#[test]
+fn a_plaintext_listener_other_hosts_reach_is_caught() {
+    let problems = broken_copy(|root| {
+        replace_in(
+            &root.join("deploy/k8s/configmap.yaml"),
+            "allow_plaintext: true",
+            "allow_plaintext: false",
+        );
+        replace_in(
+            &root.join("deploy/compose.yaml"),
+            "HANDID__SERVER__ALLOW_PLAINTEXT: \"true\"",
+            "HANDID__SERVER__ALLOW_PLAINTEXT: \"false\"",
+        );
+    });
+    for file in ["deployment.yaml", "deployment-gpu.yaml", "compose.yaml"] {
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with(file) && p.contains("server.allow_plaintext")),
+            "{file}: {problems:#?}"
+        );
+    }
+}

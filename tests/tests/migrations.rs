@@ -128,3 +128,72 @@ async fn ids_are_validated_by_the_schema(pool: PgPool) -> sqlx::Result<()> {
     }
     Ok(())
 }
+
+/// Applies the migrations older than `before` (a version) from a copy of
+/// the folder, as a database created by an earlier release has them.
+async fn migrate_before(pool: &PgPool, before: i64) -> sqlx::Result<()> {
+    let all = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(&all).expect("migrations") {
+        let path = entry.expect("entry").path();
+        let name = path.file_name().expect("name").to_string_lossy().into_owned();
+        let version: i64 = name
+            .split('_')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .expect("version");
+        if version < before {
+            std::fs::copy(&path, dir.path().join(&name)).expect("copy");
+        }
+    }
+    sqlx::migrate::Migrator::new(dir.path()).await?.run(pool).await?;
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn enrolments_stored_before_keys_were_scoped_survive_the_migration(pool: PgPool) -> sqlx::Result<()> {
+    migrate_before(&pool, 20261201000004).await?;
+    sqlx::query("INSERT INTO models (model_id, embedding_space, architecture, embedding_dim) VALUES ('m1', 's', 'tiny', 2)")
+        .execute(&pool)
+        .await?;
+    sqlx::query("INSERT INTO galleries (gallery_id) VALUES ('g')")
+        .execute(&pool)
+        .await?;
+    let subject: i64 =
+        sqlx::query_scalar("INSERT INTO subjects (gallery_id, subject_id) VALUES ('g', 's') RETURNING id")
+            .fetch_one(&pool)
+            .await?;
+    sqlx::query("INSERT INTO enrollments (idempotency_key, subject) VALUES ('old-key', $1)")
+        .bind(subject)
+        .execute(&pool)
+        .await?;
+    sqlx::query(
+        "INSERT INTO templates (template_id, subject, gallery_id, model_id, dimension, embedding, idempotency_key)
+         VALUES ($1, $2, 'g', 'm1', 2, '{0.6,0.8}', 'old-key')",
+    )
+    .bind(uuid::Uuid::new_v4())
+    .bind(subject)
+    .execute(&pool)
+    .await?;
+    // The rest, as the new release applies it.
+    sqlx::migrate!("../migrations").run(&pool).await?;
+    let (caller, gallery, digest): (String, String, Option<String>) =
+        sqlx::query_as("SELECT caller, gallery_id, content_sha256 FROM enrollments")
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!((caller.as_str(), gallery.as_str(), digest), ("", "g", None));
+    let linked: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM templates t JOIN enrollments e ON e.id = t.enrollment WHERE e.idempotency_key = 'old-key'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(linked, 1, "the template still belongs to its enrolment");
+    // Erasing the subject still erases both.
+    sqlx::query("DELETE FROM subjects").execute(&pool).await?;
+    let left: (i64, i64) =
+        sqlx::query_as("SELECT (SELECT count(*) FROM enrollments), (SELECT count(*) FROM templates)")
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(left, (0, 0));
+    Ok(())
+}

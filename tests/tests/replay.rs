@@ -81,12 +81,16 @@ async fn start_server(
     let mut settings = Settings::default();
     settings.database.url = database_url(options);
     settings.database.max_connections = 4;
+    settings.database.migrate_on_start = true;
     settings.model.path = checkpoint.to_owned();
     // One image per forward pass, as offline `eval --batch-size 1` runs:
     // batch composition changes the float rounding of a forward pass.
     settings.batch.max_batch_size = 1;
     settings.batch.max_wait_ms = 1;
     settings.limits.max_top_k = max_top_k;
+    // The CI-sized images are 32 pixels a side, below the default minimum
+    // a real hand photo has.
+    settings.limits.min_image_side = 32;
     // Access control stays on: replay must authenticate with its key.
     settings.auth.keys = vec![ApiKeySettings {
         id: "replay".to_owned(),

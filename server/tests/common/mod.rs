@@ -108,6 +108,9 @@ pub fn settings(options: &PgConnectOptions, checkpoint: &Path) -> Settings {
     s.database.url = database_url(options);
     s.database.max_connections = 4;
     s.database.acquire_timeout_ms = 1_000;
+    // One superuser for everything in tests; the two roles are tested in
+    // insider.rs.
+    s.database.migrate_on_start = true;
     s.model.path = checkpoint.to_owned();
     s.server.health_check_interval_ms = 200;
     s.batch.max_wait_ms = 2;
@@ -132,9 +135,16 @@ pub struct TestServer {
 impl TestServer {
     /// Starts `handid_server::run` on 127.0.0.1:0.
     pub async fn start(settings: Settings) -> Self {
-        capture_logs();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
+        Self::start_on(listener, settings)
+    }
+
+    /// Starts `handid_server::run` on `listener`; `addr` is its loopback
+    /// address (a listener on 0.0.0.0 answers there too).
+    pub fn start_on(listener: tokio::net::TcpListener, settings: Settings) -> Self {
+        capture_logs();
+        let port = listener.local_addr().expect("addr").port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(handid_server::run(listener, settings, async {
             let _ = stopped.await;
@@ -302,5 +312,65 @@ pub async fn candidates(client: &mut HandIdClient<Channel>, gallery: &str, probe
             .collect(),
         Err(status) if status.code() == tonic::Code::NotFound => Vec::new(),
         Err(status) => panic!("identify failed: {status:?}"),
+    }
+}
+
+/// Resident memory of this process (the server and its clients), from /proc.
+pub fn vm_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS line")
+}
+
+/// A codec that sends and receives message bodies as they are: how a test
+/// sends bytes that are not a valid protobuf message.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let n = prost::bytes::Buf::remaining(src);
+        Ok(Some(prost::bytes::Buf::copy_to_bytes(src, n).to_vec()))
+    }
+}
+
+/// One unary call of `path` with `body` as its raw message; the status
+/// code and message it gets.
+pub async fn raw_call(channel: Channel, path: &'static str, body: Vec<u8>) -> (tonic::Code, String) {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    if let Err(e) = grpc.ready().await {
+        return (tonic::Code::Unavailable, e.to_string());
+    }
+    let path = http::uri::PathAndQuery::from_static(path);
+    match grpc.unary(tonic::Request::new(body), path, RawCodec).await {
+        Ok(_) => (tonic::Code::Ok, String::new()),
+        Err(status) => (status.code(), status.message().to_owned()),
     }
 }

@@ -1,0 +1,224 @@
+//! The Admin service's calls: the serving model, reloads, migrations.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::Utc;
+
+use super::{Engine, Result, types::*};
+use crate::audit::code_name;
+use crate::batcher::Batcher;
+use crate::error::ServiceError;
+use crate::index::{Indexes, MAX_CHUNK_ROWS};
+use crate::reload::{self, ReloadMode};
+use crate::store::ModelRecord;
+use crate::telemetry::metrics;
+
+impl Engine {
+    /// What GetModel reports.
+    pub async fn report(&self, caller: &Caller) -> Result<ModelReport> {
+        let result = self.model_report().await;
+        self.audited(caller, "get_model", None, result, |_| (None, None))
+            .await
+    }
+
+    async fn model_report(&self) -> Result<ModelReport> {
+        let staged = self.staged();
+        let coverage = match &staged {
+            Some(slot) => self.store.coverage(&slot.spaces).await?,
+            None => Vec::new(),
+        };
+        Ok(ModelReport {
+            active: self.model(),
+            staged: staged.map(|s| s.model.clone()),
+            coverage,
+        })
+    }
+
+    /// Loads the checkpoint folder `path` (the active model's folder when
+    /// `None`) on the side, checks it and swaps it in, or stages it as a
+    /// migration. A refused checkpoint changes nothing.
+    ///
+    /// Detached from the call: a reload once begun runs to its end and is
+    /// audited, whether or not the operator's client waits for it.
+    pub async fn reload(
+        self: &Arc<Self>,
+        caller: &Caller,
+        path: Option<PathBuf>,
+        mode: ReloadMode,
+    ) -> Result<Reloaded> {
+        let (engine, caller) = (Arc::clone(self), caller.clone());
+        self.detach(async move {
+            let result = engine.reload_inner(path, mode).await;
+            let outcome = match &result {
+                Ok(_) => "ok".to_owned(),
+                Err(e) => code_name(e.code()),
+            };
+            metrics().model_reloaded(&outcome);
+            engine
+                .audited(&caller, "reload", None, result, |_| (None, None))
+                .await
+        })
+        .await
+    }
+
+    async fn reload_inner(&self, path: Option<PathBuf>, mode: ReloadMode) -> Result<Reloaded> {
+        let _one = self.reloading.lock().await;
+        let active = self.active();
+        let path = path.unwrap_or_else(|| active.model.path.clone());
+        let device = active.model.embedder.device();
+        let started = Instant::now();
+        let loading = path.clone();
+        let embedder = tokio::task::spawn_blocking(move || reload::load_checked(&loading, device))
+            .await
+            .map_err(|e| ServiceError::Internal(format!("model load task: {e}")))?
+            .map_err(|reason| ServiceError::BadCheckpoint {
+                path: path.display().to_string(),
+                reason,
+            })?;
+        let embedder = Arc::new(embedder);
+        let staging = match (
+            reload::compatible(active.model.embedder.manifest(), embedder.manifest()),
+            mode,
+        ) {
+            (Ok(()), _) => false,
+            (Err(_), ReloadMode::StageMigration) => true,
+            (Err(reason), ReloadMode::Swap) => return Err(ServiceError::IncompatibleModel(reason)),
+        };
+        let manifest = embedder.manifest();
+        self.store
+            .record_model(&ModelRecord {
+                model_id: manifest.model_id.clone(),
+                embedding_space: manifest.embedding_space.clone(),
+                architecture: manifest.architecture.clone(),
+                embedding_dim: manifest.embedding_dim,
+                manifest_json: serde_json::to_string(manifest)
+                    .map_err(|e| ServiceError::Internal(format!("manifest as JSON: {e}")))?,
+            })
+            .await?;
+        let spaces = reload::spaces(manifest);
+        let model = ActiveModel {
+            embedder: Arc::clone(&embedder),
+            path,
+            device: active.model.device.clone(),
+            loaded_at: Utc::now(),
+        };
+        let batcher = Batcher::start(
+            Arc::clone(&embedder),
+            &self.pipeline.batch,
+            Arc::clone(&self.pipeline.decoding),
+        )
+        .map_err(|e| ServiceError::Internal(format!("starting the forward thread: {e}")))?;
+        // Same spaces, same width: the templates are the same, keep the index.
+        let shared = !staging && spaces == active.spaces;
+        let slot = Arc::new(Slot {
+            indexes: if shared {
+                Arc::clone(&active.indexes)
+            } else {
+                Arc::new(Indexes::new(embedder.dim(), device, MAX_CHUNK_ROWS))
+            },
+            model,
+            batcher,
+            spaces,
+        });
+        let from = self.store.last_change().await?;
+        if !shared {
+            self.load_indexes(&slot)
+                .await
+                .map_err(|e| ServiceError::Internal(format!("loading the new model's indexes: {e}")))?;
+        }
+        if let Some(pause) = crate::faults::after_index_load() {
+            tokio::time::sleep(pause).await;
+        }
+        {
+            // Under the change lock and with writers held off: changes
+            // committed while the index loaded (here and on other replicas)
+            // are applied to the new slot before any call can see it, and
+            // none lands between the catch-up and the publication.
+            let _applying = self.applying.lock().await;
+            let _published = self.publishing.write().await;
+            if !shared {
+                self.catch_up_slot(&slot, from).await.map_err(|e| {
+                    ServiceError::Internal(format!("catching the new model's indexes up: {e}"))
+                })?;
+            }
+            if staging {
+                *self
+                    .staged
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::clone(&slot));
+            } else {
+                *self
+                    .active
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::clone(&slot);
+            }
+        }
+        let role = if staging { "staged" } else { "active" };
+        self.store.mark_model(slot.model_id(), role).await?;
+        tracing::info!(
+            previous = %active.model_id(),
+            loaded = %slot.model_id(),
+            role,
+            seconds = started.elapsed().as_secs_f32(),
+            "model reloaded"
+        );
+        Ok(Reloaded {
+            previous: active.model.clone(),
+            loaded: slot.model.clone(),
+            staged: staging,
+        })
+    }
+
+    /// Makes the staged model the active one. With `require_full_coverage`,
+    /// refuses while any subject lacks a template of the staged model.
+    /// Detached from the call, as a reload.
+    pub async fn promote(self: &Arc<Self>, caller: &Caller, require_full_coverage: bool) -> Result<Promoted> {
+        let (engine, caller) = (Arc::clone(self), caller.clone());
+        self.detach(async move {
+            let result = engine.promote_inner(require_full_coverage).await;
+            engine
+                .audited(&caller, "promote", None, result, |_| (None, None))
+                .await
+        })
+        .await
+    }
+
+    async fn promote_inner(&self, require_full_coverage: bool) -> Result<Promoted> {
+        let _one = self.reloading.lock().await;
+        let staged = self.staged().ok_or(ServiceError::NothingStaged)?;
+        if require_full_coverage {
+            let lacking: Vec<String> = self
+                .store
+                .coverage(&staged.spaces)
+                .await?
+                .into_iter()
+                .filter(|c| c.covered < c.subjects)
+                .map(|c| format!("{} ({} of {} subjects)", c.gallery_id, c.covered, c.subjects))
+                .collect();
+            if !lacking.is_empty() {
+                return Err(ServiceError::CoverageIncomplete(lacking.join(", ")));
+            }
+        }
+        let previous = {
+            let mut active = self
+                .active
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut slot = self
+                .staged
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            *slot = None;
+            std::mem::replace(&mut *active, Arc::clone(&staged))
+        };
+        self.store.mark_model(previous.model_id(), "retired").await?;
+        self.store.mark_model(staged.model_id(), "active").await?;
+        tracing::info!(previous = %previous.model_id(), active = %staged.model_id(), "staged model promoted");
+        Ok(Promoted {
+            active: staged.model.clone(),
+            previous: previous.model.clone(),
+        })
+    }
+}

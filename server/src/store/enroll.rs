@@ -1,0 +1,271 @@
+//! Storing an enrolment, and replaying an idempotent retry.
+
+use sqlx::{Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use super::{AuditEntry, CreatedTemplate, Enrolled, NewEnrollment, Store, StoreError, StoreResult, to_u32};
+
+impl Store {
+    /// Stores an enrolment in one transaction and returns once it is
+    /// committed. With an idempotency key, a retry (even a concurrent one)
+    /// returns the first call's result: the key's unique constraint decides
+    /// which call is first, not a read-then-write check. Keys are scoped by
+    /// caller and gallery; a retry must name the same subject and carry the
+    /// same images (their digest), or it is refused.
+    ///
+    /// `audit` is appended in the same transaction: the enrolment and its
+    /// record commit together (a replay appends nothing here).
+    pub async fn enroll(&self, new: &NewEnrollment<'_>, audit: &AuditEntry<'_>) -> StoreResult<Enrolled> {
+        if let Some(key) = new.idempotency_key
+            && let Some(first) = self.find_replay(&new.replay_of(key)).await?
+        {
+            return Ok(first);
+        }
+        let mut tx = self.pool.begin().await?;
+        create_gallery(&mut tx, new).await?;
+        // DO UPDATE (a no-op) rather than DO NOTHING so the row comes back
+        // and stays locked until commit: a concurrent DeleteSubject waits.
+        let subject: i64 = sqlx::query_scalar(
+            "INSERT INTO subjects (gallery_id, subject_id) VALUES ($1, $2)
+             ON CONFLICT ON CONSTRAINT subjects_gallery_subject_key
+             DO UPDATE SET subject_id = EXCLUDED.subject_id RETURNING id",
+        )
+        .bind(new.gallery_id)
+        .bind(new.subject_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let enrollment = match new.idempotency_key {
+            Some(key) => {
+                // Blocks while another transaction holds the same key; once
+                // that one commits, no row comes back and its result is
+                // replayed.
+                let claimed: Option<i64> = sqlx::query_scalar(
+                    "INSERT INTO enrollments (caller, gallery_id, idempotency_key, subject, content_sha256)
+                     VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT ON CONSTRAINT enrollments_scope_key DO NOTHING RETURNING id",
+                )
+                .bind(new.caller)
+                .bind(new.gallery_id)
+                .bind(key)
+                .bind(subject)
+                .bind(new.images_sha256)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if claimed.is_none() {
+                    tx.rollback().await?;
+                    return self
+                        .find_replay(&new.replay_of(key))
+                        .await?
+                        .ok_or_else(|| StoreError::Conflict("enrollments_scope_key".to_owned()));
+                }
+                claimed
+            }
+            None => None,
+        };
+        let templates =
+            insert_templates(&mut tx, subject, enrollment, new, new.model_id, new.embeddings).await?;
+        let staged_templates = match new.staged {
+            Some(staged) => {
+                insert_templates(
+                    &mut tx,
+                    subject,
+                    enrollment,
+                    new,
+                    staged.model_id,
+                    staged.embeddings,
+                )
+                .await?
+            }
+            None => Vec::new(),
+        };
+        let template_count = count_templates(&mut tx, subject, new.model_id).await?;
+        super::audit::insert(&mut *tx, audit).await?;
+        tx.commit().await?;
+        Ok(Enrolled {
+            templates,
+            template_count,
+            replayed: false,
+            model_id: new.model_id.to_owned(),
+            staged_templates,
+        })
+    }
+
+    /// The first result of the Enroll that used the replay's key (in its
+    /// caller's and gallery's scope), if there was one; the same key with
+    /// another subject, other images or another number of images is
+    /// refused.
+    pub async fn find_replay(&self, replay: &Replay<'_>) -> StoreResult<Option<Enrolled>> {
+        let mut tx = self.pool.begin().await?;
+        let Some(row) = sqlx::query(
+            "SELECT e.id, e.content_sha256, s.id AS subject, s.subject_id FROM enrollments e
+             JOIN subjects s ON s.id = e.subject
+             WHERE e.caller = $1 AND e.gallery_id = $2 AND e.idempotency_key = $3",
+        )
+        .bind(replay.caller)
+        .bind(replay.gallery_id)
+        .bind(replay.key)
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let enrollment: i64 = row.try_get("id")?;
+        let digest: Option<String> = row.try_get("content_sha256")?;
+        let subject: i64 = row.try_get("subject")?;
+        let subject_id: String = row.try_get("subject_id")?;
+        let rows = sqlx::query(
+            "SELECT template_id, seq, model_id FROM templates WHERE enrollment = $1 ORDER BY seq",
+        )
+        .bind(enrollment)
+        .fetch_all(&mut *tx)
+        .await?;
+        // During a migration one call stored templates of two models, the
+        // active model's first: the replay answers with those.
+        let first_model: Option<String> = rows.first().map(|r| r.try_get("model_id")).transpose()?;
+        let mut templates = Vec::with_capacity(rows.len());
+        let model_id = first_model.unwrap_or_default();
+        for row in rows {
+            if row.try_get::<String, _>("model_id")? == model_id {
+                templates.push(CreatedTemplate {
+                    template_id: row.try_get("template_id")?,
+                    seq: row.try_get("seq")?,
+                });
+            }
+        }
+        let same_images = digest.as_deref().is_none_or(|d| d == replay.images_sha256);
+        if subject_id != replay.subject_id || !same_images || templates.len() != replay.images {
+            return Err(StoreError::IdempotencyKeyReused);
+        }
+        let template_count = count_templates(&mut tx, subject, &model_id).await?;
+        tx.commit().await?;
+        Ok(Some(Enrolled {
+            templates,
+            template_count,
+            replayed: true,
+            model_id,
+            staged_templates: Vec::new(),
+        }))
+    }
+}
+
+/// What identifies an idempotent enrolment, and what its retry must match.
+#[derive(Debug, Clone, Copy)]
+pub struct Replay<'a> {
+    /// The key's scope: the caller (key id or certificate grant)...
+    pub caller: &'a str,
+    /// ... and the gallery.
+    pub gallery_id: &'a str,
+    /// The key.
+    pub key: &'a str,
+    /// The subject the retry names.
+    pub subject_id: &'a str,
+    /// How many images it carries...
+    pub images: usize,
+    /// ... and their digest ([`images_sha256`]).
+    pub images_sha256: &'a str,
+}
+
+impl<'a> NewEnrollment<'a> {
+    fn replay_of(&self, key: &'a str) -> Replay<'a> {
+        Replay {
+            caller: self.caller,
+            gallery_id: self.gallery_id,
+            key,
+            subject_id: self.subject_id,
+            images: self.embeddings.len(),
+            images_sha256: self.images_sha256,
+        }
+    }
+}
+
+/// The digest that tells a retry from another enrolment: SHA-256 over each
+/// image's length (8 bytes, little-endian) and bytes, in order, in hex. No
+/// image can be recovered from it.
+pub fn images_sha256(images: &[Vec<u8>]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for image in images {
+        hasher.update((image.len() as u64).to_le_bytes());
+        hasher.update(image);
+    }
+    hex::encode(hasher.finalize())
+}
+
+/// Creates the enrolment's gallery unless it exists, within its caller's
+/// quota: the count and the insert are serialised per caller by an
+/// advisory lock held until commit, so concurrent creations cannot both
+/// pass the count.
+async fn create_gallery(tx: &mut Transaction<'_, Postgres>, new: &NewEnrollment<'_>) -> StoreResult<()> {
+    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM galleries WHERE gallery_id = $1")
+        .bind(new.gallery_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    if exists.is_some() {
+        return Ok(());
+    }
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('handid.galleries.' || $1, 0))")
+        .bind(new.caller)
+        .execute(&mut **tx)
+        .await?;
+    let created: i64 = sqlx::query_scalar("SELECT count(*) FROM galleries WHERE created_by = $1")
+        .bind(new.caller)
+        .fetch_one(&mut **tx)
+        .await?;
+    if created >= i64::from(new.max_galleries) {
+        return Err(StoreError::GalleryQuota {
+            caller: new.caller.to_owned(),
+            max: new.max_galleries,
+        });
+    }
+    sqlx::query("INSERT INTO galleries (gallery_id, created_by) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+        .bind(new.gallery_id)
+        .bind(new.caller)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Inserts one template per embedding of `model_id` for an enrolment.
+async fn insert_templates(
+    tx: &mut Transaction<'_, Postgres>,
+    subject: i64,
+    enrollment: Option<i64>,
+    new: &NewEnrollment<'_>,
+    model_id: &str,
+    embeddings: &[Vec<f32>],
+) -> StoreResult<Vec<CreatedTemplate>> {
+    let mut templates = Vec::with_capacity(embeddings.len());
+    for (embedding, quality) in embeddings.iter().zip(new.qualities) {
+        let template_id = Uuid::new_v4();
+        let seq: i64 = sqlx::query_scalar(
+            "INSERT INTO templates
+               (template_id, subject, gallery_id, model_id, dimension, embedding, quality, enrollment)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING seq",
+        )
+        .bind(template_id)
+        .bind(subject)
+        .bind(new.gallery_id)
+        .bind(model_id)
+        .bind(i32::try_from(embedding.len()).unwrap_or(i32::MAX))
+        .bind(embedding)
+        .bind(quality)
+        .bind(enrollment)
+        .fetch_one(&mut **tx)
+        .await?;
+        templates.push(CreatedTemplate { template_id, seq });
+    }
+    Ok(templates)
+}
+
+async fn count_templates(
+    tx: &mut Transaction<'_, Postgres>,
+    subject: i64,
+    model_id: &str,
+) -> StoreResult<u32> {
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM templates WHERE subject = $1 AND model_id = $2")
+        .bind(subject)
+        .bind(model_id)
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(to_u32(n))
+}

@@ -1,0 +1,260 @@
+//! The rows and records the store takes and returns, and the `models`
+//! table's records.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::{Store, StoreResult, to_u32};
+use crate::index::NewRow;
+
+/// A model as recorded in the `models` table.
+#[derive(Debug, Clone)]
+pub struct ModelRecord {
+    /// Hash of the weights.
+    pub model_id: String,
+    /// Embedding space id.
+    pub embedding_space: String,
+    /// e.g. `ViT-B/16`.
+    pub architecture: String,
+    /// Embedding dimension.
+    pub embedding_dim: usize,
+    /// The manifest as JSON text (no weights, no images).
+    pub manifest_json: String,
+}
+
+/// An enrolment to store.
+#[derive(Debug, Clone)]
+pub struct NewEnrollment<'a> {
+    /// Gallery id (validated by the caller and again by the schema).
+    pub gallery_id: &'a str,
+    /// Subject id.
+    pub subject_id: &'a str,
+    /// The model that produced the embeddings.
+    pub model_id: &'a str,
+    /// One L2-normalised embedding per image.
+    pub embeddings: &'a [Vec<f32>],
+    /// Quality estimate per image, in [0, 1].
+    pub qualities: &'a [f32],
+    /// Optional idempotency key, scoped by `caller` and the gallery.
+    pub idempotency_key: Option<&'a str>,
+    /// The digest of the images ([`super::images_sha256`]) a retry must
+    /// carry again.
+    pub images_sha256: &'a str,
+    /// Who enrols (key id or certificate grant): the key's scope, and the
+    /// creator recorded when this creates the gallery.
+    pub caller: &'a str,
+    /// How many galleries `caller` may have created; creating one more
+    /// is refused ([`super::StoreError::GalleryQuota`]).
+    pub max_galleries: u32,
+    /// During a model migration: the same images embedded by the staged
+    /// model, stored in the same transaction (after the active model's, so
+    /// a replay finds the active model's templates first).
+    pub staged: Option<StagedEmbeddings<'a>>,
+}
+
+/// The staged model's embeddings of an enrolment.
+#[derive(Debug, Clone, Copy)]
+pub struct StagedEmbeddings<'a> {
+    /// The staged model.
+    pub model_id: &'a str,
+    /// One embedding per image, in image order.
+    pub embeddings: &'a [Vec<f32>],
+}
+
+/// A template as created by an enrolment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreatedTemplate {
+    /// Its id.
+    pub template_id: Uuid,
+    /// Its enrolment order.
+    pub seq: i64,
+}
+
+/// The committed outcome of an Enroll.
+#[derive(Debug, Clone)]
+pub struct Enrolled {
+    /// Templates created by the (first) call, in image order.
+    pub templates: Vec<CreatedTemplate>,
+    /// Templates the subject now has for the model.
+    pub template_count: u32,
+    /// Whether this replays an earlier call with the same key.
+    pub replayed: bool,
+    /// The model of the stored templates (on a replay: the first call's).
+    pub model_id: String,
+    /// Templates created for the staged model, in image order (empty
+    /// outside a migration and on a replay).
+    pub staged_templates: Vec<CreatedTemplate>,
+}
+
+/// Template metadata, never the vector.
+#[derive(Debug, Clone)]
+pub struct TemplateMeta {
+    /// Its id.
+    pub template_id: Uuid,
+    /// The model that produced it.
+    pub model_id: String,
+    /// Quality in [0, 1].
+    pub quality: f32,
+    /// When it was stored.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A subject and its templates' metadata.
+#[derive(Debug, Clone)]
+pub struct SubjectRecord {
+    /// Subject id.
+    pub subject_id: String,
+    /// When it was first enrolled.
+    pub created_at: DateTime<Utc>,
+    /// Templates in enrolment order.
+    pub templates: Vec<TemplateMeta>,
+}
+
+/// One stored template with its vector, for loading the index.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TemplateRow {
+    /// Gallery id.
+    pub gallery_id: String,
+    /// Subject id.
+    pub subject_id: String,
+    /// Enrolment order.
+    pub seq: i64,
+    /// The embedding.
+    pub embedding: Vec<f32>,
+}
+
+impl TemplateRow {
+    /// The row as the gallery index takes it.
+    pub fn as_new_row(&self) -> NewRow<'_> {
+        NewRow {
+            subject_id: &self.subject_id,
+            seq: self.seq,
+            embedding: &self.embedding,
+        }
+    }
+}
+
+/// What was erased.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Erased {
+    /// Subjects deleted.
+    pub subjects: u32,
+    /// Templates deleted, all models.
+    pub templates: u32,
+}
+
+/// One row of the `changes` table: what a replica must re-read.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Change {
+    /// Its number; changes are applied in this order.
+    pub seq: i64,
+    /// `subject` (re-read the subject's templates) or `gallery` (deleted).
+    pub kind: String,
+    /// The gallery.
+    pub gallery_id: String,
+    /// The subject, for `subject` changes.
+    pub subject_id: Option<String>,
+}
+
+/// How far a replica is behind the change feed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Lag {
+    /// Changes committed after the last one it applied.
+    pub pending: u64,
+    /// How long ago the oldest of them was committed (zero when none).
+    pub oldest: std::time::Duration,
+}
+
+/// A staged model's enrolment coverage of one gallery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Coverage {
+    /// The gallery.
+    pub gallery_id: String,
+    /// Its subjects.
+    pub subjects: u32,
+    /// Those with at least one template of the staged model's space.
+    pub covered: u32,
+}
+
+/// One audit-log row: who did what with which outcome. Deliberately has no
+/// field for an image or an embedding.
+#[derive(Debug, Clone)]
+pub struct AuditEntry<'a> {
+    /// API key id or certificate grant (`anonymous` with auth off;
+    /// `unauthenticated` for a call refused before anyone was recognised).
+    pub actor: &'a str,
+    /// The peer address of the call, as extra.
+    pub peer: Option<&'a str>,
+    /// `enroll`, `identify`, ...
+    pub action: &'a str,
+    /// Gallery, when the call named one.
+    pub gallery_id: Option<&'a str>,
+    /// Subject, when the call named one (or matched one).
+    pub subject_id: Option<&'a str>,
+    /// Model that served the call.
+    pub model_id: Option<&'a str>,
+    /// `ok` or the gRPC code name.
+    pub outcome: &'a str,
+    /// Best score, for Identify / Verify.
+    pub top_score: Option<f32>,
+}
+
+impl Store {
+    /// Records a model (first sighting wins; later loads change nothing).
+    pub async fn record_model(&self, model: &ModelRecord) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO models (model_id, embedding_space, architecture, embedding_dim, manifest)
+             VALUES ($1, $2, $3, $4, $5::jsonb) ON CONFLICT (model_id) DO NOTHING",
+        )
+        .bind(&model.model_id)
+        .bind(&model.embedding_space)
+        .bind(&model.architecture)
+        .bind(i32::try_from(model.embedding_dim).unwrap_or(i32::MAX))
+        .bind(&model.manifest_json)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records that `model_id` was (re)loaded into `role` (`active`,
+    /// `staged`) or retired: the `models` row keeps the count and the time
+    /// of the last load.
+    pub async fn mark_model(&self, model_id: &str, role: &str) -> StoreResult<()> {
+        let bump = i64::from(role != "retired");
+        sqlx::query(
+            "UPDATE models SET role = $2, load_count = load_count + $3,
+                    last_loaded_at = CASE WHEN $3 = 1 THEN now() ELSE last_loaded_at END
+             WHERE model_id = $1",
+        )
+        .bind(model_id)
+        .bind(role)
+        .bind(bump)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Per gallery: its subjects, and those with a template of a model of
+    /// `spaces` (a staged model's enrolment coverage).
+    pub async fn coverage(&self, spaces: &[String]) -> StoreResult<Vec<Coverage>> {
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT g.gallery_id, count(s.id),
+                    count(s.id) FILTER (WHERE EXISTS (
+                        SELECT 1 FROM templates t JOIN models m ON m.model_id = t.model_id
+                        WHERE t.subject = s.id AND m.embedding_space = ANY($1)))
+             FROM galleries g LEFT JOIN subjects s ON s.gallery_id = g.gallery_id
+             GROUP BY g.gallery_id ORDER BY g.gallery_id",
+        )
+        .bind(spaces)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(gallery_id, subjects, covered)| Coverage {
+                gallery_id,
+                subjects: to_u32(subjects),
+                covered: to_u32(covered),
+            })
+            .collect())
+    }
+}
