@@ -149,6 +149,9 @@ fn finetuning_beats_the_untrained_weights_and_exports() {
 
 #[test]
 fn calibrate_gives_an_imported_checkpoint_thresholds_from_training_persons_only() {
+    // create_random_checkpoint reseeds libtorch's global RNG, which would
+    // change a run training meanwhile.
+    let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let manifest = dataset(dir.path());
     let model = dir.path().join("init");
