@@ -11,7 +11,9 @@ use std::io::{self, BufRead, Read, Seek, SeekFrom};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use image::imageops::{self, FilterType};
-use image::{DynamicImage, ImageDecoder, ImageReader, Limits, RgbImage};
+use image::{DynamicImage, ImageDecoder, ImageReader, Limits};
+/// What [`decode`] returns: 8-bit RGB pixels, row-major.
+pub use image::RgbImage;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 

@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use handid_model::image::{decode_cancellable, read_dimensions};
+use handid_model::image::{RgbImage, decode_cancellable, read_dimensions};
 use handid_model::{DecodeLimits, Error as ModelError, Preprocess};
 use tch::Tensor;
 use tokio::sync::Semaphore;
@@ -63,17 +63,7 @@ impl Decoding {
         bytes: Vec<u8>,
         preprocess: Arc<Preprocess>,
     ) -> Result<Tensor, BatchError> {
-        let bad = |problem| BatchError::BadImage { index, problem };
-        if bytes.is_empty() {
-            return Err(bad(ImageProblem::Empty));
-        }
-        if bytes.len() <= self.limits.max_bytes && jpeg_is_truncated(&bytes) {
-            return Err(bad(ImageProblem::Undecodable(
-                "truncated JPEG: the data ends before the end-of-image marker".to_owned(),
-            )));
-        }
-        // The header alone: no pixel is allocated before the sizes pass.
-        let (width, height) = read_dimensions(&bytes, &self.limits).map_err(|e| refusal(index, e))?;
+        let (width, height) = screen(index, &bytes, &self.limits)?;
         let pixels = u32::try_from(u64::from(width) * u64::from(height)).unwrap_or(u32::MAX);
         let closed = |_| BatchError::Stopped;
         let pixels = Arc::clone(&self.pixels)
@@ -89,10 +79,7 @@ impl Decoding {
             // Held until the work ends, whether or not anyone still waits.
             let _permits = (slot, pixels);
             span.in_scope(|| {
-                let image = decode_cancellable(&bytes, &limits, &cancelled).map_err(|e| refusal(index, e))?;
-                if cancelled.load(Ordering::Relaxed) {
-                    return Err(refusal(index, ModelError::Cancelled));
-                }
+                let image = decode_pixels(index, &bytes, &limits, &cancelled)?;
                 preprocess
                     .apply(&image)
                     .map_err(|e| BatchError::Model(format!("preprocessing: {e}")))
@@ -104,6 +91,37 @@ impl Decoding {
         drop(cancel);
         prepared
     }
+}
+
+/// The checks of image `index` that need only its bytes and its header:
+/// not empty, not a cut JPEG, the sizes the header declares within
+/// `limits`. Allocates no pixel; returns the declared width and height.
+pub fn screen(index: usize, bytes: &[u8], limits: &DecodeLimits) -> Result<(u32, u32), BatchError> {
+    let bad = |problem| BatchError::BadImage { index, problem };
+    if bytes.is_empty() {
+        return Err(bad(ImageProblem::Empty));
+    }
+    if bytes.len() <= limits.max_bytes && jpeg_is_truncated(bytes) {
+        return Err(bad(ImageProblem::Undecodable(
+            "truncated JPEG: the data ends before the end-of-image marker".to_owned(),
+        )));
+    }
+    read_dimensions(bytes, limits).map_err(|e| refusal(index, e))
+}
+
+/// The pixels of image `index`, after [`screen`]: the blocking half of
+/// [`Decoding::prepare`], which stops once `cancelled` is set.
+pub fn decode_pixels(
+    index: usize,
+    bytes: &[u8],
+    limits: &DecodeLimits,
+    cancelled: &AtomicBool,
+) -> Result<RgbImage, BatchError> {
+    let image = decode_cancellable(bytes, limits, cancelled).map_err(|e| refusal(index, e))?;
+    if cancelled.load(Ordering::Relaxed) {
+        return Err(refusal(index, ModelError::Cancelled));
+    }
+    Ok(image)
 }
 
 /// Sets its flag when dropped: a call dropped while its image decodes
