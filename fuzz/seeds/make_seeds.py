@@ -141,6 +141,9 @@ def images() -> dict[str, bytes]:
         # Refused after the header: the data is not what it declared.
         "refuse-png-declares-4000x4000-has-one-row.png": png_declaring(4_000, 4_000, 1),
         "refuse-jpeg-declares-4000x3000.jpg": jpeg_with_size(jpeg, 4_000, 3_000),
+        "refuse-jpeg-progressive-declares-3000x4000.jpg": jpeg_with_size(
+            encoded(tall, "JPEG", quality=70, progressive=True), 3_000, 4_000
+        ),
         "refuse-jpeg-truncated.jpg": jpeg[: len(jpeg) // 2],
         "refuse-png-truncated.png": encoded(rgb, "PNG")[:300],
         "refuse-ppm-short-data.ppm": b"P6\n2000 2000\n255\n" + bytes(100),

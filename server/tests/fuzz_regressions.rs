@@ -50,18 +50,28 @@ fn image_corpus_replays_with_the_expected_verdicts() {
             ImageVerdict::Refused(_) => refused += 1,
         }
         if file.starts_with("ok-") {
-            assert!(matches!(verdict, ImageVerdict::Accepted { .. }), "{file}: {verdict:?}");
+            assert!(
+                matches!(verdict, ImageVerdict::Accepted { .. }),
+                "{file}: {verdict:?}"
+            );
         } else if file.starts_with("refuse-") {
             assert!(matches!(verdict, ImageVerdict::Refused(_)), "{file}: {verdict:?}");
         }
     }
-    assert!(accepted >= 20 && refused >= 20, "{accepted} accepted, {refused} refused");
+    assert!(
+        accepted >= 20 && refused >= 20,
+        "{accepted} accepted, {refused} refused"
+    );
 }
 
 #[test]
 fn request_corpus_replays() {
     let corpus = inputs("corpus", "requests");
-    assert!(corpus.len() >= 20, "{} files in fuzz/corpus/requests", corpus.len());
+    assert!(
+        corpus.len() >= 20,
+        "{} files in fuzz/corpus/requests",
+        corpus.len()
+    );
     let mut accepted = 0;
     for path in corpus.iter().chain(&inputs("regressions", "requests")) {
         let bytes = std::fs::read(path).expect("read input");
