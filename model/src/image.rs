@@ -10,8 +10,10 @@
 use std::io::{self, BufRead, Read, Seek, SeekFrom};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+/// What [`decode`] returns: 8-bit RGB pixels, row-major.
+pub use image::RgbImage;
 use image::imageops::{self, FilterType};
-use image::{DynamicImage, ImageDecoder, ImageReader, Limits, RgbImage};
+use image::{DynamicImage, ImageDecoder, ImageReader, Limits};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -173,7 +175,7 @@ fn open<'a>(
         cancelled,
     })
     .with_guessed_format()
-    .map_err(|e| Error::Decode(e.to_string()))?;
+    .map_err(|e| Error::Decode(without_image_bytes(&e.to_string())))?;
     if reader.format().is_none() {
         return Err(Error::Decode(
             "unrecognised format (accepted: JPEG, PNG, BMP, PNM)".to_owned(),
@@ -251,7 +253,44 @@ impl Seek for Chunked<'_> {
 fn decode_error(error: image::ImageError) -> Error {
     match error {
         image::ImageError::Limits(limit) => Error::Decode(format!("decoder limit reached: {limit}")),
-        other => Error::Decode(other.to_string()),
+        other => Error::Decode(without_image_bytes(&other.to_string())),
+    }
+}
+
+/// Longest decoder message passed on (in characters).
+const MAX_DECODER_MESSAGE: usize = 200;
+
+/// A decoder's message, kept for what it says is wrong but not for what it
+/// quotes: decoders quote the input they choke on (the PNM decoder an
+/// unknown header line or tuple type, whole, however long), and no image
+/// byte may reach a client or a log. Quoted text becomes `"…"`, control
+/// characters become spaces, and the rest is cut at
+/// [`MAX_DECODER_MESSAGE`] characters.
+fn without_image_bytes(message: &str) -> String {
+    let mut out = String::new();
+    let mut quoted = false;
+    let mut chars = message.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            // Debug-formatted quotes escape their own quotes (`\"`).
+            '\\' if quoted => {
+                chars.next();
+            }
+            '"' => {
+                quoted = !quoted;
+                out.push_str(if quoted { "\"…" } else { "\"" });
+            }
+            _ if quoted => {}
+            c if c.is_control() => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    if quoted {
+        out.push('"');
+    }
+    match out.char_indices().nth(MAX_DECODER_MESSAGE) {
+        Some((cut, _)) => format!("{}…", &out[..cut]),
+        None => out,
     }
 }
 
@@ -486,6 +525,39 @@ mod tests {
                 other => panic!("{name}: expected a decode error, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn decoder_messages_quote_no_image_bytes() {
+        // Found with the fuzz target's message invariant (fuzz/, issue 14):
+        // the PNM decoder quoted a PAM header's unknown line or tuple type
+        // whole, 60 KB of it if that is what was sent.
+        let pam = [b"P7\n".as_slice(), &[b'X'; 3000], b" 1\nENDHDR\n"].concat();
+        let tuple = [
+            b"P7\nWIDTH 64\nHEIGHT 64\nDEPTH 3\nMAXVAL 255\nTUPLTYPE Q\x1b[2J".as_slice(),
+            &[b'Q'; 3000],
+            b"\nENDHDR\n",
+            &[0; 64 * 64 * 3],
+        ]
+        .concat();
+        for bytes in [pam, tuple] {
+            match decode(&bytes, &DecodeLimits::default()) {
+                Err(Error::Decode(message)) => {
+                    assert!(message.contains("\"…\""), "{message}");
+                    assert!(!message.contains("XX") && !message.contains("QQ"), "{message}");
+                    assert!(message.chars().count() < 300 && !message.chars().any(char::is_control));
+                }
+                other => panic!("expected a decode error, got {other:?}"),
+            }
+        }
+        assert_eq!(
+            without_image_bytes("a \"quoted \\\" text\" and\tmore"),
+            "a \"…\" and more"
+        );
+        assert_eq!(
+            without_image_bytes(&"y".repeat(500)).chars().count(),
+            MAX_DECODER_MESSAGE + 1
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! - [`engine`]: the core: Enroll, Identify, Verify, ... and the audit log.
 //! - [`error`]: [`ServiceError`] and its one conversion to `tonic::Status`.
 //! - [`faults`]: test-only fault injection (feature `fault-injection`).
+//! - `fuzzing`: the fuzz targets' harnesses (`fuzz/`), hidden from the API.
 //! - [`decode`]: untrusted image bytes to model input, judged from the
 //!   header first, under decode slots and a pixel budget, cancellable.
 //! - [`batcher`]: dynamic batching of forward passes on their own thread.
@@ -33,6 +34,8 @@ pub mod decode;
 pub mod engine;
 pub mod error;
 pub mod faults;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod index;
 pub mod layers;

@@ -1,0 +1,2 @@
+
+/srv/handid/checkpoints/v2

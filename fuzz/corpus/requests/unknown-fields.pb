@@ -1,0 +1,2 @@
+Jextra
+gxs
