@@ -18,9 +18,10 @@
 # fuzz/regressions/<target>/ (named after the finding) so that `cargo test`
 # (server/tests/fuzz_regressions.rs) replays it from then on.
 #
-# Environment: FUZZ_SANITIZER (address, the default, or none: about
-# twice the executions, but no ASan and no -malloc_limit_mb), FUZZ_JOBS
-# (parallel libFuzzer workers per target, default 1), HANDID_FUZZ_DIR.
+# Environment: FUZZ_SANITIZER (address, the default, or none: faster, but
+# no ASan and no -malloc_limit_mb), FUZZ_JOBS (parallel libFuzzer workers
+# per target, default 1), FUZZ_FLAGS (more libFuzzer flags, appended),
+# HANDID_FUZZ_DIR.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
@@ -85,7 +86,7 @@ for target in "${targets[@]}"; do
     log="$logs/$target-$stamp.log"
     seeds=("fuzz/corpus/$target")
     [ -d "fuzz/regressions/$target" ] && seeds+=("fuzz/regressions/$target")
-    read -r -a flags <<< "$(flags_for "$target")"
+    read -r -a flags <<< "$(flags_for "$target") ${FUZZ_FLAGS:-}"
     # -jobs=1 would still fork a worker and send its output elsewhere.
     if [ "$jobs" -gt 1 ]; then flags+=(-jobs="$jobs" -workers="$jobs"); fi
     deadline=$(( $(date +%s) + minutes * 60 ))

@@ -1,5 +1,6 @@
 """Seeds of the two fuzz targets: small synthetic images and request
-messages, written to fuzz/corpus/image/ and fuzz/corpus/requests/.
+messages, written to fuzz/corpus/image/ and fuzz/corpus/requests/, and the
+crafted inputs of findings, written to fuzz/regressions/image/.
 
 Image names say what a server with default settings must do with them
 (`ok-`: accepted; `refuse-`: refused as INVALID_ARGUMENT), which
@@ -140,13 +141,30 @@ def images() -> dict[str, bytes]:
         "refuse-ppm-side-100000x100000.ppm": b"P6\n100000 100000\n255\n" + bytes(64),
         # Refused after the header: the data is not what it declared.
         "refuse-png-declares-4000x4000-has-one-row.png": png_declaring(4_000, 4_000, 1),
-        "refuse-jpeg-declares-4000x3000.jpg": jpeg_with_size(jpeg, 4_000, 3_000),
-        "refuse-jpeg-progressive-declares-3000x4000.jpg": jpeg_with_size(
-            encoded(tall, "JPEG", quality=70, progressive=True), 3_000, 4_000
-        ),
         "refuse-jpeg-truncated.jpg": jpeg[: len(jpeg) // 2],
         "refuse-png-truncated.png": encoded(rgb, "PNG")[:300],
         "refuse-ppm-short-data.ppm": b"P6\n2000 2000\n255\n" + bytes(100),
+    }
+
+
+def image_regressions() -> dict[str, bytes]:
+    """Inputs of findings, kept after their fix (fuzz/regressions/image/)."""
+    jpeg = encoded(picture(96, 64, 1), "JPEG", quality=80)
+    progressive = encoded(picture(64, 96, 2), "JPEG", quality=70, progressive=True)
+    return {
+        # 96x64 pixels of scan data in a frame that declares 4000x3000 was
+        # decoded to 12 megapixels of grey and embedded (now refused from
+        # the scan sizes, before decoding).
+        "refuse-jpeg-declares-4000x3000.jpg": jpeg_with_size(jpeg, 4_000, 3_000),
+        "refuse-jpeg-progressive-declares-3000x4000.jpg": jpeg_with_size(progressive, 3_000, 4_000),
+        # The PNM decoder quoted a PAM header's unknown line, or its tuple
+        # type, whole in its error message (now elided and cut).
+        "refuse-pam-unknown-header-line-3000-chars.pam": b"P7\n" + b"X" * 3000 + b" 1\nENDHDR\n",
+        "refuse-pam-tuple-type-3000-chars-with-escape.pam": b"P7\nWIDTH 64\nHEIGHT 64\nDEPTH 3\nMAXVAL 255\n"
+        + b"TUPLTYPE Q\x1b[2J"
+        + b"Q" * 3000
+        + b"\nENDHDR\n"
+        + bytes(64 * 64 * 3),
     }
 
 
@@ -215,7 +233,8 @@ def requests() -> dict[str, bytes]:
 
 
 def main() -> None:
-    for folder, files in [(IMAGES, images()), (REQUESTS, requests())]:
+    regressions = ROOT.parent / "regressions" / "image"
+    for folder, files in [(IMAGES, images()), (REQUESTS, requests()), (regressions, image_regressions())]:
         folder.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
             (folder / name).write_bytes(data)
