@@ -97,12 +97,20 @@ pub fn screen(index: usize, bytes: &[u8], limits: &DecodeLimits) -> Result<(u32,
     if bytes.is_empty() {
         return Err(bad(ImageProblem::Empty));
     }
+    let mut dimensions = read_dimensions(bytes, limits);
+    // A size the limits refuse is named as such, before what the scans lack.
+    if let Err(e) = dimensions {
+        if !matches!(e, ModelError::Decode(_)) {
+            return Err(refusal(index, e));
+        }
+        dimensions = Err(e);
+    }
     if bytes.len() <= limits.max_bytes
         && let Some(problem) = jpeg_shortfall(bytes)
     {
         return Err(bad(ImageProblem::Undecodable(problem)));
     }
-    read_dimensions(bytes, limits).map_err(|e| refusal(index, e))
+    dimensions.map_err(|e| refusal(index, e))
 }
 
 /// The pixels of image `index`, after [`screen`]: the blocking half of

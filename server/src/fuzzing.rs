@@ -161,9 +161,8 @@ pub fn requests(data: &[u8]) -> usize {
     let callers = [
         Caller::anonymous(None),
         Caller {
-            id: "desk".to_owned(),
-            peer: None,
             galleries: Some(Arc::from([GRANTED_GALLERY.to_owned()])),
+            ..Caller::named("desk", None)
         },
     ];
     let mut accepted = 0;
