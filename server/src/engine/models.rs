@@ -12,7 +12,7 @@ use crate::batcher::Batcher;
 use crate::error::ServiceError;
 use crate::index::{Indexes, MAX_CHUNK_ROWS};
 use crate::reload::{self, ReloadMode};
-use crate::store::ModelRecord;
+use crate::store::{ModelRecord, RecordedModel, Role};
 use crate::telemetry::metrics;
 
 impl Engine {
@@ -50,7 +50,7 @@ impl Engine {
     ) -> Result<Reloaded> {
         let (engine, caller) = (Arc::clone(self), caller.clone());
         self.detach(async move {
-            let result = engine.reload_inner(path, mode).await;
+            let result = engine.reload_inner(path, mode, None).await;
             let outcome = match &result {
                 Ok(_) => "ok".to_owned(),
                 Err(e) => code_name(e.code()),
@@ -63,7 +63,37 @@ impl Engine {
         .await
     }
 
-    async fn reload_inner(&self, path: Option<PathBuf>, mode: ReloadMode) -> Result<Reloaded> {
+    /// At start: stages again the model the database records as staged
+    /// (a migration in progress when the server stopped), from its recorded
+    /// folder, provided the folder still holds that model and it still needs
+    /// staging. Audited as a reload by `startup`.
+    pub async fn restore_staged(self: &Arc<Self>, recorded: &RecordedModel) -> Result<Reloaded> {
+        let path = recorded.path.clone().map(PathBuf::from).ok_or_else(|| {
+            ServiceError::Internal(format!(
+                "staged model {} has no recorded folder",
+                recorded.model_id
+            ))
+        })?;
+        let (engine, expected) = (Arc::clone(self), recorded.model_id.clone());
+        let caller = Caller::named("startup", None);
+        self.detach(async move {
+            let result = engine
+                .reload_inner(Some(path), ReloadMode::StageMigration, Some(&expected))
+                .await;
+            engine
+                .audited(&caller, "reload", None, result, |_| (None, None))
+                .await
+        })
+        .await
+    }
+
+    /// A reload; with `restoring`, only the staging of that model id.
+    async fn reload_inner(
+        &self,
+        path: Option<PathBuf>,
+        mode: ReloadMode,
+        restoring: Option<&str>,
+    ) -> Result<Reloaded> {
         let _one = self.reloading.lock().await;
         let active = self.active();
         let path = path.unwrap_or_else(|| active.model.path.clone());
@@ -86,7 +116,29 @@ impl Engine {
             (Err(_), ReloadMode::StageMigration) => true,
             (Err(reason), ReloadMode::Swap) => return Err(ServiceError::IncompatibleModel(reason)),
         };
+        if let Some(expected) = restoring
+            && (embedder.model_id() != expected || !staging)
+        {
+            return Err(ServiceError::Internal(format!(
+                "{} now holds model {}, {}: the staged model {expected} is not restored",
+                path.display(),
+                embedder.model_id(),
+                if staging {
+                    "another model"
+                } else {
+                    "one compatible with the active model"
+                },
+            )));
+        }
         let manifest = embedder.manifest();
+        if manifest.thresholds.is_empty() {
+            tracing::warn!(
+                model_id = %embedder.model_id(),
+                path = %path.display(),
+                "the loaded model has no calibrated thresholds: Identify and Verify without an \
+                 explicit threshold are refused; run handid-trainer calibrate on the checkpoint"
+            );
+        }
         self.store
             .record_model(&ModelRecord {
                 model_id: manifest.model_id.clone(),
@@ -155,8 +207,13 @@ impl Engine {
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::clone(&slot);
             }
         }
-        let role = if staging { "staged" } else { "active" };
-        self.store.mark_model(slot.model_id(), role).await?;
+        let role = if staging { Role::Staged } else { Role::Active };
+        // The database records the swap (the model it replaces retired), so
+        // a restart and every replica starting later serve this model.
+        self.store
+            .assign_role(slot.model_id(), role, &slot.model.path.display().to_string())
+            .await?;
+        let role = role.as_str();
         tracing::info!(
             previous = %active.model_id(),
             loaded = %slot.model_id(),
@@ -213,8 +270,15 @@ impl Engine {
             *slot = None;
             std::mem::replace(&mut *active, Arc::clone(&staged))
         };
-        self.store.mark_model(previous.model_id(), "retired").await?;
-        self.store.mark_model(staged.model_id(), "active").await?;
+        // Recorded in one transaction: the staged model becomes the active
+        // one, the previous active model is retired.
+        self.store
+            .assign_role(
+                staged.model_id(),
+                Role::Active,
+                &staged.model.path.display().to_string(),
+            )
+            .await?;
         tracing::info!(previous = %previous.model_id(), active = %staged.model_id(), "staged model promoted");
         Ok(Promoted {
             active: staged.model.clone(),
