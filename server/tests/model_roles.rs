@@ -73,6 +73,28 @@ async fn count_role(pool: &PgPool, role: &str) -> i64 {
         .expect("count")
 }
 
+/// `(action, outcome, model_id, detail)` of every reload and promotion
+/// audit row, in order.
+async fn changes(pool: &PgPool) -> Vec<(String, String, Option<String>, serde_json::Value)> {
+    let rows: Vec<(String, String, Option<String>, String)> = sqlx::query_as(
+        "SELECT action, outcome, model_id, detail::text FROM audit_log
+         WHERE action IN ('reload', 'promote') ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("audit rows");
+    rows.into_iter()
+        .map(|(action, outcome, model, detail)| {
+            (
+                action,
+                outcome,
+                model,
+                serde_json::from_str(&detail).expect("detail is JSON"),
+            )
+        })
+        .collect()
+}
+
 fn display(path: &Path) -> String {
     path.display().to_string()
 }
@@ -133,6 +155,24 @@ async fn a_promotion_survives_a_restart_and_a_disagreeing_folder_is_refused(
     assert_eq!(roles(&pool).await.iter().filter(|r| r.1 == "active").count(), 1);
     assert_eq!(role_of(&pool, &a.model_id).await.0, "retired");
     assert_eq!(role_of(&pool, &c.model_id).await.0, "active");
+    // The audit rows say what was attempted: folder, mode, from and to.
+    let rows = changes(&pool).await;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let (action, outcome, model, detail) = &rows[0];
+    assert_eq!((action.as_str(), outcome.as_str()), ("reload", "ok"));
+    assert_eq!(model.as_deref(), Some(c.model_id.as_str()));
+    assert_eq!(detail["path"], display(c_dir.path()));
+    assert_eq!(detail["mode"], "stage_migration");
+    assert_eq!(detail["from_model"], a.model_id);
+    assert_eq!(detail["to_model"], c.model_id);
+    assert_eq!(detail["staged"], true);
+    let (action, outcome, model, detail) = &rows[1];
+    assert_eq!((action.as_str(), outcome.as_str()), ("promote", "ok"));
+    assert_eq!(model.as_deref(), Some(c.model_id.as_str()));
+    assert_eq!(detail["from_model"], a.model_id);
+    assert_eq!(detail["to_model"], c.model_id);
+    assert_eq!(detail["path"], display(c_dir.path()));
+    assert_eq!(detail["require_full_coverage"], true);
 
     // A replica starting now with the old folder: refused, the message
     // names both models, both folders and how to choose.
@@ -241,6 +281,29 @@ async fn swaps_retire_the_model_they_replace_and_a_staged_migration_survives_a_r
         assert_eq!(role_of(&pool, &then.model_id).await.0, "retired");
         assert_eq!(count_role(&pool, "active").await, 1);
     }
+    // A refused reload says what was attempted and why.
+    let missing = Path::new("/nonexistent/checkpoint");
+    admin
+        .reload_model(reload(missing, pb::ReloadMode::Unspecified))
+        .await
+        .expect_err("no checkpoint there");
+    let rows = changes(&pool).await;
+    let (action, outcome, model, detail) = rows.last().expect("a row");
+    assert_eq!(
+        (action.as_str(), outcome.as_str()),
+        ("reload", "INVALID_ARGUMENT")
+    );
+    assert_eq!(model.as_deref(), Some(a.model_id.as_str()));
+    assert_eq!(detail["path"], "/nonexistent/checkpoint");
+    assert_eq!(detail["mode"], "swap");
+    assert_eq!(detail["from_model"], a.model_id);
+    assert!(detail["to_model"].is_null(), "{detail}");
+    assert!(
+        detail["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("/nonexistent/checkpoint")),
+        "{detail}"
+    );
     // Staging C, then staging it again: one staged row.
     for _ in 0..2 {
         admin
@@ -267,6 +330,15 @@ async fn swaps_retire_the_model_they_replace_and_a_staged_migration_survives_a_r
     let staged = model.staged.expect("the staged model was restored");
     assert_eq!(staged.model_id, c.model_id);
     assert_eq!(staged.path, display(c_dir.path()));
+    let restored: (String, String, String) = sqlx::query_as(
+        "SELECT actor, outcome, detail::text FROM audit_log WHERE action = 'reload' ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("the restore's audit row");
+    assert_eq!((restored.0.as_str(), restored.1.as_str()), ("startup", "ok"));
+    let detail: serde_json::Value = serde_json::from_str(&restored.2).expect("detail is JSON");
+    assert_eq!(detail["to_model"], c.model_id);
     let promoted = admin
         .promote_model(pb::PromoteModelRequest {
             require_full_coverage: false,

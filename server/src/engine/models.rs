@@ -50,6 +50,8 @@ impl Engine {
     ) -> Result<Reloaded> {
         let (engine, caller) = (Arc::clone(self), caller.clone());
         self.detach(async move {
+            let from = engine.model_id();
+            let requested = path.clone();
             let result = engine.reload_inner(path, mode, None).await;
             let outcome = match &result {
                 Ok(_) => "ok".to_owned(),
@@ -57,10 +59,49 @@ impl Engine {
             };
             metrics().model_reloaded(&outcome);
             engine
-                .audited(&caller, "reload", None, result, |_| (None, None))
+                .audited_reload(&caller, result, requested, mode, from)
                 .await
         })
         .await
+    }
+
+    /// The audit row of a reload: the folder (the active one when none was
+    /// named), the mode, the model it replaced or staged beside, the model
+    /// it loaded, and the reason when refused.
+    async fn audited_reload(
+        &self,
+        caller: &Caller,
+        result: Result<Reloaded>,
+        requested: Option<PathBuf>,
+        mode: ReloadMode,
+        from: String,
+    ) -> Result<Reloaded> {
+        let mut detail = serde_json::json!({
+            "mode": match mode {
+                ReloadMode::Swap => "swap",
+                ReloadMode::StageMigration => "stage_migration",
+            },
+            "from_model": from,
+        });
+        let model_id = match &result {
+            Ok(r) => {
+                detail["path"] = r.loaded.path.display().to_string().into();
+                detail["to_model"] = r.loaded.embedder.model_id().into();
+                detail["staged"] = r.staged.into();
+                r.loaded.embedder.model_id().to_owned()
+            }
+            Err(e) => {
+                detail["path"] = requested
+                    .unwrap_or_else(|| self.active().model.path.clone())
+                    .display()
+                    .to_string()
+                    .into();
+                detail["reason"] = e.to_string().into();
+                self.model_id()
+            }
+        };
+        self.audited_change(caller, "reload", result, &model_id, &detail)
+            .await
     }
 
     /// At start: stages again the model the database records as staged
@@ -77,11 +118,12 @@ impl Engine {
         let (engine, expected) = (Arc::clone(self), recorded.model_id.clone());
         let caller = Caller::named("startup", None);
         self.detach(async move {
+            let from = engine.model_id();
             let result = engine
-                .reload_inner(Some(path), ReloadMode::StageMigration, Some(&expected))
+                .reload_inner(Some(path.clone()), ReloadMode::StageMigration, Some(&expected))
                 .await;
             engine
-                .audited(&caller, "reload", None, result, |_| (None, None))
+                .audited_reload(&caller, result, Some(path), ReloadMode::StageMigration, from)
                 .await
         })
         .await
@@ -234,9 +276,26 @@ impl Engine {
     pub async fn promote(self: &Arc<Self>, caller: &Caller, require_full_coverage: bool) -> Result<Promoted> {
         let (engine, caller) = (Arc::clone(self), caller.clone());
         self.detach(async move {
+            let (from, to) = (
+                engine.model_id(),
+                engine.staged().map(|s| s.model_id().to_owned()),
+            );
             let result = engine.promote_inner(require_full_coverage).await;
+            let mut detail = serde_json::json!({
+                "from_model": from,
+                "to_model": to,
+                "require_full_coverage": require_full_coverage,
+            });
+            if let Ok(p) = &result {
+                detail["path"] = p.active.path.display().to_string().into();
+                detail["to_model"] = p.active.embedder.model_id().into();
+            }
+            if let Err(e) = &result {
+                detail["reason"] = e.to_string().into();
+            }
+            let model_id = engine.model_id();
             engine
-                .audited(&caller, "promote", None, result, |_| (None, None))
+                .audited_change(&caller, "promote", result, &model_id, &detail)
                 .await
         })
         .await

@@ -248,6 +248,9 @@ pub struct AuditEntry<'a> {
     pub outcome: &'a str,
     /// Best score, for Identify / Verify.
     pub top_score: Option<f32>,
+    /// What an Admin call attempted and how it ended (reloads and
+    /// promotions: path, from and to model, mode, reason when refused).
+    pub detail: Option<&'a serde_json::Value>,
 }
 
 impl Store {
