@@ -216,6 +216,7 @@ async fn write(store: &Store, row: Row) {
             model_id: None,
             outcome: &row.outcome,
             top_score: None,
+            detail: None,
         })
         .await;
     if let Err(error) = written {

@@ -30,6 +30,10 @@ enum Command {
         /// Settings file (YAML); HANDID__SECTION__KEY variables override it.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Adopt the model of model.path as the active model even when the
+        /// database records another (model.adopt: true).
+        #[arg(long)]
+        adopt_model: bool,
     },
     /// Ask a running server's gRPC health service; exit 0 when it is
     /// SERVING, 1 otherwise (the container image's HEALTHCHECK).
@@ -83,10 +87,11 @@ fn parse_scope(name: &str) -> Result<Scope, String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let command = Cli::parse().command;
-    let Command::Serve { config } = command else {
+    let Command::Serve { config, adopt_model } = command else {
         return tools(command).await;
     };
-    let settings = Settings::load(config.as_deref()).context("reading the settings")?;
+    let mut settings = Settings::load(config.as_deref()).context("reading the settings")?;
+    settings.model.adopt |= adopt_model;
     let telemetry =
         handid_server::telemetry::init(&settings.telemetry, "info").context("setting up telemetry")?;
     let listener = tokio::net::TcpListener::bind(settings.server.listen)

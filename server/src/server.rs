@@ -22,7 +22,7 @@ use crate::health::HealthRules;
 use crate::index::{Indexes, MAX_CHUNK_ROWS};
 use crate::service::{AdminService, HandIdService};
 use crate::settings::Settings;
-use crate::store::{ModelRecord, Store, StoreError};
+use crate::store::{Claim, ModelRecord, Store, StoreError};
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +38,19 @@ pub enum ServeError {
         path: String,
         /// Why.
         source: crate::reload::ReloadError,
+    },
+    /// `model.path` holds another model than the one the database records
+    /// as active, and `model.adopt` is off.
+    #[error("{}", disagreement(.recorded, .recorded_path, .folder, .path))]
+    ModelDisagrees {
+        /// The recorded active model.
+        recorded: String,
+        /// Its recorded folder.
+        recorded_path: String,
+        /// The model of `model.path`.
+        folder: String,
+        /// `model.path`.
+        path: String,
     },
     /// The database could not be prepared (connect, migrate, load).
     #[error("preparing the database: {0}")]
@@ -120,6 +133,14 @@ pub async fn run_with_reloads(
         .await?
         .map_err(model_error)?;
     let embedder = Arc::new(embedder);
+    if embedder.manifest().thresholds.is_empty() {
+        tracing::warn!(
+            model_id = %embedder.model_id(),
+            path = %settings.model.path.display(),
+            "the serving model has no calibrated thresholds: Identify and Verify without an explicit \
+             threshold are refused; run handid-trainer calibrate on the checkpoint"
+        );
+    }
     let store = Store::connect(&settings.database).await?;
     let manifest = embedder.manifest();
     store
@@ -131,7 +152,32 @@ pub async fn run_with_reloads(
             manifest_json: serde_json::to_string(manifest)?,
         })
         .await?;
-    store.mark_model(&manifest.model_id, "active").await?;
+    // The serving model is the database's: the folder's model serves when
+    // it is the recorded active one (or none is recorded yet); another one
+    // only when the operator adopts it deliberately.
+    let folder = settings.model.path.display().to_string();
+    match store
+        .claim_active(&manifest.model_id, &folder, settings.model.adopt)
+        .await?
+    {
+        Claim::Active {
+            retired: Some(retired),
+        } => tracing::warn!(
+            adopted = %manifest.model_id,
+            %retired,
+            path = %folder,
+            "model.adopt: the folder's model is now the active model, the previous one is retired"
+        ),
+        Claim::Active { retired: None } => {}
+        Claim::Disagrees(recorded) => {
+            return Err(ServeError::ModelDisagrees {
+                recorded: recorded.model_id,
+                recorded_path: recorded.path.unwrap_or_else(|| "an unrecorded folder".to_owned()),
+                folder: manifest.model_id.clone(),
+                path: folder,
+            });
+        }
+    }
     let limits = &settings.limits;
     let pipeline = Pipeline {
         batch: settings.batch.clone(),
@@ -171,6 +217,19 @@ pub async fn run_with_reloads(
         )
         .await?,
     );
+
+    // A migration in progress when the server stopped goes on: the staged
+    // model is loaded again from its recorded folder.
+    if let Some(staged) = store.model_roles().await?.staged {
+        match engine.restore_staged(&staged).await {
+            Ok(_) => tracing::info!(model_id = %staged.model_id, "staged model restored"),
+            Err(e) => tracing::warn!(
+                model_id = %staged.model_id,
+                reason = %e,
+                "the recorded staged model is not restored; stage it again with ReloadModel"
+            ),
+        }
+    }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     crate::health::set(&health, ServingStatus::NotServing).await;
@@ -308,6 +367,22 @@ async fn tls_config(settings: &Settings) -> Result<Option<ServerTlsConfig>, Serv
     }
     tracing::info!(mutual = settings.tls.client_ca_file.is_some(), "TLS enabled");
     Ok(Some(config))
+}
+
+/// The message of [`ServeError::ModelDisagrees`]: both models, both
+/// folders, and the two ways out.
+fn disagreement(recorded: &str, recorded_path: &str, folder: &str, path: &str) -> String {
+    let serve_recorded = if recorded_path == path {
+        format!("put model {recorded} back in {path} to serve the active model")
+    } else {
+        format!("set model.path to {recorded_path} to serve the active model")
+    };
+    format!(
+        "the database's active model is {recorded} (loaded from {recorded_path}), but model.path \
+         {path} holds model {folder}: {serve_recorded}, or adopt the folder's model deliberately \
+         with model.adopt: true (serve --adopt-model), which makes {folder} the active model and \
+         retires {recorded}"
+    )
 }
 
 fn device_name(device: tch::Device) -> String {

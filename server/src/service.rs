@@ -98,6 +98,7 @@ fn model_info(m: &ActiveModel) -> pb::ModelInfo {
         path: m.path.display().to_string(),
         device: m.device.clone(),
         loaded_at: Some(timestamp(m.loaded_at)),
+        calibrated: !manifest.thresholds.is_empty(),
     }
 }
 

@@ -153,6 +153,11 @@ pub struct ModelSettings {
     pub path: PathBuf,
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
+    /// Serve the model of `path` even when the database records another
+    /// one as active: it becomes the active model and the recorded one is
+    /// retired. Off, such a start is refused (the serving model is the
+    /// database's, so a promotion survives a restart).
+    pub adopt: bool,
 }
 
 impl Default for ModelSettings {
@@ -160,6 +165,7 @@ impl Default for ModelSettings {
         Self {
             path: PathBuf::from("checkpoints/serving"),
             device: "cpu".to_owned(),
+            adopt: false,
         }
     }
 }

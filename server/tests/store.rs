@@ -24,6 +24,7 @@ const AUDIT: AuditEntry<'static> = AuditEntry {
     model_id: None,
     outcome: "ok",
     top_score: None,
+    detail: None,
 };
 
 async fn store(pool: PgPool) -> Store {
@@ -350,6 +351,7 @@ async fn audit_rows_are_written(pool: PgPool) {
             model_id: Some(MODEL),
             outcome: "ok",
             top_score: Some(0.5),
+            detail: None,
         })
         .await
         .expect("audit");

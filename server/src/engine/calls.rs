@@ -129,6 +129,7 @@ impl Engine {
                     model_id: Some(e.active.model_id()),
                     outcome: "ok",
                     top_score: None,
+                    detail: None,
                 },
             )
             .instrument(tracing::info_span!("database", op = "enroll"))
@@ -364,6 +365,7 @@ impl Engine {
                     model_id: Some(&model_id),
                     outcome: "ok",
                     top_score: None,
+                    detail: None,
                 },
             )
             .instrument(tracing::info_span!("database", op = "delete_subject"))
@@ -425,6 +427,7 @@ impl Engine {
                     model_id: Some(&model_id),
                     outcome: "ok",
                     top_score: None,
+                    detail: None,
                 },
             )
             .instrument(tracing::info_span!("database", op = "delete_gallery"))

@@ -293,19 +293,54 @@ impl Engine {
             }
             Err(e) => (None, None, code_name(e.code())),
         };
+        let entry = AuditEntry {
+            actor: &caller.id,
+            peer: caller.peer.as_deref(),
+            action,
+            gallery_id: gallery.map(Id::as_str),
+            subject_id: subject.as_deref(),
+            model_id: Some(&model_id),
+            outcome: &outcome,
+            top_score,
+            detail: None,
+        };
+        self.write_audit(caller, &entry, result).await
+    }
+
+    /// [`Self::audited`] for a model change (reload, promotion): the row
+    /// names `model_id` (the model the call loaded or promoted, the active
+    /// one when refused) and carries `detail`.
+    async fn audited_change<T>(
+        &self,
+        caller: &Caller,
+        action: &str,
+        result: Result<T>,
+        model_id: &str,
+        detail: &serde_json::Value,
+    ) -> Result<T> {
+        let outcome = match &result {
+            Ok(_) => "ok".to_owned(),
+            Err(e) => code_name(e.code()),
+        };
+        let entry = AuditEntry {
+            actor: &caller.id,
+            peer: caller.peer.as_deref(),
+            action,
+            gallery_id: None,
+            subject_id: None,
+            model_id: Some(model_id),
+            outcome: &outcome,
+            top_score: None,
+            detail: Some(detail),
+        };
+        self.write_audit(caller, &entry, result).await
+    }
+
+    async fn write_audit<T>(&self, caller: &Caller, entry: &AuditEntry<'_>, result: Result<T>) -> Result<T> {
         caller.record.mark_audited();
         let written = self
             .store
-            .audit(&AuditEntry {
-                actor: &caller.id,
-                peer: caller.peer.as_deref(),
-                action,
-                gallery_id: gallery.map(Id::as_str),
-                subject_id: subject.as_deref(),
-                model_id: Some(&model_id),
-                outcome: &outcome,
-                top_score,
-            })
+            .audit(entry)
             .instrument(tracing::info_span!("database", op = "audit"))
             .await;
         match (result, written) {
@@ -313,7 +348,7 @@ impl Engine {
             (Ok(_), Err(e)) => Err(e.into()),
             (Err(e), written) => {
                 if let Err(audit_error) = written {
-                    tracing::warn!(error = %audit_error, action, "audit row of a failed call not written");
+                    tracing::warn!(error = %audit_error, action = entry.action, "audit row of a failed call not written");
                 }
                 Err(e)
             }

@@ -12,7 +12,7 @@ use crate::batcher::Batcher;
 use crate::error::ServiceError;
 use crate::index::{Indexes, MAX_CHUNK_ROWS};
 use crate::reload::{self, ReloadMode};
-use crate::store::ModelRecord;
+use crate::store::{ModelRecord, RecordedModel, Role};
 use crate::telemetry::metrics;
 
 impl Engine {
@@ -50,20 +50,92 @@ impl Engine {
     ) -> Result<Reloaded> {
         let (engine, caller) = (Arc::clone(self), caller.clone());
         self.detach(async move {
-            let result = engine.reload_inner(path, mode).await;
+            let from = engine.model_id();
+            let requested = path.clone();
+            let result = engine.reload_inner(path, mode, None).await;
             let outcome = match &result {
                 Ok(_) => "ok".to_owned(),
                 Err(e) => code_name(e.code()),
             };
             metrics().model_reloaded(&outcome);
             engine
-                .audited(&caller, "reload", None, result, |_| (None, None))
+                .audited_reload(&caller, result, requested, mode, from)
                 .await
         })
         .await
     }
 
-    async fn reload_inner(&self, path: Option<PathBuf>, mode: ReloadMode) -> Result<Reloaded> {
+    /// The audit row of a reload: the folder (the active one when none was
+    /// named), the mode, the model it replaced or staged beside, the model
+    /// it loaded, and the reason when refused.
+    async fn audited_reload(
+        &self,
+        caller: &Caller,
+        result: Result<Reloaded>,
+        requested: Option<PathBuf>,
+        mode: ReloadMode,
+        from: String,
+    ) -> Result<Reloaded> {
+        let mut detail = serde_json::json!({
+            "mode": match mode {
+                ReloadMode::Swap => "swap",
+                ReloadMode::StageMigration => "stage_migration",
+            },
+            "from_model": from,
+        });
+        let model_id = match &result {
+            Ok(r) => {
+                detail["path"] = r.loaded.path.display().to_string().into();
+                detail["to_model"] = r.loaded.embedder.model_id().into();
+                detail["staged"] = r.staged.into();
+                r.loaded.embedder.model_id().to_owned()
+            }
+            Err(e) => {
+                detail["path"] = requested
+                    .unwrap_or_else(|| self.active().model.path.clone())
+                    .display()
+                    .to_string()
+                    .into();
+                detail["reason"] = e.to_string().into();
+                self.model_id()
+            }
+        };
+        self.audited_change(caller, "reload", result, &model_id, &detail)
+            .await
+    }
+
+    /// At start: stages again the model the database records as staged
+    /// (a migration in progress when the server stopped), from its recorded
+    /// folder, provided the folder still holds that model and it still needs
+    /// staging. Audited as a reload by `startup`.
+    pub async fn restore_staged(self: &Arc<Self>, recorded: &RecordedModel) -> Result<Reloaded> {
+        let path = recorded.path.clone().map(PathBuf::from).ok_or_else(|| {
+            ServiceError::Internal(format!(
+                "staged model {} has no recorded folder",
+                recorded.model_id
+            ))
+        })?;
+        let (engine, expected) = (Arc::clone(self), recorded.model_id.clone());
+        let caller = Caller::named("startup", None);
+        self.detach(async move {
+            let from = engine.model_id();
+            let result = engine
+                .reload_inner(Some(path.clone()), ReloadMode::StageMigration, Some(&expected))
+                .await;
+            engine
+                .audited_reload(&caller, result, Some(path), ReloadMode::StageMigration, from)
+                .await
+        })
+        .await
+    }
+
+    /// A reload; with `restoring`, only the staging of that model id.
+    async fn reload_inner(
+        &self,
+        path: Option<PathBuf>,
+        mode: ReloadMode,
+        restoring: Option<&str>,
+    ) -> Result<Reloaded> {
         let _one = self.reloading.lock().await;
         let active = self.active();
         let path = path.unwrap_or_else(|| active.model.path.clone());
@@ -86,7 +158,29 @@ impl Engine {
             (Err(_), ReloadMode::StageMigration) => true,
             (Err(reason), ReloadMode::Swap) => return Err(ServiceError::IncompatibleModel(reason)),
         };
+        if let Some(expected) = restoring
+            && (embedder.model_id() != expected || !staging)
+        {
+            return Err(ServiceError::Internal(format!(
+                "{} now holds model {}, {}: the staged model {expected} is not restored",
+                path.display(),
+                embedder.model_id(),
+                if staging {
+                    "another model"
+                } else {
+                    "one compatible with the active model"
+                },
+            )));
+        }
         let manifest = embedder.manifest();
+        if manifest.thresholds.is_empty() {
+            tracing::warn!(
+                model_id = %embedder.model_id(),
+                path = %path.display(),
+                "the loaded model has no calibrated thresholds: Identify and Verify without an \
+                 explicit threshold are refused; run handid-trainer calibrate on the checkpoint"
+            );
+        }
         self.store
             .record_model(&ModelRecord {
                 model_id: manifest.model_id.clone(),
@@ -155,8 +249,13 @@ impl Engine {
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::clone(&slot);
             }
         }
-        let role = if staging { "staged" } else { "active" };
-        self.store.mark_model(slot.model_id(), role).await?;
+        let role = if staging { Role::Staged } else { Role::Active };
+        // The database records the swap (the model it replaces retired), so
+        // a restart and every replica starting later serve this model.
+        self.store
+            .assign_role(slot.model_id(), role, &slot.model.path.display().to_string())
+            .await?;
+        let role = role.as_str();
         tracing::info!(
             previous = %active.model_id(),
             loaded = %slot.model_id(),
@@ -177,9 +276,26 @@ impl Engine {
     pub async fn promote(self: &Arc<Self>, caller: &Caller, require_full_coverage: bool) -> Result<Promoted> {
         let (engine, caller) = (Arc::clone(self), caller.clone());
         self.detach(async move {
+            let (from, to) = (
+                engine.model_id(),
+                engine.staged().map(|s| s.model_id().to_owned()),
+            );
             let result = engine.promote_inner(require_full_coverage).await;
+            let mut detail = serde_json::json!({
+                "from_model": from,
+                "to_model": to,
+                "require_full_coverage": require_full_coverage,
+            });
+            if let Ok(p) = &result {
+                detail["path"] = p.active.path.display().to_string().into();
+                detail["to_model"] = p.active.embedder.model_id().into();
+            }
+            if let Err(e) = &result {
+                detail["reason"] = e.to_string().into();
+            }
+            let model_id = engine.model_id();
             engine
-                .audited(&caller, "promote", None, result, |_| (None, None))
+                .audited_change(&caller, "promote", result, &model_id, &detail)
                 .await
         })
         .await
@@ -213,8 +329,15 @@ impl Engine {
             *slot = None;
             std::mem::replace(&mut *active, Arc::clone(&staged))
         };
-        self.store.mark_model(previous.model_id(), "retired").await?;
-        self.store.mark_model(staged.model_id(), "active").await?;
+        // Recorded in one transaction: the staged model becomes the active
+        // one, the previous active model is retired.
+        self.store
+            .assign_role(
+                staged.model_id(),
+                Role::Active,
+                &staged.model.path.display().to_string(),
+            )
+            .await?;
         tracing::info!(previous = %previous.model_id(), active = %staged.model_id(), "staged model promoted");
         Ok(Promoted {
             active: staged.model.clone(),

@@ -18,8 +18,8 @@ pub(super) async fn insert<'e>(
     entry: &AuditEntry<'_>,
 ) -> StoreResult<()> {
     sqlx::query(
-        "INSERT INTO audit_log (actor, action, gallery_id, subject_id, model_id, outcome, top_score, peer)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        "INSERT INTO audit_log (actor, action, gallery_id, subject_id, model_id, outcome, top_score, peer, detail)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, COALESCE($9::jsonb, '{}'::jsonb))",
     )
     .bind(entry.actor)
     .bind(entry.action)
@@ -29,6 +29,7 @@ pub(super) async fn insert<'e>(
     .bind(entry.outcome)
     .bind(entry.top_score)
     .bind(entry.peer.map(|p| p.get(..p.len().min(128)).unwrap_or(p)))
+    .bind(entry.detail.map(ToString::to_string))
     .execute(executor)
     .await?;
     Ok(())

@@ -22,6 +22,57 @@ pub struct ModelRecord {
     pub manifest_json: String,
 }
 
+/// A role a model holds; a model holding neither is retired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The serving model.
+    Active,
+    /// The model of a migration in progress.
+    Staged,
+}
+
+impl Role {
+    /// The `models.role` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Active => "active",
+            Role::Staged => "staged",
+        }
+    }
+}
+
+/// A model the database records in a role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedModel {
+    /// Its id.
+    pub model_id: String,
+    /// The checkpoint folder it was last loaded from (`None` for a model
+    /// recorded before the folder was).
+    pub path: Option<String>,
+}
+
+/// The models the database records as active and staged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelRoles {
+    /// The serving model.
+    pub active: Option<RecordedModel>,
+    /// The model of a migration in progress.
+    pub staged: Option<RecordedModel>,
+}
+
+/// What [`Store::claim_active`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The model is recorded as active; the model it replaced, if any, is
+    /// retired.
+    Active {
+        /// The retired model.
+        retired: Option<String>,
+    },
+    /// Another model is recorded as active: nothing changed.
+    Disagrees(RecordedModel),
+}
+
 /// An enrolment to store.
 #[derive(Debug, Clone)]
 pub struct NewEnrollment<'a> {
@@ -197,6 +248,9 @@ pub struct AuditEntry<'a> {
     pub outcome: &'a str,
     /// Best score, for Identify / Verify.
     pub top_score: Option<f32>,
+    /// What an Admin call attempted and how it ended (reloads and
+    /// promotions: path, from and to model, mode, reason when refused).
+    pub detail: Option<&'a serde_json::Value>,
 }
 
 impl Store {
@@ -216,21 +270,68 @@ impl Store {
         Ok(())
     }
 
-    /// Records that `model_id` was (re)loaded into `role` (`active`,
-    /// `staged`) or retired: the `models` row keeps the count and the time
-    /// of the last load.
-    pub async fn mark_model(&self, model_id: &str, role: &str) -> StoreResult<()> {
-        let bump = i64::from(role != "retired");
-        sqlx::query(
-            "UPDATE models SET role = $2, load_count = load_count + $3,
-                    last_loaded_at = CASE WHEN $3 = 1 THEN now() ELSE last_loaded_at END
-             WHERE model_id = $1",
-        )
-        .bind(model_id)
-        .bind(role)
-        .bind(bump)
-        .execute(&self.pool)
-        .await?;
+    /// The models the database records as active and staged.
+    pub async fn model_roles(&self) -> StoreResult<ModelRoles> {
+        let rows: Vec<(String, String, Option<String>)> =
+            sqlx::query_as("SELECT role, model_id, path FROM models WHERE role IN ('active', 'staged')")
+                .fetch_all(&self.pool)
+                .await?;
+        let mut roles = ModelRoles::default();
+        for (role, model_id, path) in rows {
+            let recorded = Some(RecordedModel { model_id, path });
+            match role.as_str() {
+                "active" => roles.active = recorded,
+                _ => roles.staged = recorded,
+            }
+        }
+        Ok(roles)
+    }
+
+    /// Records that `model_id`, loaded from `path`, is now the model of
+    /// `role` (active or staged): the model that held the role before is
+    /// retired, in the same transaction (at most one of each, a unique
+    /// index says so). The row keeps the count and the time of the last
+    /// load. Returns the retired model's id.
+    pub async fn assign_role(&self, model_id: &str, role: Role, path: &str) -> StoreResult<Option<String>> {
+        let mut tx = self.pool.begin().await?;
+        lock_roles(&mut tx).await?;
+        let retired = assign(&mut tx, model_id, role, path).await?;
+        tx.commit().await?;
+        Ok(retired)
+    }
+
+    /// At start: makes `model_id` (the model of `model.path`, loaded from
+    /// `path`) the active model when none is recorded, when it is the one
+    /// recorded, or when `adopt` says to replace the recorded one; otherwise
+    /// changes nothing and returns the recorded model. One decision at a
+    /// time across replicas.
+    pub async fn claim_active(&self, model_id: &str, path: &str, adopt: bool) -> StoreResult<Claim> {
+        let mut tx = self.pool.begin().await?;
+        lock_roles(&mut tx).await?;
+        let recorded: Option<(String, Option<String>)> =
+            sqlx::query_as("SELECT model_id, path FROM models WHERE role = 'active'")
+                .fetch_optional(&mut *tx)
+                .await?;
+        if let Some((recorded_id, recorded_path)) = recorded
+            && recorded_id != model_id
+            && !adopt
+        {
+            return Ok(Claim::Disagrees(RecordedModel {
+                model_id: recorded_id,
+                path: recorded_path,
+            }));
+        }
+        let retired = assign(&mut tx, model_id, Role::Active, path).await?;
+        tx.commit().await?;
+        Ok(Claim::Active { retired })
+    }
+
+    /// Retires `model_id` (a staged model that is not restored).
+    pub async fn retire_model(&self, model_id: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE models SET role = 'retired' WHERE model_id = $1")
+            .bind(model_id)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -257,4 +358,42 @@ impl Store {
             })
             .collect())
     }
+}
+
+/// Serialises role changes (reloads, promotions, starts of every replica):
+/// the first writer of an empty table and a concurrent swap cannot both win.
+async fn lock_roles(tx: &mut sqlx::PgConnection) -> StoreResult<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock(7460373270431950002)")
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
+/// Retires the holder of `role` unless it is `model_id`, then gives
+/// `model_id` the role and its path; returns the retired model.
+async fn assign(
+    tx: &mut sqlx::PgConnection,
+    model_id: &str,
+    role: Role,
+    path: &str,
+) -> StoreResult<Option<String>> {
+    // Retire first: the unique index allows one holder per role at every
+    // statement's end.
+    let retired: Option<String> = sqlx::query_scalar(
+        "UPDATE models SET role = 'retired' WHERE role = $1 AND model_id <> $2 RETURNING model_id",
+    )
+    .bind(role.as_str())
+    .bind(model_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE models SET role = $2, path = $3, load_count = load_count + 1, last_loaded_at = now()
+         WHERE model_id = $1",
+    )
+    .bind(model_id)
+    .bind(role.as_str())
+    .bind(path)
+    .execute(&mut *tx)
+    .await?;
+    Ok(retired)
 }

@@ -1,0 +1,394 @@
+//! The serving model is the database's, not the folder's: a promotion
+//! survives a restart, a server (or a replica starting later) whose
+//! `model.path` holds another model than the recorded active one refuses to
+//! start with a message naming both and how to choose, adopting the folder
+//! deliberately is recorded, `models.role` keeps one active and one staged
+//! model at most, and a staged migration survives a restart. Real servers
+//! over a real Postgres.
+
+mod common;
+
+use std::path::Path;
+
+use common::{TestServer, checkpoint_in, database_url, logs, people, settings, wait_for_health};
+use handid_model::{ClipVisionConfig, create_random_checkpoint};
+use handid_proto::v1 as pb;
+use handid_proto::v1::admin_client::AdminClient;
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+async fn admin_client(server: &TestServer) -> AdminClient<Channel> {
+    AdminClient::connect(format!("http://{}", server.addr))
+        .await
+        .expect("admin client")
+}
+
+fn enroll(gallery: &str, subject: &str, images: &[Vec<u8>]) -> pb::EnrollRequest {
+    pb::EnrollRequest {
+        gallery_id: gallery.to_owned(),
+        subject_id: subject.to_owned(),
+        images: images.iter().map(|d| pb::Image { data: d.clone() }).collect(),
+        idempotency_key: String::new(),
+    }
+}
+
+fn reload(path: &Path, mode: pb::ReloadMode) -> pb::ReloadModelRequest {
+    pb::ReloadModelRequest {
+        path: path.display().to_string(),
+        mode: mode as i32,
+    }
+}
+
+async fn report(admin: &mut AdminClient<Channel>) -> pb::GetModelResponse {
+    admin
+        .get_model(pb::GetModelRequest {})
+        .await
+        .expect("get model")
+        .into_inner()
+}
+
+/// `(model_id, role, path)` of every recorded model, by model id.
+async fn roles(pool: &PgPool) -> Vec<(String, String, Option<String>)> {
+    sqlx::query_as("SELECT model_id, role, path FROM models ORDER BY model_id")
+        .fetch_all(pool)
+        .await
+        .expect("models rows")
+}
+
+async fn role_of(pool: &PgPool, model_id: &str) -> (String, Option<String>) {
+    sqlx::query_as("SELECT role, path FROM models WHERE model_id = $1")
+        .bind(model_id)
+        .fetch_one(pool)
+        .await
+        .expect("models row")
+}
+
+async fn count_role(pool: &PgPool, role: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM models WHERE role = $1")
+        .bind(role)
+        .fetch_one(pool)
+        .await
+        .expect("count")
+}
+
+/// `(action, outcome, model_id, detail)` of every reload and promotion
+/// audit row, in order.
+async fn changes(pool: &PgPool) -> Vec<(String, String, Option<String>, serde_json::Value)> {
+    let rows: Vec<(String, String, Option<String>, String)> = sqlx::query_as(
+        "SELECT action, outcome, model_id, detail::text FROM audit_log
+         WHERE action IN ('reload', 'promote') ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("audit rows");
+    rows.into_iter()
+        .map(|(action, outcome, model, detail)| {
+            (
+                action,
+                outcome,
+                model,
+                serde_json::from_str(&detail).expect("detail is JSON"),
+            )
+        })
+        .collect()
+}
+
+fn display(path: &Path) -> String {
+    path.display().to_string()
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_promotion_survives_a_restart_and_a_disagreeing_folder_is_refused(
+    _: PgPoolOptions,
+    options: PgConnectOptions,
+) {
+    let (a_dir, c_dir) = (tempfile::tempdir().expect("a"), tempfile::tempdir().expect("c"));
+    let a = checkpoint_in(a_dir.path(), 11, None);
+    let c = checkpoint_in(c_dir.path(), 13, None);
+    let server = TestServer::start(settings(&options, a_dir.path())).await;
+    let mut client = server.client().await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let pool = PgPoolOptions::new()
+        .connect(&database_url(&options))
+        .await
+        .expect("pool");
+    // First start on an empty database: the folder's model is recorded
+    // as active, with its folder.
+    assert_eq!(
+        role_of(&pool, &a.model_id).await,
+        ("active".to_owned(), Some(display(a_dir.path())))
+    );
+
+    let people = people(3, 2);
+    let (early, late) = (&people[0], &people[2]);
+    client
+        .enroll(enroll("site", &early.0, &early.1[..1]))
+        .await
+        .expect("enrol under A");
+    let mut admin = admin_client(&server).await;
+    admin
+        .reload_model(reload(c_dir.path(), pb::ReloadMode::StageMigration))
+        .await
+        .expect("stage C");
+    assert_eq!(
+        role_of(&pool, &c.model_id).await,
+        ("staged".to_owned(), Some(display(c_dir.path())))
+    );
+    // Re-enrolled during the migration: a template of C too.
+    client
+        .enroll(enroll("site", &early.0, &early.1[1..2]))
+        .await
+        .expect("dual enrol");
+    admin
+        .promote_model(pb::PromoteModelRequest {
+            require_full_coverage: true,
+        })
+        .await
+        .expect("promote C");
+    // Enrolled after the promotion: templates of C only.
+    client
+        .enroll(enroll("site", &late.0, &late.1[..1]))
+        .await
+        .expect("enrol under C");
+    assert_eq!(roles(&pool).await.iter().filter(|r| r.1 == "active").count(), 1);
+    assert_eq!(role_of(&pool, &a.model_id).await.0, "retired");
+    assert_eq!(role_of(&pool, &c.model_id).await.0, "active");
+    // The audit rows say what was attempted: folder, mode, from and to.
+    let rows = changes(&pool).await;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let (action, outcome, model, detail) = &rows[0];
+    assert_eq!((action.as_str(), outcome.as_str()), ("reload", "ok"));
+    assert_eq!(model.as_deref(), Some(c.model_id.as_str()));
+    assert_eq!(detail["path"], display(c_dir.path()));
+    assert_eq!(detail["mode"], "stage_migration");
+    assert_eq!(detail["from_model"], a.model_id);
+    assert_eq!(detail["to_model"], c.model_id);
+    assert_eq!(detail["staged"], true);
+    let (action, outcome, model, detail) = &rows[1];
+    assert_eq!((action.as_str(), outcome.as_str()), ("promote", "ok"));
+    assert_eq!(model.as_deref(), Some(c.model_id.as_str()));
+    assert_eq!(detail["from_model"], a.model_id);
+    assert_eq!(detail["to_model"], c.model_id);
+    assert_eq!(detail["path"], display(c_dir.path()));
+    assert_eq!(detail["require_full_coverage"], true);
+
+    // A replica starting now with the old folder: refused, the message
+    // names both models, both folders and how to choose.
+    let refused = TestServer::start(settings(&options, a_dir.path()))
+        .await
+        .stop()
+        .await
+        .expect_err("a replica on the old folder starts");
+    let message = refused.to_string();
+    for want in [
+        a.model_id.as_str(),
+        c.model_id.as_str(),
+        &display(a_dir.path()),
+        &display(c_dir.path()),
+        "model.adopt: true",
+        "--adopt-model",
+    ] {
+        assert!(message.contains(want), "{want:?} missing from: {message}");
+    }
+    server.stop().await.expect("clean stop");
+
+    // Restarted with the same settings (model.path still A's folder):
+    // the same refusal, nothing changed.
+    let refused = TestServer::start(settings(&options, a_dir.path()))
+        .await
+        .stop()
+        .await
+        .expect_err("a restart on the old folder");
+    assert!(
+        matches!(refused, handid_server::ServeError::ModelDisagrees { .. }),
+        "{refused}"
+    );
+    assert_eq!(role_of(&pool, &c.model_id).await.0, "active");
+
+    // Settings naming the active model's folder: it serves, and the subject
+    // enrolled after the promotion is found.
+    let server = TestServer::start(settings(&options, c_dir.path())).await;
+    let mut client = server.client().await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let found = client
+        .identify(pb::IdentifyRequest {
+            gallery_id: "site".to_owned(),
+            image: Some(pb::Image {
+                data: late.1[0].clone(),
+            }),
+            top_k: 5,
+            rule: None,
+        })
+        .await
+        .expect("identify after the restart")
+        .into_inner();
+    assert_eq!(found.model_id, c.model_id);
+    assert_eq!(found.gallery_size, 2, "both subjects have templates of C");
+    assert_eq!(found.candidates[0].subject_id, late.0);
+    assert!(found.candidates[0].score > 0.999, "{:?}", found.candidates[0]);
+    server.stop().await.expect("clean stop");
+
+    // Adopting the old folder deliberately: it serves and is recorded as
+    // active, the promoted model retired.
+    let mut adopt = settings(&options, a_dir.path());
+    adopt.model.adopt = true;
+    let server = TestServer::start(adopt).await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let mut admin = admin_client(&server).await;
+    assert_eq!(
+        report(&mut admin).await.active.expect("active").model_id,
+        a.model_id
+    );
+    assert_eq!(
+        role_of(&pool, &a.model_id).await,
+        ("active".to_owned(), Some(display(a_dir.path())))
+    );
+    assert_eq!(role_of(&pool, &c.model_id).await.0, "retired");
+    assert_eq!(count_role(&pool, "active").await, 1);
+    server.stop().await.expect("clean stop");
+}
+
+#[sqlx::test(migrations = false)]
+async fn swaps_retire_the_model_they_replace_and_a_staged_migration_survives_a_restart(
+    _: PgPoolOptions,
+    options: PgConnectOptions,
+) {
+    let (a_dir, b_dir, c_dir) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+        tempfile::tempdir().expect("c"),
+    );
+    let a = checkpoint_in(a_dir.path(), 11, None);
+    let b = checkpoint_in(b_dir.path(), 12, Some(&a.embedding_space));
+    let c = checkpoint_in(c_dir.path(), 13, None);
+    let server = TestServer::start(settings(&options, a_dir.path())).await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let mut admin = admin_client(&server).await;
+    let pool = PgPoolOptions::new()
+        .connect(&database_url(&options))
+        .await
+        .expect("pool");
+
+    // A -> B -> A: each swap retires the model it replaces.
+    for (dir, now, then) in [(&b_dir, &b, &a), (&a_dir, &a, &b)] {
+        admin
+            .reload_model(reload(dir.path(), pb::ReloadMode::Unspecified))
+            .await
+            .expect("compatible swap");
+        assert_eq!(role_of(&pool, &now.model_id).await.0, "active");
+        assert_eq!(role_of(&pool, &then.model_id).await.0, "retired");
+        assert_eq!(count_role(&pool, "active").await, 1);
+    }
+    // A refused reload says what was attempted and why.
+    let missing = Path::new("/nonexistent/checkpoint");
+    admin
+        .reload_model(reload(missing, pb::ReloadMode::Unspecified))
+        .await
+        .expect_err("no checkpoint there");
+    let rows = changes(&pool).await;
+    let (action, outcome, model, detail) = rows.last().expect("a row");
+    assert_eq!(
+        (action.as_str(), outcome.as_str()),
+        ("reload", "INVALID_ARGUMENT")
+    );
+    assert_eq!(model.as_deref(), Some(a.model_id.as_str()));
+    assert_eq!(detail["path"], "/nonexistent/checkpoint");
+    assert_eq!(detail["mode"], "swap");
+    assert_eq!(detail["from_model"], a.model_id);
+    assert!(detail["to_model"].is_null(), "{detail}");
+    assert!(
+        detail["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("/nonexistent/checkpoint")),
+        "{detail}"
+    );
+    // Staging C, then staging it again: one staged row.
+    for _ in 0..2 {
+        admin
+            .reload_model(reload(c_dir.path(), pb::ReloadMode::StageMigration))
+            .await
+            .expect("stage C");
+    }
+    assert_eq!(count_role(&pool, "staged").await, 1);
+    assert_eq!(role_of(&pool, &c.model_id).await.0, "staged");
+    // The unique index holds even against a direct write.
+    let second = sqlx::query("UPDATE models SET role = 'active' WHERE model_id = $1")
+        .bind(&b.model_id)
+        .execute(&pool)
+        .await;
+    assert!(second.is_err(), "a second active model was recorded");
+    server.stop().await.expect("clean stop");
+
+    // Restarted: A serves and C is staged again from its recorded folder.
+    let server = TestServer::start(settings(&options, a_dir.path())).await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let mut admin = admin_client(&server).await;
+    let model = report(&mut admin).await;
+    assert_eq!(model.active.expect("active").model_id, a.model_id);
+    let staged = model.staged.expect("the staged model was restored");
+    assert_eq!(staged.model_id, c.model_id);
+    assert_eq!(staged.path, display(c_dir.path()));
+    let restored: (String, String, String) = sqlx::query_as(
+        "SELECT actor, outcome, detail::text FROM audit_log WHERE action = 'reload' ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("the restore's audit row");
+    assert_eq!((restored.0.as_str(), restored.1.as_str()), ("startup", "ok"));
+    let detail: serde_json::Value = serde_json::from_str(&restored.2).expect("detail is JSON");
+    assert_eq!(detail["to_model"], c.model_id);
+    let promoted = admin
+        .promote_model(pb::PromoteModelRequest {
+            require_full_coverage: false,
+        })
+        .await
+        .expect("promote the restored staging")
+        .into_inner();
+    assert_eq!(promoted.active.expect("active").model_id, c.model_id);
+    let recorded = roles(&pool).await;
+    let active: Vec<&str> = recorded
+        .iter()
+        .filter(|r| r.1 == "active")
+        .map(|r| r.0.as_str())
+        .collect();
+    assert_eq!(active, [c.model_id.as_str()], "{recorded:?}");
+    assert_eq!(count_role(&pool, "staged").await, 0);
+    server.stop().await.expect("clean stop");
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_model_without_thresholds_is_reported_and_warned_about(
+    _: PgPoolOptions,
+    options: PgConnectOptions,
+) {
+    let dir = tempfile::tempdir().expect("checkpoint");
+    let manifest =
+        create_random_checkpoint(dir.path(), &ClipVisionConfig::tiny_vit(), 21).expect("checkpoint");
+    assert!(manifest.thresholds.is_empty());
+    let server = TestServer::start(settings(&options, dir.path())).await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let mut admin = admin_client(&server).await;
+    let active = report(&mut admin).await.active.expect("active");
+    assert!(!active.calibrated);
+    assert!(active.operating_points.is_empty());
+    let logs = String::from_utf8_lossy(&logs()).into_owned();
+    assert!(
+        logs.lines().any(|l| l.contains("WARN")
+            && l.contains("no calibrated thresholds")
+            && l.contains(&manifest.model_id)),
+        "no start warning in the logs"
+    );
+    // A calibrated checkpoint says so.
+    let calibrated = tempfile::tempdir().expect("calibrated");
+    let next = checkpoint_in(calibrated.path(), 22, Some(&manifest.embedding_space));
+    admin
+        .reload_model(reload(calibrated.path(), pb::ReloadMode::Unspecified))
+        .await
+        .expect("swap");
+    let active = report(&mut admin).await.active.expect("active");
+    assert_eq!(active.model_id, next.model_id);
+    assert!(active.calibrated);
+    server.stop().await.expect("clean stop");
+}
