@@ -9,10 +9,14 @@
 -- migration a swap left every model it had ever loaded `active`). Rows
 -- recorded without a role are retired until a load marks them.
 ALTER TABLE models ADD COLUMN path TEXT;
+-- When the model stopped being the active one (NULL: never replaced while
+-- active). The most recent is the model RollbackModel goes back to.
+ALTER TABLE models ADD COLUMN active_until TIMESTAMPTZ;
 ALTER TABLE models ALTER COLUMN role SET DEFAULT 'retired';
 
 -- Of the models marked active (or staged), the one loaded last keeps its role.
-UPDATE models m SET role = 'retired'
+UPDATE models m SET role = 'retired',
+    active_until = CASE WHEN m.role = 'active' THEN m.last_loaded_at END
 WHERE m.role IN ('active', 'staged')
   AND EXISTS (
       SELECT 1 FROM models n

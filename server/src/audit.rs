@@ -238,6 +238,8 @@ pub fn action_of(path: &str) -> &'static str {
         "handid.v1.Admin/GetModel" => "get_model",
         "handid.v1.Admin/ReloadModel" => "reload",
         "handid.v1.Admin/PromoteModel" => "promote",
+        "handid.v1.Admin/RollbackModel" => "rollback",
+        "handid.v1.Admin/ReloadSettings" => "reload_settings",
         _ => "unknown",
     }
 }

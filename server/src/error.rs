@@ -223,6 +223,13 @@ pub enum ServiceError {
     /// PromoteModel with full coverage required, and galleries lacking it.
     #[error("the staged model does not cover every subject yet; galleries lacking coverage: {0}")]
     CoverageIncomplete(String),
+    /// ReloadSettings changed nothing: no settings file, or one that does
+    /// not validate (the reason names the file and the setting).
+    #[error("{0}")]
+    SettingsRefused(String),
+    /// RollbackModel cannot go back; the reason says why and what to do.
+    #[error("cannot roll back: {0}")]
+    RollbackRefused(String),
     /// A server fault; the detail is logged, never sent.
     #[error("internal error")]
     Internal(String),
@@ -290,7 +297,9 @@ impl ServiceError {
             ServiceError::NotCalibrated { .. }
             | ServiceError::IncompatibleModel(_)
             | ServiceError::NothingStaged
-            | ServiceError::CoverageIncomplete(_) => Code::FailedPrecondition,
+            | ServiceError::CoverageIncomplete(_)
+            | ServiceError::RollbackRefused(_)
+            | ServiceError::SettingsRefused(_) => Code::FailedPrecondition,
             ServiceError::IdempotencyKeyReused => Code::AlreadyExists,
             ServiceError::GalleryNotFound(_)
             | ServiceError::SubjectNotFound { .. }

@@ -245,9 +245,11 @@ pub fn requests(data: &[u8]) -> usize {
             assert!(pb::ReloadMode::try_from(r.mode).is_ok(), "mode {}", r.mode);
         }));
     }
-    // The other two carry nothing to validate: decoding must not panic.
+    // The others carry nothing to validate: decoding must not panic.
     let _ = pb::GetModelRequest::decode(data);
     let _ = pb::PromoteModelRequest::decode(data);
+    let _ = pb::RollbackModelRequest::decode(data);
+    let _ = pb::ReloadSettingsRequest::decode(data);
     accepted
 }
 

@@ -18,9 +18,10 @@ use tower::layer::util::{Identity, Stack};
 use tower::{Layer, Service, ServiceBuilder};
 
 use crate::audit::{AuditLayer, AuditSink};
-use crate::auth::{Access, Authenticator, access_of};
+use crate::auth::{Access, access_of};
 use crate::engine::Caller;
 use crate::index::lock;
+use crate::live::LiveAuth;
 use crate::settings::Settings;
 use crate::telemetry::metrics;
 
@@ -46,7 +47,7 @@ impl Protection {
     /// The layers, in the order a call meets them. The order matters:
     /// cheap refusals come first, and nothing refused takes a slot of the
     /// concurrency limit.
-    pub fn stack(settings: &Settings, auth: Arc<Authenticator>, audit: AuditSink) -> ProtectionLayer {
+    pub fn stack(settings: &Settings, auth: Arc<LiveAuth>, audit: AuditSink) -> ProtectionLayer {
         ServiceBuilder::new()
             // 1. The audit record: every call (health and reflection
             //    aside) leaves a row; this layer writes it for the calls
@@ -176,7 +177,7 @@ where
 }
 
 /// The methods this server serves, as metrics and traces name them.
-const METHODS: [&str; 16] = [
+const METHODS: [&str; 18] = [
     "handid.v1.HandId/Enroll",
     "handid.v1.HandId/Identify",
     "handid.v1.HandId/Verify",
@@ -188,6 +189,8 @@ const METHODS: [&str; 16] = [
     "handid.v1.Admin/GetModel",
     "handid.v1.Admin/ReloadModel",
     "handid.v1.Admin/PromoteModel",
+    "handid.v1.Admin/RollbackModel",
+    "handid.v1.Admin/ReloadSettings",
     "grpc.health.v1.Health/Check",
     "grpc.health.v1.Health/Watch",
     "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
@@ -309,7 +312,7 @@ where
 /// Authentication and scope check; puts the [`Caller`] in the request's
 /// extensions, where tonic hands it to the handler.
 #[derive(Debug)]
-pub struct Authenticate(Arc<Authenticator>);
+pub struct Authenticate(Arc<LiveAuth>);
 
 impl Gate for Authenticate {
     type Ticket = ();
@@ -317,6 +320,7 @@ impl Gate for Authenticate {
         let path = request.uri().path().to_owned();
         let caller = self
             .0
+            .current()
             .check(&path, request.headers(), request.extensions())
             .inspect_err(|status| {
                 tracing::info!(method = %path, code = ?status.code(), "call refused by access control");

@@ -8,6 +8,8 @@
 //!   and replication keeps up.
 //! - [`audit`]: the audit rows of calls the core never saw (refusals).
 //! - [`auth`]: API keys, scopes, client certificates: who calls, and may they.
+//! - [`live`]: the settings applied while running (keys, on ReloadSettings
+//!   and SIGHUP).
 //! - [`telemetry`]: logs, OpenTelemetry traces and metrics over OTLP.
 //! - [`service`]: the thin gRPC handlers (protobuf <-> domain types).
 //! - [`validate`]: every check of a request that needs neither the
@@ -39,6 +41,7 @@ pub mod fuzzing;
 pub mod health;
 pub mod index;
 pub mod layers;
+pub mod live;
 pub mod reload;
 pub mod replication;
 pub mod server;

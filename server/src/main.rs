@@ -2,8 +2,9 @@
 //!
 //! # Layout
 //! - `main.rs`: the command line: `serve` (the gRPC service until SIGTERM or
-//!   ctrl-c, then a graceful drain; SIGHUP hot-reloads the model's
-//!   checkpoint folder), `migrate` (apply migrations, exit),
+//!   ctrl-c, then a graceful drain; SIGHUP reloads the settings file's
+//!   keys, then hot-reloads the active model's checkpoint folder),
+//!   `migrate` (apply migrations, exit),
 //!   `health` (probe a running server) and `keygen` (a new API key).
 
 use std::path::PathBuf;
@@ -190,14 +191,17 @@ async fn shutdown_signal() {
     }
 }
 
-/// One message per SIGHUP: reload the model's checkpoint folder.
+/// One message per SIGHUP: reload the settings file's keys, then the active
+/// model's checkpoint folder.
 fn reload_signal() -> anyhow::Result<tokio::sync::mpsc::Receiver<()>> {
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("listening for SIGHUP")?;
     let (reload, reloads) = tokio::sync::mpsc::channel(1);
     tokio::spawn(async move {
         while hangup.recv().await.is_some() {
-            tracing::info!("SIGHUP received: reloading the model");
+            tracing::info!(
+                "SIGHUP received: reloading the settings file's keys, then the active model's folder"
+            );
             // A reload already queued covers this signal too.
             let _ = reload.try_send(());
         }

@@ -12,8 +12,8 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use crate::audit::AuditSink;
-use crate::auth::Authenticator;
 use crate::layers::Protection;
+use crate::live::{LiveAuth, LiveSettings};
 
 use crate::batcher::Batcher;
 use crate::decode::Decoding;
@@ -104,9 +104,11 @@ pub async fn run(
     run_with_reloads(listener, settings, shutdown, never).await
 }
 
-/// [`run`], plus a hot reload of the active model's checkpoint folder for
-/// every message on `reloads` (what `serve` sends on SIGHUP). A refused
-/// checkpoint is logged with its reason and the old model keeps serving.
+/// [`run`], plus for every message on `reloads` (what `serve` sends on
+/// SIGHUP): the settings file's keys applied again (when the settings came
+/// from a file), then a hot reload of the active model's checkpoint folder.
+/// A refused file keeps the old keys, a refused checkpoint the old model;
+/// both are logged and audited with their reason.
 pub async fn run_with_reloads(
     listener: TcpListener,
     settings: Settings,
@@ -251,12 +253,23 @@ pub async fn run_with_reloads(
             health_stopped,
         ))
     });
+    // The keys in force, replaced whole by ReloadSettings and SIGHUP.
+    let live = Arc::new(LiveSettings::new(
+        &settings,
+        Arc::new(LiveAuth::new(&settings.auth)),
+    ));
     let reloader = {
-        let engine = Arc::clone(&engine);
+        let (engine, live) = (Arc::clone(&engine), Arc::clone(&live));
         tokio::spawn(async move {
             while reloads.recv().await.is_some() {
-                // Audited like an Admin call, with the signal as the caller.
+                // Audited like Admin calls, with the signal as the caller:
+                // the settings first (a refused file keeps the old keys and
+                // does not stop the model's reload), then the active
+                // model's folder.
                 let caller = Caller::named("signal:SIGHUP", None);
+                if live.has_file() {
+                    let _ = engine.reload_settings(&caller, &live).await;
+                }
                 match engine
                     .reload(&caller, None, crate::reload::ReloadMode::Swap)
                     .await
@@ -288,10 +301,10 @@ pub async fn run_with_reloads(
     let handid = HandIdServer::new(HandIdService::new(Arc::clone(&engine)))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
-    let admin = AdminServer::new(AdminService::new(engine))
+    let admin = AdminServer::new(AdminService::with_settings(engine, Arc::clone(&live)))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
-    let auth = Arc::new(Authenticator::new(&settings.auth));
+
     let (audit_sink, audit_writer) = AuditSink::start(engine_for_writes.store().clone());
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls_config(&settings).await? {
@@ -322,7 +335,7 @@ pub async fn run_with_reloads(
         })
         // Timeout, access control, rate limit, concurrency limit: the
         // protection stack, commented layer by layer in `layers.rs`.
-        .layer(Protection::stack(&settings, auth, audit_sink))
+        .layer(Protection::stack(&settings, Arc::clone(live.auth()), audit_sink))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(handid)

@@ -7,6 +7,7 @@ use handid_proto::v1::{self as pb, admin_server::Admin, hand_id_server::HandId};
 use tonic::{Request, Response, Status};
 
 use crate::engine::{ActiveModel, Caller, Decision, Engine};
+use crate::live::LiveSettings;
 use crate::store::SubjectRecord;
 use crate::validate;
 
@@ -20,6 +21,7 @@ pub struct HandIdService {
 #[derive(Debug, Clone)]
 pub struct AdminService {
     engine: Arc<Engine>,
+    settings: Option<Arc<LiveSettings>>,
 }
 
 impl HandIdService {
@@ -30,9 +32,20 @@ impl HandIdService {
 }
 
 impl AdminService {
-    /// Serves `engine`.
+    /// Serves `engine`; ReloadSettings is refused (no settings to reload).
     pub fn new(engine: Arc<Engine>) -> Self {
-        Self { engine }
+        Self {
+            engine,
+            settings: None,
+        }
+    }
+
+    /// Serves `engine`; ReloadSettings reloads `settings`.
+    pub fn with_settings(engine: Arc<Engine>, settings: Arc<LiveSettings>) -> Self {
+        Self {
+            engine,
+            settings: Some(settings),
+        }
     }
 }
 
@@ -276,6 +289,12 @@ impl Admin for AdminService {
                     subjects_with_staged_templates: c.covered,
                 })
                 .collect(),
+            rollback_target: report.rollback_target.map(|r| pb::RetiredModel {
+                model_id: r.model.model_id,
+                embedding_space: r.embedding_space,
+                path: r.model.path.unwrap_or_default(),
+                active_until: Some(timestamp(r.active_until)),
+            }),
         }))
     }
 
@@ -304,6 +323,43 @@ impl Admin for AdminService {
         Ok(Response::new(pb::PromoteModelResponse {
             active: Some(model_info(&out.active)),
             previous: Some(model_info(&out.previous)),
+        }))
+    }
+
+    async fn rollback_model(
+        &self,
+        request: Request<pb::RollbackModelRequest>,
+    ) -> Result<Response<pb::RollbackModelResponse>, Status> {
+        let out = self.engine.rollback(&caller(&request)).await?;
+        Ok(Response::new(pb::RollbackModelResponse {
+            active: Some(model_info(&out.loaded)),
+            previous: Some(model_info(&out.previous)),
+        }))
+    }
+
+    async fn reload_settings(
+        &self,
+        request: Request<pb::ReloadSettingsRequest>,
+    ) -> Result<Response<pb::ReloadSettingsResponse>, Status> {
+        let caller = caller(&request);
+        let out = match &self.settings {
+            Some(settings) => self.engine.reload_settings(&caller, settings).await?,
+            None => {
+                return Err(crate::ServiceError::SettingsRefused(
+                    crate::live::SettingsReloadError::NoFile.to_string(),
+                )
+                .into());
+            }
+        };
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Ok(Response::new(pb::ReloadSettingsResponse {
+            path: out.path.display().to_string(),
+            keys: count(out.keys),
+            certificate_grants: count(out.certificate_grants),
+            added: out.added,
+            removed: out.removed,
+            changed: out.changed,
+            restart_required: out.restart_required,
         }))
     }
 }

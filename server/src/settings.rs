@@ -63,6 +63,10 @@ pub struct Settings {
     pub tls: TlsSettings,
     /// OpenTelemetry export and log format.
     pub telemetry: TelemetrySettings,
+    /// The file these settings were read from ([`Settings::load`]): what
+    /// ReloadSettings and SIGHUP read again. Not a setting.
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
 }
 
 /// The gRPC listener and its middleware.
@@ -414,7 +418,9 @@ impl Settings {
             })?,
             None => String::new(),
         };
-        Self::from_yaml_and_env(&text, std::env::vars())
+        let mut settings = Self::from_yaml_and_env(&text, std::env::vars())?;
+        settings.file = path.map(Path::to_owned);
+        Ok(settings)
     }
 
     /// Parses YAML text, applies the `HANDID__SECTION__KEY` pairs among

@@ -392,3 +392,204 @@ async fn a_model_without_thresholds_is_reported_and_warned_about(
     assert!(active.calibrated);
     server.stop().await.expect("clean stop");
 }
+
+async fn rollback(admin: &mut AdminClient<Channel>) -> Result<pb::RollbackModelResponse, tonic::Status> {
+    admin
+        .rollback_model(pb::RollbackModelRequest {})
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn refused_with(result: Result<pb::RollbackModelResponse, tonic::Status>, wants: &[&str]) {
+    let status = result.expect_err("the rollback should be refused");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    for want in wants {
+        assert!(
+            status.message().contains(want),
+            "{want:?} missing from: {}",
+            status.message()
+        );
+    }
+}
+
+/// `(outcome, model_id, detail)` of every rollback audit row, in order.
+async fn rollbacks(pool: &PgPool) -> Vec<(String, Option<String>, serde_json::Value)> {
+    let rows: Vec<(String, Option<String>, String)> = sqlx::query_as(
+        "SELECT outcome, model_id, detail::text FROM audit_log WHERE action = 'rollback' ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("audit rows");
+    rows.into_iter()
+        .map(|(outcome, model, detail)| (outcome, model, serde_json::from_str(&detail).expect("JSON")))
+        .collect()
+}
+
+#[sqlx::test(migrations = false)]
+async fn rollback_returns_to_the_previous_model_while_its_templates_cover_every_subject(
+    _: PgPoolOptions,
+    options: PgConnectOptions,
+) {
+    let (a_dir, c_dir) = (tempfile::tempdir().expect("a"), tempfile::tempdir().expect("c"));
+    let a = checkpoint_in(a_dir.path(), 11, None);
+    let c = checkpoint_in(c_dir.path(), 13, None);
+    let pool = PgPoolOptions::new()
+        .connect(&database_url(&options))
+        .await
+        .expect("pool");
+    let server = TestServer::start(settings(&options, a_dir.path())).await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let (mut client, mut admin) = (server.client().await, admin_client(&server).await);
+    let people = people(2, 2);
+    let (early, late) = (&people[0], &people[1]);
+    client
+        .enroll(enroll("site", &early.0, &early.1[..1]))
+        .await
+        .expect("enrol under A");
+
+    // Nothing replaced yet: nothing to go back to.
+    assert!(report(&mut admin).await.rollback_target.is_none());
+    refused_with(
+        rollback(&mut admin).await,
+        &["nothing to roll back to", &a.model_id],
+    );
+
+    // A migration to C (another space), the subject re-enrolled during it.
+    admin
+        .reload_model(reload(c_dir.path(), pb::ReloadMode::StageMigration))
+        .await
+        .expect("stage C");
+    refused_with(rollback(&mut admin).await, &["is staged", &c.model_id]);
+    client
+        .enroll(enroll("site", &early.0, &early.1[1..2]))
+        .await
+        .expect("dual enrol");
+    admin
+        .promote_model(pb::PromoteModelRequest {
+            require_full_coverage: true,
+        })
+        .await
+        .expect("promote C");
+    let target = report(&mut admin).await.rollback_target.expect("A is the target");
+    assert_eq!(target.model_id, a.model_id);
+    assert_eq!(target.embedding_space, a.embedding_space);
+    assert_eq!(target.path, display(a_dir.path()));
+    assert!(target.active_until.is_some());
+
+    // A subject enrolled after the promotion has no template of A: refused,
+    // naming the gallery with its counts and the way out; C keeps serving.
+    client
+        .enroll(enroll("site", &late.0, &late.1[..1]))
+        .await
+        .expect("enrol under C");
+    refused_with(
+        rollback(&mut admin).await,
+        &[
+            &a.model_id,
+            "site (1 of 2 subjects)",
+            "RELOAD_MODE_STAGE_MIGRATION",
+        ],
+    );
+    assert_eq!(
+        report(&mut admin).await.active.expect("active").model_id,
+        c.model_id
+    );
+
+    // Once every subject has a template of A again, the rollback goes
+    // through, whatever the direction of compatibility.
+    client
+        .delete_subject(pb::DeleteSubjectRequest {
+            gallery_id: "site".to_owned(),
+            subject_id: late.0.clone(),
+        })
+        .await
+        .expect("delete the late subject");
+    let back = rollback(&mut admin).await.expect("roll back to A");
+    assert_eq!(back.active.expect("active").model_id, a.model_id);
+    assert_eq!(back.previous.expect("previous").model_id, c.model_id);
+    let found = client
+        .identify(pb::IdentifyRequest {
+            gallery_id: "site".to_owned(),
+            image: Some(pb::Image {
+                data: early.1[0].clone(),
+            }),
+            top_k: 5,
+            rule: None,
+        })
+        .await
+        .expect("identify under A")
+        .into_inner();
+    assert_eq!(found.model_id, a.model_id);
+    assert_eq!(found.candidates[0].subject_id, early.0);
+    assert!(found.candidates[0].score > 0.999);
+    assert_eq!(role_of(&pool, &a.model_id).await.0, "active");
+    assert_eq!(role_of(&pool, &c.model_id).await.0, "retired");
+    assert_eq!(
+        report(&mut admin).await.rollback_target.expect("C").model_id,
+        c.model_id
+    );
+    let rows = rollbacks(&pool).await;
+    let outcomes: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(
+        outcomes,
+        [
+            "FAILED_PRECONDITION",
+            "FAILED_PRECONDITION",
+            "FAILED_PRECONDITION",
+            "ok"
+        ]
+    );
+    let (_, model, detail) = &rows[2];
+    assert_eq!(model.as_deref(), Some(c.model_id.as_str()));
+    assert_eq!(detail["to_model"], a.model_id);
+    assert!(
+        detail["reason"].as_str().is_some_and(|r| r.contains("1 of 2")),
+        "{detail}"
+    );
+    let (_, model, detail) = &rows[3];
+    assert_eq!(model.as_deref(), Some(a.model_id.as_str()));
+    assert_eq!(detail["from_model"], c.model_id);
+    assert_eq!(detail["to_model"], a.model_id);
+    assert_eq!(detail["path"], display(a_dir.path()));
+    server.stop().await.expect("clean stop");
+
+    // The rollback is the database's: a restart on A's folder serves A.
+    let server = TestServer::start(settings(&options, a_dir.path())).await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let (mut client, mut admin) = (server.client().await, admin_client(&server).await);
+    assert_eq!(
+        report(&mut admin).await.active.expect("active").model_id,
+        a.model_id
+    );
+
+    // Rolling back again returns to C: the subject has its template of C.
+    let forward = rollback(&mut admin).await.expect("roll forward to C");
+    assert_eq!(forward.active.expect("active").model_id, c.model_id);
+    let found = client
+        .identify(pb::IdentifyRequest {
+            gallery_id: "site".to_owned(),
+            image: Some(pb::Image {
+                data: early.1[1].clone(),
+            }),
+            top_k: 5,
+            rule: None,
+        })
+        .await
+        .expect("identify under C")
+        .into_inner();
+    assert_eq!(found.model_id, c.model_id);
+    assert_eq!(found.candidates[0].subject_id, early.0);
+
+    // A's folder now holds another model: refused, naming both.
+    let other = checkpoint_in(a_dir.path(), 14, None);
+    refused_with(
+        rollback(&mut admin).await,
+        &[&other.model_id, &a.model_id, &display(a_dir.path())],
+    );
+    assert_eq!(
+        report(&mut admin).await.active.expect("active").model_id,
+        c.model_id
+    );
+    assert_eq!(count_role(&pool, "active").await, 1);
+    server.stop().await.expect("clean stop");
+}

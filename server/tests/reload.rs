@@ -578,3 +578,235 @@ async fn sighup_reloads_the_real_binary(_: PgPoolOptions, options: PgConnectOpti
         .expect("exit status");
     assert!(exit.success(), "{exit:?}");
 }
+
+/// A settings file for the real binary with auth on and these `(id, key,
+/// scopes)` keys, plus `extra` YAML lines at the top level.
+fn keyed_settings(
+    port: u16,
+    options: &PgConnectOptions,
+    model: &Path,
+    keys: &[(&str, &str, &str)],
+    extra: &str,
+) -> String {
+    let mut text = format!(
+        "server:\n  listen: 127.0.0.1:{port}\n  health_check_interval_ms: 200\n\
+         database:\n  url: {}\n  max_connections: 4\n  migrate_on_start: true\n\
+         model:\n  path: {}\n{extra}\
+         auth:\n  enabled: true\n  keys:\n",
+        database_url(options),
+        model.display()
+    );
+    for (id, key, scopes) in keys {
+        text.push_str(&format!(
+            "    - id: {id}\n      sha256: {}\n      scopes: [{scopes}]\n",
+            handid_server::auth::hash_key(key)
+        ));
+    }
+    text
+}
+
+/// ListSubjects of an unknown gallery with `key`: NOT_FOUND once the key
+/// is admitted, UNAUTHENTICATED while it is not.
+async fn list_with(channel: &Channel, key: &str) -> Code {
+    let mut client = handid_proto::v1::hand_id_client::HandIdClient::new(channel.clone());
+    let mut request = tonic::Request::new(pb::ListSubjectsRequest {
+        gallery_id: "nowhere".to_owned(),
+        page_size: 10,
+        page_token: String::new(),
+    });
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {key}").parse().expect("metadata"),
+    );
+    match client.list_subjects(request).await {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+fn with_key<T>(key: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {key}").parse().expect("metadata"),
+    );
+    request
+}
+
+#[sqlx::test(migrations = false)]
+async fn keys_reload_on_sighup_and_reload_settings_and_a_bad_file_keeps_the_old_ones(
+    _: PgPoolOptions,
+    options: PgConnectOptions,
+) {
+    let serving = tempfile::tempdir().expect("serving folder");
+    checkpoint_in(serving.path(), 11, None);
+    let (ops, desk) = (
+        handid_server::auth::generate_key(),
+        handid_server::auth::generate_key(),
+    );
+    let port = free_port();
+    let config = serving.path().join("server.yaml");
+    let write = |keys: &[(&str, &str, &str)], extra: &str| {
+        std::fs::write(
+            &config,
+            keyed_settings(port, &options, serving.path(), keys, extra),
+        )
+        .expect("settings file");
+    };
+    write(&[("ops", &ops, "admin")], "");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_handid-server"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn handid-server");
+    let pid = child.id().expect("pid").to_string();
+    let endpoint =
+        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).expect("endpoint");
+    let mut channel = None;
+    for _ in 0..300 {
+        if let Ok(c) = endpoint.connect().await {
+            channel = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let channel = channel.expect("the binary never accepted a connection");
+    let hup = || {
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .expect("kill -HUP");
+        assert!(status.success());
+    };
+    let until = |want: Code| {
+        let (channel, desk) = (channel.clone(), desk.clone());
+        async move {
+            for _ in 0..100 {
+                if list_with(&channel, &desk).await == want {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            false
+        }
+    };
+    assert_eq!(list_with(&channel, &desk).await, Code::Unauthenticated);
+
+    // Added to the file, SIGHUP: the key works.
+    write(&[("ops", &ops, "admin"), ("desk", &desk, "identify")], "");
+    hup();
+    assert!(
+        until(Code::NotFound).await,
+        "the added key was not admitted after SIGHUP"
+    );
+
+    // Removed, SIGHUP: refused again.
+    write(&[("ops", &ops, "admin")], "");
+    hup();
+    assert!(
+        until(Code::Unauthenticated).await,
+        "the removed key still works after SIGHUP"
+    );
+
+    // A file that does not validate: SIGHUP keeps the keys in force.
+    std::fs::write(
+        &config,
+        "auth:\n  keys: [{id: desk, sha256: nothex, scopes: [identify]}]\n",
+    )
+    .expect("bad file");
+    hup();
+    let pool = PgPoolOptions::new()
+        .connect(&database_url(&options))
+        .await
+        .expect("pool");
+    let settings_rows = || {
+        let pool = pool.clone();
+        async move {
+            let rows: Vec<(String, String, String)> = sqlx::query_as(
+                "SELECT actor, outcome, detail::text FROM audit_log WHERE action = 'reload_settings' ORDER BY id",
+            )
+            .fetch_all(&pool)
+            .await
+            .expect("audit");
+            rows
+        }
+    };
+    let mut refused = None;
+    for _ in 0..100 {
+        let rows = settings_rows().await;
+        if rows.len() == 3 {
+            refused = Some(rows[2].clone());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (actor, outcome, detail) = refused.expect("the third SIGHUP left no reload_settings row");
+    assert_eq!(
+        (actor.as_str(), outcome.as_str()),
+        ("signal:SIGHUP", "FAILED_PRECONDITION")
+    );
+    assert!(
+        detail.contains("server.yaml") && detail.contains("auth.keys.sha256"),
+        "{detail}"
+    );
+    let mut admin = AdminClient::new(channel.clone());
+    admin
+        .get_model(with_key(&ops, pb::GetModelRequest {}))
+        .await
+        .expect("the old admin key still works");
+    assert_eq!(list_with(&channel, &desk).await, Code::Unauthenticated);
+
+    // The Admin call: applied before it answers, with what changed and
+    // what waits for a restart.
+    write(
+        &[("ops", &ops, "admin"), ("desk", &desk, "identify")],
+        "limits:\n  max_image_bytes: 1234567\n",
+    );
+    let applied = admin
+        .reload_settings(with_key(&ops, pb::ReloadSettingsRequest {}))
+        .await
+        .expect("reload settings")
+        .into_inner();
+    assert_eq!(applied.path, config.display().to_string());
+    assert_eq!((applied.keys, applied.certificate_grants), (2, 0));
+    assert_eq!(applied.added, ["desk"]);
+    assert!(
+        applied.removed.is_empty() && applied.changed.is_empty(),
+        "{applied:?}"
+    );
+    assert_eq!(applied.restart_required, ["limits.max_image_bytes"]);
+    assert_eq!(list_with(&channel, &desk).await, Code::NotFound);
+    // Only the admin scope may reload.
+    let denied = admin
+        .reload_settings(with_key(&desk, pb::ReloadSettingsRequest {}))
+        .await
+        .expect_err("identify scope");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    // A bad file through the Admin call: refused with the reason, nothing
+    // changed.
+    std::fs::write(&config, "auth: [not, a, mapping]\n").expect("bad file");
+    let refused = admin
+        .reload_settings(with_key(&ops, pb::ReloadSettingsRequest {}))
+        .await
+        .expect_err("bad file");
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(refused.message().contains("server.yaml"), "{}", refused.message());
+    assert_eq!(list_with(&channel, &desk).await, Code::NotFound);
+    assert!(
+        child.try_wait().expect("child status").is_none(),
+        "the server died"
+    );
+
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill -TERM");
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("the server stopped on SIGTERM")
+        .expect("exit status");
+    assert!(exit.success(), "{exit:?}");
+}

@@ -11,9 +11,21 @@ use crate::audit::code_name;
 use crate::batcher::Batcher;
 use crate::error::ServiceError;
 use crate::index::{Indexes, MAX_CHUNK_ROWS};
+use crate::live::{LiveSettings, SettingsReloaded};
 use crate::reload::{self, ReloadMode};
 use crate::store::{ModelRecord, RecordedModel, Role};
 use crate::telemetry::metrics;
+
+/// Why a checkpoint is loaded.
+#[derive(Debug, Clone, Copy)]
+enum Purpose<'a> {
+    /// An operator's reload (ReloadModel, SIGHUP).
+    Reload(ReloadMode),
+    /// At start, staging again the recorded staged model of this id.
+    Restore(&'a str),
+    /// RollbackModel, to the previous active model of this id.
+    Rollback(&'a str),
+}
 
 impl Engine {
     /// What GetModel reports.
@@ -33,6 +45,7 @@ impl Engine {
             active: self.model(),
             staged: staged.map(|s| s.model.clone()),
             coverage,
+            rollback_target: self.store.previous_active().await?,
         })
     }
 
@@ -52,7 +65,7 @@ impl Engine {
         self.detach(async move {
             let from = engine.model_id();
             let requested = path.clone();
-            let result = engine.reload_inner(path, mode, None).await;
+            let result = engine.reload_inner(path, Purpose::Reload(mode)).await;
             let outcome = match &result {
                 Ok(_) => "ok".to_owned(),
                 Err(e) => code_name(e.code()),
@@ -120,7 +133,7 @@ impl Engine {
         self.detach(async move {
             let from = engine.model_id();
             let result = engine
-                .reload_inner(Some(path.clone()), ReloadMode::StageMigration, Some(&expected))
+                .reload_inner(Some(path.clone()), Purpose::Restore(&expected))
                 .await;
             engine
                 .audited_reload(&caller, result, Some(path), ReloadMode::StageMigration, from)
@@ -129,16 +142,161 @@ impl Engine {
         .await
     }
 
-    /// A reload; with `restoring`, only the staging of that model id.
-    async fn reload_inner(
-        &self,
-        path: Option<PathBuf>,
-        mode: ReloadMode,
-        restoring: Option<&str>,
-    ) -> Result<Reloaded> {
+    /// Reads the settings file again and applies its keys and grants
+    /// ([`LiveSettings::reload`]); audited (`reload_settings`) with the
+    /// file, the ids added, removed and changed, and the settings that wait
+    /// for a restart, or the reason nothing changed.
+    pub async fn reload_settings(&self, caller: &Caller, live: &LiveSettings) -> Result<SettingsReloaded> {
+        let result = live
+            .reload()
+            .map_err(|e| ServiceError::SettingsRefused(e.to_string()));
+        let detail = match &result {
+            Ok(r) => {
+                if !r.restart_required.is_empty() {
+                    tracing::warn!(
+                        settings = ?r.restart_required,
+                        "settings changed in the file apply at the next start"
+                    );
+                }
+                tracing::info!(
+                    path = %r.path.display(),
+                    keys = r.keys,
+                    added = ?r.added,
+                    removed = ?r.removed,
+                    changed = ?r.changed,
+                    "settings reloaded: the new keys are in force"
+                );
+                serde_json::json!({
+                    "path": r.path.display().to_string(),
+                    "keys": r.keys,
+                    "certificate_grants": r.certificate_grants,
+                    "added": r.added,
+                    "removed": r.removed,
+                    "changed": r.changed,
+                    "restart_required": r.restart_required,
+                })
+            }
+            Err(e) => {
+                tracing::error!(reason = %e, "settings reload refused; the running keys stay in force");
+                serde_json::json!({ "reason": e.to_string() })
+            }
+        };
+        let model_id = self.model_id();
+        self.audited_change(caller, "reload_settings", result, &model_id, &detail)
+            .await
+    }
+
+    /// Makes the model that was active before the active one (the most
+    /// recently replaced, as the database records it) active again, loaded
+    /// from its recorded folder with the checks of a reload, whatever its
+    /// embedding space. Refused while a migration is staged, without a
+    /// previous model, when its folder holds another model now, and when a
+    /// subject has no template it can compare (enrolled after it was
+    /// replaced, by a model of another space). Detached and audited
+    /// (`rollback`) as a reload.
+    pub async fn rollback(self: &Arc<Self>, caller: &Caller) -> Result<Reloaded> {
+        let (engine, caller) = (Arc::clone(self), caller.clone());
+        self.detach(async move {
+            let from = engine.model_id();
+            let (result, target) = engine.rollback_inner().await;
+            let mut detail = serde_json::json!({ "from_model": from });
+            if let Some(target) = &target {
+                detail["to_model"] = target.model_id.clone().into();
+                detail["path"] = target.path.clone().into();
+            }
+            if let Err(e) = &result {
+                detail["reason"] = e.to_string().into();
+            }
+            let outcome = match &result {
+                Ok(_) => "ok".to_owned(),
+                Err(e) => code_name(e.code()),
+            };
+            metrics().model_reloaded(&outcome);
+            let model_id = engine.model_id();
+            engine
+                .audited_change(&caller, "rollback", result, &model_id, &detail)
+                .await
+        })
+        .await
+    }
+
+    /// The rollback, and the model it went back to (or tried to).
+    async fn rollback_inner(&self) -> (Result<Reloaded>, Option<RecordedModel>) {
         let _one = self.reloading.lock().await;
+        if let Some(staged) = self.staged() {
+            let reason = format!(
+                "a migration to model {} is staged: promote it before rolling back",
+                staged.model_id()
+            );
+            return (Err(ServiceError::RollbackRefused(reason)), None);
+        }
+        let target = match self.store.previous_active().await {
+            Ok(Some(target)) => target.model,
+            Ok(None) => {
+                let reason = format!(
+                    "model {} is the only model this database has served: there is nothing to roll \
+                     back to",
+                    self.model_id()
+                );
+                return (Err(ServiceError::RollbackRefused(reason)), None);
+            }
+            Err(e) => return (Err(e.into()), None),
+        };
+        let Some(path) = target.path.clone() else {
+            let reason = format!(
+                "model {} was recorded without its folder: reload it with ReloadModel and a path",
+                target.model_id
+            );
+            return (Err(ServiceError::RollbackRefused(reason)), Some(target));
+        };
+        let result = self
+            .load_and_publish(PathBuf::from(path), Purpose::Rollback(&target.model_id))
+            .await;
+        (result, Some(target))
+    }
+
+    /// Subjects that no template of `spaces` covers, per gallery, as
+    /// RollbackModel's refusal.
+    async fn uncovered(&self, spaces: &[String], model_id: &str) -> Result<()> {
+        let lacking: Vec<String> = self
+            .store
+            .coverage(spaces)
+            .await?
+            .into_iter()
+            .filter(|c| c.covered < c.subjects)
+            .map(|c| {
+                format!(
+                    "{} ({} of {} subjects)",
+                    c.gallery_id,
+                    c.subjects - c.covered,
+                    c.subjects
+                )
+            })
+            .collect();
+        if lacking.is_empty() {
+            return Ok(());
+        }
+        Err(ServiceError::RollbackRefused(format!(
+            "subjects have no template model {model_id} can compare (enrolled after it was \
+             replaced, by a model of another embedding space): {}; stage model {model_id} as a \
+             migration (ReloadModel RELOAD_MODE_STAGE_MIGRATION with its folder), re-enrol them \
+             and promote it",
+            lacking.join(", ")
+        )))
+    }
+
+    /// A reload or the restoration of a staged model, one at a time.
+    async fn reload_inner(&self, path: Option<PathBuf>, purpose: Purpose<'_>) -> Result<Reloaded> {
+        let _one = self.reloading.lock().await;
+        let path = path.unwrap_or_else(|| self.active().model.path.clone());
+        self.load_and_publish(path, purpose).await
+    }
+
+    /// Loads `path` on the side, checks it for `purpose`, loads its
+    /// indexes and publishes it as the active or the staged model. The
+    /// caller holds `reloading`.
+    async fn load_and_publish(&self, path: PathBuf, purpose: Purpose<'_>) -> Result<Reloaded> {
         let active = self.active();
-        let path = path.unwrap_or_else(|| active.model.path.clone());
         let device = active.model.embedder.device();
         let started = Instant::now();
         let loading = path.clone();
@@ -150,15 +308,30 @@ impl Engine {
                 reason,
             })?;
         let embedder = Arc::new(embedder);
-        let staging = match (
-            reload::compatible(active.model.embedder.manifest(), embedder.manifest()),
-            mode,
-        ) {
+        let compatible = reload::compatible(active.model.embedder.manifest(), embedder.manifest());
+        let staging = match (compatible, purpose) {
+            // Going back: the templates decide, not the direction of
+            // compatibility (checked below, and again under the lock).
+            (_, Purpose::Rollback(_)) => false,
             (Ok(()), _) => false,
-            (Err(_), ReloadMode::StageMigration) => true,
-            (Err(reason), ReloadMode::Swap) => return Err(ServiceError::IncompatibleModel(reason)),
+            (Err(_), Purpose::Reload(ReloadMode::StageMigration) | Purpose::Restore(_)) => true,
+            (Err(reason), Purpose::Reload(ReloadMode::Swap)) => {
+                return Err(ServiceError::IncompatibleModel(reason));
+            }
         };
-        if let Some(expected) = restoring
+        if let Purpose::Rollback(expected) = purpose {
+            if embedder.model_id() != expected {
+                return Err(ServiceError::RollbackRefused(format!(
+                    "{} now holds model {}, not model {expected}: put model {expected} back in its \
+                     folder, or reload the model you want with ReloadModel",
+                    path.display(),
+                    embedder.model_id()
+                )));
+            }
+            self.uncovered(&reload::spaces(embedder.manifest()), expected)
+                .await?;
+        }
+        if let Purpose::Restore(expected) = purpose
             && (embedder.model_id() != expected || !staging)
         {
             return Err(ServiceError::Internal(format!(
@@ -236,6 +409,12 @@ impl Engine {
                 self.catch_up_slot(&slot, from).await.map_err(|e| {
                     ServiceError::Internal(format!("catching the new model's indexes up: {e}"))
                 })?;
+            }
+            // Writers are held off: no subject can be enrolled without a
+            // template of the model rolled back to between this check and
+            // the publication.
+            if let Purpose::Rollback(expected) = purpose {
+                self.uncovered(&slot.spaces, expected).await?;
             }
             if staging {
                 *self

@@ -257,6 +257,8 @@ pub struct ModelReport {
     pub staged: Option<ActiveModel>,
     /// The staged model's enrolment coverage per gallery (empty without one).
     pub coverage: Vec<Coverage>,
+    /// The model RollbackModel would make active again.
+    pub rollback_target: Option<crate::store::RetiredModel>,
 }
 
 /// A page of ListSubjects.

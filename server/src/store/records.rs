@@ -51,6 +51,17 @@ pub struct RecordedModel {
     pub path: Option<String>,
 }
 
+/// A model that was active once and has been replaced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetiredModel {
+    /// Its id and last folder.
+    pub model: RecordedModel,
+    /// Its embedding space.
+    pub embedding_space: String,
+    /// When it stopped being the active model.
+    pub active_until: DateTime<Utc>,
+}
+
 /// The models the database records as active and staged.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModelRoles {
@@ -326,6 +337,25 @@ impl Store {
         Ok(Claim::Active { retired })
     }
 
+    /// The model that was active last before the active one (the most
+    /// recently replaced), which RollbackModel makes active again.
+    pub async fn previous_active(&self) -> StoreResult<Option<RetiredModel>> {
+        let row: Option<(String, String, Option<String>, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT model_id, embedding_space, path, active_until FROM models
+             WHERE role = 'retired' AND active_until IS NOT NULL
+             ORDER BY active_until DESC, model_id LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(
+            row.map(|(model_id, embedding_space, path, active_until)| RetiredModel {
+                model: RecordedModel { model_id, path },
+                embedding_space,
+                active_until,
+            }),
+        )
+    }
+
     /// Retires `model_id` (a staged model that is not restored).
     pub async fn retire_model(&self, model_id: &str) -> StoreResult<()> {
         sqlx::query("UPDATE models SET role = 'retired' WHERE model_id = $1")
@@ -380,7 +410,9 @@ async fn assign(
     // Retire first: the unique index allows one holder per role at every
     // statement's end.
     let retired: Option<String> = sqlx::query_scalar(
-        "UPDATE models SET role = 'retired' WHERE role = $1 AND model_id <> $2 RETURNING model_id",
+        "UPDATE models SET role = 'retired',
+             active_until = CASE WHEN role = 'active' THEN now() ELSE active_until END
+         WHERE role = $1 AND model_id <> $2 RETURNING model_id",
     )
     .bind(role.as_str())
     .bind(model_id)
