@@ -93,6 +93,9 @@ async fn problems(engine: &Engine, rules: HealthRules) -> Vec<String> {
     if !engine.models_can_run() {
         problems.push("a loaded model cannot run (its self-test fails)".to_owned());
     }
+    if let Some(reason) = engine.unfollowed() {
+        problems.push(reason);
+    }
     if let (Some(max_lag), true) = (rules.max_lag, database) {
         match tokio::time::timeout(probe_timeout, engine.store().lag(engine.applied_change())).await {
             Ok(Ok(lag)) => {

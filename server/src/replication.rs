@@ -71,7 +71,7 @@ pub async fn follow(engine: Arc<Engine>, settings: ReplicationSettings, mut stop
         if listener.is_none() {
             listener = connect(&engine).await;
             // Whatever was announced while no one listened.
-            catch_up(&engine).await;
+            catch_up_all(&engine).await;
         }
         let event = match listener.as_mut() {
             Some(l) => tokio::select! {
@@ -87,6 +87,10 @@ pub async fn follow(engine: Arc<Engine>, settings: ReplicationSettings, mut stop
             }
         };
         match event {
+            Some(Ok(Ok(Some(notification)))) if notification.payload() == MODELS => {
+                tracing::debug!("model roles changed");
+                follow_roles(&engine).await;
+            }
             Some(Ok(Ok(Some(notification)))) => {
                 tracing::debug!(payload = notification.payload(), "change announced");
                 catch_up(&engine).await;
@@ -97,7 +101,7 @@ pub async fn follow(engine: Arc<Engine>, settings: ReplicationSettings, mut stop
                 // the table now, and the periodic read covers the gap until
                 // the listener is back.
                 tracing::warn!("change listener connection lost; reconnecting and catching up");
-                catch_up(&engine).await;
+                catch_up_all(&engine).await;
             }
             Some(Ok(Err(e))) => {
                 tracing::warn!(error = %e, "change listener failed; reconnecting");
@@ -105,7 +109,7 @@ pub async fn follow(engine: Arc<Engine>, settings: ReplicationSettings, mut stop
                 sleep_or_stop(poll, &mut stopped).await;
             }
             // Timeout: the periodic read.
-            Some(Err(_)) | None => catch_up(&engine).await,
+            Some(Err(_)) | None => catch_up_all(&engine).await,
         }
     }
 }
@@ -126,6 +130,22 @@ async fn connect(engine: &Engine) -> Option<PgListener> {
             None
         }
     }
+}
+
+/// A change of the recorded models (the payload of their NOTIFY).
+const MODELS: &str = "models";
+
+async fn follow_roles(engine: &Engine) {
+    if let Err(e) = engine.follow_roles().await {
+        tracing::warn!(error = %e, "following the model roles failed; retrying at the next poll");
+    }
+}
+
+/// Applies the template changes, then follows the model roles: the
+/// periodic read and the catch-up after a reconnection cover both.
+async fn catch_up_all(engine: &Engine) {
+    catch_up(engine).await;
+    follow_roles(engine).await;
 }
 
 async fn catch_up(engine: &Engine) {

@@ -84,7 +84,6 @@ fn subject_record(gallery_id: &str, s: SubjectRecord) -> pb::Subject {
             .map(|t| pb::TemplateInfo {
                 template_id: t.template_id.to_string(),
                 model_id: t.model_id,
-                quality: t.quality,
                 created_at: Some(timestamp(t.created_at)),
             })
             .collect(),

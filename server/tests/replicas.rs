@@ -234,3 +234,177 @@ async fn writes_on_one_replica_reach_the_other_and_missed_notifications_are_caug
     a.stop().await.expect("A stops");
     b.stop().await.expect("B stops");
 }
+
+/// The models replica `server` serves: (active, staged).
+async fn models_of(server: &TestServer) -> (String, Option<String>) {
+    let mut admin = handid_proto::v1::admin_client::AdminClient::connect(format!("http://{}", server.addr))
+        .await
+        .expect("admin client");
+    let report = admin
+        .get_model(pb::GetModelRequest {})
+        .await
+        .expect("get model")
+        .into_inner();
+    (
+        report.active.expect("active").model_id,
+        report.staged.map(|m| m.model_id),
+    )
+}
+
+/// Polls `server` until it serves `want`; how long that took.
+async fn until_models(server: &TestServer, want: (&str, Option<&str>)) -> Duration {
+    let started = Instant::now();
+    loop {
+        let (active, staged) = models_of(server).await;
+        if (active.as_str(), staged.as_deref()) == want {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the replica serves ({active}, {staged:?}), not {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn model_changes_on_one_replica_are_followed_by_the_other(_: PgPoolOptions, options: PgConnectOptions) {
+    let (x_dir, y_dir, z_dir) = (
+        tempfile::tempdir().expect("x"),
+        tempfile::tempdir().expect("y"),
+        tempfile::tempdir().expect("z"),
+    );
+    let x = common::checkpoint_in(x_dir.path(), 11, None);
+    let y = common::checkpoint_in(y_dir.path(), 13, None);
+    let z = common::checkpoint_in(z_dir.path(), 14, Some(&y.embedding_space));
+    let mut config = settings(&options, x_dir.path());
+    config.replication.poll_interval_ms = 300;
+    let a = TestServer::start(config.clone()).await;
+    wait_for_health(&a, ServingStatus::Serving).await;
+    let b = TestServer::start(config).await;
+    wait_for_health(&b, ServingStatus::Serving).await;
+    let (mut on_a, mut on_b) = (a.client().await, b.client().await);
+    let mut admin_a = handid_proto::v1::admin_client::AdminClient::connect(format!("http://{}", a.addr))
+        .await
+        .expect("admin client");
+    let people = people(2, 2);
+    let (early, late) = (&people[0], &people[1]);
+    on_a.enroll(enroll("site", &early.0, &early.1[..1]))
+        .await
+        .expect("enrol under X");
+
+    // A migration staged on A: B stages it too, so an enrolment on B is
+    // dual and counts towards the coverage A reports.
+    admin_a
+        .reload_model(pb::ReloadModelRequest {
+            path: y_dir.path().display().to_string(),
+            mode: pb::ReloadMode::StageMigration as i32,
+        })
+        .await
+        .expect("stage Y on A");
+    let staged_after = until_models(&b, (&x.model_id, Some(&y.model_id))).await;
+    on_b.enroll(enroll("site", &early.0, &early.1[1..2]))
+        .await
+        .expect("dual enrolment on B");
+    let coverage = admin_a
+        .get_model(pb::GetModelRequest {})
+        .await
+        .expect("get model")
+        .into_inner()
+        .coverage;
+    assert_eq!(coverage.len(), 1);
+    assert_eq!(
+        (coverage[0].subjects, coverage[0].subjects_with_staged_templates),
+        (1, 1),
+        "B's enrolment did not embed with the staged model"
+    );
+
+    // Promoted on A: B serves Y, and finds a subject enrolled on A under Y.
+    admin_a
+        .promote_model(pb::PromoteModelRequest {
+            require_full_coverage: true,
+        })
+        .await
+        .expect("promote Y on A");
+    let promoted_after = until_models(&b, (&y.model_id, None)).await;
+    on_a.enroll(enroll("site", &late.0, &late.1[..1]))
+        .await
+        .expect("enrol under Y on A");
+    until(
+        &mut on_b,
+        "site",
+        &late.1[1],
+        &late.0,
+        true,
+        Duration::from_secs(2),
+    )
+    .await
+    .expect("B does not find under Y the subject enrolled on A");
+    let found = on_b
+        .identify(pb::IdentifyRequest {
+            gallery_id: "site".to_owned(),
+            image: Some(pb::Image {
+                data: early.1[1].clone(),
+            }),
+            top_k: 5,
+            rule: None,
+        })
+        .await
+        .expect("identify on B")
+        .into_inner();
+    assert_eq!(found.model_id, y.model_id);
+    assert_eq!(found.gallery_size, 2);
+
+    // A compatible swap on A: B swaps too.
+    admin_a
+        .reload_model(pb::ReloadModelRequest {
+            path: z_dir.path().display().to_string(),
+            mode: pb::ReloadMode::Unspecified as i32,
+        })
+        .await
+        .expect("swap in Z on A");
+    let swapped_after = until_models(&b, (&z.model_id, None)).await;
+    println!(
+        "replication of model changes: staging seen on B after {} ms, promotion {} ms, swap {} ms",
+        staged_after.as_millis(),
+        promoted_after.as_millis(),
+        swapped_after.as_millis()
+    );
+
+    // A recorded model that does not load here (its folder is gone from
+    // this host): the replica keeps what it serves, says NOT_SERVING with
+    // the reason until the record and the folder agree again.
+    let pool = PgPoolOptions::new()
+        .connect(&database_url(&options))
+        .await
+        .expect("pool");
+    let record = |model: String, path: String| {
+        let pool = pool.clone();
+        async move {
+            let mut tx = pool.begin().await.expect("tx");
+            sqlx::query("UPDATE models SET role = 'retired' WHERE role = 'active'")
+                .execute(&mut *tx)
+                .await
+                .expect("retire");
+            sqlx::query("UPDATE models SET role = 'active', path = $2 WHERE model_id = $1")
+                .bind(model)
+                .bind(path)
+                .execute(&mut *tx)
+                .await
+                .expect("record");
+            sqlx::query("SELECT pg_notify('handid_changes', 'models')")
+                .execute(&mut *tx)
+                .await
+                .expect("notify");
+            tx.commit().await.expect("commit");
+        }
+    };
+    record(y.model_id.clone(), "/nonexistent/y".to_owned()).await;
+    wait_for_health(&b, ServingStatus::NotServing).await;
+    assert_eq!(models_of(&b).await, (z.model_id.clone(), None));
+    record(y.model_id.clone(), y_dir.path().display().to_string()).await;
+    wait_for_health(&b, ServingStatus::Serving).await;
+    assert_eq!(models_of(&b).await, (y.model_id.clone(), None));
+    b.stop().await.expect("stop B");
+    a.stop().await.expect("stop A");
+}

@@ -53,7 +53,6 @@ fn enrollment<'a>(
         subject_id: subject,
         model_id: MODEL,
         embeddings,
-        qualities: &[1.0, 1.0, 1.0, 1.0][..embeddings.len()],
         idempotency_key: key,
         images_sha256: digest_of(embeddings),
         caller: "tester",

@@ -20,8 +20,8 @@ async fn a_template_row_round_trips(pool: PgPool) -> sqlx::Result<()> {
     let embedding = vec![0.5f32, -0.5, 0.5, -0.5];
     let template_id = uuid::Uuid::new_v4();
     sqlx::query(
-        "INSERT INTO templates (template_id, subject, gallery_id, model_id, dimension, embedding, quality)
-         VALUES ($1, $2, 'site-1', 'm1', 4, $3, 0.75)",
+        "INSERT INTO templates (template_id, subject, gallery_id, model_id, dimension, embedding)
+         VALUES ($1, $2, 'site-1', 'm1', 4, $3)",
     )
     .bind(template_id)
     .bind(subject)
@@ -30,7 +30,7 @@ async fn a_template_row_round_trips(pool: PgPool) -> sqlx::Result<()> {
     .await?;
 
     let row = sqlx::query(
-        "SELECT t.embedding, t.dimension, t.quality, t.model_id, s.subject_id
+        "SELECT t.embedding, t.dimension, t.model_id, s.subject_id
          FROM templates t JOIN subjects s ON s.id = t.subject WHERE t.template_id = $1",
     )
     .bind(template_id)
@@ -38,7 +38,6 @@ async fn a_template_row_round_trips(pool: PgPool) -> sqlx::Result<()> {
     .await?;
     assert_eq!(row.get::<Vec<f32>, _>("embedding"), embedding);
     assert_eq!(row.get::<i32, _>("dimension"), 4);
-    assert_eq!(row.get::<f32, _>("quality"), 0.75);
     assert_eq!(row.get::<String, _>("model_id"), "m1");
     assert_eq!(row.get::<String, _>("subject_id"), "alice");
 

@@ -100,8 +100,6 @@ impl Engine {
         let writer = self.writer(&gallery.0);
         let _serialised = writer.lock().await;
         let _published = self.publishing.read().await;
-        // No quality estimator exists yet; every template records full quality.
-        let qualities = vec![1.0f32; e.embeddings.len()];
         let stored = self
             .store
             .enroll(
@@ -110,7 +108,6 @@ impl Engine {
                     subject_id: &subject.0,
                     model_id: e.active.model_id(),
                     embeddings: &e.embeddings,
-                    qualities: &qualities,
                     idempotency_key: e.key.as_ref().map(IdempotencyKey::as_str),
                     images_sha256: &e.digest,
                     caller: &caller.id,

@@ -96,6 +96,10 @@ pub struct Engine {
     applied: AtomicI64,
     /// The change that failed to apply last, and how many times it has.
     failing: std::sync::Mutex<Option<(i64, u32)>>,
+    /// Why this replica cannot serve the models the database records
+    /// (another replica changed them and the recorded folder does not load
+    /// here); health says NOT_SERVING while it is set.
+    unfollowed: std::sync::Mutex<Option<String>>,
 }
 
 impl Engine {
@@ -132,6 +136,7 @@ impl Engine {
             writes: Arc::new(tokio::sync::Semaphore::new(WRITES)),
             applied: AtomicI64::new(applied),
             failing: std::sync::Mutex::new(None),
+            unfollowed: std::sync::Mutex::new(None),
         };
         engine.load_indexes(&engine.active()).await?;
         Ok(engine)

@@ -25,6 +25,9 @@ enum Purpose<'a> {
     Restore(&'a str),
     /// RollbackModel, to the previous active model of this id.
     Rollback(&'a str),
+    /// Following another replica's change: the database records the model
+    /// of this id in this role already.
+    Follow(&'a str, Role),
 }
 
 impl Engine {
@@ -310,6 +313,18 @@ impl Engine {
         let embedder = Arc::new(embedder);
         let compatible = reload::compatible(active.model.embedder.manifest(), embedder.manifest());
         let staging = match (compatible, purpose) {
+            // The database's decision, checked by the replica that made it.
+            (_, Purpose::Follow(expected, role)) => {
+                if embedder.model_id() != expected {
+                    return Err(ServiceError::Internal(format!(
+                        "{} now holds model {}, not model {expected} that the database records as {}",
+                        path.display(),
+                        embedder.model_id(),
+                        role.as_str()
+                    )));
+                }
+                role == Role::Staged
+            }
             // Going back: the templates decide, not the direction of
             // compatibility (checked below, and again under the lock).
             (_, Purpose::Rollback(_)) => false,
@@ -430,10 +445,13 @@ impl Engine {
         }
         let role = if staging { Role::Staged } else { Role::Active };
         // The database records the swap (the model it replaces retired), so
-        // a restart and every replica starting later serve this model.
-        self.store
-            .assign_role(slot.model_id(), role, &slot.model.path.display().to_string())
-            .await?;
+        // a restart and every other replica serve this model; a replica
+        // following that record has nothing to write.
+        if !matches!(purpose, Purpose::Follow(..)) {
+            self.store
+                .assign_role(slot.model_id(), role, &slot.model.path.display().to_string())
+                .await?;
+        }
         let role = role.as_str();
         tracing::info!(
             previous = %active.model_id(),
@@ -496,18 +514,7 @@ impl Engine {
                 return Err(ServiceError::CoverageIncomplete(lacking.join(", ")));
             }
         }
-        let previous = {
-            let mut active = self
-                .active
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let mut slot = self
-                .staged
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            *slot = None;
-            std::mem::replace(&mut *active, Arc::clone(&staged))
-        };
+        let previous = self.publish_promotion(&staged);
         // Recorded in one transaction: the staged model becomes the active
         // one, the previous active model is retired.
         self.store
@@ -522,5 +529,142 @@ impl Engine {
             active: staged.model.clone(),
             previous: previous.model.clone(),
         })
+    }
+
+    /// The staged slot becomes the active one; returns the slot it replaced.
+    fn publish_promotion(&self, staged: &Arc<Slot>) -> Arc<Slot> {
+        let mut active = self
+            .active
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut slot = self
+            .staged
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *slot = None;
+        std::mem::replace(&mut *active, Arc::clone(staged))
+    }
+
+    /// Brings this replica's models in line with the roles the database
+    /// records, when another replica changed them (a swap, a staging, a
+    /// promotion, a rollback, an adoption): a staged model that became the
+    /// active one is promoted here too, other models are loaded from their
+    /// recorded folders, a staged model no longer recorded is dropped. The
+    /// change-feed follower calls it on every role notification and poll. A
+    /// recorded model that does not load here keeps this replica NOT_SERVING
+    /// ([`Self::unfollowed`]) until it does. Returns whether anything changed.
+    pub async fn follow_roles(&self) -> Result<bool> {
+        let roles = self.store.model_roles().await?;
+        if self.roles_match(&roles) {
+            self.set_unfollowed(None);
+            return Ok(false);
+        }
+        // A change of this replica's own is in progress: it records itself,
+        // and the next poll compares again.
+        let Ok(_one) = self.reloading.try_lock() else {
+            return Ok(false);
+        };
+        let roles = self.store.model_roles().await?;
+        let result = self.follow_locked(&roles).await;
+        match &result {
+            Ok(changed) => {
+                self.set_unfollowed(None);
+                if *changed {
+                    tracing::info!(
+                        active = %self.model_id(),
+                        staged = ?self.staged().map(|s| s.model_id().to_owned()),
+                        "followed another replica's model change"
+                    );
+                }
+            }
+            Err(e) => {
+                let reason = match e {
+                    ServiceError::Internal(detail) => detail.clone(),
+                    other => other.to_string(),
+                };
+                tracing::error!(%reason, "cannot serve the models the database records");
+                self.set_unfollowed(Some(format!(
+                    "another replica changed the models and this one cannot follow: {reason}"
+                )));
+            }
+        }
+        result
+    }
+
+    /// Whether this replica serves the recorded active and staged models.
+    fn roles_match(&self, roles: &crate::store::ModelRoles) -> bool {
+        let active = self.active();
+        let active_matches = roles
+            .active
+            .as_ref()
+            .is_none_or(|m| m.model_id == active.model_id());
+        let staged = self.staged();
+        active_matches
+            && roles.staged.as_ref().map(|m| m.model_id.as_str()) == staged.as_ref().map(|s| s.model_id())
+    }
+
+    async fn follow_locked(&self, roles: &crate::store::ModelRoles) -> Result<bool> {
+        let folder = |m: &RecordedModel| {
+            m.path.clone().map(PathBuf::from).ok_or_else(|| {
+                ServiceError::Internal(format!("model {} was recorded without its folder", m.model_id))
+            })
+        };
+        let mut changed = false;
+        if let Some(recorded) = &roles.active
+            && recorded.model_id != self.active().model_id()
+        {
+            match self.staged() {
+                Some(staged) if staged.model_id() == recorded.model_id => {
+                    let _published = self.publishing.write().await;
+                    self.publish_promotion(&staged);
+                }
+                _ => {
+                    self.load_and_publish(
+                        folder(recorded)?,
+                        Purpose::Follow(&recorded.model_id, Role::Active),
+                    )
+                    .await?;
+                }
+            }
+            changed = true;
+        }
+        let staged = self.staged();
+        match (&roles.staged, staged) {
+            (Some(recorded), local)
+                if local.as_ref().map(|s| s.model_id()) != Some(recorded.model_id.as_str()) =>
+            {
+                self.load_and_publish(
+                    folder(recorded)?,
+                    Purpose::Follow(&recorded.model_id, Role::Staged),
+                )
+                .await?;
+                changed = true;
+            }
+            (None, Some(_)) => {
+                let _published = self.publishing.write().await;
+                *self
+                    .staged
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                changed = true;
+            }
+            _ => {}
+        }
+        Ok(changed)
+    }
+
+    /// Why this replica cannot serve the recorded models (health).
+    pub fn unfollowed(&self) -> Option<String> {
+        self.unfollowed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_unfollowed(&self, reason: Option<String>) {
+        *self
+            .unfollowed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = reason;
     }
 }

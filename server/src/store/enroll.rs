@@ -235,12 +235,12 @@ async fn insert_templates(
     embeddings: &[Vec<f32>],
 ) -> StoreResult<Vec<CreatedTemplate>> {
     let mut templates = Vec::with_capacity(embeddings.len());
-    for (embedding, quality) in embeddings.iter().zip(new.qualities) {
+    for embedding in embeddings {
         let template_id = Uuid::new_v4();
         let seq: i64 = sqlx::query_scalar(
             "INSERT INTO templates
-               (template_id, subject, gallery_id, model_id, dimension, embedding, quality, enrollment)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING seq",
+               (template_id, subject, gallery_id, model_id, dimension, embedding, enrollment)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING seq",
         )
         .bind(template_id)
         .bind(subject)
@@ -248,7 +248,6 @@ async fn insert_templates(
         .bind(model_id)
         .bind(i32::try_from(embedding.len()).unwrap_or(i32::MAX))
         .bind(embedding)
-        .bind(quality)
         .bind(enrollment)
         .fetch_one(&mut **tx)
         .await?;

@@ -95,8 +95,6 @@ pub struct NewEnrollment<'a> {
     pub model_id: &'a str,
     /// One L2-normalised embedding per image.
     pub embeddings: &'a [Vec<f32>],
-    /// Quality estimate per image, in [0, 1].
-    pub qualities: &'a [f32],
     /// Optional idempotency key, scoped by `caller` and the gallery.
     pub idempotency_key: Option<&'a str>,
     /// The digest of the images ([`super::images_sha256`]) a retry must
@@ -155,8 +153,6 @@ pub struct TemplateMeta {
     pub template_id: Uuid,
     /// The model that produced it.
     pub model_id: String,
-    /// Quality in [0, 1].
-    pub quality: f32,
     /// When it was stored.
     pub created_at: DateTime<Utc>,
 }
@@ -427,5 +423,10 @@ async fn assign(
     .bind(path)
     .execute(&mut *tx)
     .await?;
+    // The other replicas follow (delivered at commit).
+    sqlx::query("SELECT pg_notify($1, 'models')")
+        .bind(crate::replication::CHANNEL)
+        .execute(&mut *tx)
+        .await?;
     Ok(retired)
 }

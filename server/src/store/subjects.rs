@@ -170,19 +170,18 @@ async fn templates_of(
     tx: &mut Transaction<'_, Postgres>,
     subjects: &[i64],
 ) -> StoreResult<HashMap<i64, Vec<TemplateMeta>>> {
-    let rows: Vec<(i64, Uuid, String, f32, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT subject, template_id, model_id, quality, created_at FROM templates
+    let rows: Vec<(i64, Uuid, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT subject, template_id, model_id, created_at FROM templates
          WHERE subject = ANY($1) ORDER BY seq",
     )
     .bind(subjects)
     .fetch_all(&mut **tx)
     .await?;
     let mut by_subject = HashMap::<i64, Vec<TemplateMeta>>::new();
-    for (subject, template_id, model_id, quality, created_at) in rows {
+    for (subject, template_id, model_id, created_at) in rows {
         by_subject.entry(subject).or_default().push(TemplateMeta {
             template_id,
             model_id,
-            quality,
             created_at,
         });
     }
