@@ -2,7 +2,7 @@
 # The test command (README): sets everything up, starts a throwaway Postgres,
 # runs the whole test suite against it, and stops it.
 #
-#   scripts/test.sh                 # all tests
+#   scripts/test.sh                 # all tests, then the operator guide's walk
 #   scripts/test.sh -p handid-model # extra arguments go to `cargo test`
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -10,5 +10,9 @@ cd "$(dirname "$here")"
 "$here/setup.sh"
 # shellcheck source=scripts/env.sh
 source "$here/env.sh"
-if [ $# -eq 0 ]; then set -- --workspace; fi
-exec "$here/with-postgres.sh" cargo test --locked "$@"
+if [ $# -gt 0 ]; then
+    exec "$here/with-postgres.sh" cargo test --locked "$@"
+fi
+"$here/with-postgres.sh" cargo test --locked --workspace
+# Every command of docs/operator-guide.md, run as an operator would.
+"$here/with-postgres.sh" "$here/walk_guide.sh"

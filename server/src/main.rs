@@ -55,6 +55,11 @@ enum Command {
         /// Comma-separated galleries the key is limited to (default: all).
         #[arg(long, value_delimiter = ',')]
         galleries: Vec<String>,
+        /// Write the key to this new file (mode 0600) instead of printing
+        /// it, and print only the entry for the list under `auth.keys`, to
+        /// append to a settings file.
+        #[arg(long)]
+        key_out: Option<PathBuf>,
     },
     /// Apply the database migrations and exit.
     Migrate {
@@ -120,6 +125,22 @@ async fn tools(command: Command) -> anyhow::Result<()> {
             id,
             scopes,
             galleries,
+            key_out: Some(path),
+        } => {
+            let key = handid_server::auth::generate_key();
+            write_secret(&path, &key).with_context(|| format!("writing the key to {}", path.display()))?;
+            let snippet = handid_server::auth::settings_snippet(&id, &key, &scopes, &galleries);
+            // The list entry alone: the lines after `auth:` and `keys:`.
+            for line in snippet.lines().skip(2) {
+                println!("{line}");
+            }
+            eprintln!("the key of {id:?} is in {} (mode 0600)", path.display());
+        }
+        Command::Keygen {
+            id,
+            scopes,
+            galleries,
+            key_out: None,
         } => {
             let key = handid_server::auth::generate_key();
             println!("API key for {id:?} (shown once; give it to the client, it is not stored):\n");
@@ -164,6 +185,18 @@ async fn tools(command: Command) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Writes `secret` to a new file only its owner may read.
+fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    writeln!(file, "{secret}")
 }
 
 /// Completes on SIGTERM (what orchestrators send) or ctrl-c.

@@ -633,12 +633,25 @@ impl Engine {
             (Some(recorded), local)
                 if local.as_ref().map(|s| s.model_id()) != Some(recorded.model_id.as_str()) =>
             {
-                self.load_and_publish(
-                    folder(recorded)?,
-                    Purpose::Follow(&recorded.model_id, Role::Staged),
-                )
-                .await?;
-                changed = true;
+                // Identify does not need the staged model: a replica that
+                // cannot load it keeps serving (its enrolments are not dual,
+                // and GetModel's coverage shows it) and tries again at the
+                // next poll.
+                let staged = match folder(recorded) {
+                    Ok(path) => {
+                        self.load_and_publish(path, Purpose::Follow(&recorded.model_id, Role::Staged))
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                match staged {
+                    Ok(_) => changed = true,
+                    Err(e) => tracing::error!(
+                        model_id = %recorded.model_id,
+                        error = %e,
+                        "cannot stage the model the database records as staged; enrolments here are not dual"
+                    ),
+                }
             }
             (None, Some(_)) => {
                 let _published = self.publishing.write().await;

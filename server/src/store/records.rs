@@ -415,7 +415,8 @@ async fn assign(
     .fetch_optional(&mut *tx)
     .await?;
     sqlx::query(
-        "UPDATE models SET role = $2, path = $3, load_count = load_count + 1, last_loaded_at = now()
+        "UPDATE models SET role = $2, path = $3, load_count = load_count + 1, last_loaded_at = now(),
+             active_until = CASE WHEN $2 = 'active' THEN NULL ELSE active_until END
          WHERE model_id = $1",
     )
     .bind(model_id)

@@ -1,0 +1,428 @@
+//! `handid`: the command-line client of the handid.v1 API.
+//!
+//! This first part covers what an operator runs: the model lifecycle
+//! (`model get|reload|promote|rollback`), `settings reload` (the API keys)
+//! and `health`. Every command takes the server's address, an API key
+//! (`--api-key` or `HANDID_API_KEY`, sent as `authorization: Bearer`) and,
+//! for a TLS listener, `--tls-ca` (plus `--tls-cert`/`--tls-key` for mutual
+//! TLS).
+//!
+//! Output is a short human summary, or with `--json` one JSON object on
+//! stdout for scripts. Exit status: 0 on success; 10 + the gRPC status code
+//! when the server refuses (e.g. 17 PERMISSION_DENIED, 19
+//! FAILED_PRECONDITION, 24 UNAVAILABLE, also when the server cannot be
+//! reached); 1 for a local problem (an unreadable certificate file); 2 for a
+//! command line clap refuses; `health` exits 1 when the server is not
+//! SERVING.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use handid_proto::v1 as pb;
+use handid_proto::v1::admin_client::AdminClient;
+use serde_json::{Value, json};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// Exit status offset of a gRPC status code.
+const STATUS_EXIT_BASE: u8 = 10;
+
+#[derive(Debug, Parser)]
+#[command(name = "handid", version, about = "Command-line client of a handid server")]
+struct Cli {
+    #[command(flatten)]
+    connection: Connection,
+    /// Print one JSON object instead of a human summary.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the server is and how to reach it.
+#[derive(Debug, Args)]
+struct Connection {
+    /// The server's address (`https://` for a TLS listener).
+    #[arg(
+        long,
+        env = "HANDID_ADDR",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    addr: String,
+    /// The API key, sent as `authorization: Bearer <key>`.
+    #[arg(long, env = "HANDID_API_KEY", hide_env_values = true, global = true)]
+    api_key: Option<String>,
+    /// PEM file of the CA that signed the server's certificate.
+    #[arg(long, global = true)]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for a mutual-TLS listener (with --tls-key).
+    #[arg(long, global = true, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM key of --tls-cert.
+    #[arg(long, global = true, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Give up on a call after this many seconds (reloads load a checkpoint
+    /// and every gallery: allow minutes).
+    #[arg(long, global = true, default_value_t = 600)]
+    timeout_s: u64,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The serving model and its lifecycle (Admin service, scope `admin`).
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// The server's settings.
+    #[command(subcommand)]
+    Settings(SettingsCommand),
+    /// Ask the gRPC health service; exit 0 when SERVING, 1 otherwise.
+    Health,
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelCommand {
+    /// The active model, the staged one and its coverage, the rollback target.
+    Get,
+    /// Load a checkpoint folder on the server and swap it in (or stage it).
+    Reload {
+        /// A checkpoint folder on the server's file system; without it, the
+        /// active model's folder is loaded again.
+        #[arg(long)]
+        path: Option<String>,
+        /// Stage a model of another embedding space as a migration.
+        #[arg(long)]
+        stage: bool,
+    },
+    /// Make the staged model the active one.
+    Promote {
+        /// Refuse while a subject lacks a template of the staged model.
+        #[arg(long)]
+        require_full_coverage: bool,
+    },
+    /// Make the previous model active again.
+    Rollback,
+}
+
+#[derive(Debug, Subcommand)]
+enum SettingsCommand {
+    /// Read the settings file again and apply its API keys and grants.
+    Reload,
+}
+
+/// Why a command failed, and the exit status that says so.
+#[derive(Debug)]
+enum Failure {
+    Refused(tonic::Status),
+    Local(anyhow::Error),
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(status: tonic::Status) -> Self {
+        Failure::Refused(status)
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        Failure::Local(error)
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli).await {
+        Ok(code) => code,
+        Err(Failure::Refused(status)) => {
+            eprintln!("handid: {}: {}", code_name(status.code()), status.message());
+            ExitCode::from(STATUS_EXIT_BASE + status.code() as u8)
+        }
+        Err(Failure::Local(error)) => {
+            eprintln!("handid: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: &Cli) -> Result<ExitCode, Failure> {
+    let channel = connect(&cli.connection).await?;
+    let key = cli.connection.api_key.as_deref();
+    let mut admin = AdminClient::new(channel.clone());
+    let out = match &cli.command {
+        Command::Health => {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            let status = health
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await?
+                .into_inner()
+                .status();
+            let serving = status == tonic_health::pb::health_check_response::ServingStatus::Serving;
+            print(
+                cli.json,
+                &json!({ "status": status.as_str_name() }),
+                status.as_str_name(),
+            );
+            return Ok(if serving {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        Command::Model(ModelCommand::Get) => {
+            let r = admin
+                .get_model(request(key, pb::GetModelRequest {})?)
+                .await?
+                .into_inner();
+            report(&r)
+        }
+        Command::Model(ModelCommand::Reload { path, stage }) => {
+            let mode = if *stage {
+                pb::ReloadMode::StageMigration
+            } else {
+                pb::ReloadMode::Unspecified
+            };
+            let r = admin
+                .reload_model(request(
+                    key,
+                    pb::ReloadModelRequest {
+                        path: path.clone().unwrap_or_default(),
+                        mode: mode as i32,
+                    },
+                )?)
+                .await?
+                .into_inner();
+            let loaded = model(r.loaded.as_ref());
+            let text = format!(
+                "{} {} from {}",
+                if r.staged { "staged" } else { "active:" },
+                loaded["model_id"].as_str().unwrap_or_default(),
+                loaded["path"].as_str().unwrap_or_default()
+            );
+            (
+                json!({ "previous": model(r.previous.as_ref()), "loaded": loaded, "staged": r.staged }),
+                text,
+            )
+        }
+        Command::Model(ModelCommand::Promote {
+            require_full_coverage,
+        }) => {
+            let r = admin
+                .promote_model(request(
+                    key,
+                    pb::PromoteModelRequest {
+                        require_full_coverage: *require_full_coverage,
+                    },
+                )?)
+                .await?
+                .into_inner();
+            swapped(r.active.as_ref(), r.previous.as_ref())
+        }
+        Command::Model(ModelCommand::Rollback) => {
+            let r = admin
+                .rollback_model(request(key, pb::RollbackModelRequest {})?)
+                .await?
+                .into_inner();
+            swapped(r.active.as_ref(), r.previous.as_ref())
+        }
+        Command::Settings(SettingsCommand::Reload) => {
+            let r = admin
+                .reload_settings(request(key, pb::ReloadSettingsRequest {})?)
+                .await?
+                .into_inner();
+            let mut text = format!(
+                "{}: {} keys, {} certificate grants in force",
+                r.path, r.keys, r.certificate_grants
+            );
+            for (label, ids) in [
+                ("added", &r.added),
+                ("removed", &r.removed),
+                ("changed", &r.changed),
+                ("apply at restart", &r.restart_required),
+            ] {
+                if !ids.is_empty() {
+                    text.push_str(&format!("\n{label}: {}", ids.join(", ")));
+                }
+            }
+            (
+                json!({
+                    "path": r.path,
+                    "keys": r.keys,
+                    "certificate_grants": r.certificate_grants,
+                    "added": r.added,
+                    "removed": r.removed,
+                    "changed": r.changed,
+                    "restart_required": r.restart_required,
+                }),
+                text,
+            )
+        }
+    };
+    print(cli.json, &out.0, &out.1);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A channel to the server: plain, TLS, or mutual TLS.
+async fn connect(c: &Connection) -> Result<Channel, Failure> {
+    let mut endpoint = Endpoint::from_shared(c.addr.clone())
+        .with_context(|| format!("the address {:?} is not a URL", c.addr))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(c.timeout_s));
+    if c.tls_ca.is_some() || c.tls_cert.is_some() || c.addr.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new().with_enabled_roots();
+        if let Some(ca) = &c.tls_ca {
+            tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&c.tls_cert, &c.tls_key) {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        endpoint = endpoint.tls_config(tls).context("setting up TLS")?;
+    }
+    endpoint.connect().await.map_err(|e| {
+        Failure::Refused(tonic::Status::unavailable(format!(
+            "cannot reach {}: {e}",
+            c.addr
+        )))
+    })
+}
+
+fn read(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// `message` with the API key, when one is given.
+fn request<T>(key: Option<&str>, message: T) -> Result<tonic::Request<T>, Failure> {
+    let mut request = tonic::Request::new(message);
+    if let Some(key) = key {
+        let value = format!("Bearer {key}")
+            .parse()
+            .map_err(|_| anyhow::anyhow!("the API key holds characters a header cannot carry"))?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    Ok(request)
+}
+
+fn print(as_json: bool, value: &Value, text: &str) {
+    if as_json {
+        println!("{value}");
+    } else {
+        println!("{text}");
+    }
+}
+
+fn timestamp(t: Option<&prost_types::Timestamp>) -> Value {
+    t.and_then(|t| chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
+        .map_or(Value::Null, |t| t.to_rfc3339().into())
+}
+
+fn model(m: Option<&pb::ModelInfo>) -> Value {
+    let Some(m) = m else {
+        return Value::Null;
+    };
+    json!({
+        "model_id": m.model_id,
+        "embedding_space": m.embedding_space,
+        "compatible_spaces": m.compatible_spaces,
+        "architecture": m.architecture,
+        "embedding_dim": m.embedding_dim,
+        "path": m.path,
+        "device": m.device,
+        "loaded_at": timestamp(m.loaded_at.as_ref()),
+        "calibrated": m.calibrated,
+        "operating_points": m.operating_points.iter()
+            .map(|p| json!({ "fmr": p.fmr, "threshold": p.threshold }))
+            .collect::<Vec<_>>(),
+    })
+}
+
+fn swapped(active: Option<&pb::ModelInfo>, previous: Option<&pb::ModelInfo>) -> (Value, String) {
+    let (active, previous) = (model(active), model(previous));
+    let text = format!(
+        "active: {} from {} (was {})",
+        active["model_id"].as_str().unwrap_or_default(),
+        active["path"].as_str().unwrap_or_default(),
+        previous["model_id"].as_str().unwrap_or_default()
+    );
+    (json!({ "active": active, "previous": previous }), text)
+}
+
+fn report(r: &pb::GetModelResponse) -> (Value, String) {
+    let line = |label: &str, m: &Value| {
+        format!(
+            "{label:<9} {} {} {} from {}{}",
+            m["model_id"].as_str().unwrap_or_default(),
+            m["architecture"].as_str().unwrap_or_default(),
+            m["device"].as_str().unwrap_or_default(),
+            m["path"].as_str().unwrap_or_default(),
+            if m["calibrated"] == true {
+                ""
+            } else {
+                " (no calibrated thresholds)"
+            }
+        )
+    };
+    let (active, staged) = (model(r.active.as_ref()), model(r.staged.as_ref()));
+    let mut text = line("active", &active);
+    if !staged.is_null() {
+        text.push('\n');
+        text.push_str(&line("staged", &staged));
+        for c in &r.coverage {
+            text.push_str(&format!(
+                "\n  {}: {} of {} subjects have a template of the staged model",
+                c.gallery_id, c.subjects_with_staged_templates, c.subjects
+            ));
+        }
+    }
+    let rollback = r.rollback_target.as_ref().map_or(Value::Null, |t| {
+        json!({
+            "model_id": t.model_id,
+            "embedding_space": t.embedding_space,
+            "path": t.path,
+            "active_until": timestamp(t.active_until.as_ref()),
+        })
+    });
+    if let Some(t) = &r.rollback_target {
+        text.push_str(&format!("\nrollback  {} from {}", t.model_id, t.path));
+    }
+    let coverage: Vec<Value> = r
+        .coverage
+        .iter()
+        .map(|c| {
+            json!({
+                "gallery_id": c.gallery_id,
+                "subjects": c.subjects,
+                "subjects_with_staged_templates": c.subjects_with_staged_templates,
+            })
+        })
+        .collect();
+    (
+        json!({ "active": active, "staged": staged, "coverage": coverage, "rollback_target": rollback }),
+        text,
+    )
+}
+
+/// The canonical name of a gRPC status code (`FAILED_PRECONDITION`).
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
