@@ -291,6 +291,7 @@ server_check() {
   t0=$SECONDS
   HANDID__SERVER__LISTEN="127.0.0.1:$port" \
     HANDID__DATABASE__URL="postgres://handid@127.0.0.1:$pgport/postgres" \
+    HANDID__DATABASE__MIGRATE_ON_START=true \
     HANDID__MODEL__PATH="$ckpt" HANDID__MODEL__DEVICE="$DEVICE" \
     HANDID__AUTH__ENABLED=false RUST_LOG="${RUST_LOG:-info}" \
     "$bin/handid-server" serve >"$work/server.log" 2>&1 &
