@@ -121,7 +121,10 @@ pub enum ServiceError {
     #[error("{0}")]
     BadRule(String),
     /// The model has no calibrated default threshold.
-    #[error("the model has no threshold calibrated at FMR {fmr}; send an explicit threshold")]
+    #[error(
+        "the model has no threshold calibrated at FMR {fmr}; send an explicit threshold, or calibrate \
+         the checkpoint (handid-trainer calibrate) and reload it"
+    )]
     NotCalibrated {
         /// The default FMR looked for.
         fmr: f64,

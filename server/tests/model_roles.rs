@@ -373,6 +373,37 @@ async fn a_model_without_thresholds_is_reported_and_warned_about(
     let active = report(&mut admin).await.active.expect("active");
     assert!(!active.calibrated);
     assert!(active.operating_points.is_empty());
+    // Identify with the default rule: refused, saying why; an explicit
+    // threshold still works.
+    let probe = people(1, 1).remove(0).1.remove(0);
+    let mut client = server.client().await;
+    client
+        .enroll(pb::EnrollRequest {
+            gallery_id: "site".to_owned(),
+            subject_id: "s".to_owned(),
+            images: vec![pb::Image { data: probe.clone() }],
+            idempotency_key: String::new(),
+        })
+        .await
+        .expect("enrol");
+    let identify = |rule: Option<pb::DecisionRule>| pb::IdentifyRequest {
+        gallery_id: "site".to_owned(),
+        image: Some(pb::Image { data: probe.clone() }),
+        top_k: 1,
+        rule,
+    };
+    let refused = client
+        .identify(identify(None))
+        .await
+        .expect_err("no calibrated default threshold");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("calibrat"), "{}", refused.message());
+    client
+        .identify(identify(Some(pb::DecisionRule {
+            rule: Some(pb::decision_rule::Rule::Threshold(0.5)),
+        })))
+        .await
+        .expect("an explicit threshold");
     let logs = String::from_utf8_lossy(&logs()).into_owned();
     assert!(
         logs.lines().any(|l| l.contains("WARN")

@@ -280,6 +280,12 @@ async fn round_trips_match_the_offline_computation(_: PgPoolOptions, options: Pg
             .into_inner();
         assert_eq!(page.model_id, model_id);
         assert!(page.subjects.iter().all(|s| s.templates.len() == 3));
+        // The same records as GetSubject: timestamps included.
+        assert!(
+            page.subjects
+                .iter()
+                .all(|s| s.created_at.is_some() && s.templates.iter().all(|t| t.created_at.is_some()))
+        );
         listed.extend(page.subjects.into_iter().map(|s| s.subject_id));
         if page.next_page_token.is_empty() {
             break;

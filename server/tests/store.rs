@@ -500,3 +500,27 @@ async fn each_caller_creates_at_most_its_quota_of_galleries(pool: PgPool) {
     }
     assert_eq!(created, 2);
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_changed_migration_is_refused_by_the_schema_check(pool: PgPool) {
+    let store = Store::from_pool(pool.clone());
+    store
+        .check_schema()
+        .await
+        .expect("the embedded migrations, unchanged");
+    let version: i64 = sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations")
+        .fetch_one(&pool)
+        .await
+        .expect("latest migration");
+    sqlx::query("UPDATE _sqlx_migrations SET checksum = sha384('edited'::bytea) WHERE version = $1")
+        .bind(version)
+        .execute(&pool)
+        .await
+        .expect("edit the recorded checksum");
+    let refused = store.check_schema().await.expect_err("an edited migration");
+    assert!(
+        matches!(refused, StoreError::SchemaModified { version: v } if v == version),
+        "{refused:?}"
+    );
+    assert!(refused.to_string().contains(&version.to_string()), "{refused}");
+}

@@ -90,6 +90,8 @@ fn declarations(proto: &str) -> Vec<Declaration> {
                 (kind, *name)
             }
             ["rpc", name, ..] => ("rpc", *name),
+            // Retired field numbers and names: nothing to document.
+            ["reserved", ..] => continue,
             _ => match blocks.last() {
                 Some(&"enum") => ("value", words[0]),
                 Some(&("message" | "oneof")) => {
