@@ -94,6 +94,8 @@ async fn main() -> Result<(), Error> {
     settings.model.path = dir.path().to_owned();
     // A local benchmark without API keys.
     settings.auth.enabled = false;
+    // One bulk client: the per-caller rate limit is for door readers.
+    settings.server.rate_limit_per_second = 0.0;
     settings.batch.max_batch_size = best.0.max(8);
     let (url, stop, server) = start(settings).await?;
     let client = connect(&url).await?;
@@ -243,6 +245,8 @@ async fn identify_at_scale(database_url: &str, sizes: &[u64], photos: &[Vec<u8>]
     settings.model.path = dir.path().to_owned();
     // A local benchmark without API keys.
     settings.auth.enabled = false;
+    // One bulk client: the per-caller rate limit is for door readers.
+    settings.server.rate_limit_per_second = 0.0;
     let pool = sqlx::PgPool::connect(database_url).await?;
     // One start registers the model (templates reference it) and migrates.
     let (url, stop, server) = start(settings.clone()).await?;

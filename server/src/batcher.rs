@@ -5,16 +5,18 @@
 //!    would otherwise stall every other call on the worker thread), within
 //!    the limits and permits of [`Decoding`] (`decode.rs`);
 //! 2. one dedicated forward thread gathers the preprocessed tensors of all
-//!    concurrent calls into batches (up to `max_batch_size`, waiting at most
-//!    `max_wait` after the first arrives) and runs one forward pass per batch,
-//!    which is what keeps a GPU busy. Each image gets its own row back.
+//!    concurrent calls into batches (up to `max_batch_size`) and runs one
+//!    forward pass per batch, which is what keeps a GPU busy. Each image
+//!    gets its own row back. After the first image of a batch it waits (at
+//!    most `max_wait`) only while other images are still being decoded: a
+//!    lone call never waits for company that is not coming.
 //!
 //! A bad image fails in stage 1 and never reaches a batch, so it fails only
 //! the call that sent it.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -117,6 +119,9 @@ pub struct BatchStats {
     /// Whether the model can run: false from a failed batch whose
     /// self-test also failed until a self-test passes again.
     pub runnable: AtomicBool,
+    /// Images being decoded (stage 1) that will join the queue: what a
+    /// batch is worth waiting for.
+    pub preparing: AtomicUsize,
 }
 
 impl Default for BatchStats {
@@ -127,6 +132,7 @@ impl Default for BatchStats {
             failed_batches: AtomicU64::new(0),
             restarts: AtomicU64::new(0),
             runnable: AtomicBool::new(true),
+            preparing: AtomicUsize::new(0),
         }
     }
 }
@@ -198,6 +204,9 @@ impl Batcher {
     /// unusable image found (by its position in the call), without
     /// embedding any; the others' decoding stops.
     pub async fn embed(&self, images: Vec<Vec<u8>>) -> Result<Vec<Vec<f32>>, BatchError> {
+        // Counted from now until each image is queued (or the call fails or
+        // goes away), so the forward thread knows a batch is forming.
+        let mut preparing = Preparing::new(&self.stats, images.len());
         let pixels = futures::future::try_join_all(
             images
                 .into_iter()
@@ -216,6 +225,7 @@ impl Batcher {
                     span: waiting.clone(),
                 })
                 .map_err(|_| BatchError::Stopped)?;
+            preparing.queued_one();
             metrics().queued(1);
             replies.push(answer);
         }
@@ -241,6 +251,37 @@ impl Batcher {
         Ok(embeddings)
     }
 }
+
+/// Images of one call counted in [`BatchStats::preparing`] until queued.
+struct Preparing<'a> {
+    stats: &'a BatchStats,
+    left: usize,
+}
+
+impl<'a> Preparing<'a> {
+    fn new(stats: &'a BatchStats, images: usize) -> Self {
+        stats.preparing.fetch_add(images, Ordering::SeqCst);
+        Self { stats, left: images }
+    }
+
+    /// One image is in the queue now.
+    fn queued_one(&mut self) {
+        if self.left > 0 {
+            self.left -= 1;
+            self.stats.preparing.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Preparing<'_> {
+    fn drop(&mut self) {
+        self.stats.preparing.fetch_sub(self.left, Ordering::SeqCst);
+    }
+}
+
+/// How long the forward thread sleeps at a time while waiting for images
+/// still being decoded.
+const WAIT_SLICE: Duration = Duration::from_micros(500);
 
 /// How often a model that cannot run is tried again (its self-test).
 const RETRY_SELF_TEST: Duration = Duration::from_secs(1);
@@ -298,10 +339,25 @@ fn forward_loop(
         let deadline = Instant::now() + max_wait;
         let mut batch = vec![first];
         while batch.len() < max_batch {
+            match queue.try_recv() {
+                Ok(job) => {
+                    batch.push(job);
+                    continue;
+                }
+                Err(mpsc::TryRecvError::Disconnected) => break,
+                Err(mpsc::TryRecvError::Empty) => {}
+            }
+            // Nothing queued: wait only while images are being decoded
+            // (they join within a decode's time), never for calls that may
+            // not come.
             let left = deadline.saturating_duration_since(Instant::now());
-            match queue.recv_timeout(left) {
+            if stats.preparing.load(Ordering::SeqCst) == 0 || left.is_zero() {
+                break;
+            }
+            match queue.recv_timeout(left.min(WAIT_SLICE)) {
                 Ok(job) => batch.push(job),
-                Err(_) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
         }
         metrics().queued(-(batch.len() as i64));
@@ -465,6 +521,32 @@ mod tests {
     }
 
     /// A real baseline JPEG with an entropy-coded scan of a few KB.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lone_call_does_not_wait_for_company() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        create_random_checkpoint(dir.path(), &ClipVisionConfig::tiny_vit(), 6).expect("checkpoint");
+        let embedder = Arc::new(Embedder::load(dir.path(), test_device()).expect("embedder"));
+        // A batch window far longer than any forward pass of the tiny model.
+        let settings = BatchSettings {
+            max_batch_size: 8,
+            max_wait_ms: 10_000,
+        };
+        let decoding = Arc::new(Decoding::new(DecodeLimits::default(), 0, 0));
+        let batcher = Batcher::start(embedder, &settings, decoding).expect("start");
+        let jpeg = sample_jpeg();
+        for _ in 0..3 {
+            let started = Instant::now();
+            batcher.embed(vec![jpeg.clone()]).await.expect("embed");
+            let took = started.elapsed();
+            assert!(
+                took < Duration::from_secs(5),
+                "a lone call waited {took:?} for calls that never came"
+            );
+        }
+        assert_eq!(batcher.stats(), (3, 3));
+        assert_eq!(batcher.stats.preparing.load(Ordering::SeqCst), 0);
+    }
+
     fn sample_jpeg() -> Vec<u8> {
         let image = image::RgbImage::from_fn(64, 48, |x, y| {
             image::Rgb([(x * 4) as u8, (y * 5) as u8, ((x * y) % 256) as u8])

@@ -340,7 +340,7 @@ pub async fn run_with_reloads(
         .add_service(reflection)
         .add_service(handid)
         .add_service(admin)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
+        .serve_with_incoming_shutdown(incoming(listener), drain)
         .await;
     // Writes whose calls were cancelled may still be committing: they
     // finish before the server says it has stopped; then the audit rows of
@@ -354,6 +354,22 @@ pub async fn run_with_reloads(
     }
     tracing::info!("server stopped");
     Ok(served?)
+}
+
+/// The accepted connections, with Nagle's algorithm off: a response's last
+/// small frame leaves at once instead of waiting for the client's delayed
+/// ACK (about 40 ms per call on Linux).
+fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|accepted| {
+        let stream = accepted?;
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY on a connection");
+        }
+        Ok(stream)
+    })
 }
 
 /// The TLS settings of the listener, when `tls.cert_file` is set.

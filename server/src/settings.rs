@@ -180,7 +180,8 @@ impl Default for ModelSettings {
 pub struct BatchSettings {
     /// Images in one forward pass at most.
     pub max_batch_size: usize,
-    /// How long the first image of a batch waits for company.
+    /// How long the first image of a batch waits, at most, for images of
+    /// other calls still being decoded (a lone call does not wait).
     pub max_wait_ms: u64,
 }
 
