@@ -165,12 +165,15 @@ impl Batcher {
         let (jobs, queue) = mpsc::channel();
         let preprocess = Arc::new(embedder.manifest().preprocess.clone());
         let max_batch = settings.max_batch_size.max(1);
-        let max_wait = Duration::from_millis(settings.max_wait_ms);
+        let wait = Wait {
+            max: Duration::from_millis(settings.max_wait_ms),
+            when_idle: settings.wait_when_idle,
+        };
         let stats = Arc::new(BatchStats::default());
         let counters = Arc::clone(&stats);
         std::thread::Builder::new()
             .name("handid-forward".to_owned())
-            .spawn(move || supervise(&embedder, &queue, max_batch, max_wait, &counters))?;
+            .spawn(move || supervise(&embedder, &queue, max_batch, wait, &counters))?;
         Ok(Self {
             jobs,
             preprocess,
@@ -279,6 +282,15 @@ impl Drop for Preparing<'_> {
     }
 }
 
+/// How long the first image of a batch may wait for others.
+#[derive(Debug, Clone, Copy)]
+struct Wait {
+    /// At most this long.
+    max: Duration,
+    /// Also when no other image is being decoded.
+    when_idle: bool,
+}
+
 /// How long the forward thread sleeps at a time while waiting for images
 /// still being decoded.
 const WAIT_SLICE: Duration = Duration::from_micros(500);
@@ -293,12 +305,12 @@ fn supervise(
     embedder: &Embedder,
     queue: &mpsc::Receiver<Job>,
     max_batch: usize,
-    max_wait: Duration,
+    wait: Wait,
     stats: &BatchStats,
 ) {
     loop {
         let ran = catch_unwind(AssertUnwindSafe(|| {
-            forward_loop(embedder, queue, max_batch, max_wait, stats)
+            forward_loop(embedder, queue, max_batch, wait, stats)
         }));
         match ran {
             Ok(()) => return,
@@ -315,7 +327,7 @@ fn forward_loop(
     embedder: &Embedder,
     queue: &mpsc::Receiver<Job>,
     max_batch: usize,
-    max_wait: Duration,
+    wait: Wait,
     stats: &BatchStats,
 ) {
     loop {
@@ -336,7 +348,7 @@ fn forward_loop(
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
         };
-        let deadline = Instant::now() + max_wait;
+        let deadline = Instant::now() + wait.max;
         let mut batch = vec![first];
         while batch.len() < max_batch {
             match queue.try_recv() {
@@ -351,7 +363,7 @@ fn forward_loop(
             // (they join within a decode's time), never for calls that may
             // not come.
             let left = deadline.saturating_duration_since(Instant::now());
-            if stats.preparing.load(Ordering::SeqCst) == 0 || left.is_zero() {
+            if (stats.preparing.load(Ordering::SeqCst) == 0 && !wait.when_idle) || left.is_zero() {
                 break;
             }
             match queue.recv_timeout(left.min(WAIT_SLICE)) {
@@ -479,6 +491,7 @@ mod tests {
         let settings = BatchSettings {
             max_batch_size: 8,
             max_wait_ms: 200,
+            wait_when_idle: false,
         };
         let decoding = Arc::new(Decoding::new(DecodeLimits::default(), 0, 0));
         let batcher = Arc::new(Batcher::start(embedder, &settings, decoding).expect("start"));
@@ -530,6 +543,7 @@ mod tests {
         let settings = BatchSettings {
             max_batch_size: 8,
             max_wait_ms: 10_000,
+            wait_when_idle: false,
         };
         let decoding = Arc::new(Decoding::new(DecodeLimits::default(), 0, 0));
         let batcher = Batcher::start(embedder, &settings, decoding).expect("start");
@@ -545,6 +559,23 @@ mod tests {
         }
         assert_eq!(batcher.stats(), (3, 3));
         assert_eq!(batcher.stats.preparing.load(Ordering::SeqCst), 0);
+
+        // batch.wait_when_idle: the lone call sits out the window.
+        let embedder = Arc::new(Embedder::load(dir.path(), test_device()).expect("embedder"));
+        let settings = BatchSettings {
+            max_batch_size: 8,
+            max_wait_ms: 300,
+            wait_when_idle: true,
+        };
+        let decoding = Arc::new(Decoding::new(DecodeLimits::default(), 0, 0));
+        let waiting = Batcher::start(embedder, &settings, decoding).expect("start");
+        let started = Instant::now();
+        waiting.embed(vec![jpeg]).await.expect("embed");
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     fn sample_jpeg() -> Vec<u8> {

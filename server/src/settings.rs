@@ -183,6 +183,10 @@ pub struct BatchSettings {
     /// How long the first image of a batch waits, at most, for images of
     /// other calls still being decoded (a lone call does not wait).
     pub max_wait_ms: u64,
+    /// Let the first image wait the whole `max_wait_ms` even when no other
+    /// image is on its way: fuller batches under bursty load on a GPU, at
+    /// the cost of that wait on every lone call.
+    pub wait_when_idle: bool,
 }
 
 impl Default for BatchSettings {
@@ -190,6 +194,7 @@ impl Default for BatchSettings {
         Self {
             max_batch_size: 32,
             max_wait_ms: 5,
+            wait_when_idle: false,
         }
     }
 }

@@ -212,6 +212,7 @@ async fn refused_and_cancelled_calls_leave_rows_too(pool_options: PgPoolOptions,
     s.server.rate_limit_burst = 2;
     // An image call waits this long for its batch: time to cancel it.
     s.batch.max_wait_ms = 3_000;
+    s.batch.wait_when_idle = true;
     s.batch.max_batch_size = 64;
     let server = TestServer::start(s).await;
     let mut client = server.client().await;

@@ -38,6 +38,7 @@ async fn load_beyond_the_limit_is_shed_at_once_and_memory_stays_bounded(
     s.server.max_concurrent_requests = 2;
     // Every admitted Identify waits this long for a batch to fill: slow calls.
     s.batch.max_wait_ms = 400;
+    s.batch.wait_when_idle = true;
     s.batch.max_batch_size = 64;
     let server = TestServer::start(s).await;
     let client = server.client().await;
@@ -167,6 +168,7 @@ async fn a_call_past_the_request_timeout_gets_deadline_exceeded(_: PgPoolOptions
     s.server.request_timeout_ms = 300;
     // The batch waits far longer than the timeout.
     s.batch.max_wait_ms = 3_000;
+    s.batch.wait_when_idle = true;
     s.batch.max_batch_size = 64;
     let server = TestServer::start(s).await;
     let mut client = server.client().await;
@@ -320,6 +322,7 @@ async fn a_key_past_its_own_concurrency_limit_is_refused_while_others_are_served
     s.server.max_concurrent_per_caller = 1;
     // Every Embed waits this long for its batch to fill: a slow call.
     s.batch.max_wait_ms = 1_500;
+    s.batch.wait_when_idle = true;
     s.batch.max_batch_size = 64;
     let server = TestServer::start(s).await;
     let client = server.client().await;

@@ -609,6 +609,7 @@ async fn concurrent_calls_share_forward_passes(_: PgPoolOptions, options: PgConn
     let mut config = settings(&options, dir.path());
     config.batch.max_batch_size = 8;
     config.batch.max_wait_ms = 50;
+    config.batch.wait_when_idle = true;
     let server = TestServer::start(config).await;
     let client = server.client().await;
     let embedder = Embedder::load(dir.path(), Device::Cpu).expect("offline embedder");
@@ -662,6 +663,7 @@ async fn shutdown_drains_in_flight_calls(_: PgPoolOptions, options: PgConnectOpt
     let mut config = settings(&options, dir.path());
     // The call waits in the batcher for company while shutdown begins.
     config.batch.max_wait_ms = 500;
+    config.batch.wait_when_idle = true;
     let server = TestServer::start(config).await;
     let mut client = server.client().await;
     // Serving first: a call sent while the server still starts would sit in
