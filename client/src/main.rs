@@ -1,8 +1,9 @@
 //! `handid`: the command-line client of the handid.v1 API.
 //!
-//! This first part covers what an operator runs: the model lifecycle
-//! (`model get|reload|promote|rollback`), `settings reload` (the API keys)
-//! and `health`. Every command takes the server's address, an API key
+//! Commands: `enroll`, `identify`, `verify` (images from files, `-` for
+//! stdin), `subjects list|get|delete`, `gallery delete`, the model
+//! lifecycle (`model get|reload|promote|rollback`), `settings reload` (the
+//! API keys) and `health`. Every command takes the server's address, an API key
 //! (`--api-key` or `HANDID_API_KEY`, sent as `authorization: Bearer`) and,
 //! for a TLS listener, `--tls-ca` (plus `--tls-cert`/`--tls-key` for mutual
 //! TLS).
@@ -23,6 +24,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use handid_proto::v1 as pb;
 use handid_proto::v1::admin_client::AdminClient;
+use handid_proto::v1::hand_id_client::HandIdClient;
 use serde_json::{Value, json};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
@@ -72,6 +74,54 @@ struct Connection {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Enrol a subject: its templates from these images (scope `enroll`).
+    Enroll {
+        /// The gallery (created by the first enrolment).
+        #[arg(long)]
+        gallery: String,
+        /// The subject.
+        #[arg(long)]
+        subject: String,
+        /// A retry with the same key replays the first result instead of
+        /// enrolling twice.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Image files (JPEG, PNG, BMP, PGM); `-` reads one from stdin.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    },
+    /// Who is on this photo: the gallery's best candidates (scope `identify`).
+    Identify {
+        /// The gallery.
+        #[arg(long)]
+        gallery: String,
+        /// Candidates to return.
+        #[arg(long, default_value_t = 5)]
+        top_k: u32,
+        #[command(flatten)]
+        rule: Rule,
+        /// The probe image; `-` reads it from stdin.
+        image: PathBuf,
+    },
+    /// Is this photo of that subject (scope `identify`).
+    Verify {
+        /// The gallery.
+        #[arg(long)]
+        gallery: String,
+        /// The subject claimed.
+        #[arg(long)]
+        subject: String,
+        #[command(flatten)]
+        rule: Rule,
+        /// The probe image; `-` reads it from stdin.
+        image: PathBuf,
+    },
+    /// A gallery's subjects.
+    #[command(subcommand)]
+    Subjects(SubjectsCommand),
+    /// Galleries.
+    #[command(subcommand)]
+    Gallery(GalleryCommand),
     /// The serving model and its lifecycle (Admin service, scope `admin`).
     #[command(subcommand)]
     Model(ModelCommand),
@@ -104,6 +154,68 @@ enum ModelCommand {
     },
     /// Make the previous model active again.
     Rollback,
+}
+
+/// How a score becomes a decision: the model's default operating point
+/// (FMR 1e-3) unless one of these is given.
+#[derive(Debug, Args)]
+struct Rule {
+    /// An explicit cosine-similarity threshold.
+    #[arg(long, conflicts_with = "fmr")]
+    threshold: Option<f32>,
+    /// The model's threshold calibrated at this false-match rate.
+    #[arg(long)]
+    fmr: Option<f64>,
+}
+
+impl Rule {
+    fn proto(&self) -> Option<pb::DecisionRule> {
+        use pb::decision_rule::Rule as R;
+        let rule = match (self.threshold, self.fmr) {
+            (Some(t), _) => R::Threshold(t),
+            (None, Some(f)) => R::TargetFmr(f),
+            (None, None) => return None,
+        };
+        Some(pb::DecisionRule { rule: Some(rule) })
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum SubjectsCommand {
+    /// The subjects of a gallery, every page (scope `identify`).
+    List {
+        /// The gallery.
+        #[arg(long)]
+        gallery: String,
+    },
+    /// One subject and its templates' metadata (scope `identify`).
+    Get {
+        /// The gallery.
+        #[arg(long)]
+        gallery: String,
+        /// The subject.
+        #[arg(long)]
+        subject: String,
+    },
+    /// Erase a subject and its templates (scope `enroll`).
+    Delete {
+        /// The gallery.
+        #[arg(long)]
+        gallery: String,
+        /// The subject.
+        #[arg(long)]
+        subject: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GalleryCommand {
+    /// Erase a gallery with every subject and template (scope `enroll`).
+    Delete {
+        /// The gallery.
+        #[arg(long)]
+        gallery: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -151,7 +263,221 @@ async fn run(cli: &Cli) -> Result<ExitCode, Failure> {
     let channel = connect(&cli.connection).await?;
     let key = cli.connection.api_key.as_deref();
     let mut admin = AdminClient::new(channel.clone());
+    let mut handid = HandIdClient::new(channel.clone())
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
     let out = match &cli.command {
+        Command::Enroll {
+            gallery,
+            subject,
+            idempotency_key,
+            images,
+        } => {
+            let images = images.iter().map(image).collect::<Result<Vec<_>, _>>()?;
+            let r = handid
+                .enroll(request(
+                    key,
+                    pb::EnrollRequest {
+                        gallery_id: gallery.clone(),
+                        subject_id: subject.clone(),
+                        images,
+                        idempotency_key: idempotency_key.clone().unwrap_or_default(),
+                    },
+                )?)
+                .await?
+                .into_inner();
+            let text = format!(
+                "{}/{}: {} template(s) stored{}, {} in all (model {})",
+                r.gallery_id,
+                r.subject_id,
+                r.template_ids.len(),
+                if r.replayed { " earlier (replayed)" } else { "" },
+                r.template_count,
+                r.model_id
+            );
+            (
+                json!({
+                    "gallery_id": r.gallery_id,
+                    "subject_id": r.subject_id,
+                    "template_ids": r.template_ids,
+                    "template_count": r.template_count,
+                    "replayed": r.replayed,
+                    "model_id": r.model_id,
+                }),
+                text,
+            )
+        }
+        Command::Identify {
+            gallery,
+            top_k,
+            rule,
+            image: path,
+        } => {
+            let r = handid
+                .identify(request(
+                    key,
+                    pb::IdentifyRequest {
+                        gallery_id: gallery.clone(),
+                        image: Some(image(path)?),
+                        top_k: *top_k,
+                        rule: rule.proto(),
+                    },
+                )?)
+                .await?
+                .into_inner();
+            let decision = decision(r.decision.as_ref());
+            let mut text = match r.matched_subject_id.as_str() {
+                "" => format!("no match among {} subjects", r.gallery_size),
+                matched => format!("match: {matched}"),
+            };
+            text.push_str(&format!(" ({})", decision_text(&decision)));
+            for c in &r.candidates {
+                text.push_str(&format!("\n{:>3}  {:.4}  {}", c.rank, c.score, c.subject_id));
+            }
+            let candidates: Vec<Value> = r
+                .candidates
+                .iter()
+                .map(|c| json!({ "rank": c.rank, "subject_id": c.subject_id, "score": c.score }))
+                .collect();
+            (
+                json!({
+                    "matched_subject_id": r.matched_subject_id,
+                    "candidates": candidates,
+                    "decision": decision,
+                    "gallery_size": r.gallery_size,
+                    "model_id": r.model_id,
+                }),
+                text,
+            )
+        }
+        Command::Verify {
+            gallery,
+            subject,
+            rule,
+            image: path,
+        } => {
+            let r = handid
+                .verify(request(
+                    key,
+                    pb::VerifyRequest {
+                        gallery_id: gallery.clone(),
+                        subject_id: subject.clone(),
+                        image: Some(image(path)?),
+                        rule: rule.proto(),
+                    },
+                )?)
+                .await?
+                .into_inner();
+            let decision = decision(r.decision.as_ref());
+            let text = format!(
+                "{}: score {:.4} ({})",
+                if decision["is_match"] == true {
+                    "match"
+                } else {
+                    "no match"
+                },
+                r.score,
+                decision_text(&decision)
+            );
+            (
+                json!({ "score": r.score, "decision": decision, "model_id": r.model_id }),
+                text,
+            )
+        }
+        Command::Subjects(SubjectsCommand::List { gallery }) => {
+            let mut subjects = Vec::new();
+            let mut token = String::new();
+            loop {
+                let page = handid
+                    .list_subjects(request(
+                        key,
+                        pb::ListSubjectsRequest {
+                            gallery_id: gallery.clone(),
+                            page_size: 1000,
+                            page_token: token,
+                        },
+                    )?)
+                    .await?
+                    .into_inner();
+                subjects.extend(page.subjects);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+            let text = subjects
+                .iter()
+                .map(|s| format!("{}  {} template(s)", s.subject_id, s.templates.len()))
+                .collect::<Vec<_>>()
+                .join("\n");
+            (
+                json!({ "gallery_id": gallery, "subjects": subjects.iter().map(subject).collect::<Vec<_>>() }),
+                if text.is_empty() {
+                    format!("{gallery}: no subjects")
+                } else {
+                    text
+                },
+            )
+        }
+        Command::Subjects(SubjectsCommand::Get { gallery, subject: id }) => {
+            let r = handid
+                .get_subject(request(
+                    key,
+                    pb::GetSubjectRequest {
+                        gallery_id: gallery.clone(),
+                        subject_id: id.clone(),
+                    },
+                )?)
+                .await?
+                .into_inner();
+            let record = r.subject.as_ref().map_or(Value::Null, subject);
+            let mut text = format!("{gallery}/{id}");
+            if let Some(s) = &r.subject {
+                for t in &s.templates {
+                    text.push_str(&format!(
+                        "\n  {}  model {}  {}",
+                        t.template_id,
+                        t.model_id,
+                        timestamp(t.created_at.as_ref()).as_str().unwrap_or_default()
+                    ));
+                }
+            }
+            (record, text)
+        }
+        Command::Subjects(SubjectsCommand::Delete { gallery, subject }) => {
+            let r = handid
+                .delete_subject(request(
+                    key,
+                    pb::DeleteSubjectRequest {
+                        gallery_id: gallery.clone(),
+                        subject_id: subject.clone(),
+                    },
+                )?)
+                .await?
+                .into_inner();
+            (
+                json!({ "templates_deleted": r.templates_deleted }),
+                format!("{gallery}/{subject} erased: {} template(s)", r.templates_deleted),
+            )
+        }
+        Command::Gallery(GalleryCommand::Delete { gallery }) => {
+            let r = handid
+                .delete_gallery(request(
+                    key,
+                    pb::DeleteGalleryRequest {
+                        gallery_id: gallery.clone(),
+                    },
+                )?)
+                .await?
+                .into_inner();
+            (
+                json!({ "subjects_deleted": r.subjects_deleted, "templates_deleted": r.templates_deleted }),
+                format!(
+                    "{gallery} erased: {} subject(s), {} template(s)",
+                    r.subjects_deleted, r.templates_deleted
+                ),
+            )
+        }
         Command::Health => {
             let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
             let status = health
@@ -285,6 +611,54 @@ async fn connect(c: &Connection) -> Result<Channel, Failure> {
             "cannot reach {}: {e}",
             c.addr
         )))
+    })
+}
+
+/// An image from a file, or from stdin for `-`.
+fn image(path: &PathBuf) -> Result<pb::Image, Failure> {
+    let data = if path.as_os_str() == "-" {
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut data)
+            .context("reading the image from stdin")?;
+        data
+    } else {
+        read(path)?
+    };
+    Ok(pb::Image { data })
+}
+
+fn decision(d: Option<&pb::Decision>) -> Value {
+    d.map_or(
+        Value::Null,
+        |d| json!({ "is_match": d.is_match, "threshold": d.threshold, "fmr": d.fmr }),
+    )
+}
+
+fn decision_text(d: &Value) -> String {
+    let threshold = d["threshold"].as_f64().unwrap_or_default();
+    match d["fmr"].as_f64() {
+        Some(fmr) if fmr > 0.0 => format!("threshold {threshold:.4} at FMR {fmr:e}"),
+        _ => format!("threshold {threshold:.4}"),
+    }
+}
+
+fn subject(s: &pb::Subject) -> Value {
+    let templates: Vec<Value> = s
+        .templates
+        .iter()
+        .map(|t| {
+            json!({
+                "template_id": t.template_id,
+                "model_id": t.model_id,
+                "created_at": timestamp(t.created_at.as_ref()),
+            })
+        })
+        .collect();
+    json!({
+        "gallery_id": s.gallery_id,
+        "subject_id": s.subject_id,
+        "created_at": timestamp(s.created_at.as_ref()),
+        "templates": templates,
     })
 }
 

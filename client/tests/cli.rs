@@ -1,0 +1,265 @@
+//! The `handid` binary against a real server (in this process, over a real
+//! Postgres): enrol, identify (from a file and from stdin), verify, list,
+//! get, delete, and the exit status of each kind of refusal.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use handid_server::Settings;
+use handid_server::settings::{ApiKeySettings, Scope};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+/// Photos of the 11k Hands sample (`../shared/data`).
+fn photos(count: usize) -> Vec<PathBuf> {
+    let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let dir = Path::new(&manifest).join("../../shared/data/11k-hands-sample/Hands");
+    let mut all: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jpg"))
+        .collect();
+    all.sort();
+    all.truncate(count);
+    assert_eq!(all.len(), count, "the sample has too few photos");
+    all
+}
+
+fn key(id: &str, key: &str, scopes: &[Scope]) -> ApiKeySettings {
+    ApiKeySettings {
+        id: id.to_owned(),
+        sha256: handid_server::auth::hash_key(key),
+        scopes: scopes.to_vec(),
+        galleries: Vec::new(),
+    }
+}
+
+/// Runs `handid ARGS` against `addr` with `api_key` (none when empty),
+/// feeding `stdin`.
+async fn handid(addr: &str, api_key: &str, args: &[&str], stdin: Option<&Path>) -> Output {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_handid"));
+    command
+        .args(["--addr", addr])
+        .args(args)
+        .env_remove("HANDID_ADDR");
+    if api_key.is_empty() {
+        command.env_remove("HANDID_API_KEY");
+    } else {
+        command.env("HANDID_API_KEY", api_key);
+    }
+    if let Some(file) = stdin {
+        command.stdin(std::fs::File::open(file).expect("stdin file"));
+    }
+    command.output().await.expect("run handid")
+}
+
+fn json(output: &Output) -> serde_json::Value {
+    assert!(
+        output.status.success(),
+        "{:?}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("one JSON object")
+}
+
+fn status(output: &Output) -> i32 {
+    output.status.code().expect("exit status")
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_cli_enrols_identifies_and_exits_with_the_grpc_status(
+    _: PgPoolOptions,
+    options: PgConnectOptions,
+) {
+    let model = tempfile::tempdir().expect("model");
+    handid_model::create_random_checkpoint(model.path(), &handid_model::ClipVisionConfig::tiny_vit(), 3)
+        .expect("checkpoint");
+    let (desk, door) = ("hid_desk_key", "hid_door_key");
+    let mut settings = Settings::default();
+    settings.database.url = format!(
+        "postgres://{}@{}:{}/{}",
+        options.get_username(),
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("postgres")
+    );
+    settings.database.migrate_on_start = true;
+    settings.model.path = model.path().to_owned();
+    settings.auth.keys = vec![
+        key("desk", desk, &[Scope::Identify, Scope::Enroll]),
+        key("door", door, &[Scope::Identify]),
+    ];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = format!("http://{}", listener.local_addr().expect("addr"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(handid_server::run(listener, settings, async {
+        let _ = stopped.await;
+    }));
+    let mut ready = false;
+    for _ in 0..200 {
+        if handid(&addr, "", &["health"], None).await.status.success() {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(ready, "the server never said SERVING");
+
+    let photos = photos(3);
+    let path = |i: usize| photos[i].to_str().expect("utf-8 path").to_owned();
+    let (p0, p1, p2) = (path(0), path(1), path(2));
+    let enrolled = json(
+        &handid(
+            &addr,
+            desk,
+            &[
+                "--json",
+                "enroll",
+                "--gallery",
+                "site",
+                "--subject",
+                "alice",
+                &p0,
+                &p1,
+            ],
+            None,
+        )
+        .await,
+    );
+    assert_eq!(enrolled["template_count"], 2);
+    json(
+        &handid(
+            &addr,
+            desk,
+            &["--json", "enroll", "--gallery", "site", "--subject", "bob", &p2],
+            None,
+        )
+        .await,
+    );
+
+    // Identify from a file and from stdin: the enrolled photo finds its
+    // subject.
+    let identify = ["--json", "identify", "--gallery", "site", "--threshold", "0.5"];
+    let found = json(&handid(&addr, door, &[&identify[..], &[p0.as_str()]].concat(), None).await);
+    assert_eq!(found["matched_subject_id"], "alice");
+    assert_eq!(found["gallery_size"], 2);
+    assert!(found["candidates"][0]["score"].as_f64().expect("score") > 0.999);
+    let piped = json(&handid(&addr, door, &[&identify[..], &["-"]].concat(), Some(&photos[2])).await);
+    assert_eq!(piped["matched_subject_id"], "bob");
+    let human = handid(&addr, door, &[&identify[1..], &[p0.as_str()]].concat(), None).await;
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(text.starts_with("match: alice"), "{text}");
+
+    // Verify.
+    let verified = json(
+        &handid(
+            &addr,
+            door,
+            &[
+                "--json",
+                "verify",
+                "--gallery",
+                "site",
+                "--subject",
+                "alice",
+                "--threshold",
+                "0.5",
+                &p1,
+            ],
+            None,
+        )
+        .await,
+    );
+    assert_eq!(verified["decision"]["is_match"], true);
+
+    // The checkpoint has no calibrated thresholds: the default rule is
+    // FAILED_PRECONDITION (exit 10 + 9), saying why on stderr.
+    let refused = handid(&addr, door, &["identify", "--gallery", "site", &p0], None).await;
+    assert_eq!(status(&refused), 19);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("FAILED_PRECONDITION"), "{stderr}");
+    // No key: UNAUTHENTICATED (26); the door's key cannot enrol:
+    // PERMISSION_DENIED (17); an unknown gallery: NOT_FOUND (15).
+    let list = ["subjects", "list", "--gallery", "site"];
+    assert_eq!(status(&handid(&addr, "", &list, None).await), 26);
+    let enrol_eve = ["enroll", "--gallery", "site", "--subject", "eve"];
+    assert_eq!(
+        status(&handid(&addr, door, &[&enrol_eve[..], &[p0.as_str()]].concat(), None).await),
+        17
+    );
+    let nowhere = [
+        "identify",
+        "--gallery",
+        "nowhere",
+        "--threshold",
+        "0.5",
+        p0.as_str(),
+    ];
+    assert_eq!(status(&handid(&addr, door, &nowhere, None).await), 15);
+    // A file that is not there: a local error (1), nothing sent.
+    assert_eq!(
+        status(
+            &handid(
+                &addr,
+                desk,
+                &[&enrol_eve[..], &["/nonexistent.jpg"]].concat(),
+                None
+            )
+            .await
+        ),
+        1
+    );
+
+    // List, get, delete.
+    let listed = json(&handid(&addr, door, &[&["--json"][..], &list[..]].concat(), None).await);
+    let ids: Vec<&str> = listed["subjects"]
+        .as_array()
+        .expect("subjects")
+        .iter()
+        .map(|s| s["subject_id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(ids, ["alice", "bob"]);
+    let get = |subject: &'static str| {
+        [
+            "--json",
+            "subjects",
+            "get",
+            "--gallery",
+            "site",
+            "--subject",
+            subject,
+        ]
+    };
+    let alice = json(&handid(&addr, door, &get("alice"), None).await);
+    assert_eq!(alice["templates"].as_array().expect("templates").len(), 2);
+    assert!(alice["templates"][0]["created_at"].is_string());
+    let delete_bob = [
+        "--json",
+        "subjects",
+        "delete",
+        "--gallery",
+        "site",
+        "--subject",
+        "bob",
+    ];
+    assert_eq!(
+        json(&handid(&addr, desk, &delete_bob, None).await)["templates_deleted"],
+        1
+    );
+    assert_eq!(status(&handid(&addr, door, &get("bob"), None).await), 15);
+    let erased = json(
+        &handid(
+            &addr,
+            desk,
+            &["--json", "gallery", "delete", "--gallery", "site"],
+            None,
+        )
+        .await,
+    );
+    assert_eq!(erased["subjects_deleted"], 1);
+
+    let _ = stop.send(());
+    server.await.expect("server task").expect("clean stop");
+    // Nobody listens any more: UNAVAILABLE (24).
+    assert_eq!(status(&handid(&addr, door, &["model", "get"], None).await), 24);
+}
