@@ -116,6 +116,16 @@ enum Command {
         /// The probe image; `-` reads it from stdin.
         image: PathBuf,
     },
+    /// The L2-normalised embeddings of images, stored nowhere (scope `embed`).
+    Embed {
+        /// Write them as a float32 NumPy array `[images, dimension]` here
+        /// instead of printing them.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Image files; `-` reads one from stdin.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    },
     /// A gallery's subjects.
     #[command(subcommand)]
     Subjects(SubjectsCommand),
@@ -384,6 +394,42 @@ async fn run(cli: &Cli) -> Result<ExitCode, Failure> {
                 text,
             )
         }
+        Command::Embed { out, images } => {
+            let images = images.iter().map(image).collect::<Result<Vec<_>, _>>()?;
+            let r = handid
+                .embed(request(key, pb::EmbedRequest { images })?)
+                .await?
+                .into_inner();
+            let rows: Vec<&[f32]> = r.embeddings.iter().map(|e| e.values.as_slice()).collect();
+            match out {
+                Some(path) => {
+                    std::fs::write(path, npy(&rows, r.dimension as usize))
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    (
+                        json!({ "out": path.display().to_string(), "images": rows.len(),
+                                "dimension": r.dimension, "model_id": r.model_id }),
+                        format!(
+                            "{} embedding(s) of {} values (model {}) written to {}",
+                            rows.len(),
+                            r.dimension,
+                            r.model_id,
+                            path.display()
+                        ),
+                    )
+                }
+                None => {
+                    let text = rows
+                        .iter()
+                        .map(|row| row.iter().map(f32::to_string).collect::<Vec<_>>().join(" "))
+                        .collect::<Vec<_>>()
+                        .join("\n");
+                    (
+                        json!({ "embeddings": rows, "dimension": r.dimension, "model_id": r.model_id }),
+                        text,
+                    )
+                }
+            }
+        }
         Command::Subjects(SubjectsCommand::List { gallery }) => {
             let mut subjects = Vec::new();
             let mut token = String::new();
@@ -625,6 +671,28 @@ fn image(path: &PathBuf) -> Result<pb::Image, Failure> {
         read(path)?
     };
     Ok(pb::Image { data })
+}
+
+/// `rows` as a NumPy `.npy` file (format 1.0): little-endian float32,
+/// C order, shape `[rows, dim]`.
+fn npy(rows: &[&[f32]], dim: usize) -> Vec<u8> {
+    let mut header = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {dim}), }}",
+        rows.len()
+    );
+    // Magic, version, header length, then the header padded with spaces
+    // and a newline to a multiple of 64 bytes.
+    let unpadded = 6 + 2 + 2 + header.len() + 1;
+    header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + rows.len() * dim * 4);
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&u16::try_from(header.len()).unwrap_or(u16::MAX).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for value in rows.iter().flat_map(|row| row.iter()) {
+        out.extend_from_slice(&value.to_le_bytes());
+    }
+    out
 }
 
 fn decision(d: Option<&pb::Decision>) -> Value {

@@ -87,7 +87,7 @@ async fn the_cli_enrols_identifies_and_exits_with_the_grpc_status(
     settings.model.path = model.path().to_owned();
     settings.auth.keys = vec![
         key("desk", desk, &[Scope::Identify, Scope::Enroll]),
-        key("door", door, &[Scope::Identify]),
+        key("door", door, &[Scope::Identify, Scope::Embed]),
     ];
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = format!("http://{}", listener.local_addr().expect("addr"));
@@ -209,6 +209,36 @@ async fn the_cli_enrols_identifies_and_exits_with_the_grpc_status(
         ),
         1
     );
+
+    // Embed into a NumPy file: [2, dim] float32, unit rows.
+    let out = model.path().join("vectors.npy");
+    let out_arg = out.to_str().expect("utf-8 path");
+    let embedded = json(
+        &handid(
+            &addr,
+            door,
+            &["--json", "embed", "--out", out_arg, &p0, &p1],
+            None,
+        )
+        .await,
+    );
+    let dim = embedded["dimension"].as_u64().expect("dimension") as usize;
+    let bytes = std::fs::read(&out).expect("npy file");
+    assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00");
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    assert_eq!((10 + header_len) % 64, 0, "the header is padded to 64 bytes");
+    let header = std::str::from_utf8(&bytes[10..10 + header_len]).expect("header");
+    assert!(header.contains(&format!("'shape': (2, {dim})")), "{header}");
+    assert!(header.contains("'<f4'"), "{header}");
+    let values: Vec<f32> = bytes[10 + header_len..]
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    assert_eq!(values.len(), 2 * dim);
+    for row in values.chunks(dim) {
+        let norm: f32 = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-3, "{norm}");
+    }
 
     // List, get, delete.
     let listed = json(&handid(&addr, door, &[&["--json"][..], &list[..]].concat(), None).await);
