@@ -64,6 +64,34 @@ fn image_corpus_replays_with_the_expected_verdicts() {
     );
 }
 
+/// Binary (P5) and ASCII (P2) greyscale PGM inputs, built here rather than
+/// committed as image files: both are accepted, and a truncated one refused.
+#[test]
+fn pgm_inputs_built_in_memory_get_the_expected_verdicts() {
+    tch::set_num_threads(1);
+    let pixels: Vec<u8> = (0..64u32 * 64)
+        .map(|i| u8::try_from((i % 64) * (i / 64) % 256).expect("byte"))
+        .collect();
+    let mut binary = b"P5\n64 64\n255\n".to_vec();
+    binary.extend_from_slice(&pixels);
+    let ascii = format!(
+        "P2\n# ascii grey\n64 64\n255\n{}\n",
+        pixels.iter().map(u8::to_string).collect::<Vec<_>>().join(" ")
+    );
+    for (what, bytes) in [("binary", binary.as_slice()), ("ascii", ascii.as_bytes())] {
+        let verdict = fuzzing::image(bytes);
+        assert!(
+            matches!(verdict, ImageVerdict::Accepted { .. }),
+            "{what} PGM: {verdict:?}"
+        );
+    }
+    let truncated = &binary[..binary.len() / 2];
+    assert!(
+        matches!(fuzzing::image(truncated), ImageVerdict::Refused(_)),
+        "a truncated PGM was accepted"
+    );
+}
+
 #[test]
 fn request_corpus_replays() {
     let corpus = inputs("corpus", "requests");
