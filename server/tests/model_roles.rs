@@ -10,7 +10,10 @@ mod common;
 
 use std::path::Path;
 
-use common::{TestServer, checkpoint_in, database_url, logs, people, settings, wait_for_health};
+use common::{
+    TestServer, checkpoint_in, database_url, enroll, identify, logs, people, reload, settings,
+    wait_for_health,
+};
 use handid_model::{ClipVisionConfig, create_random_checkpoint};
 use handid_proto::v1 as pb;
 use handid_proto::v1::admin_client::AdminClient;
@@ -18,28 +21,6 @@ use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
-
-async fn admin_client(server: &TestServer) -> AdminClient<Channel> {
-    AdminClient::connect(format!("http://{}", server.addr))
-        .await
-        .expect("admin client")
-}
-
-fn enroll(gallery: &str, subject: &str, images: &[Vec<u8>]) -> pb::EnrollRequest {
-    pb::EnrollRequest {
-        gallery_id: gallery.to_owned(),
-        subject_id: subject.to_owned(),
-        images: images.iter().map(|d| pb::Image { data: d.clone() }).collect(),
-        idempotency_key: String::new(),
-    }
-}
-
-fn reload(path: &Path, mode: pb::ReloadMode) -> pb::ReloadModelRequest {
-    pb::ReloadModelRequest {
-        path: path.display().to_string(),
-        mode: mode as i32,
-    }
-}
 
 async fn report(admin: &mut AdminClient<Channel>) -> pb::GetModelResponse {
     admin
@@ -127,7 +108,7 @@ async fn a_promotion_survives_a_restart_and_a_disagreeing_folder_is_refused(
         .enroll(enroll("site", &early.0, &early.1[..1]))
         .await
         .expect("enrol under A");
-    let mut admin = admin_client(&server).await;
+    let mut admin = server.admin().await;
     admin
         .reload_model(reload(c_dir.path(), pb::ReloadMode::StageMigration))
         .await
@@ -213,14 +194,7 @@ async fn a_promotion_survives_a_restart_and_a_disagreeing_folder_is_refused(
     let mut client = server.client().await;
     wait_for_health(&server, ServingStatus::Serving).await;
     let found = client
-        .identify(pb::IdentifyRequest {
-            gallery_id: "site".to_owned(),
-            image: Some(pb::Image {
-                data: late.1[0].clone(),
-            }),
-            top_k: 5,
-            rule: None,
-        })
+        .identify(identify("site", &late.1[0]))
         .await
         .expect("identify after the restart")
         .into_inner();
@@ -236,7 +210,7 @@ async fn a_promotion_survives_a_restart_and_a_disagreeing_folder_is_refused(
     adopt.model.adopt = true;
     let server = TestServer::start(adopt).await;
     wait_for_health(&server, ServingStatus::Serving).await;
-    let mut admin = admin_client(&server).await;
+    let mut admin = server.admin().await;
     assert_eq!(
         report(&mut admin).await.active.expect("active").model_id,
         a.model_id
@@ -265,7 +239,7 @@ async fn swaps_retire_the_model_they_replace_and_a_staged_migration_survives_a_r
     let c = checkpoint_in(c_dir.path(), 13, None);
     let server = TestServer::start(settings(&options, a_dir.path())).await;
     wait_for_health(&server, ServingStatus::Serving).await;
-    let mut admin = admin_client(&server).await;
+    let mut admin = server.admin().await;
     let pool = PgPoolOptions::new()
         .connect(&database_url(&options))
         .await
@@ -324,7 +298,7 @@ async fn swaps_retire_the_model_they_replace_and_a_staged_migration_survives_a_r
     // Restarted: A serves and C is staged again from its recorded folder.
     let server = TestServer::start(settings(&options, a_dir.path())).await;
     wait_for_health(&server, ServingStatus::Serving).await;
-    let mut admin = admin_client(&server).await;
+    let mut admin = server.admin().await;
     let model = report(&mut admin).await;
     assert_eq!(model.active.expect("active").model_id, a.model_id);
     let staged = model.staged.expect("the staged model was restored");
@@ -369,7 +343,7 @@ async fn a_model_without_thresholds_is_reported_and_warned_about(
     assert!(manifest.thresholds.is_empty());
     let server = TestServer::start(settings(&options, dir.path())).await;
     wait_for_health(&server, ServingStatus::Serving).await;
-    let mut admin = admin_client(&server).await;
+    let mut admin = server.admin().await;
     let active = report(&mut admin).await.active.expect("active");
     assert!(!active.calibrated);
     assert!(active.operating_points.is_empty());
@@ -470,7 +444,7 @@ async fn rollback_returns_to_the_previous_model_while_its_templates_cover_every_
         .expect("pool");
     let server = TestServer::start(settings(&options, a_dir.path())).await;
     wait_for_health(&server, ServingStatus::Serving).await;
-    let (mut client, mut admin) = (server.client().await, admin_client(&server).await);
+    let (mut client, mut admin) = (server.client().await, server.admin().await);
     let people = people(2, 2);
     let (early, late) = (&people[0], &people[1]);
     client
@@ -539,14 +513,7 @@ async fn rollback_returns_to_the_previous_model_while_its_templates_cover_every_
     assert_eq!(back.active.expect("active").model_id, a.model_id);
     assert_eq!(back.previous.expect("previous").model_id, c.model_id);
     let found = client
-        .identify(pb::IdentifyRequest {
-            gallery_id: "site".to_owned(),
-            image: Some(pb::Image {
-                data: early.1[0].clone(),
-            }),
-            top_k: 5,
-            rule: None,
-        })
+        .identify(identify("site", &early.1[0]))
         .await
         .expect("identify under A")
         .into_inner();
@@ -587,7 +554,7 @@ async fn rollback_returns_to_the_previous_model_while_its_templates_cover_every_
     // The rollback is the database's: a restart on A's folder serves A.
     let server = TestServer::start(settings(&options, a_dir.path())).await;
     wait_for_health(&server, ServingStatus::Serving).await;
-    let (mut client, mut admin) = (server.client().await, admin_client(&server).await);
+    let (mut client, mut admin) = (server.client().await, server.admin().await);
     assert_eq!(
         report(&mut admin).await.active.expect("active").model_id,
         a.model_id
@@ -597,14 +564,7 @@ async fn rollback_returns_to_the_previous_model_while_its_templates_cover_every_
     let forward = rollback(&mut admin).await.expect("roll forward to C");
     assert_eq!(forward.active.expect("active").model_id, c.model_id);
     let found = client
-        .identify(pb::IdentifyRequest {
-            gallery_id: "site".to_owned(),
-            image: Some(pb::Image {
-                data: early.1[1].clone(),
-            }),
-            top_k: 5,
-            rule: None,
-        })
+        .identify(identify("site", &early.1[1]))
         .await
         .expect("identify under C")
         .into_inner();

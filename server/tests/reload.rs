@@ -11,44 +11,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{TestServer, checkpoint_in, database_url, people, settings, wait_for_health};
+use common::{
+    Binary, TestServer, checkpoint_in, database_url, enroll, free_port, identify, people, reload, settings,
+    wait_for_health,
+};
 use handid_proto::v1 as pb;
 use handid_proto::v1::admin_client::AdminClient;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
-
-async fn admin(server: &TestServer) -> AdminClient<Channel> {
-    AdminClient::connect(format!("http://{}", server.addr))
-        .await
-        .expect("admin client")
-}
-
-fn enroll(gallery: &str, subject: &str, images: &[Vec<u8>]) -> pb::EnrollRequest {
-    pb::EnrollRequest {
-        gallery_id: gallery.to_owned(),
-        subject_id: subject.to_owned(),
-        images: images.iter().map(|d| pb::Image { data: d.clone() }).collect(),
-        idempotency_key: String::new(),
-    }
-}
-
-fn identify(gallery: &str, probe: &[u8]) -> pb::IdentifyRequest {
-    pb::IdentifyRequest {
-        gallery_id: gallery.to_owned(),
-        image: Some(pb::Image { data: probe.to_vec() }),
-        top_k: 5,
-        rule: None,
-    }
-}
-
-fn reload(path: &Path, mode: pb::ReloadMode) -> pb::ReloadModelRequest {
-    pb::ReloadModelRequest {
-        path: path.display().to_string(),
-        mode: mode as i32,
-    }
-}
 
 async fn active_id(admin: &mut AdminClient<Channel>) -> String {
     admin
@@ -85,7 +57,7 @@ async fn a_compatible_swap_under_load_fails_no_request_and_bad_checkpoints_are_r
     let server = TestServer::start(s).await;
     let mut client = server.client().await;
     wait_for_health(&server, ServingStatus::Serving).await;
-    let mut admin = admin(&server).await;
+    let mut admin = server.admin().await;
 
     let people = people(3, 2);
     for (person, photos) in &people {
@@ -287,7 +259,7 @@ async fn a_staged_migration_dual_enrols_reports_coverage_and_promotes(
     let server = TestServer::start(settings(&options, a_dir.path())).await;
     let mut client = server.client().await;
     wait_for_health(&server, ServingStatus::Serving).await;
-    let mut admin = admin(&server).await;
+    let mut admin = server.admin().await;
 
     let people = people(4, 2);
     let (s1, s2, s3, s4) = (&people[0], &people[1], &people[2], &people[3]);
@@ -459,14 +431,6 @@ async fn a_staged_migration_dual_enrols_reports_coverage_and_promotes(
     server.stop().await.expect("clean stop");
 }
 
-/// A free local port (bound, then released for the child to take).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 #[sqlx::test(migrations = false)]
 async fn sighup_reloads_the_real_binary(_: PgPoolOptions, options: PgConnectOptions) {
     let serving = tempfile::tempdir().expect("serving folder");
@@ -487,32 +451,9 @@ async fn sighup_reloads_the_real_binary(_: PgPoolOptions, options: PgConnectOpti
         ),
     )
     .expect("settings file");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_handid-server"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn handid-server");
-    let pid = child.id().expect("pid").to_string();
-    let url = format!("http://127.0.0.1:{port}");
-    let mut admin = None;
-    for _ in 0..300 {
-        if let Ok(client) = AdminClient::connect(url.clone()).await {
-            admin = Some(client);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let mut admin = admin.expect("the binary never accepted a connection");
+    let mut server = Binary::serve(&config, port).await;
+    let mut admin = AdminClient::new(server.channel.clone());
     assert_eq!(active_id(&mut admin).await, a.model_id);
-    let hup = || {
-        let status = std::process::Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .expect("kill -HUP");
-        assert!(status.success());
-    };
     let wait_for = |want: String| {
         let mut admin = admin.clone();
         async move {
@@ -528,7 +469,7 @@ async fn sighup_reloads_the_real_binary(_: PgPoolOptions, options: PgConnectOpti
 
     // The operator replaces the folder's checkpoint, then sends SIGHUP.
     copy_checkpoint(next.path(), serving.path());
-    hup();
+    server.signal("-HUP");
     assert!(wait_for(b.model_id.clone()).await, "SIGHUP did not swap in B");
 
     // A damaged checkpoint in the folder: SIGHUP is refused, B keeps serving.
@@ -537,7 +478,7 @@ async fn sighup_reloads_the_real_binary(_: PgPoolOptions, options: PgConnectOpti
     let end = bytes.len() - 1;
     bytes[end] ^= 0xff;
     std::fs::write(&weights, bytes).expect("write weights");
-    hup();
+    server.signal("-HUP");
     let pool = PgPoolOptions::new()
         .connect(&database_url(&options))
         .await
@@ -562,21 +503,8 @@ async fn sighup_reloads_the_real_binary(_: PgPoolOptions, options: PgConnectOpti
     }
     assert!(refused, "the second SIGHUP left no audit row");
     assert_eq!(active_id(&mut admin).await, b.model_id);
-    assert!(
-        child.try_wait().expect("child status").is_none(),
-        "the server died"
-    );
-
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill -TERM");
-    assert!(status.success());
-    let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("the server stopped on SIGTERM")
-        .expect("exit status");
-    assert!(exit.success(), "{exit:?}");
+    assert!(server.running(), "the server died");
+    server.terminate().await;
 }
 
 /// A settings file for the real binary with auth on and these `(id, key,
@@ -654,32 +582,8 @@ async fn keys_reload_on_sighup_and_reload_settings_and_a_bad_file_keeps_the_old_
         .expect("settings file");
     };
     write(&[("ops", &ops, "admin")], "");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_handid-server"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn handid-server");
-    let pid = child.id().expect("pid").to_string();
-    let endpoint =
-        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).expect("endpoint");
-    let mut channel = None;
-    for _ in 0..300 {
-        if let Ok(c) = endpoint.connect().await {
-            channel = Some(c);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let channel = channel.expect("the binary never accepted a connection");
-    let hup = || {
-        let status = std::process::Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .expect("kill -HUP");
-        assert!(status.success());
-    };
+    let mut server = Binary::serve(&config, port).await;
+    let channel = server.channel.clone();
     let until = |want: Code| {
         let (channel, desk) = (channel.clone(), desk.clone());
         async move {
@@ -696,7 +600,7 @@ async fn keys_reload_on_sighup_and_reload_settings_and_a_bad_file_keeps_the_old_
 
     // Added to the file, SIGHUP: the key works.
     write(&[("ops", &ops, "admin"), ("desk", &desk, "identify")], "");
-    hup();
+    server.signal("-HUP");
     assert!(
         until(Code::NotFound).await,
         "the added key was not admitted after SIGHUP"
@@ -704,7 +608,7 @@ async fn keys_reload_on_sighup_and_reload_settings_and_a_bad_file_keeps_the_old_
 
     // Removed, SIGHUP: refused again.
     write(&[("ops", &ops, "admin")], "");
-    hup();
+    server.signal("-HUP");
     assert!(
         until(Code::Unauthenticated).await,
         "the removed key still works after SIGHUP"
@@ -716,7 +620,7 @@ async fn keys_reload_on_sighup_and_reload_settings_and_a_bad_file_keeps_the_old_
         "auth:\n  keys: [{id: desk, sha256: nothex, scopes: [identify]}]\n",
     )
     .expect("bad file");
-    hup();
+    server.signal("-HUP");
     let pool = PgPoolOptions::new()
         .connect(&database_url(&options))
         .await
@@ -794,19 +698,6 @@ async fn keys_reload_on_sighup_and_reload_settings_and_a_bad_file_keeps_the_old_
     assert_eq!(refused.code(), Code::FailedPrecondition);
     assert!(refused.message().contains("server.yaml"), "{}", refused.message());
     assert_eq!(list_with(&channel, &desk).await, Code::NotFound);
-    assert!(
-        child.try_wait().expect("child status").is_none(),
-        "the server died"
-    );
-
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill -TERM");
-    assert!(status.success());
-    let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("the server stopped on SIGTERM")
-        .expect("exit status");
-    assert!(exit.success(), "{exit:?}");
+    assert!(server.running(), "the server died");
+    server.terminate().await;
 }

@@ -8,18 +8,11 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{checkpoint_in, database_url, people};
+use common::{checkpoint_in, database_url, free_port, people};
 use handid_proto::v1 as pb;
 use handid_proto::v1::hand_id_client::HandIdClient;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::transport::Channel;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 /// Starts the binary with its own settings file and port; killed on drop.
 async fn replica(

@@ -7,21 +7,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{TestServer, checkpoint, database_url, people, settings, wait_for_health};
+use common::{TestServer, checkpoint, database_url, enroll, identify, people, settings, wait_for_health};
 use handid_proto::v1 as pb;
 use handid_proto::v1::hand_id_client::HandIdClient;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
-
-fn enroll(gallery: &str, subject: &str, images: &[Vec<u8>]) -> pb::EnrollRequest {
-    pb::EnrollRequest {
-        gallery_id: gallery.to_owned(),
-        subject_id: subject.to_owned(),
-        images: images.iter().map(|d| pb::Image { data: d.clone() }).collect(),
-        idempotency_key: String::new(),
-    }
-}
 
 /// Polls until `present` says whether `subject` is among the candidates;
 /// returns how long that took, or `None` after `limit`.
@@ -237,9 +228,7 @@ async fn writes_on_one_replica_reach_the_other_and_missed_notifications_are_caug
 
 /// The models replica `server` serves: (active, staged).
 async fn models_of(server: &TestServer) -> (String, Option<String>) {
-    let mut admin = handid_proto::v1::admin_client::AdminClient::connect(format!("http://{}", server.addr))
-        .await
-        .expect("admin client");
+    let mut admin = server.admin().await;
     let report = admin
         .get_model(pb::GetModelRequest {})
         .await
@@ -284,9 +273,7 @@ async fn model_changes_on_one_replica_are_followed_by_the_other(_: PgPoolOptions
     let b = TestServer::start(config).await;
     wait_for_health(&b, ServingStatus::Serving).await;
     let (mut on_a, mut on_b) = (a.client().await, b.client().await);
-    let mut admin_a = handid_proto::v1::admin_client::AdminClient::connect(format!("http://{}", a.addr))
-        .await
-        .expect("admin client");
+    let mut admin_a = a.admin().await;
     let people = people(2, 2);
     let (early, late) = (&people[0], &people[1]);
     on_a.enroll(enroll("site", &early.0, &early.1[..1]))
@@ -341,14 +328,7 @@ async fn model_changes_on_one_replica_are_followed_by_the_other(_: PgPoolOptions
     .await
     .expect("B does not find under Y the subject enrolled on A");
     let found = on_b
-        .identify(pb::IdentifyRequest {
-            gallery_id: "site".to_owned(),
-            image: Some(pb::Image {
-                data: early.1[1].clone(),
-            }),
-            top_k: 5,
-            rule: None,
-        })
+        .identify(identify("site", &early.1[1]))
         .await
         .expect("identify on B")
         .into_inner();

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use handid_model::{ClipVisionConfig, Embedder, Manifest, OperatingPoint, create_random_checkpoint};
 use handid_proto::v1 as pb;
+use handid_proto::v1::admin_client::AdminClient;
 use handid_proto::v1::hand_id_client::HandIdClient;
 use handid_server::Settings;
 use sqlx::postgres::PgConnectOptions;
@@ -166,6 +167,13 @@ impl TestServer {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("server at {url} never accepted a connection");
+    }
+
+    /// A connected Admin client.
+    pub async fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("admin client")
     }
 
     /// Graceful shutdown; returns `run`'s result.
@@ -372,5 +380,99 @@ pub async fn raw_call(channel: Channel, path: &'static str, body: Vec<u8>) -> (t
     match grpc.unary(tonic::Request::new(body), path, RawCodec).await {
         Ok(_) => (tonic::Code::Ok, String::new()),
         Err(status) => (status.code(), status.message().to_owned()),
+    }
+}
+
+/// An Enroll of `images` for `subject` in `gallery`, without idempotency key.
+pub fn enroll(gallery: &str, subject: &str, images: &[Vec<u8>]) -> pb::EnrollRequest {
+    pb::EnrollRequest {
+        gallery_id: gallery.to_owned(),
+        subject_id: subject.to_owned(),
+        images: images.iter().map(|d| pb::Image { data: d.clone() }).collect(),
+        idempotency_key: String::new(),
+    }
+}
+
+/// An Identify of `probe` in `gallery`: top 5, the model's default rule.
+pub fn identify(gallery: &str, probe: &[u8]) -> pb::IdentifyRequest {
+    pb::IdentifyRequest {
+        gallery_id: gallery.to_owned(),
+        image: Some(pb::Image { data: probe.to_vec() }),
+        top_k: 5,
+        rule: None,
+    }
+}
+
+/// A ReloadModel of the folder `path` in `mode`.
+pub fn reload(path: &Path, mode: pb::ReloadMode) -> pb::ReloadModelRequest {
+    pb::ReloadModelRequest {
+        path: path.display().to_string(),
+        mode: mode as i32,
+    }
+}
+
+/// A free local port (bound, then released for a child process to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The real `handid-server serve --config FILE` in a child process (killed
+/// on drop), with a channel to it once it accepts connections.
+pub struct Binary {
+    /// The process.
+    pub child: tokio::process::Child,
+    /// Its pid, for `kill`.
+    pub pid: String,
+    /// Connected to its port.
+    pub channel: Channel,
+}
+
+impl Binary {
+    /// Starts the binary on `config`, listening on `port`.
+    pub async fn serve(config: &Path, port: u16) -> Self {
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_handid-server"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn handid-server");
+        let pid = child.id().expect("pid").to_string();
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).expect("endpoint");
+        for _ in 0..300 {
+            if let Ok(channel) = endpoint.connect().await {
+                return Self { child, pid, channel };
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the binary never accepted a connection on port {port}");
+    }
+
+    /// Sends `signal` (`-HUP`, `-TERM`) to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([signal, &self.pid])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal} {}", self.pid);
+    }
+
+    /// Whether the process still runs.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().expect("child status").is_none()
+    }
+
+    /// SIGTERM, then the exit status must be success within 20 s.
+    pub async fn terminate(mut self) {
+        self.signal("-TERM");
+        let exit = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("the server stopped on SIGTERM")
+            .expect("exit status");
+        assert!(exit.success(), "{exit:?}");
     }
 }
