@@ -746,11 +746,20 @@ fn request<T>(key: Option<&str>, message: T) -> Result<tonic::Request<T>, Failur
     Ok(request)
 }
 
+/// Writes the result to stdout. A reader that stopped reading (`| head`,
+/// `| grep -q`) is not an error: the call itself succeeded.
 fn print(as_json: bool, value: &Value, text: &str) {
-    if as_json {
-        println!("{value}");
+    use std::io::Write;
+    let out = if as_json {
+        value.to_string()
     } else {
-        println!("{text}");
+        text.to_owned()
+    };
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = writeln!(stdout, "{out}").and_then(|()| stdout.flush())
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        eprintln!("handid: writing the result: {e}");
     }
 }
 

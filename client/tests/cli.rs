@@ -240,6 +240,26 @@ async fn the_cli_enrols_identifies_and_exits_with_the_grpc_status(
         assert!((norm - 1.0).abs() < 1e-3, "{norm}");
     }
 
+    // A reader that stops early (`| grep -q`, `| head`) is no failure: the
+    // exit status is the call's, nothing panics.
+    let closed = tokio::process::Command::new("bash")
+        .args([
+            "-c",
+            "set -o pipefail; \"$0\" --addr \"$1\" subjects list --gallery site | (exec 0<&-; sleep 1)",
+            env!("CARGO_BIN_EXE_handid"),
+            &addr,
+        ])
+        .env("HANDID_API_KEY", door)
+        .output()
+        .await
+        .expect("bash");
+    assert!(
+        closed.status.success(),
+        "{:?}: {}",
+        closed.status,
+        String::from_utf8_lossy(&closed.stderr)
+    );
+
     // List, get, delete.
     let listed = json(&handid(&addr, door, &[&["--json"][..], &list[..]].concat(), None).await);
     let ids: Vec<&str> = listed["subjects"]
