@@ -19,7 +19,7 @@ use crate::batcher::Batcher;
 use crate::decode::Decoding;
 use crate::engine::{ActiveModel, Caller, Engine, LoadError, Pipeline};
 use crate::health::HealthRules;
-use crate::index::{Indexes, MAX_CHUNK_ROWS};
+use crate::index::Indexes;
 use crate::service::{AdminService, HandIdService};
 use crate::settings::Settings;
 use crate::store::{Claim, ModelRecord, Store, StoreError};
@@ -183,6 +183,7 @@ pub async fn run_with_reloads(
     let limits = &settings.limits;
     let pipeline = Pipeline {
         batch: settings.batch.clone(),
+        search: settings.search.options(),
         decoding: Arc::new(Decoding::new(
             DecodeLimits {
                 max_bytes: limits.max_image_bytes,
@@ -207,7 +208,7 @@ pub async fn run_with_reloads(
         loaded_at: chrono::Utc::now(),
         embedder: Arc::clone(&embedder),
     };
-    let indexes = Indexes::new(embedder.dim(), device, MAX_CHUNK_ROWS);
+    let indexes = Indexes::new(embedder.dim(), device, pipeline.search.clone());
     let engine = Arc::new(
         Engine::start(
             store.clone(),

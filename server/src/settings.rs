@@ -53,6 +53,8 @@ pub struct Settings {
     pub model: ModelSettings,
     /// Gathering requests into forward passes.
     pub batch: BatchSettings,
+    /// How galleries are held in memory and searched.
+    pub search: SearchSettings,
     /// Limits on what one request may ask for.
     pub limits: LimitSettings,
     /// Following other replicas' writes to the same database.
@@ -195,6 +197,35 @@ impl Default for BatchSettings {
             max_batch_size: 32,
             max_wait_ms: 5,
             wait_when_idle: false,
+        }
+    }
+}
+
+/// The exact search of galleries (Identify and Verify).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SearchSettings {
+    /// Keep a half-precision copy of every template (1.5x the memory) and
+    /// scan that: about half the memory traffic per search, with the same
+    /// results as the f32 search (candidates within the proven rounding
+    /// bound are rescored in f32). CPU only; ignored on a GPU.
+    pub half_precision: bool,
+    /// Threads one search uses at most; 0: one per core. CPU only.
+    pub threads: usize,
+}
+
+impl SearchSettings {
+    /// The index's options for these settings.
+    pub fn options(&self) -> crate::index::SearchOptions {
+        let defaults = crate::index::SearchOptions::default();
+        crate::index::SearchOptions {
+            half_precision: self.half_precision,
+            threads: if self.threads == 0 {
+                defaults.threads
+            } else {
+                self.threads
+            },
+            ..defaults
         }
     }
 }

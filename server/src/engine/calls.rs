@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::{DEFAULT_FMR, Engine, Result, types::*};
 use crate::error::ServiceError;
-use crate::index::{NewRow, lock};
+use crate::index::{IndexError, NewRow, lock};
 use crate::store::{
     AuditEntry, Enrolled, Erased, NewEnrollment, Replay, StagedEmbeddings, SubjectRecord, images_sha256,
 };
@@ -236,14 +236,13 @@ impl Engine {
         let (threshold, fmr) = resolve(&slot, rule)?;
         let probe = embed_one(&slot, image).await?;
         let searched = match slot.indexes.get(&gallery.0) {
-            Some(index) => {
-                let span = tracing::info_span!("search", top_k);
+            Some(gallery) => {
+                let span = tracing::info_span!("search", top_k, batched_with = tracing::field::Empty);
                 tokio::task::spawn_blocking(move || {
                     let _in_search = span.enter();
-                    let index = lock(&index);
-                    index
-                        .search(&probe, top_k)
-                        .map(|hits| (hits, index.subject_count()))
+                    let (searched, batch) = gallery.search(probe, top_k)?;
+                    span.record("batched_with", batch);
+                    Ok::<_, IndexError>(searched)
                 })
                 .await
                 .map_err(|e| ServiceError::Internal(format!("search task: {e}")))??

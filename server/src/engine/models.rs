@@ -10,7 +10,7 @@ use super::{Engine, Result, types::*};
 use crate::audit::code_name;
 use crate::batcher::Batcher;
 use crate::error::ServiceError;
-use crate::index::{Indexes, MAX_CHUNK_ROWS};
+use crate::index::Indexes;
 use crate::live::{LiveSettings, SettingsReloaded};
 use crate::reload::{self, ReloadMode};
 use crate::store::{ModelRecord, RecordedModel, Role};
@@ -398,7 +398,7 @@ impl Engine {
             indexes: if shared {
                 Arc::clone(&active.indexes)
             } else {
-                Arc::new(Indexes::new(embedder.dim(), device, MAX_CHUNK_ROWS))
+                Arc::new(Indexes::new(embedder.dim(), device, self.pipeline.search.clone()))
             },
             model,
             batcher,

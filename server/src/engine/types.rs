@@ -368,6 +368,8 @@ impl Slot {
 pub struct Pipeline {
     /// Batching of forward passes.
     pub batch: BatchSettings,
+    /// How gallery indexes are held and searched.
+    pub search: crate::index::SearchOptions,
     /// Decoding: limits, slots and pixel budget, shared by every slot.
     pub decoding: Arc<Decoding>,
 }
