@@ -31,6 +31,59 @@ const ROW_TILE: usize = 4;
 /// How many tiles ahead of the one computed the rows are prefetched.
 const PREFETCH_TILES: usize = 2;
 
+/// Alignment of stored rows and probes, in bytes: a cache line, so that no
+/// 64-byte load straddles two lines (measured: unaligned rows cost a third
+/// of the batched throughput).
+pub const ALIGN_BYTES: usize = 64;
+
+/// A fixed-length buffer of zeros whose first element sits on an
+/// [`ALIGN_BYTES`] boundary (with strides a multiple of [`LANES`], every
+/// row does). Safe code: a `Vec` a little longer than asked, used from the
+/// first aligned element; it is never grown, so its memory never moves.
+#[derive(Debug, Default)]
+pub struct Aligned<T> {
+    buffer: Vec<T>,
+    start: usize,
+    len: usize,
+}
+
+impl<T: Copy + Default> Aligned<T> {
+    /// `len` zeros, or the allocator's refusal.
+    pub fn try_zeroed(len: usize) -> Result<Self, std::collections::TryReserveError> {
+        let slack = ALIGN_BYTES / size_of::<T>().max(1);
+        let mut buffer = Vec::new();
+        buffer.try_reserve_exact(len + slack)?;
+        buffer.resize(len + slack, T::default());
+        let misaligned = (buffer.as_ptr() as usize) % ALIGN_BYTES;
+        let start = ((ALIGN_BYTES - misaligned) % ALIGN_BYTES) / size_of::<T>().max(1);
+        Ok(Self { buffer, start, len })
+    }
+
+    /// A copy of `values`, aligned (small buffers: aborts without memory,
+    /// as `Vec` does).
+    pub fn copied(values: &[T]) -> Self {
+        let mut aligned = Self::try_zeroed(values.len()).unwrap_or_else(|_| {
+            std::alloc::handle_alloc_error(std::alloc::Layout::array::<T>(values.len()).expect("layout"))
+        });
+        aligned.copy_from_slice(values);
+        aligned
+    }
+}
+
+impl<T> std::ops::Deref for Aligned<T> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
+        &self.buffer[self.start..self.start + self.len]
+    }
+}
+
+impl<T> std::ops::DerefMut for Aligned<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.buffer[self.start..self.start + self.len]
+    }
+}
+
 /// The stride for `dim`-d rows.
 pub fn stride_for(dim: usize) -> usize {
     dim.div_ceil(LANES).max(1) * LANES
@@ -198,6 +251,11 @@ mod avx512 {
     /// Probes computed together with each tile of rows.
     const PROBE_TILE: usize = 4;
 
+    /// Cache lines prefetched per step: a tile is `ROW_TILE` rows of
+    /// `stride / 16` steps, each step's rows spanning `ROW_TILE` lines of
+    /// f32 (half as many of halves).
+    const LINES_PER_STEP: usize = ROW_TILE;
+
     pub(super) struct Tiles<'a, T> {
         pub v4: pulp::x86::V4,
         pub rows: &'a [T],
@@ -232,13 +290,12 @@ mod avx512 {
                 .collect();
             let tile_len = stride * ROW_TILE;
             for (t, tile) in rows.chunks_exact(tile_len).enumerate() {
+                // The tile PREFETCH_TILES ahead, a few lines per step of
+                // the first probe group (a burst would stall on the line
+                // fill buffers).
                 let ahead = (t + PREFETCH_TILES) * tile_len;
-                if let Some(next) = rows.get(ahead..ahead + tile_len) {
-                    let per_line = 64 / size_of::<T>();
-                    for line in next.chunks(per_line) {
-                        v4.sse._mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast());
-                    }
-                }
+                let next = rows.get(ahead..ahead + tile_len).unwrap_or_default();
+                let mut lines = next.chunks(64 / size_of::<T>()).map(|line| line.as_ptr());
                 let tile: [&[[T; 16]]; ROW_TILE] = std::array::from_fn(|r| {
                     &pulp::as_arrays::<16, T>(&tile[r * stride..(r + 1) * stride]).0[..vectors]
                 });
@@ -248,23 +305,84 @@ mod avx512 {
                     let group: [&[[f32; 16]]; PROBE_TILE] =
                         std::array::from_fn(|j| probes[(p0 + j).min(q - 1)]);
                     let mut acc = [[f._mm512_setzero_ps(); PROBE_TILE]; ROW_TILE];
-                    for i in 0..vectors {
-                        let x: [__m512; ROW_TILE] = std::array::from_fn(|r| T::load16(v4, &tile[r][i]));
-                        for (j, probe) in group.iter().enumerate() {
-                            let y: __m512 = pulp::bytemuck::cast(probe[i]);
+                    // Zipped slices: one length check, none per step.
+                    for ((((r0, r1), r2), r3), (((y0, y1), y2), y3)) in tile[0]
+                        .iter()
+                        .zip(tile[1])
+                        .zip(tile[2])
+                        .zip(tile[3])
+                        .zip(group[0].iter().zip(group[1]).zip(group[2]).zip(group[3]))
+                    {
+                        if p0 == 0 {
+                            for line in lines.by_ref().take(LINES_PER_STEP) {
+                                v4.sse._mm_prefetch::<_MM_HINT_T0>(line.cast());
+                            }
+                        }
+                        let x = [
+                            T::load16(v4, r0),
+                            T::load16(v4, r1),
+                            T::load16(v4, r2),
+                            T::load16(v4, r3),
+                        ];
+                        for (j, y) in [y0, y1, y2, y3].into_iter().enumerate() {
+                            let y: __m512 = pulp::bytemuck::cast(*y);
                             for r in 0..ROW_TILE {
                                 acc[r][j] = f._mm512_fmadd_ps(x[r], y, acc[r][j]);
                             }
                         }
                     }
-                    for (r, row) in acc.iter().enumerate() {
-                        for (j, a) in row.iter().enumerate().take(q - p0) {
-                            out[(p0 + j) * out_rows + t * ROW_TILE + r] = f._mm512_reduce_add_ps(*a);
-                        }
+                    // Lane 4j + r of the sums: row r with probe j.
+                    let sums: [f32; 16] = pulp::bytemuck::cast(reduce16(v4, acc));
+                    let base = t * ROW_TILE;
+                    for (j, four) in sums.chunks_exact(ROW_TILE).enumerate().take(q - p0) {
+                        let at = (p0 + j) * out_rows + base;
+                        out[at..at + ROW_TILE].copy_from_slice(four);
                     }
                 }
             }
         }
+    }
+
+    /// The 16 accumulators' sums in one register, lane `4 j + r` holding
+    /// `acc[r][j]`'s: a tree of shuffles and adds (15 adds for 16 sums
+    /// instead of 64 in 16 separate reductions). Every accumulator goes
+    /// through the same steps wherever it sits, so its sum does not depend
+    /// on its place in the tile: `(B0 + B2) + (B1 + B3)` over its four
+    /// 128-bit blocks, then `(e0 + e2) + (e1 + e3)` over the four values.
+    #[inline(always)]
+    fn reduce16(v4: pulp::x86::V4, acc: [[__m512; PROBE_TILE]; ROW_TILE]) -> __m512 {
+        let f = v4.avx512f;
+        // m = 4 r + j.
+        let m: [__m512; 16] = std::array::from_fn(|m| acc[m / 4][m % 4]);
+        // Blocks [a(B0+B2), a(B1+B3), b(B0+B2), b(B1+B3)] of pairs (a, b).
+        let s: [__m512; 8] = std::array::from_fn(|i| {
+            let (a, b) = (m[2 * i], m[2 * i + 1]);
+            f._mm512_add_ps(
+                f._mm512_shuffle_f32x4::<0b01_00_01_00>(a, b),
+                f._mm512_shuffle_f32x4::<0b11_10_11_10>(a, b),
+            )
+        });
+        // Block k of u[i]: accumulator 4 i + k folded to 128 bits.
+        let u: [__m512; 4] = std::array::from_fn(|i| {
+            let (a, b) = (s[2 * i], s[2 * i + 1]);
+            f._mm512_add_ps(
+                f._mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
+                f._mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
+            )
+        });
+        // Within each block: [u(e0+e2), u(e1+e3), v(e0+e2), v(e1+e3)].
+        let w: [__m512; 2] = std::array::from_fn(|i| {
+            let (a, b) = (u[2 * i], u[2 * i + 1]);
+            f._mm512_add_ps(
+                f._mm512_shuffle_ps::<0b01_00_01_00>(a, b),
+                f._mm512_shuffle_ps::<0b11_10_11_10>(a, b),
+            )
+        });
+        // Block k, value e: accumulator 4 e + k, that is lane 4 j + r.
+        f._mm512_add_ps(
+            f._mm512_shuffle_ps::<0b10_00_10_00>(w[0], w[1]),
+            f._mm512_shuffle_ps::<0b11_01_11_01>(w[0], w[1]),
+        )
     }
 }
 

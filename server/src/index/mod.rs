@@ -45,8 +45,10 @@ mod kernel;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::{SyncSender, sync_channel};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
+use kernel::Aligned;
 pub use kernel::Kernel;
 use tch::{Device, Kind, Tensor};
 
@@ -153,9 +155,9 @@ struct Extent {
 #[derive(Debug)]
 struct HostChunk {
     extent: Extent,
-    vectors: Vec<f32>,
+    vectors: Aligned<f32>,
     /// Half-precision copies (bits), when kept; empty otherwise.
-    halves: Vec<u16>,
+    halves: Aligned<u16>,
 }
 
 /// Rows on a device.
@@ -518,6 +520,7 @@ impl GalleryIndex {
         for (padded, query) in probes.chunks_exact_mut(stride).zip(queries) {
             padded[..self.dim].copy_from_slice(query.probe);
         }
+        let probes = Aligned::copied(&probes);
         let halves = self.options.half_precision && self.halves_ok;
         let slacks: Vec<f64> = queries
             .iter()
@@ -536,7 +539,7 @@ impl GalleryIndex {
         let bounds: Vec<(usize, usize)> = (0..threads)
             .map(|t| (rows * t / threads, rows * (t + 1) / threads))
             .collect();
-        let (kernel, row_slot, probes) = (self.kernel, self.row_slot.as_slice(), probes.as_slice());
+        let (kernel, row_slot, probes) = (self.kernel, self.row_slot.as_slice(), &probes[..]);
         let scan = &|(from, to): (usize, usize)| -> Vec<Collector> {
             let mut found: Vec<Collector> = ks
                 .iter()
@@ -945,14 +948,12 @@ fn append_host(
     let mut new_chunks = Vec::with_capacity(fresh.len());
     for &extent in fresh {
         let values = extent.capacity * stride;
-        let mut vectors = Vec::new();
-        vectors.try_reserve_exact(values).map_err(out_of_memory)?;
-        vectors.resize(values, 0.0);
-        let mut half_rows = Vec::new();
-        if halves_ok {
-            half_rows.try_reserve_exact(values).map_err(out_of_memory)?;
-            half_rows.resize(values, 0);
-        }
+        let vectors = Aligned::try_zeroed(values).map_err(out_of_memory)?;
+        let half_rows = if halves_ok {
+            Aligned::try_zeroed(values).map_err(out_of_memory)?
+        } else {
+            Aligned::default()
+        };
         new_chunks.push(HostChunk {
             extent,
             vectors,
@@ -962,7 +963,7 @@ fn append_host(
     // Nothing below fails.
     if !halves_ok {
         for chunk in chunks.iter_mut() {
-            chunk.halves = Vec::new();
+            chunk.halves = Aligned::default();
         }
     }
     chunks.extend(new_chunks);
@@ -1095,10 +1096,21 @@ fn locate<C>(chunks: &[C], extent: impl Fn(&C) -> Extent, row: usize) -> Result<
 /// them, which searches the whole queue in one pass. Callers whose probe
 /// was searched are woken with their answer, without touching the index's
 /// lock, so a busy gallery's batches hold every caller waiting.
+///
+/// Closed-loop callers (each sends its next probe as soon as it has an
+/// answer) would otherwise split into alternating cohorts: the first caller
+/// back after a batch finds the gallery idle and searches alone, the rest
+/// queue behind it, and the two groups take turns. So a leader that starts
+/// right after a batch of several probes (within that batch's duration)
+/// waits until as many probes as that batch held are queued, at most 1/16
+/// of its duration; a lone caller, or the first after a pause, never
+/// waits.
 #[derive(Debug)]
 pub struct Gallery {
     index: Mutex<GalleryIndex>,
     queue: Mutex<Queue>,
+    /// Signalled when a probe queues while a leader gathers.
+    arrived: Condvar,
 }
 
 #[derive(Debug, Default)]
@@ -1106,6 +1118,10 @@ struct Queue {
     waiting: Vec<Waiting>,
     /// A caller is leading (searching or about to).
     leading: bool,
+    /// The leader is waiting for more probes ([`Queue::arrived`]).
+    gathering: bool,
+    /// The last batch: probes, end and duration.
+    last: Option<(usize, Instant, Duration)>,
 }
 
 /// A queued probe and where its answer goes.
@@ -1141,6 +1157,7 @@ impl From<GalleryIndex> for Gallery {
         Self {
             index: Mutex::new(index),
             queue: Mutex::new(Queue::default()),
+            arrived: Condvar::new(),
         }
     }
 }
@@ -1156,6 +1173,9 @@ impl Gallery {
         let lead = {
             let mut queue = lock(&self.queue);
             queue.waiting.push(Waiting { probe, k, reply });
+            if queue.gathering {
+                self.arrived.notify_one();
+            }
             !std::mem::replace(&mut queue.leading, true)
         };
         if !lead {
@@ -1170,7 +1190,9 @@ impl Gallery {
         // while the previous batch ran. The lead passes on however this
         // ends, a panic included, so later callers never wait on nobody.
         let _hand_over = HandOver(self);
+        self.gather();
         let batch = std::mem::take(&mut lock(&self.queue).waiting);
+        let started = Instant::now();
         let answers = {
             let index = lock(&self.index);
             let queries: Vec<Query<'_>> = batch
@@ -1198,11 +1220,38 @@ impl Gallery {
                 }
             }
         }
+        lock(&self.queue).last = Some((batch.len(), Instant::now(), started.elapsed()));
         // This caller's own answer came to its own channel like the others'.
         match wake.try_recv() {
             Ok(Reply::Answer(answer)) => answer.map(|a| (a, batch.len())).map_err(IndexError::Batch),
             _ => Err(IndexError::Inconsistent("a leader's probe was not in its batch")),
         }
+    }
+
+    /// A new lead in a burst: waits for the callers of the last batch (see
+    /// [`Gallery`]).
+    fn gather(&self) {
+        let mut queue = lock(&self.queue);
+        let Some((expected, ended, took)) = queue.last else {
+            return;
+        };
+        if expected <= 1 || ended.elapsed() > took {
+            return;
+        }
+        let deadline = Instant::now() + took / 16;
+        queue.gathering = true;
+        while queue.waiting.len() < expected {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            queue = self
+                .arrived
+                .wait_timeout(queue, left)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        queue.gathering = false;
     }
 
     /// Probes queued and not yet taken into a batch, and whether a caller
@@ -1793,10 +1842,10 @@ mod tests {
         // it and are searched as one batch of fifteen.
         let held = lock(&gallery);
         let wait_for = |state: (usize, bool)| {
-            let start = std::time::Instant::now();
+            let start = Instant::now();
             while gallery.queued() != state {
                 assert!(start.elapsed().as_secs() < 30, "never reached {state:?}");
-                std::thread::sleep(std::time::Duration::from_millis(1));
+                std::thread::sleep(Duration::from_millis(1));
             }
         };
         let call = |i: usize| {
