@@ -18,6 +18,11 @@
 #      (configs/prompt_sg_vitb16.yaml), through handid_trainer's
 #      ImageTrainer / PromptTrainer; every loss term, finiteness, loss scale,
 #      whether the weights moved, step times (trainer/examples/gpu_check.rs).
+#   search (issue #16, item 6): the gallery index on the device
+#      (server/examples/index_bench.rs): 1M x 512 templates, single-probe
+#      latency, every answer checked against the host's exact search
+#      (RESULT search_device_vs_host), and 64 concurrent callers batched
+#      into one matrix product per pass against one caller (RESULT search).
 #   4. server: the real `handid-server serve` with `model.device: cuda` (its
 #      embedder and gallery index on the GPU) and a real PostgreSQL 15 whose
 #      binaries travel in the bundle (the GPU host has none and cannot
@@ -48,7 +53,7 @@
 #
 #   (TORCH_LIB defaults to that folder when it exists; the script puts it on
 #   LD_LIBRARY_PATH and sets HANDID_LIBTORCH_CUDA=$TORCH_LIB/libtorch_cuda.so,
-#   as README.md says. The parts have time limits of 75 + 75 + 150 + 120 s;
+#   as README.md says. The parts have time limits of 75 + 75 + 150 + 120 + 120 s;
 #   expect about 3 minutes on an H200, plus the machine's start. The log and
 #   a summary come back in $OUT.)
 #
@@ -61,7 +66,8 @@
 # again (the run prints the commit the bundle was built from).
 # Settings: DEVICE (cuda), TORCH_LIB, PARITY_BATCH, EMBED_BATCHES,
 # EMBED_SECONDS, EMBED_PRECISION, TRAIN_BATCH, TRAIN_VIEWS, TRAIN_STEPS,
-# ID_GALLERY, ID_PROBES, PARTS (any of parity,throughput,train,server;
+# SEARCH_SIZE, SEARCH_CALLERS, ID_GALLERY, ID_PROBES, PARTS (any of
+# parity,throughput,train,search,server;
 # default all), KEEP=1 keeps the work folder. Exit status: 0 when every part
 # passed.
 set -euo pipefail
@@ -77,14 +83,14 @@ prepare() {
   source "$root/scripts/env.sh"
   echo "== building release binaries in $CARGO_TARGET_DIR"
   (cd "$root" && cargo build --release \
-    -p handid-server --bin handid-server \
+    -p handid-server --bin handid-server --example index_bench \
     -p handid-trainer --bin handid-trainer --example gpu_check \
     -p handid-model --example embed_throughput)
   local rel="$CARGO_TARGET_DIR/release" tmp
   tmp="$(mktemp -d /tmp/handid-gpu-stage.XXXXXX)"
   local top="$tmp/handid-gpu-check"
   mkdir -p "$top/bin"
-  cp "$rel/handid-server" "$rel/handid-trainer" "$rel/examples/gpu_check" "$rel/examples/embed_throughput" "$top/bin/"
+  cp "$rel/handid-server" "$rel/handid-trainer" "$rel/examples/gpu_check" "$rel/examples/embed_throughput" "$rel/examples/index_bench" "$top/bin/"
   strip "$top"/bin/*
   cp -L "$HANDID_BPE_VOCAB" "$top/"
 
@@ -157,13 +163,15 @@ fi
 if [ "$DEVICE" = cpu ]; then
   : "${PARITY_BATCH:=2}" "${EMBED_BATCHES:=1,2}" "${EMBED_SECONDS:=3}" "${EMBED_PRECISION:=f32}"
   : "${TRAIN_BATCH:=4}" "${TRAIN_VIEWS:=2}" "${TRAIN_STEPS:=2}" "${ID_GALLERY:=4}" "${ID_PROBES:=8}"
+  : "${SEARCH_SIZE:=20000}" "${SEARCH_CALLERS:=8}"
   scale=20 # the CPU is slow: the per-part time limits x20
 else
   : "${PARITY_BATCH:=8}" "${EMBED_BATCHES:=1,16,64,128,256}" "${EMBED_SECONDS:=4}" "${EMBED_PRECISION:=f16}"
   : "${TRAIN_BATCH:=16}" "${TRAIN_VIEWS:=4}" "${TRAIN_STEPS:=3}" "${ID_GALLERY:=16}" "${ID_PROBES:=64}"
+  : "${SEARCH_SIZE:=1000000}" "${SEARCH_CALLERS:=64}"
   scale=1
 fi
-PARTS="${PARTS:-parity,throughput,train,server}"
+PARTS="${PARTS:-parity,throughput,train,search,server}"
 part_on() { case ",$PARTS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
 TORCH_LIB="${TORCH_LIB:-}"
@@ -270,6 +278,15 @@ fi
 part_on train && part train $((150 * scale)) \
   "$bin/gpu_check" train-steps --device "$DEVICE" --batch "$TRAIN_BATCH" --views "$TRAIN_VIEWS" \
   --steps "$TRAIN_STEPS" --configs "$root/configs"
+
+# ---------------------------------------------------------------- search
+# The gallery index on the device: SEARCH_SIZE x 512 templates, single
+# probes (p50/p99), the device's answers checked against the host's exact
+# search, and SEARCH_CALLERS concurrent callers batched into one matrix
+# product per pass (throughput against one caller's).
+part_on search && part search $((120 * scale)) \
+  "$bin/index_bench" --device "$DEVICE" --sizes "$SEARCH_SIZE" --queries 64 --half false \
+  --callers "$SEARCH_CALLERS" --threads "$(nproc)"
 
 # ---------------------------------------------------------------- 4. server
 free_port() {

@@ -111,6 +111,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let bytes = (n * a.dim * 4) as f64;
         let f32_index = build(&flat, n, a.dim, a.device, false, a.threads)?;
         let want = single(&f32_index, "handid", &probes, a.k, bytes, n)?;
+        if a.device != Device::Cpu {
+            // The device's answers against the host's exact search: the same
+            // subjects, scores within float rounding (the summation orders
+            // differ).
+            let host = build(&flat, n, a.dim, Device::Cpu, false, a.threads)?;
+            let mut agree = 0;
+            for (probe, got) in probes.iter().zip(&want) {
+                let hits = host.search(probe, a.k)?;
+                let same = hits.len() == got.len()
+                    && hits.iter().zip(got).all(|(h, (subject, bits))| {
+                        h.subject_id == *subject && (h.score - f32::from_bits(*bits)).abs() <= 1e-5
+                    });
+                agree += usize::from(same);
+            }
+            println!(
+                "RESULT search_device_vs_host n={n} probes={} agree={agree}",
+                probes.len()
+            );
+            if agree != probes.len() {
+                return Err(format!("{} device answers differ from the host's", probes.len() - agree).into());
+            }
+        }
         if a.half && a.device == Device::Cpu {
             let half_index = build(&flat, n, a.dim, a.device, true, a.threads)?;
             let got = single(&half_index, "handid-half", &probes, a.k, bytes / 2.0, n)?;
@@ -143,6 +165,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let (many, batch) = callers(&gallery, a.callers, 40, &probes, a.k)?;
             println!(
                 "handid-callers n={n} callers={} qps_one={one:.1} qps_many={many:.1} mean_batch={batch:.1} ratio={:.2}",
+                a.callers,
+                many / one
+            );
+            println!(
+                "RESULT search device={:?} n={n} callers={} qps_one={one:.1} qps_many={many:.1} ratio={:.2}",
+                a.device,
                 a.callers,
                 many / one
             );
