@@ -1680,7 +1680,7 @@ mod tests {
             .collect()
     }
 
-    /// `n` templates of `subjects` subjects (round robin) from `make`.
+    /// An index of `templates` on the host, searched with `kernel`.
     fn filled(
         options: SearchOptions,
         kernel: Kernel,
