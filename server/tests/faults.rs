@@ -147,6 +147,74 @@ async fn a_write_whose_client_gave_up_after_the_commit_completes(
     server.stop().await.expect("graceful stop");
 }
 
+/// Templates are read back in whatever order PostgreSQL returns them (no
+/// sort of the vectors): rows of several galleries interleave, past the
+/// loader's hold-back limit, and every gallery must still come back whole.
+#[sqlx::test(migrations = false)]
+async fn galleries_load_whole_from_interleaved_rows(pool_options: PgPoolOptions, options: PgConnectOptions) {
+    let a = tempfile::tempdir().expect("tempdir");
+    let model = checkpoint_in(a.path(), 13, None);
+    let pool = pool_options.connect_with(options.clone()).await.expect("pool");
+    handid_server::MIGRATOR.run(&pool).await.expect("migrate");
+    sqlx::query(
+        "INSERT INTO models (model_id, embedding_space, architecture, embedding_dim)
+         VALUES ($1, $2, 'tiny', 16)",
+    )
+    .bind(&model.model_id)
+    .bind(&model.embedding_space)
+    .execute(&pool)
+    .await
+    .expect("model row");
+    sqlx::query("INSERT INTO galleries (gallery_id) SELECT 'g' || i FROM generate_series(0, 39) i")
+        .execute(&pool)
+        .await
+        .expect("galleries");
+    // 20,001 subjects dealt round robin to 40 galleries; every tenth has a
+    // second template, stored after all the first ones.
+    sqlx::query(
+        "INSERT INTO subjects (gallery_id, subject_id)
+         SELECT 'g' || (i % 40), 's-' || i FROM generate_series(0, 20000) i",
+    )
+    .execute(&pool)
+    .await
+    .expect("subjects");
+    for extra in ["true", "s.id % 10 = 0"] {
+        sqlx::query(&format!(
+            "INSERT INTO templates (template_id, subject, gallery_id, model_id, dimension, embedding)
+             SELECT gen_random_uuid(), s.id, s.gallery_id, $1, 16,
+                    (SELECT string_agg(float4send((random() - 0.5)::real), ''::bytea)
+                     FROM generate_series(1, 16) WHERE s.id > 0)
+             FROM subjects s WHERE {extra} ORDER BY s.id"
+        ))
+        .bind(&model.model_id)
+        .execute(&pool)
+        .await
+        .expect("templates");
+    }
+    let server = TestServer::start(settings(&options, a.path())).await;
+    let mut client = server.client().await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let photo = common::people(1, 1).remove(0).1.remove(0);
+    for (gallery, subjects) in [("g0", 501), ("g1", 500), ("g39", 500)] {
+        let answer = client
+            .identify(pb::IdentifyRequest {
+                gallery_id: gallery.to_owned(),
+                image: Some(pb::Image { data: photo.clone() }),
+                top_k: 5,
+                rule: Some(pb::DecisionRule {
+                    rule: Some(pb::decision_rule::Rule::Threshold(0.99)),
+                }),
+            })
+            .await
+            .expect("identify")
+            .into_inner();
+        assert_eq!(answer.gallery_size, subjects, "{gallery}");
+    }
+    let logs = String::from_utf8_lossy(&common::logs()).into_owned();
+    assert!(logs.contains("templates=22001"), "every template indexed once");
+    server.stop().await.expect("graceful stop");
+}
+
 #[sqlx::test(migrations = false)]
 async fn a_subject_deleted_during_a_reload_is_never_returned_afterwards(
     pool_options: PgPoolOptions,
@@ -189,7 +257,7 @@ async fn a_subject_deleted_during_a_reload_is_never_returned_afterwards(
     sqlx::query(
         "INSERT INTO templates (template_id, subject, gallery_id, model_id, dimension, embedding)
          SELECT gen_random_uuid(), s.id, 'race', $1, 16,
-                array(SELECT (random() - 0.5)::real FROM generate_series(1, 16) WHERE s.id > 0)
+                (SELECT string_agg(float4send((random() - 0.5)::real), ''::bytea) FROM generate_series(1, 16) WHERE s.id > 0)
          FROM subjects s",
     )
     .bind(&model_a.model_id)
@@ -528,7 +596,7 @@ async fn a_change_that_keeps_failing_is_reported_and_does_not_hold_back_the_othe
     sqlx::query(
         "WITH s AS (INSERT INTO subjects (gallery_id, subject_id) VALUES ('g', 'poison') RETURNING id)
          INSERT INTO templates (template_id, subject, gallery_id, model_id, dimension, embedding)
-         SELECT gen_random_uuid(), s.id, 'g', m.model_id, 16, array_fill('NaN'::real, ARRAY[16])
+         SELECT gen_random_uuid(), s.id, 'g', m.model_id, 16, decode(repeat('7fc00000', 16), 'hex')
          FROM s, models m",
     )
     .execute(&pool)
@@ -538,7 +606,7 @@ async fn a_change_that_keeps_failing_is_reported_and_does_not_hold_back_the_othe
     sqlx::query(
         "WITH s AS (INSERT INTO subjects (gallery_id, subject_id) VALUES ('g', 'later') RETURNING id)
          INSERT INTO templates (template_id, subject, gallery_id, model_id, dimension, embedding)
-         SELECT gen_random_uuid(), s.id, 'g', m.model_id, 16, array_fill(0.25::real, ARRAY[16])
+         SELECT gen_random_uuid(), s.id, 'g', m.model_id, 16, decode(repeat('3e800000', 16), 'hex')
          FROM s, models m",
     )
     .execute(&pool)

@@ -180,7 +180,7 @@ async fn writes_on_one_replica_reach_the_other_and_missed_notifications_are_caug
     sqlx::query(
         "INSERT INTO templates (template_id, subject, gallery_id, model_id, dimension, embedding)
          SELECT gen_random_uuid(), s.id, 'site', $1, 16,
-                (SELECT array_agg(random()::real - 0.5) FROM generate_series(1, 16) WHERE s.id > 0)
+                (SELECT string_agg(float4send((random() - 0.5)::real), ''::bytea) FROM generate_series(1, 16) WHERE s.id > 0)
          FROM subjects s WHERE s.subject_id LIKE 'bulk-%'",
     )
     .bind(&model_id)

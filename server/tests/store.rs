@@ -361,6 +361,77 @@ async fn audit_rows_are_written(pool: PgPool) {
     assert_eq!((action.as_str(), score), ("identify", Some(0.5)));
 }
 
+#[sqlx::test(migrations = "../migrations")]
+async fn concurrent_audit_rows_share_commits_and_a_bad_row_fails_alone(pool: PgPool) {
+    let store = store(pool.clone()).await;
+    let subjects: Vec<String> = (0..64).map(|i| format!("s{i}")).collect();
+    // Past the column's 128 characters, with a two-byte one across the cut.
+    let long_peer = format!("{}é{}", "p".repeat(127), "q".repeat(50));
+    let detail = serde_json::json!({"path": "/models/m"});
+    let entry = |i: usize| AuditEntry {
+        actor: "anonymous",
+        peer: Some(&long_peer),
+        action: "identify",
+        gallery_id: Some("g"),
+        subject_id: Some(&subjects[i]),
+        model_id: Some(MODEL),
+        outcome: "ok",
+        top_score: Some(i as f32),
+        detail: i.is_multiple_of(2).then_some(&detail),
+    };
+    let store = &store;
+    let written =
+        futures::future::join_all((0..64).map(|i| async move { store.audit(&entry(i)).await })).await;
+    assert!(written.iter().all(Result::is_ok), "{written:?}");
+    assert!(
+        store.audit_groups() <= 32,
+        "64 concurrent rows took {} INSERTs",
+        store.audit_groups()
+    );
+    let rows: Vec<(String, Option<f32>, String, String)> =
+        sqlx::query_as("SELECT subject_id, top_score, peer, detail::text FROM audit_log ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .expect("rows");
+    assert_eq!(rows.len(), 64);
+    for (i, (subject, score, peer, stored_detail)) in rows.iter().enumerate() {
+        // In the order the calls queued them, each with its own values.
+        assert_eq!((subject.as_str(), *score), (subjects[i].as_str(), Some(i as f32)));
+        assert_eq!(peer, &"p".repeat(127), "cut at the character boundary");
+        let expected = if i.is_multiple_of(2) {
+            r#"{"path": "/models/m"}"#
+        } else {
+            "{}"
+        };
+        assert_eq!(stored_detail, expected);
+    }
+
+    // A row the database refuses (a NUL in text) fails its own call only.
+    let bad = AuditEntry {
+        subject_id: Some("bad\0"),
+        ..entry(0)
+    };
+    let written = futures::future::join_all((0..8).map(|i| {
+        let bad = bad.clone();
+        async move {
+            if i == 3 {
+                store.audit(&bad).await
+            } else {
+                store.audit(&entry(i)).await
+            }
+        }
+    }))
+    .await;
+    for (i, result) in written.iter().enumerate() {
+        assert_eq!(result.is_err(), i == 3, "call {i}: {result:?}");
+    }
+    let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM audit_log")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(count, 64 + 7);
+}
+
 #[tokio::test]
 async fn an_unreachable_database_is_unavailable() {
     // Port 9 (discard) on loopback: nothing listens; connect fails fast.

@@ -25,7 +25,7 @@ async fn a_template_row_round_trips(pool: PgPool) -> sqlx::Result<()> {
     )
     .bind(template_id)
     .bind(subject)
-    .bind(&embedding)
+    .bind(handid_server::store::embedding_bytes(&embedding))
     .execute(&pool)
     .await?;
 
@@ -36,7 +36,11 @@ async fn a_template_row_round_trips(pool: PgPool) -> sqlx::Result<()> {
     .bind(template_id)
     .fetch_one(&pool)
     .await?;
-    assert_eq!(row.get::<Vec<f32>, _>("embedding"), embedding);
+    // The column's format: each value's float4 binary form, big-endian.
+    assert_eq!(
+        row.get::<Vec<u8>, _>("embedding"),
+        [0x3f, 0, 0, 0, 0xbf, 0, 0, 0, 0x3f, 0, 0, 0, 0xbf, 0, 0, 0]
+    );
     assert_eq!(row.get::<i32, _>("dimension"), 4);
     assert_eq!(row.get::<String, _>("model_id"), "m1");
     assert_eq!(row.get::<String, _>("subject_id"), "alice");
@@ -48,7 +52,7 @@ async fn a_template_row_round_trips(pool: PgPool) -> sqlx::Result<()> {
     )
     .bind(uuid::Uuid::new_v4())
     .bind(subject)
-    .bind(vec![1.0f32, 0.0])
+    .bind(handid_server::store::embedding_bytes(&[1.0, 0.0]))
     .execute(&pool)
     .await;
     assert!(wrong.is_err(), "a 2-d vector was stored as 4-d");
@@ -74,7 +78,13 @@ async fn no_column_can_hold_image_bytes(pool: PgPool) -> sqlx::Result<()> {
     )
     .fetch_all(&pool)
     .await?;
-    assert!(binary.is_empty(), "columns that could hold images: {binary:?}");
+    // The one binary column holds a template's float4 values, held by the
+    // schema to `dimension` finite values (see the test below).
+    assert_eq!(
+        binary,
+        [("templates".to_owned(), "embedding".to_owned())],
+        "columns that could hold images"
+    );
     let tables: Vec<String> = sqlx::query_scalar(
         "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1",
     )
@@ -93,6 +103,136 @@ async fn no_column_can_hold_image_bytes(pool: PgPool) -> sqlx::Result<()> {
             "table {expected} missing: {tables:?}"
         );
     }
+    Ok(())
+}
+
+/// A gallery, a model of `dimension` and a subject to hang templates on.
+async fn one_subject(pool: &PgPool, dimension: i32) -> sqlx::Result<i64> {
+    sqlx::query("INSERT INTO models (model_id, embedding_space, architecture, embedding_dim) VALUES ('m1', 's', 'tiny', $1)")
+        .bind(dimension)
+        .execute(pool)
+        .await?;
+    sqlx::query("INSERT INTO galleries (gallery_id) VALUES ('g')")
+        .execute(pool)
+        .await?;
+    sqlx::query_scalar("INSERT INTO subjects (gallery_id, subject_id) VALUES ('g', 's') RETURNING id")
+        .fetch_one(pool)
+        .await
+}
+
+/// Stores `bytes` as a template of `dimension` values.
+async fn store_template(pool: &PgPool, subject: i64, dimension: i32, bytes: &[u8]) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO templates (template_id, subject, gallery_id, model_id, dimension, embedding)
+         VALUES ($1, $2, 'g', 'm1', $3, $4)",
+    )
+    .bind(uuid::Uuid::new_v4())
+    .bind(subject)
+    .bind(dimension)
+    .bind(bytes)
+    .execute(pool)
+    .await
+    .map(drop)
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn the_template_column_holds_only_finite_float4_values(pool: PgPool) -> sqlx::Result<()> {
+    let subject = one_subject(&pool, 3).await?;
+    let bytes = |values: [u32; 3]| values.iter().flat_map(|v| v.to_be_bytes()).collect::<Vec<u8>>();
+    // Finite values, among them the largest, a subnormal and bit patterns
+    // that look like a NaN's when read from the wrong offset.
+    for finite in [
+        [0x7f7f_ffff, 0x0000_0001, 0x8000_0000],
+        [0x007f_f800, 0x00ff_ff80, 0x3e80_0000],
+        [0xff7f_ffff, 0x7f7f_ff7f, 0xf0ff_c000],
+    ] {
+        store_template(&pool, subject, 3, &bytes(finite)).await?;
+    }
+    // A NaN (quiet, signalling, negative) or an infinity anywhere.
+    for (at, bad) in [0x7fc0_0000u32, 0x7f80_0001, 0xffc0_0000, 0x7f80_0000, 0xff80_0000]
+        .into_iter()
+        .enumerate()
+    {
+        let mut values = [0x3e80_0000; 3];
+        values[at % 3] = bad;
+        let err = store_template(&pool, subject, 3, &bytes(values))
+            .await
+            .expect_err("a non-finite value");
+        assert!(
+            err.to_string().contains("templates_embedding_finite"),
+            "{bad:#x}: {err}"
+        );
+    }
+    // Anything but exactly 4 x dimension bytes: a JPEG's first bytes, a
+    // value short, one value too many.
+    for wrong in [
+        vec![0xff, 0xd8, 0xff, 0xe0, 0x00, 0x10, 0x4a, 0x46],
+        bytes([0x3e80_0000; 3])[..11].to_vec(),
+        [bytes([0x3e80_0000; 3]), vec![0x3e, 0x80, 0, 0]].concat(),
+    ] {
+        let err = store_template(&pool, subject, 3, &wrong)
+            .await
+            .expect_err("a wrong length");
+        assert!(err.to_string().contains("templates_embedding_dimension"), "{err}");
+    }
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM templates")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(stored, 3);
+    Ok(())
+}
+
+#[sqlx::test(migrations = false)]
+async fn templates_stored_as_arrays_survive_the_change_to_bytes(pool: PgPool) -> sqlx::Result<()> {
+    migrate_before(&pool, 20261202000003).await?;
+    let subject = one_subject(&pool, 4).await?;
+    let vectors = [
+        [0.5f32, -0.25, 1e-40, -0.0],
+        [f32::MAX, f32::MIN_POSITIVE, -1.0, 3.0e-39],
+        // A value whose bytes read 00000004, the array format's length field.
+        [
+            f32::from_bits(4),
+            f32::from_bits(0x0000_0004_u32.rotate_left(8)),
+            0.1,
+            0.2,
+        ],
+    ];
+    for vector in &vectors {
+        sqlx::query(
+            "INSERT INTO templates (template_id, subject, gallery_id, model_id, dimension, embedding)
+             VALUES ($1, $2, 'g', 'm1', 4, $3)",
+        )
+        .bind(uuid::Uuid::new_v4())
+        .bind(subject)
+        .bind(&vector[..])
+        .execute(&pool)
+        .await?;
+    }
+    sqlx::migrate!("../migrations").run(&pool).await?;
+    let stored: Vec<Vec<u8>> = sqlx::query_scalar("SELECT embedding FROM templates ORDER BY seq")
+        .fetch_all(&pool)
+        .await?;
+    let expected: Vec<Vec<u8>> = vectors
+        .iter()
+        .map(|v| handid_server::store::embedding_bytes(v))
+        .collect();
+    assert_eq!(stored, expected, "every bit of every value kept, in order");
+    // The vectors stay in the table's own pages (no TOAST lookups on load),
+    // even at the widest embedding the trainer makes (RN50: 1024 values).
+    sqlx::query("UPDATE models SET embedding_dim = 1024")
+        .execute(&pool)
+        .await?;
+    store_template(&pool, subject, 1024, &vec![0x3c; 4096]).await?;
+    let toast: String = sqlx::query_scalar(
+        "SELECT toast.oid::regclass::text FROM pg_class t JOIN pg_class toast ON toast.oid = t.reltoastrelid
+         WHERE t.relname = 'templates'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    let out_of_line: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {toast}"))
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(out_of_line, 0, "template values were moved out of line");
     Ok(())
 }
 

@@ -33,12 +33,12 @@ mod models;
 mod page_token;
 pub mod types;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
-use futures::TryStreamExt;
 use tracing::Instrument;
 
 use crate::audit::code_name;
@@ -61,6 +61,9 @@ const WRITES: usize = 1 << 20;
 const WRITER_LOCKS: usize = 64;
 /// Templates per index append while loading from Postgres.
 const LOAD_BATCH: usize = 1024;
+/// Templates held back while loading (many galleries, each short of a
+/// batch), past which every gallery's are appended.
+const LOAD_HELD: usize = 16 * LOAD_BATCH;
 /// Changes read per query while catching up.
 const CHANGE_BATCH: u32 = 1000;
 /// Times a change the index refuses is tried before it is passed over.
@@ -207,25 +210,42 @@ impl Engine {
         let model_id = slot.model_id().to_owned();
         let started = Instant::now();
         let mut last_report = Instant::now();
-        let mut loaded = 0usize;
-        let mut pending: Vec<TemplateRow> = Vec::with_capacity(LOAD_BATCH);
+        let (mut loaded, mut held) = (0usize, 0usize);
+        // Rows arrive in no order: each gallery's are appended in batches.
+        let mut pending: HashMap<String, Vec<TemplateRow>> = HashMap::new();
         let dim = slot.model.embedder.dim();
-        let mut rows = std::pin::pin!(self.store.templates_in_spaces(&slot.spaces, dim));
-        tracing::info!(%model_id, spaces = ?slot.spaces, "loading gallery indexes from the database");
-        while let Some(row) = rows.try_next().await? {
-            if pending.first().is_some_and(|p| p.gallery_id != row.gallery_id) || pending.len() == LOAD_BATCH
-            {
-                loaded += pending.len();
-                append_loaded(&slot.indexes, &mut pending)?;
-            }
-            pending.push(row);
-            if last_report.elapsed().as_secs() >= 5 {
-                tracing::info!(templates = loaded, "still loading gallery indexes");
-                last_report = Instant::now();
-            }
+        let expected = self.store.estimated_templates().await.unwrap_or(0);
+        tracing::info!(%model_id, spaces = ?slot.spaces, expected, "loading gallery indexes from the database");
+        self.store
+            .each_template_in_spaces(&slot.spaces, dim, |row| {
+                let rows = match pending.get_mut(&row.gallery_id) {
+                    Some(rows) => rows,
+                    None => pending.entry(row.gallery_id.clone()).or_default(),
+                };
+                rows.push(row);
+                held += 1;
+                if rows.len() == LOAD_BATCH {
+                    (loaded, held) = (loaded + rows.len(), held - rows.len());
+                    append_loaded(&slot.indexes, rows)?;
+                }
+                if held >= LOAD_HELD {
+                    loaded += held;
+                    held = 0;
+                    for rows in pending.values_mut() {
+                        append_loaded(&slot.indexes, rows)?;
+                    }
+                }
+                if last_report.elapsed().as_secs() >= 5 {
+                    tracing::info!(templates = loaded, expected, "still loading gallery indexes");
+                    last_report = Instant::now();
+                }
+                Ok::<_, LoadError>(())
+            })
+            .await?;
+        loaded += held;
+        for rows in pending.values_mut() {
+            append_loaded(&slot.indexes, rows)?;
         }
-        loaded += pending.len();
-        append_loaded(&slot.indexes, &mut pending)?;
         let (galleries, templates) = slot.indexes.totals();
         tracing::info!(
             %model_id,

@@ -3,7 +3,10 @@
 use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
-use super::{AuditEntry, CreatedTemplate, Enrolled, NewEnrollment, Store, StoreError, StoreResult, to_u32};
+use super::{
+    AuditEntry, CreatedTemplate, Enrolled, NewEnrollment, Store, StoreError, StoreResult, embedding_bytes,
+    to_u32,
+};
 
 impl Store {
     /// Stores an enrolment in one transaction and returns once it is
@@ -247,7 +250,7 @@ async fn insert_templates(
         .bind(new.gallery_id)
         .bind(model_id)
         .bind(i32::try_from(embedding.len()).unwrap_or(i32::MAX))
-        .bind(embedding)
+        .bind(embedding_bytes(embedding))
         .bind(enrollment)
         .fetch_one(&mut **tx)
         .await?;

@@ -134,10 +134,12 @@ impl From<sqlx::Error> for StoreError {
 /// Result alias of the store.
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// Handle on the database (cheap to clone: a pool).
+/// Handle on the database (cheap to clone: a pool, and the queue of the
+/// audit writer).
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
+    audit: audit::LazyAuditWriter,
 }
 
 impl Store {
@@ -154,7 +156,7 @@ impl Store {
             .test_before_acquire(true)
             .connect(&settings.url)
             .await?;
-        let store = Self { pool };
+        let store = Self::from_pool(pool);
         if settings.migrate_on_start {
             crate::MIGRATOR
                 .run(&store.pool)
@@ -204,7 +206,10 @@ impl Store {
 
     /// Wraps an existing pool (tests; migrations already applied).
     pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            audit: audit::LazyAuditWriter::default(),
+        }
     }
 
     /// Whether the database answers.

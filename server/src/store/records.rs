@@ -2,6 +2,8 @@
 //! table's records.
 
 use chrono::{DateTime, Utc};
+use sqlx::Row;
+use sqlx::postgres::PgRow;
 use uuid::Uuid;
 
 use super::{Store, StoreResult, to_u32};
@@ -169,7 +171,7 @@ pub struct SubjectRecord {
 }
 
 /// One stored template with its vector, for loading the index.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct TemplateRow {
     /// Gallery id.
     pub gallery_id: String,
@@ -179,6 +181,45 @@ pub struct TemplateRow {
     pub seq: i64,
     /// The embedding.
     pub embedding: Vec<f32>,
+}
+
+impl<'r> sqlx::FromRow<'r, PgRow> for TemplateRow {
+    fn from_row(row: &'r PgRow) -> sqlx::Result<Self> {
+        Ok(TemplateRow {
+            gallery_id: row.try_get("gallery_id")?,
+            subject_id: row.try_get("subject_id")?,
+            seq: row.try_get("seq")?,
+            embedding: decode_embedding(row)?,
+        })
+    }
+}
+
+/// The `embedding` column of `row`.
+pub(super) fn decode_embedding(row: &PgRow) -> sqlx::Result<Vec<f32>> {
+    let bytes: &[u8] = row.try_get("embedding")?;
+    embedding_from_bytes(bytes).map_err(|source| sqlx::Error::ColumnDecode {
+        index: "embedding".to_owned(),
+        source: source.into(),
+    })
+}
+
+/// A vector as the `templates.embedding` column holds it: each value's
+/// float4 binary form (big-endian, as PostgreSQL sends a `real`), one after
+/// another.
+pub fn embedding_bytes(embedding: &[f32]) -> Vec<u8> {
+    embedding.iter().flat_map(|value| value.to_be_bytes()).collect()
+}
+
+/// The vector `embedding_bytes` wrote.
+pub fn embedding_from_bytes(bytes: &[u8]) -> Result<Vec<f32>, String> {
+    let (values, rest) = bytes.as_chunks::<4>();
+    if !rest.is_empty() {
+        return Err(format!(
+            "{} bytes is not a whole number of float4 values",
+            bytes.len()
+        ));
+    }
+    Ok(values.iter().map(|value| f32::from_be_bytes(*value)).collect())
 }
 
 impl TemplateRow {
