@@ -147,14 +147,18 @@ async fn a_write_whose_client_gave_up_after_the_commit_completes(
     server.stop().await.expect("graceful stop");
 }
 
-/// Templates are read back in whatever order PostgreSQL returns them (no
-/// sort of the vectors): rows of several galleries interleave, past the
-/// loader's hold-back limit, and every gallery must still come back whole.
-#[sqlx::test(migrations = false)]
-async fn galleries_load_whole_from_interleaved_rows(pool_options: PgPoolOptions, options: PgConnectOptions) {
-    let a = tempfile::tempdir().expect("tempdir");
-    let model = checkpoint_in(a.path(), 13, None);
-    let pool = pool_options.connect_with(options.clone()).await.expect("pool");
+/// A pool on the migrated test database, where `model` is recorded (so
+/// templates stored directly may name it).
+async fn migrated_with_model(
+    pool_options: &PgPoolOptions,
+    options: &PgConnectOptions,
+    model: &handid_model::Manifest,
+) -> sqlx::PgPool {
+    let pool = pool_options
+        .clone()
+        .connect_with(options.clone())
+        .await
+        .expect("pool");
     handid_server::MIGRATOR.run(&pool).await.expect("migrate");
     sqlx::query(
         "INSERT INTO models (model_id, embedding_space, architecture, embedding_dim)
@@ -165,6 +169,17 @@ async fn galleries_load_whole_from_interleaved_rows(pool_options: PgPoolOptions,
     .execute(&pool)
     .await
     .expect("model row");
+    pool
+}
+
+/// Templates are read back in whatever order PostgreSQL returns them (no
+/// sort of the vectors): rows of several galleries interleave, past the
+/// loader's hold-back limit, and every gallery must still come back whole.
+#[sqlx::test(migrations = false)]
+async fn galleries_load_whole_from_interleaved_rows(pool_options: PgPoolOptions, options: PgConnectOptions) {
+    let a = tempfile::tempdir().expect("tempdir");
+    let model = checkpoint_in(a.path(), 13, None);
+    let pool = migrated_with_model(&pool_options, &options, &model).await;
     sqlx::query("INSERT INTO galleries (gallery_id) SELECT 'g' || i FROM generate_series(0, 39) i")
         .execute(&pool)
         .await
@@ -232,17 +247,7 @@ async fn a_subject_deleted_during_a_reload_is_never_returned_afterwards(
 
     // 3000 subjects of one template each, stored directly: a load that
     // takes a while.
-    let pool = pool_options.connect_with(options.clone()).await.expect("pool");
-    handid_server::MIGRATOR.run(&pool).await.expect("migrate");
-    sqlx::query(
-        "INSERT INTO models (model_id, embedding_space, architecture, embedding_dim)
-         VALUES ($1, $2, 'tiny', 16)",
-    )
-    .bind(&model_a.model_id)
-    .bind(&model_a.embedding_space)
-    .execute(&pool)
-    .await
-    .expect("model row");
+    let pool = migrated_with_model(&pool_options, &options, &model_a).await;
     sqlx::query("INSERT INTO galleries (gallery_id) VALUES ('race')")
         .execute(&pool)
         .await
