@@ -1,7 +1,8 @@
 //! `handid`: the command-line client of the handid.v1 API.
 //!
 //! Commands: `enroll`, `identify`, `verify` (images from files, `-` for
-//! stdin), `subjects list|get|delete`, `gallery delete`, the model
+//! stdin; `enroll --from FOLDER|FILE.csv` enrols a whole site, see
+//! `bulk`), `subjects list|get|delete`, `gallery delete`, the model
 //! lifecycle (`model get|reload|promote|rollback`), `settings reload` (the
 //! API keys) and `health`. Every command takes the server's address, an API key
 //! (`--api-key` or `HANDID_API_KEY`, sent as `authorization: Bearer`) and,
@@ -12,9 +13,12 @@
 //! stdout for scripts. Exit status: 0 on success; 10 + the gRPC status code
 //! when the server refuses (e.g. 17 PERMISSION_DENIED, 19
 //! FAILED_PRECONDITION, 24 UNAVAILABLE, also when the server cannot be
-//! reached); 1 for a local problem (an unreadable certificate file); 2 for a
+//! reached; for `enroll --from`, the first failed subject's); 1 for a
+//! local problem (an unreadable certificate file); 2 for a
 //! command line clap refuses; `health` exits 1 when the server is not
 //! SERVING.
+
+mod bulk;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -80,15 +84,23 @@ enum Command {
         #[arg(long)]
         gallery: String,
         /// The subject.
-        #[arg(long)]
-        subject: String,
+        #[arg(long, required_unless_present = "from", conflicts_with = "from")]
+        subject: Option<String>,
         /// A retry with the same key replays the first result instead of
         /// enrolling twice.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "from")]
         idempotency_key: Option<String>,
         /// Image files (JPEG, PNG, BMP, PGM); `-` reads one from stdin.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "from", conflicts_with = "from")]
         images: Vec<PathBuf>,
+        /// Enrol many subjects: a folder with one subfolder of images per
+        /// subject, or a CSV file of `subject,image` lines (paths relative
+        /// to it). Keys derived from the images make a rerun resume.
+        #[arg(long)]
+        from: Option<PathBuf>,
+        /// Subjects enrolled at once with --from.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
     },
     /// Who is on this photo: the gallery's best candidates (scope `identify`).
     Identify {
@@ -279,10 +291,23 @@ async fn run(cli: &Cli) -> Result<ExitCode, Failure> {
     let out = match &cli.command {
         Command::Enroll {
             gallery,
+            from: Some(from),
+            concurrency,
+            ..
+        } => {
+            let people = bulk::people(from)?;
+            let (value, text, failure) = bulk::enroll_all(handid, key, gallery, people, *concurrency).await;
+            print(cli.json, &value, &text);
+            return failure.map_or(Ok(ExitCode::SUCCESS), Err);
+        }
+        Command::Enroll {
+            gallery,
             subject,
             idempotency_key,
             images,
+            ..
         } => {
+            let subject = subject.as_ref().context("--subject is needed")?;
             let images = images.iter().map(image).collect::<Result<Vec<_>, _>>()?;
             let r = handid
                 .enroll(request(

@@ -66,15 +66,21 @@ fn status(output: &Output) -> i32 {
     output.status.code().expect("exit status")
 }
 
-#[sqlx::test(migrations = false)]
-async fn the_cli_enrols_identifies_and_exits_with_the_grpc_status(
-    _: PgPoolOptions,
-    options: PgConnectOptions,
+/// A server on a free local port with a random tiny model and these API
+/// keys, once it says SERVING: the model's folder (keep it), the address, and
+/// the stop handles.
+async fn serve(
+    options: &PgConnectOptions,
+    keys: Vec<ApiKeySettings>,
+) -> (
+    tempfile::TempDir,
+    String,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), handid_server::ServeError>>,
 ) {
     let model = tempfile::tempdir().expect("model");
     handid_model::create_random_checkpoint(model.path(), &handid_model::ClipVisionConfig::tiny_vit(), 3)
         .expect("checkpoint");
-    let (desk, door) = ("hid_desk_key", "hid_door_key");
     let mut settings = Settings::default();
     settings.database.url = format!(
         "postgres://{}@{}:{}/{}",
@@ -85,10 +91,9 @@ async fn the_cli_enrols_identifies_and_exits_with_the_grpc_status(
     );
     settings.database.migrate_on_start = true;
     settings.model.path = model.path().to_owned();
-    settings.auth.keys = vec![
-        key("desk", desk, &[Scope::Identify, Scope::Enroll]),
-        key("door", door, &[Scope::Identify, Scope::Embed]),
-    ];
+    settings.auth.keys = keys;
+    // Bulk enrolment from one address: the per-caller limit is for doors.
+    settings.server.rate_limit_per_second = 0.0;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = format!("http://{}", listener.local_addr().expect("addr"));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -104,6 +109,155 @@ async fn the_cli_enrols_identifies_and_exits_with_the_grpc_status(
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert!(ready, "the server never said SERVING");
+    (model, addr, stop, server)
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_bulk_enrolment_resumes_without_duplicates_and_lists_its_failures(
+    pool_options: PgPoolOptions,
+    options: PgConnectOptions,
+) {
+    let desk = "hid_desk_key";
+    let (_model, addr, stop, server) = serve(&options, vec![key("desk", desk, &[Scope::Enroll])]).await;
+    // A site: 10 people of 2 photos each, one folder per person, and one
+    // whose only file is not an image.
+    let site = tempfile::tempdir().expect("site");
+    let photos = photos(20);
+    for (i, pair) in photos.chunks(2).enumerate() {
+        let dir = site.path().join(format!("p{i:02}"));
+        std::fs::create_dir(&dir).expect("mkdir");
+        for photo in pair {
+            std::fs::copy(photo, dir.join(photo.file_name().expect("name"))).expect("copy");
+        }
+    }
+    std::fs::create_dir(site.path().join("broken")).expect("mkdir");
+    std::fs::write(site.path().join("broken/scan.jpg"), b"not a photo").expect("write");
+    // The run that was cut short: the first four people, as a CSV.
+    let csv = site.path().join("first.csv");
+    let lines: Vec<String> = photos[..8]
+        .iter()
+        .enumerate()
+        .map(|(n, photo)| {
+            format!(
+                "p{:02},p{:02}/{}",
+                n / 2,
+                n / 2,
+                photo.file_name().expect("name").to_string_lossy()
+            )
+        })
+        .collect();
+    std::fs::write(&csv, format!("subject,image\n{}\n", lines.join("\n"))).expect("csv");
+    let csv = csv.to_str().expect("utf-8").to_owned();
+    let first = json(
+        &handid(
+            &addr,
+            desk,
+            &["--json", "enroll", "--gallery", "site", "--from", &csv],
+            None,
+        )
+        .await,
+    );
+    assert_eq!(
+        (first["enrolled"].as_u64(), first["templates"].as_u64()),
+        (Some(4), Some(8))
+    );
+
+    // The whole site: the four are replayed, the six others stored, the
+    // broken one listed with its reason; the exit status is its refusal's.
+    let folder = site.path().to_str().expect("utf-8").to_owned();
+    let run = handid(
+        &addr,
+        desk,
+        &[
+            "--json",
+            "enroll",
+            "--gallery",
+            "site",
+            "--from",
+            &folder,
+            "--concurrency",
+            "3",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(
+        status(&run),
+        13,
+        "INVALID_ARGUMENT: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&run.stdout).expect("one JSON object");
+    assert_eq!(summary["enrolled"], 6, "{summary}");
+    assert_eq!(summary["templates"], 12, "{summary}");
+    assert_eq!(summary["already_enrolled"], 4, "{summary}");
+    let failed = summary["failed"].as_array().expect("failures");
+    assert_eq!(failed.len(), 1, "{summary}");
+    assert_eq!(failed[0]["subject_id"], "broken");
+    assert_eq!(failed[0]["code"], "INVALID_ARGUMENT");
+    assert!(
+        !failed[0]["reason"].as_str().unwrap_or("").is_empty(),
+        "{summary}"
+    );
+
+    // No subject or template twice.
+    let pool = pool_options.connect_with(options).await.expect("pool");
+    let (subjects, templates): (i64, i64) =
+        sqlx::query_as("SELECT (SELECT count(*) FROM subjects), (SELECT count(*) FROM templates)")
+            .fetch_one(&pool)
+            .await
+            .expect("counts");
+    assert_eq!((subjects, templates), (10, 20));
+    // Run again: everything is already there.
+    let again = handid(
+        &addr,
+        desk,
+        &["--json", "enroll", "--gallery", "site", "--from", &folder],
+        None,
+    )
+    .await;
+    let again: serde_json::Value = serde_json::from_slice(&again.stdout).expect("one JSON object");
+    assert_eq!(
+        (again["enrolled"].as_u64(), again["already_enrolled"].as_u64()),
+        (Some(0), Some(10))
+    );
+    // A --from that is neither a folder of subjects nor a CSV is refused
+    // before anything is sent (a local problem: exit 1).
+    let empty = tempfile::tempdir().expect("empty");
+    let refused = handid(
+        &addr,
+        desk,
+        &[
+            "enroll",
+            "--gallery",
+            "site",
+            "--from",
+            empty.path().to_str().expect("utf-8"),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(status(&refused), 1);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("no subfolder"));
+
+    let _ = stop.send(());
+    server.await.expect("server task").expect("clean stop");
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_cli_enrols_identifies_and_exits_with_the_grpc_status(
+    _: PgPoolOptions,
+    options: PgConnectOptions,
+) {
+    let (desk, door) = ("hid_desk_key", "hid_door_key");
+    let (model, addr, stop, server) = serve(
+        &options,
+        vec![
+            key("desk", desk, &[Scope::Identify, Scope::Enroll]),
+            key("door", door, &[Scope::Identify, Scope::Embed]),
+        ],
+    )
+    .await;
 
     let photos = photos(3);
     let path = |i: usize| photos[i].to_str().expect("utf-8 path").to_owned();
