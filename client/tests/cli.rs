@@ -221,6 +221,62 @@ async fn a_bulk_enrolment_resumes_without_duplicates_and_lists_its_failures(
         (again["enrolled"].as_u64(), again["already_enrolled"].as_u64()),
         (Some(0), Some(10))
     );
+    // A run killed part way (SIGKILL, nothing flushed), then run again:
+    // 60 people of one photo each into another gallery.
+    let crowd = tempfile::tempdir().expect("crowd");
+    for (i, photo) in self::photos(80)[20..].iter().enumerate() {
+        let dir = crowd.path().join(format!("c{i:02}"));
+        std::fs::create_dir(&dir).expect("mkdir");
+        std::fs::copy(photo, dir.join("hand.jpg")).expect("copy");
+    }
+    let crowd_path = crowd.path().to_str().expect("utf-8").to_owned();
+    let crowd_args = [
+        "--json",
+        "enroll",
+        "--gallery",
+        "crowd",
+        "--from",
+        &crowd_path,
+        "--concurrency",
+        "1",
+    ];
+    let mut cut = tokio::process::Command::new(env!("CARGO_BIN_EXE_handid"))
+        .args(["--addr", &addr])
+        .args(crowd_args)
+        .env("HANDID_API_KEY", desk)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn handid");
+    let crowd_count = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM subjects WHERE gallery_id = 'crowd'")
+            .fetch_one(&pool)
+            .await
+            .expect("count")
+    };
+    while crowd_count().await < 3 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    cut.kill().await.expect("kill");
+    let before = crowd_count().await;
+    let resumed = json(&handid(&addr, desk, &crowd_args, None).await);
+    let (enrolled, replayed) = (
+        resumed["enrolled"].as_i64().expect("enrolled"),
+        resumed["already_enrolled"].as_i64().expect("already"),
+    );
+    assert_eq!(enrolled + replayed, 60, "{resumed}");
+    assert!(
+        replayed >= before.min(60),
+        "{before} stored before the kill, {resumed}"
+    );
+    let (subjects, templates): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM subjects WHERE gallery_id = 'crowd'),
+                (SELECT count(*) FROM templates WHERE gallery_id = 'crowd')",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("counts");
+    assert_eq!((subjects, templates), (60, 60), "no duplicates after the kill");
+
     // A --from that is neither a folder of subjects nor a CSV is refused
     // before anything is sent (a local problem: exit 1).
     let empty = tempfile::tempdir().expect("empty");
