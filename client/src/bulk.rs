@@ -1,8 +1,8 @@
 //! `enroll --from`: a whole site in one command. The people come from a
-//! folder (one subfolder per subject, its image files inside) or a CSV file
-//! (`subject,image` per line, image paths relative to the file; a first line
-//! `subject,image` is a header). Subjects are enrolled `concurrency` at a
-//! time, each with an idempotency key derived from the gallery, the subject
+//! folder (one subfolder per subject, its image files inside, hidden files
+//! skipped) or a CSV file (`subject,image` per line, image paths relative to
+//! the file; a first line `subject,image` is a header). Subjects are
+//! enrolled `concurrency` at a time, each with an idempotency key derived from the gallery, the subject
 //! and the bytes of its images: a run that was interrupted, run again,
 //! replays what was already stored instead of enrolling it twice. Transient
 //! refusals (UNAVAILABLE, RESOURCE_EXHAUSTED, ABORTED) are retried; every
@@ -54,7 +54,13 @@ fn from_folder(root: &Path) -> anyhow::Result<Vec<Person>> {
         let mut images: Vec<PathBuf> = std::fs::read_dir(&path)
             .with_context(|| format!("reading {}", path.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file())
+            // Hidden files (.DS_Store, editors' droppings) are not photos.
+            .filter(|p| {
+                p.is_file()
+                    && !p
+                        .file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            })
             .collect();
         images.sort();
         if !images.is_empty() {

@@ -130,6 +130,8 @@ async fn a_bulk_enrolment_resumes_without_duplicates_and_lists_its_failures(
             std::fs::copy(photo, dir.join(photo.file_name().expect("name"))).expect("copy");
         }
     }
+    // A hidden file beside the photos is not sent as one.
+    std::fs::write(site.path().join("p00/.DS_Store"), b"finder").expect("write");
     std::fs::create_dir(site.path().join("broken")).expect("mkdir");
     std::fs::write(site.path().join("broken/scan.jpg"), b"not a photo").expect("write");
     // The run that was cut short: the first four people, as a CSV.
