@@ -788,7 +788,7 @@ fn print(as_json: bool, value: &Value, text: &str) {
     }
 }
 
-fn timestamp(t: Option<&prost_types::Timestamp>) -> Value {
+fn timestamp(t: Option<&handid_proto::Timestamp>) -> Value {
     t.and_then(|t| chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0)))
         .map_or(Value::Null, |t| t.to_rfc3339().into())
 }

@@ -12,6 +12,8 @@
 //!   and SIGHUP).
 //! - [`telemetry`]: logs, OpenTelemetry traces and metrics over OTLP.
 //! - [`service`]: the thin gRPC handlers (protobuf <-> domain types).
+//! - [`gateway`]: the HTTP/JSON gateway: REST resources in front of the
+//!   same services and protection stack; its OpenAPI document.
 //! - [`validate`]: every check of a request that needs neither the
 //!   database nor the model: protobuf to the core's validated calls.
 //! - [`engine`]: the core: Enroll, Identify, Verify, ... and the audit log.
@@ -38,6 +40,7 @@ pub mod error;
 pub mod faults;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod gateway;
 pub mod health;
 pub mod index;
 pub mod layers;
@@ -52,7 +55,7 @@ pub mod telemetry;
 pub mod validate;
 
 pub use error::ServiceError;
-pub use server::{ServeError, run, run_with_reloads};
+pub use server::{ServeError, run, run_with_listeners, run_with_reloads};
 pub use settings::Settings;
 
 /// The SQL migrations of `migrations/`, embedded in the binary.

@@ -80,6 +80,17 @@ pub enum ServeError {
     /// The reflection service could not be built.
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The HTTP gateway's address could not be bound.
+    #[error("binding http.listen {address}: {source}")]
+    Bind {
+        /// `http.listen`.
+        address: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The HTTP gateway's TLS could not be set up from the `tls.*` files.
+    #[error("TLS of the HTTP gateway: {0}")]
+    GatewayTls(String),
     /// A TLS file could not be read.
     #[error("reading {setting} {path}: {source}")]
     TlsFile {
@@ -111,6 +122,26 @@ pub async fn run(
 /// both are logged and audited with their reason.
 pub async fn run_with_reloads(
     listener: TcpListener,
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    reloads: tokio::sync::mpsc::Receiver<()>,
+) -> Result<(), ServeError> {
+    let http = match settings.http.listen {
+        Some(address) => Some(
+            TcpListener::bind(address)
+                .await
+                .map_err(|source| ServeError::Bind { address, source })?,
+        ),
+        None => None,
+    };
+    run_with_listeners(listener, http, settings, shutdown, reloads).await
+}
+
+/// [`run_with_reloads`] on listeners bound by the caller: `http`, when
+/// given, serves the HTTP/JSON gateway (whatever `http.listen` says).
+pub async fn run_with_listeners(
+    listener: TcpListener,
+    http: Option<TcpListener>,
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
     mut reloads: tokio::sync::mpsc::Receiver<()>,
@@ -237,6 +268,7 @@ pub async fn run_with_reloads(
     let (health, health_service) = tonic_health::server::health_reporter();
     crate::health::set(&health, ServingStatus::NotServing).await;
     let (stop_health, health_stopped) = tokio::sync::watch::channel(false);
+    let gateway_stopped = health_stopped.clone();
     let health_task = tokio::spawn(crate::health::watch(
         Arc::clone(&engine),
         health.clone(),
@@ -307,6 +339,27 @@ pub async fn run_with_reloads(
         .max_encoding_message_size(max_message);
 
     let (audit_sink, audit_writer) = AuditSink::start(engine_for_writes.store().clone());
+    // One protection stack for both listeners: the gateway's calls share
+    // the limits' buckets and slots with the gRPC calls.
+    let protection = Protection::stack(&settings, Arc::clone(live.auth()), audit_sink);
+    let gateway = match http {
+        Some(http) => Some(
+            start_gateway(
+                http,
+                &settings,
+                GatewayParts {
+                    protection: protection.clone(),
+                    services: tonic::service::Routes::new(handid.clone())
+                        .add_service(admin.clone())
+                        .add_service(health_service.clone()),
+                    auth: Arc::clone(live.auth()),
+                    stop: gateway_stopped,
+                },
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls_config(&settings).await? {
         builder = builder.tls_config(tls)?;
@@ -336,7 +389,7 @@ pub async fn run_with_reloads(
         })
         // Timeout, access control, rate limit, concurrency limit: the
         // protection stack, commented layer by layer in `layers.rs`.
-        .layer(Protection::stack(&settings, Arc::clone(live.auth()), audit_sink))
+        .layer(protection)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(handid)
@@ -346,6 +399,9 @@ pub async fn run_with_reloads(
     // Writes whose calls were cancelled may still be committing: they
     // finish before the server says it has stopped; then the audit rows of
     // the last calls refused or cancelled before the core saw them.
+    if let Some(gateway) = gateway {
+        let _ = gateway.await;
+    }
     engine_for_writes.finish_writes().await;
     audit_writer.finish(Duration::from_secs(5)).await;
     health_task.abort();
@@ -355,6 +411,56 @@ pub async fn run_with_reloads(
     }
     tracing::info!("server stopped");
     Ok(served?)
+}
+
+/// What the HTTP gateway shares with the gRPC listener.
+struct GatewayParts {
+    protection: crate::layers::ProtectionLayer,
+    services: tonic::service::Routes,
+    auth: Arc<LiveAuth>,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Starts the HTTP/JSON gateway on `listener`: the gRPC services behind
+/// the same protection stack, TLS from the same files.
+async fn start_gateway(
+    listener: TcpListener,
+    settings: &Settings,
+    parts: GatewayParts,
+) -> Result<tokio::task::JoinHandle<()>, ServeError> {
+    use tower::Layer;
+    if let Ok(local) = listener.local_addr()
+        && !local.ip().is_loopback()
+        && settings.tls.cert_file.is_none()
+        && !settings.server.allow_plaintext
+    {
+        return Err(ServeError::Plaintext(local));
+    }
+    let tls = match (&settings.tls.cert_file, &settings.tls.key_file) {
+        (Some(cert), Some(key)) => {
+            let cert = read_tls_file("tls.cert_file", cert).await?;
+            let key = read_tls_file("tls.key_file", key).await?;
+            let ca = match &settings.tls.client_ca_file {
+                Some(ca) => Some(read_tls_file("tls.client_ca_file", ca).await?),
+                None => None,
+            };
+            Some(crate::gateway::tls_acceptor(&cert, &key, ca.as_deref()).map_err(ServeError::GatewayTls)?)
+        }
+        _ => None,
+    };
+    let protected = parts.protection.layer(parts.services);
+    let gateway = Arc::new(crate::gateway::Gateway::new(
+        tower::util::BoxCloneSyncService::new(protected),
+        parts.auth,
+        settings.limits.max_message_bytes,
+        settings.request_timeout(),
+    ));
+    Ok(tokio::spawn(crate::gateway::serve(
+        listener,
+        gateway.router(),
+        tls,
+        parts.stop,
+    )))
 }
 
 /// The accepted connections, with Nagle's algorithm off: a response's last
@@ -375,13 +481,7 @@ fn incoming(
 
 /// The TLS settings of the listener, when `tls.cert_file` is set.
 async fn tls_config(settings: &Settings) -> Result<Option<ServerTlsConfig>, ServeError> {
-    async fn read(setting: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ServeError> {
-        tokio::fs::read(path).await.map_err(|source| ServeError::TlsFile {
-            setting,
-            path: path.display().to_string(),
-            source,
-        })
-    }
+    let read = read_tls_file;
     let (Some(cert), Some(key)) = (&settings.tls.cert_file, &settings.tls.key_file) else {
         return Ok(None);
     };
@@ -397,6 +497,14 @@ async fn tls_config(settings: &Settings) -> Result<Option<ServerTlsConfig>, Serv
     }
     tracing::info!(mutual = settings.tls.client_ca_file.is_some(), "TLS enabled");
     Ok(Some(config))
+}
+
+async fn read_tls_file(setting: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ServeError> {
+    tokio::fs::read(path).await.map_err(|source| ServeError::TlsFile {
+        setting,
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// The message of [`ServeError::ModelDisagrees`]: both models, both

@@ -67,8 +67,8 @@ fn decision(d: Decision) -> pb::Decision {
     }
 }
 
-fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
+fn timestamp(t: chrono::DateTime<chrono::Utc>) -> handid_proto::Timestamp {
+    handid_proto::Timestamp {
         seconds: t.timestamp(),
         nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
     }

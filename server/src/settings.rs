@@ -61,8 +61,10 @@ pub struct Settings {
     pub replication: ReplicationSettings,
     /// API keys and their scopes.
     pub auth: AuthSettings,
-    /// TLS and mutual TLS of the listener.
+    /// TLS and mutual TLS of the listeners.
     pub tls: TlsSettings,
+    /// The HTTP/JSON gateway (off unless `http.listen` is set).
+    pub http: HttpSettings,
     /// OpenTelemetry export and log format.
     pub telemetry: TelemetrySettings,
     /// The file these settings were read from ([`Settings::load`]): what
@@ -405,7 +407,19 @@ impl CertificateGrant {
     }
 }
 
-/// TLS of the gRPC listener; off unless both files are named.
+/// The HTTP/JSON gateway: the same calls as REST resources, over the same
+/// protection stack (keys, limits, audit) as gRPC.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    /// Where the gateway listens; `None` (the default) turns it off. It
+    /// speaks TLS (with `tls.*`, mutual TLS included) like the gRPC
+    /// listener, under the same plain-text rule.
+    pub listen: Option<SocketAddr>,
+}
+
+/// TLS of the gRPC listener and the HTTP gateway; off unless both files
+/// are named.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsSettings {
@@ -509,6 +523,20 @@ impl Settings {
                     s.server.listen
                 ),
             );
+        }
+        if let Some(http) = s.http.listen {
+            if !http.ip().is_loopback() && s.tls.cert_file.is_none() && !s.server.allow_plaintext {
+                return bad(
+                    "http.listen",
+                    &format!(
+                        "{http} is reachable from other hosts and TLS is off: set tls.cert_file and \
+                         tls.key_file, or server.allow_plaintext: true where a mesh protects the traffic"
+                    ),
+                );
+            }
+            if http == s.server.listen && http.port() != 0 {
+                return bad("http.listen", "must differ from server.listen");
+            }
         }
         if s.server.request_timeout_ms == 0 {
             return bad("server.request_timeout_ms", "must be at least 1");

@@ -157,6 +157,36 @@ impl TestServer {
         }
     }
 
+    /// Starts `handid_server::run_with_listeners` on 127.0.0.1:0 with the
+    /// HTTP gateway on another free port: the server and the gateway's
+    /// address.
+    pub async fn start_with_gateway(settings: Settings) -> (Self, SocketAddr) {
+        capture_logs();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind http");
+        let addr = listener.local_addr().expect("addr");
+        let http_addr = http.local_addr().expect("http addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (_, never) = tokio::sync::mpsc::channel(1);
+        let task = tokio::spawn(handid_server::run_with_listeners(
+            listener,
+            Some(http),
+            settings,
+            async {
+                let _ = stopped.await;
+            },
+            never,
+        ));
+        let server = Self {
+            addr,
+            stop: Some(stop),
+            task,
+        };
+        (server, http_addr)
+    }
+
     /// A connected client (retries while the server is still starting).
     pub async fn client(&self) -> HandIdClient<Channel> {
         let url = format!("http://{}", self.addr);
@@ -355,7 +385,7 @@ impl tonic::codec::Encoder for RawCodec {
     type Item = Vec<u8>;
     type Error = tonic::Status;
     fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        prost::bytes::BufMut::put_slice(dst, &item);
+        bytes::BufMut::put_slice(dst, &item);
         Ok(())
     }
 }
@@ -364,8 +394,8 @@ impl tonic::codec::Decoder for RawCodec {
     type Item = Vec<u8>;
     type Error = tonic::Status;
     fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
-        let n = prost::bytes::Buf::remaining(src);
-        Ok(Some(prost::bytes::Buf::copy_to_bytes(src, n).to_vec()))
+        let n = bytes::Buf::remaining(src);
+        Ok(Some(bytes::Buf::copy_to_bytes(src, n).to_vec()))
     }
 }
 
