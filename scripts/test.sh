@@ -2,7 +2,7 @@
 # The test command (README): sets everything up, starts a throwaway Postgres,
 # runs the whole test suite against it, and stops it.
 #
-#   scripts/test.sh                 # all tests, then the operator guide's walk
+#   scripts/test.sh                 # all tests, the operator guide's walk, the Python client
 #   scripts/test.sh -p handid-model # extra arguments go to `cargo test`
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -16,3 +16,6 @@ fi
 "$here/with-postgres.sh" cargo test --locked --workspace
 # Every command of docs/operator-guide.md, run as an operator would.
 "$here/with-postgres.sh" "$here/walk_guide.sh"
+# The Python client's suite against real servers (and the gateway's
+# OpenAPI document through a validator).
+"$here/with-postgres.sh" "$here/test_python.sh"
