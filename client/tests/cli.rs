@@ -1,7 +1,6 @@
 //! The `handid` binary against a real server (in this process, over a real
 //! Postgres): enrol, identify (from a file, from stdin, a held-out photo),
-//! verify, list,
-//! get, delete, and the exit status of each kind of refusal.
+//! verify, list, get, delete, and the exit status of each kind of refusal.
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
