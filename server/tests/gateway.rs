@@ -97,6 +97,14 @@ fn refusal(answer: &(u16, Value), http: u16) -> (String, String) {
 }
 
 async fn start(options: &PgConnectOptions) -> (TestServer, SocketAddr, tempfile::TempDir) {
+    start_with(options, |_| {}).await
+}
+
+/// [`start`], with `adjust` applied to the settings last.
+async fn start_with(
+    options: &PgConnectOptions,
+    adjust: impl FnOnce(&mut handid_server::Settings),
+) -> (TestServer, SocketAddr, tempfile::TempDir) {
     let model = checkpoint();
     let mut s = settings(options, model.path());
     s.auth.enabled = true;
@@ -107,6 +115,7 @@ async fn start(options: &PgConnectOptions) -> (TestServer, SocketAddr, tempfile:
     ];
     s.server.rate_limit_per_second = 0.0;
     s.limits.max_message_bytes = 2 << 20;
+    adjust(&mut s);
     let (server, gateway) = TestServer::start_with_gateway(s).await;
     for _ in 0..200 {
         if http(gateway, "GET", "/healthz", None, None).await.0 == 200 {
@@ -379,4 +388,33 @@ async fn refusals_carry_the_grpc_code_as_an_http_status(pool: PgPoolOptions, opt
     assert!(seen("unauthenticated", "UNAUTHENTICATED"), "{rows:?}");
     assert!(seen("door", "PERMISSION_DENIED"), "{rows:?}");
     assert!(seen("desk", "INVALID_ARGUMENT"), "{rows:?}");
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_gateway_and_grpc_share_each_callers_rate_limit(_pool: PgPoolOptions, options: PgConnectOptions) {
+    // A burst of 2 calls, refilled at one call a minute.
+    let (server, gw, _model) = start_with(&options, |s| {
+        s.server.rate_limit_per_second = 1.0 / 60.0;
+        s.server.rate_limit_burst = 2;
+    })
+    .await;
+    let mut admin = server.admin().await;
+    for _ in 0..2 {
+        let mut request = tonic::Request::new(pb::GetModelRequest {});
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {OPS}").parse().expect("metadata"),
+        );
+        admin.get_model(request).await.expect("within the burst");
+    }
+    // The burst was spent over gRPC: the gateway's call is the third.
+    let (code, message) = refusal(&http(gw, "GET", "/v1/model", Some(OPS), None).await, 429);
+    assert_eq!(code, "RESOURCE_EXHAUSTED");
+    assert!(message.contains("server.rate_limit_per_second"), "{message}");
+    // Another caller has its own bucket (its call reaches the service,
+    // which knows no such gallery); health is never counted.
+    let other = http(gw, "GET", "/v1/galleries/site-a/subjects", Some(DOOR), None).await;
+    assert_eq!(refusal(&other, 404).0, "NOT_FOUND");
+    assert_eq!(http(gw, "GET", "/healthz", None, None).await.0, 200);
+    server.stop().await.expect("clean stop");
 }
