@@ -95,3 +95,138 @@ fn synth_splits_and_both_eval_entry_points() {
         csv(&by_model)
     );
 }
+
+#[test]
+fn across_models_reports_each_model_alone_and_the_compatibility_criterion() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = |name: &str| dir.path().join(name);
+    trainer(&[
+        "synth",
+        "--out",
+        p(&path("data")),
+        "--layout",
+        "11k",
+        "--persons",
+        "8",
+        "--images-per-person",
+        "3",
+        "--size",
+        "32",
+    ]);
+    trainer(&[
+        "splits",
+        "--data",
+        p(&path("data")),
+        "--splits",
+        "2",
+        "--out",
+        p(&path("splits.tsv")),
+    ]);
+    trainer(&[
+        "init",
+        "--arch",
+        "tiny-vit",
+        "--seed",
+        "0",
+        "--out",
+        p(&path("a")),
+    ]);
+    trainer(&[
+        "init",
+        "--arch",
+        "tiny-vit",
+        "--seed",
+        "1",
+        "--out",
+        p(&path("b")),
+    ]);
+    let across = |query: &str, gallery: &str, out: &str| {
+        trainer(&[
+            "eval",
+            "--query-model",
+            p(&path(query)),
+            "--gallery-model",
+            p(&path(gallery)),
+            "--manifest",
+            p(&path("splits.tsv")),
+            "--out",
+            p(&path(out)),
+        ])
+    };
+    let read = |file: std::path::PathBuf| {
+        std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+    };
+    let json =
+        |file: std::path::PathBuf| -> serde_json::Value { serde_json::from_str(&read(file)).expect("JSON") };
+
+    // A model against itself: the crossed search is its own search, so
+    // not "compatible" (M(A,A) is not beaten by itself).
+    let said = across("a", "a", "aa");
+    assert!(said.contains("## Compatibility"), "{said}");
+    assert_eq!(read(path("aa/report.csv")), read(path("aa/old-old/report.csv")));
+    assert_eq!(read(path("aa/report.csv")), read(path("aa/new-new/report.csv")));
+    let aa = json(path("aa/report.json"));
+    assert_eq!(aa["compatibility"]["new_old"], aa["compatibility"]["old_old"]);
+    assert!(read(path("aa/report.md")).contains("**no**"));
+
+    // B against A: each alone as `eval --model` reports it, and the
+    // crossed figures are their own.
+    across("b", "a", "ba");
+    trainer(&[
+        "eval",
+        "--model",
+        p(&path("b")),
+        "--manifest",
+        p(&path("splits.tsv")),
+        "--out",
+        p(&path("b-alone")),
+    ]);
+    assert_eq!(
+        read(path("ba/new-new/report.csv")),
+        read(path("b-alone/report.csv"))
+    );
+    assert_eq!(read(path("ba/old-old/report.csv")), read(path("aa/report.csv")));
+    let ba = json(path("ba/report.json"));
+    let map = |report: &serde_json::Value| {
+        report["summary"]
+            .as_array()
+            .expect("summary")
+            .iter()
+            .find(|m| m["name"] == "mAP")
+            .expect("mAP")["mean"]
+            .clone()
+    };
+    assert_eq!(ba["compatibility"]["new_old"][0], map(&ba));
+    assert_eq!(
+        ba["compatibility"]["new_new"][0],
+        map(&json(path("b-alone/report.json")))
+    );
+    assert_ne!(read(path("ba/report.csv")), read(path("b-alone/report.csv")));
+    let verdict = ba["compatibility"]["new_old"][0].as_f64() > ba["compatibility"]["old_old"][0].as_f64();
+    let expected = if verdict { "**yes**" } else { "**no**" };
+    assert!(read(path("ba/report.md")).contains(expected));
+
+    // Models of other widths cannot be compared without a transform.
+    let narrow = ClipVisionConfig {
+        output_dim: 8,
+        ..ClipVisionConfig::tiny_vit()
+    };
+    create_random_checkpoint(&path("narrow"), &narrow, 2).expect("checkpoint");
+    let out = Command::new(env!("CARGO_BIN_EXE_handid-trainer"))
+        .args([
+            "eval",
+            "--query-model",
+            p(&path("narrow")),
+            "--gallery-model",
+            p(&path("a")),
+        ])
+        .args(["--manifest", p(&path("splits.tsv")), "--out", p(&path("na"))])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("8 dimensions") && stderr.contains("16"),
+        "{stderr}"
+    );
+}

@@ -25,6 +25,63 @@ pub struct Report {
     pub summary: Vec<MetricSummary>,
     /// Per-split figures.
     pub splits: Vec<SplitEvaluation>,
+    /// For a cross-model evaluation (new queries, old galleries): how it
+    /// compares with each model alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compatibility: Option<Compatibility>,
+}
+
+/// The compatibility criterion of backward-compatible training (Shen et
+/// al., "Towards Backward-Compatible Representation Learning", CVPR 2020,
+/// Definition 1 in its empirical form): a new model is compatible with an
+/// old one when its queries searched against the old model's gallery beat
+/// the old model searched against itself, M(new, old) > M(old, old); how far
+/// M(new, old) trails M(new, new) is what compatibility costs. Figures are
+/// means over the splits.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Compatibility {
+    /// The old model's folder and model id.
+    pub old_model: String,
+    /// The new model's folder and model id.
+    pub new_model: String,
+    /// mAP and Rank-1 of the old model alone.
+    pub old_old: (f64, f64),
+    /// mAP and Rank-1 of the new model alone.
+    pub new_new: (f64, f64),
+    /// mAP and Rank-1 of new queries against old galleries.
+    pub new_old: (f64, f64),
+}
+
+impl Compatibility {
+    /// M(new, old) > M(old, old), by mAP.
+    pub fn compatible(&self) -> bool {
+        self.new_old.0 > self.old_old.0
+    }
+
+    fn markdown(&self) -> String {
+        let row = |name: &str, (map, rank1): (f64, f64)| {
+            format!("| {name} | {:.2} | {:.2} |\n", 100.0 * map, 100.0 * rank1)
+        };
+        let mut md = String::from("\n## Compatibility\n\n");
+        let _ = writeln!(
+            md,
+            "- old model: `{}`\n- new model: `{}`\n",
+            self.old_model, self.new_model
+        );
+        md.push_str("| query model / gallery model | mAP | Rank-1 |\n|---|---:|---:|\n");
+        md.push_str(&row("old / old: M(A,A)", self.old_old));
+        md.push_str(&row("new / new: M(B,B)", self.new_new));
+        md.push_str(&row("new / old: M(B,A)", self.new_old));
+        let _ = writeln!(
+            md,
+            "\nCompatible (M(B,A) > M(A,A) by mAP, Shen et al. 2020): **{}** ({:+.2} mAP points against M(A,A)); \
+             M(B,A) trails M(B,B) by {:.2} mAP points.",
+            if self.compatible() { "yes" } else { "no" },
+            100.0 * (self.new_old.0 - self.old_old.0),
+            100.0 * (self.new_new.0 - self.new_old.0)
+        );
+        md
+    }
 }
 
 /// Whether a metric is a rate (shown in %) or a count.
@@ -55,7 +112,13 @@ impl Report {
             options,
             summary,
             splits,
+            compatibility: None,
         })
+    }
+
+    /// The mean of a metric over the splits (`mAP`, `rank1`, ...).
+    pub fn mean(&self, metric: &str) -> Option<f64> {
+        self.summary.iter().find(|m| m.name == metric).map(|m| m.mean)
     }
 
     fn rows(&self) -> Vec<MetricRow> {
@@ -84,6 +147,9 @@ impl Report {
                 shown(&m.name, m.mean),
                 shown(&m.name, m.std)
             );
+        }
+        if let Some(compatibility) = &self.compatibility {
+            md.push_str(&compatibility.markdown());
         }
         let rows = self.rows();
         if let Some(first) = rows.first() {

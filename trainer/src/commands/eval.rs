@@ -3,7 +3,12 @@
 //! scoring and report path ([`score_and_report`]):
 //! - `--embeddings FILE`: precomputed vectors (format: `handid_eval::embeddings`);
 //! - `--model DIR --manifest FILE`: a serving checkpoint embeds every image the
-//!   manifest's query/gallery splits name, once per image.
+//!   manifest's query/gallery splits name, once per image;
+//! - `--query-model B --gallery-model A --manifest FILE`: across models, as
+//!   after an upgrade that kept the old templates: B embeds the queries, A
+//!   the galleries; the report adds M(A,A) and M(B,B) (each also written
+//!   whole under `old-old/` and `new-new/`) and the compatibility criterion
+//!   of backward-compatible training.
 //!
 //! `replay` (the same evaluation through the live gRPC service) reads the
 //! manifest with [`query_gallery_pairs`] and [`person_ids`] and reports with
@@ -18,7 +23,7 @@ use handid_eval::embeddings::{self, SplitEmbeddings, Vectors};
 use handid_eval::metrics::Similarity;
 use handid_eval::metrics::rank::ApKind;
 use handid_eval::metrics::summary::{EvalOptions, SplitEvaluation};
-use handid_eval::report::Report;
+use handid_eval::report::{Compatibility, Report};
 use handid_model::{DecodeLimits, Embedder};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -33,7 +38,7 @@ pub enum Ap {
 
 /// Arguments of `eval`.
 #[derive(Debug, clap::Args)]
-#[command(group(clap::ArgGroup::new("source").required(true).args(["embeddings", "model"])))]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["embeddings", "model", "query_model"])))]
 pub struct Args {
     /// Safetensors file with `query{i}`, `gallery{i}` (F32 [n, dim]) and
     /// `query{i}_ids`, `gallery{i}_ids` (I64 [n]) for each split i.
@@ -42,6 +47,13 @@ pub struct Args {
     /// Serving checkpoint folder to embed the images with.
     #[arg(long, requires = "manifest")]
     pub model: Option<PathBuf>,
+    /// Across models: the (new) checkpoint that embeds the queries.
+    #[arg(long, requires_all = ["gallery_model", "manifest"])]
+    pub query_model: Option<PathBuf>,
+    /// Across models: the (old) checkpoint whose embeddings the galleries
+    /// hold.
+    #[arg(long, requires = "query_model")]
+    pub gallery_model: Option<PathBuf>,
     /// Split manifest (from `splits`) naming the query/gallery images.
     #[arg(long)]
     pub manifest: Option<PathBuf>,
@@ -120,6 +132,18 @@ pub fn report_scored(
     options: EvalOptions,
     out: &Path,
 ) -> anyhow::Result<Report> {
+    let report = build_report(title, provenance, splits, options)?;
+    publish(&report, out)?;
+    Ok(report)
+}
+
+/// Every figure of every split, as a report (not written).
+fn build_report(
+    title: &str,
+    provenance: Vec<(String, String)>,
+    splits: &[ScoredSplit],
+    options: EvalOptions,
+) -> anyhow::Result<Report> {
     let progress = bar(splits.len(), "scoring splits")?;
     let mut evaluations = Vec::with_capacity(splits.len());
     for split in splits {
@@ -131,7 +155,11 @@ pub fn report_scored(
         progress.inc(1);
     }
     progress.finish_and_clear();
-    let report = Report::new(title, provenance, options, evaluations)?;
+    Ok(Report::new(title, provenance, options, evaluations)?)
+}
+
+/// Writes `report` to `out` and prints its summary.
+fn publish(report: &Report, out: &Path) -> anyhow::Result<()> {
     let written = report
         .write(out)
         .with_context(|| format!("writing the report to {}", out.display()))?;
@@ -146,7 +174,7 @@ pub fn report_scored(
     for path in written {
         println!("wrote {}", path.display());
     }
-    Ok(report)
+    Ok(())
 }
 
 /// Scores every split by the cosine similarity of its vectors, writes the
@@ -158,7 +186,12 @@ fn score_and_report(
     options: EvalOptions,
     out: &Path,
 ) -> anyhow::Result<Report> {
-    let scored = splits
+    report_scored(title, provenance, &scored(splits)?, options, out)
+}
+
+/// Each split's cosine similarities.
+fn scored(splits: &[SplitEmbeddings]) -> anyhow::Result<Vec<ScoredSplit>> {
+    splits
         .iter()
         .map(|split| {
             Ok(ScoredSplit {
@@ -168,8 +201,7 @@ fn score_and_report(
                 gallery_ids: split.gallery.ids.clone(),
             })
         })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    report_scored(title, provenance, &scored, options, out)
+        .collect()
 }
 
 /// The dataset root: `data` when given, else the manifest's `root`.
@@ -225,8 +257,13 @@ pub fn person_ids<'m>(pairs: &[(Vec<&'m Entry>, Vec<&'m Entry>)]) -> BTreeMap<&'
 }
 
 /// Embeds the manifest's query/gallery images with the checkpoint, each
-/// image once, and returns one [`SplitEmbeddings`] per split.
-fn embed_manifest(args: &Args, model: &Path, manifest_path: &Path) -> anyhow::Result<Vec<SplitEmbeddings>> {
+/// image once, and returns one [`SplitEmbeddings`] per split and the
+/// checkpoint's model id.
+fn embed_manifest(
+    args: &Args,
+    model: &Path,
+    manifest_path: &Path,
+) -> anyhow::Result<(Vec<SplitEmbeddings>, String)> {
     let manifest = Manifest::read(manifest_path)?;
     let root = dataset_root(args.data.as_deref(), &manifest, manifest_path)?;
     let pairs = query_gallery_pairs(&manifest, args.gallery_all, manifest_path)?;
@@ -268,7 +305,7 @@ fn embed_manifest(args: &Args, model: &Path, manifest_path: &Path) -> anyhow::Re
         let ids = entries.iter().map(|e| persons[e.person.as_str()]).collect();
         Ok(Vectors::new(values, embedder.dim(), ids)?)
     };
-    pairs
+    let splits = pairs
         .iter()
         .enumerate()
         .map(|(i, (q, g))| {
@@ -278,7 +315,92 @@ fn embed_manifest(args: &Args, model: &Path, manifest_path: &Path) -> anyhow::Re
                 gallery: vectors(g)?,
             })
         })
-        .collect()
+        .collect::<anyhow::Result<_>>()?;
+    Ok((splits, embedder.model_id().to_owned()))
+}
+
+/// Evaluates new queries (`query_model`, B) against old galleries
+/// (`gallery_model`, A), with M(A,A) and M(B,B) beside it.
+fn across_models(
+    args: &Args,
+    query_model: &Path,
+    gallery_model: &Path,
+    manifest: &Path,
+) -> anyhow::Result<Report> {
+    let options = eval_options(args.ap);
+    let (old, old_id) = embed_manifest(args, gallery_model, manifest)?;
+    let (new, new_id) = embed_manifest(args, query_model, manifest)?;
+    let (old_dim, new_dim) = (old[0].gallery.dim, new[0].query.dim);
+    if old_dim != new_dim {
+        bail!(
+            "the query model embeds in {new_dim} dimensions, the gallery model in {old_dim}: their \
+             vectors cannot be compared (a template transform maps one space into the other)"
+        );
+    }
+    let provenance = |what: &str| {
+        vec![
+            (
+                "query model".to_string(),
+                format!("{} ({})", query_model.display(), short(&new_id)),
+            ),
+            (
+                "gallery model".to_string(),
+                format!("{} ({})", gallery_model.display(), short(&old_id)),
+            ),
+            ("manifest".to_string(), manifest.display().to_string()),
+            galleries_provenance(args.gallery_all),
+            ("searched".to_string(), what.to_string()),
+        ]
+    };
+    let old_old = score_and_report(
+        "Old model alone: M(A,A)",
+        provenance("old queries, old galleries"),
+        &old,
+        options.clone(),
+        &args.out.join("old-old"),
+    )?;
+    let new_new = score_and_report(
+        "New model alone: M(B,B)",
+        provenance("new queries, new galleries"),
+        &new,
+        options.clone(),
+        &args.out.join("new-new"),
+    )?;
+    let crossed: Vec<SplitEmbeddings> = new
+        .iter()
+        .zip(&old)
+        .map(|(n, o)| SplitEmbeddings {
+            name: n.name.clone(),
+            query: n.query.clone(),
+            gallery: o.gallery.clone(),
+        })
+        .collect();
+    let mut report = build_report(
+        "Across models: new queries, old galleries, M(B,A)",
+        provenance("new queries, old galleries"),
+        &scored(&crossed)?,
+        options,
+    )?;
+    let figures = |r: &Report| {
+        (
+            r.mean("mAP").unwrap_or(f64::NAN),
+            r.mean("rank1").unwrap_or(f64::NAN),
+        )
+    };
+    report.compatibility = Some(Compatibility {
+        old_model: format!("{} ({})", gallery_model.display(), short(&old_id)),
+        new_model: format!("{} ({})", query_model.display(), short(&new_id)),
+        old_old: figures(&old_old),
+        new_new: figures(&new_new),
+        new_old: figures(&report),
+    });
+    publish(&report, &args.out)?;
+    Ok(report)
+}
+
+/// A model id's first 12 hex digits, as logs show it.
+fn short(model_id: &str) -> &str {
+    model_id.get(..12).unwrap_or(model_id)
 }
 
 /// Runs the command.
@@ -289,6 +411,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// Evaluates as `args` say, writes the report and returns it.
 pub fn evaluate(args: &Args) -> anyhow::Result<Report> {
     let options = eval_options(args.ap);
+    if let (Some(query_model), Some(gallery_model), Some(manifest)) =
+        (&args.query_model, &args.gallery_model, &args.manifest)
+    {
+        return across_models(args, query_model, gallery_model, manifest);
+    }
     match (&args.embeddings, &args.model, &args.manifest) {
         (Some(file), _, _) => {
             let splits = embeddings::read(file).context("reading the embeddings")?;
@@ -302,7 +429,7 @@ pub fn evaluate(args: &Args) -> anyhow::Result<Report> {
             )
         }
         (None, Some(model), Some(manifest)) => {
-            let splits = embed_manifest(args, model, manifest)?;
+            let (splits, _) = embed_manifest(args, model, manifest)?;
             if let Some(path) = &args.save_embeddings {
                 embeddings::write(path, &splits).with_context(|| format!("saving {}", path.display()))?;
             }
@@ -319,6 +446,9 @@ pub fn evaluate(args: &Args) -> anyhow::Result<Report> {
                 &args.out,
             )
         }
-        _ => bail!("pass --embeddings FILE, or --model DIR with --manifest FILE"),
+        _ => bail!(
+            "pass --embeddings FILE, --model DIR with --manifest FILE, or --query-model B \
+             --gallery-model A with --manifest FILE"
+        ),
     }
 }
