@@ -10,6 +10,8 @@
 //!   strict loading.
 //! - [`import`]: OpenAI / open_clip / Hugging Face weights to a serving checkpoint.
 //! - [`embedder`]: a loaded checkpoint that turns images into embeddings.
+//! - [`transform`]: a fitted old-to-new embedding transformation (upgrading
+//!   stored templates without images).
 //! - [`device`]: choosing `cpu` / `cuda[:N]`, loading libtorch's CUDA library
 //!   at run time so one binary serves CPU-only and GPU hosts.
 //! - [`error`]: the crate's error type.
@@ -33,6 +35,7 @@ pub mod promptsg;
 pub mod resnet;
 pub mod text;
 pub mod tokenizer;
+pub mod transform;
 pub mod transformer;
 pub mod visual;
 pub mod vit;
@@ -49,4 +52,5 @@ pub use prompt::IdPromptLearner;
 pub use promptsg::{ComposedPrompt, InteractionModule, InversionNetwork};
 pub use text::{ClipTextConfig, TextTransformer};
 pub use tokenizer::Tokenizer;
+pub use transform::{TemplateTransform, TransformManifest};
 pub use visual::{Feature, ImageEncoder, ImageFeatures};

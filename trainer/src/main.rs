@@ -51,6 +51,10 @@ enum Command {
     Export(commands::export::ExportArgs),
     /// Calibrate a serving checkpoint's thresholds on training persons' images.
     Calibrate(commands::calibrate::CalibrateArgs),
+    /// Fit the transformation of an old model's templates into a new
+    /// model's space, on training persons' images (no template needs its
+    /// image again).
+    FitTransform(commands::fit_transform::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -64,6 +68,7 @@ fn main() -> anyhow::Result<()> {
         Command::Splits(args) => commands::splits::run(args)?,
         Command::Synth(args) => commands::synth::run(args)?,
         Command::Eval(args) => commands::eval::run(args)?,
+        Command::FitTransform(args) => commands::fit_transform::run(args)?,
         Command::Replay(args) => commands::replay::run(args)?,
         Command::Import(args) => commands::import::run(&args)?,
         Command::Init(args) => commands::init::run(&args)?,

@@ -230,3 +230,143 @@ fn across_models_reports_each_model_alone_and_the_compatibility_criterion() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_fitted_transform_maps_old_galleries_for_the_new_model() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = |name: &str| dir.path().join(name);
+    trainer(&[
+        "synth",
+        "--out",
+        p(&path("data")),
+        "--layout",
+        "11k",
+        "--persons",
+        "12",
+        "--images-per-person",
+        "3",
+        "--size",
+        "32",
+    ]);
+    trainer(&[
+        "splits",
+        "--data",
+        p(&path("data")),
+        "--splits",
+        "2",
+        "--out",
+        p(&path("splits.tsv")),
+    ]);
+    trainer(&[
+        "init",
+        "--arch",
+        "tiny-vit",
+        "--seed",
+        "0",
+        "--out",
+        p(&path("a")),
+    ]);
+    trainer(&[
+        "init",
+        "--arch",
+        "tiny-vit",
+        "--seed",
+        "1",
+        "--out",
+        p(&path("b")),
+    ]);
+    let fit = |manifest: &str, out: &str| {
+        Command::new(env!("CARGO_BIN_EXE_handid-trainer"))
+            .args(["fit-transform", "--old", p(&path("a")), "--new", p(&path("b"))])
+            .args(["--manifest", p(&path(manifest)), "--out", p(&path(out))])
+            .args(["--epochs", "20", "--batch-size", "16", "--inner-dim", "32"])
+            .output()
+            .expect("runs")
+    };
+    let fitted = fit("splits.tsv", "t");
+    assert!(
+        fitted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fitted.stderr)
+    );
+    let said = String::from_utf8_lossy(&fitted.stdout);
+    assert!(said.contains("final MSE"), "{said}");
+    let manifest: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(path("t/transform.yaml")).expect("transform.yaml"))
+            .expect("YAML");
+    let a = create_random_checkpoint(&path("a-again"), &ClipVisionConfig::tiny_vit(), 0).expect("checkpoint");
+    assert_eq!(manifest["from_model"].as_str(), Some(a.model_id.as_str()));
+    assert_eq!(manifest["to_dim"].as_u64(), Some(16));
+
+    // The transformed search is reported as such, with the same M(A,A) and
+    // M(B,B) as without the transform.
+    let eval = |transform: Option<&str>, out: &str| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_handid-trainer"));
+        command
+            .args([
+                "eval",
+                "--query-model",
+                p(&path("b")),
+                "--gallery-model",
+                p(&path("a")),
+            ])
+            .args(["--manifest", p(&path("splits.tsv")), "--out", p(&path(out))]);
+        if let Some(t) = transform {
+            command.args(["--transform", p(&path(t))]);
+        }
+        command.output().expect("runs")
+    };
+    assert!(eval(Some("t"), "with").status.success());
+    assert!(eval(None, "without").status.success());
+    let read = |file: &str| std::fs::read_to_string(path(file)).expect("report");
+    assert!(read("with/report.md").contains("M(B,T(A))"));
+    assert_eq!(
+        read("with/old-old/report.csv"),
+        read("without/old-old/report.csv")
+    );
+    assert_eq!(
+        read("with/new-new/report.csv"),
+        read("without/new-new/report.csv")
+    );
+    assert_ne!(
+        read("with/report.csv"),
+        read("without/report.csv"),
+        "the transform changed the galleries"
+    );
+
+    // A transform of other models is refused, naming them.
+    let wrong = Command::new(env!("CARGO_BIN_EXE_handid-trainer"))
+        .args([
+            "eval",
+            "--query-model",
+            p(&path("a")),
+            "--gallery-model",
+            p(&path("b")),
+        ])
+        .args([
+            "--manifest",
+            p(&path("splits.tsv")),
+            "--out",
+            p(&path("wrong")),
+            "--transform",
+            p(&path("t")),
+        ])
+        .output()
+        .expect("runs");
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("not the gallery model"));
+
+    // Fitting on a split that holds a test person is refused.
+    let text = read("splits.tsv");
+    let query = text
+        .lines()
+        .find(|l| l.starts_with("query0\t"))
+        .expect("a query line");
+    let leaked = format!("{text}{}\n", query.replacen("query0", "train", 1));
+    std::fs::write(path("leaky.tsv"), leaked).expect("write");
+    let refused = fit("leaky.tsv", "t2");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("training persons only"), "{stderr}");
+    assert!(!path("t2").exists(), "nothing written");
+}

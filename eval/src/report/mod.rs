@@ -48,8 +48,11 @@ pub struct Compatibility {
     pub old_old: (f64, f64),
     /// mAP and Rank-1 of the new model alone.
     pub new_new: (f64, f64),
-    /// mAP and Rank-1 of new queries against old galleries.
+    /// mAP and Rank-1 of new queries against old galleries (mapped by
+    /// [`Self::transform`] when there is one).
     pub new_old: (f64, f64),
+    /// The transform applied to the old galleries, if any.
+    pub transform: Option<String>,
 }
 
 impl Compatibility {
@@ -71,11 +74,26 @@ impl Compatibility {
         md.push_str("| query model / gallery model | mAP | Rank-1 |\n|---|---:|---:|\n");
         md.push_str(&row("old / old: M(A,A)", self.old_old));
         md.push_str(&row("new / new: M(B,B)", self.new_new));
-        md.push_str(&row("new / old: M(B,A)", self.new_old));
+        match &self.transform {
+            Some(t) => {
+                let _ = writeln!(
+                    md,
+                    "| new / old through `{t}`: M(B,T(A)) | {:.2} | {:.2} |",
+                    100.0 * self.new_old.0,
+                    100.0 * self.new_old.1
+                );
+            }
+            None => md.push_str(&row("new / old: M(B,A)", self.new_old)),
+        }
+        let crossed = if self.transform.is_some() {
+            "M(B,T(A))"
+        } else {
+            "M(B,A)"
+        };
         let _ = writeln!(
             md,
-            "\nCompatible (M(B,A) > M(A,A) by mAP, Shen et al. 2020): **{}** ({:+.2} mAP points against M(A,A)); \
-             M(B,A) trails M(B,B) by {:.2} mAP points.",
+            "\nCompatible ({crossed} > M(A,A) by mAP, Shen et al. 2020): **{}** ({:+.2} mAP points against M(A,A)); \
+             {crossed} trails M(B,B) by {:.2} mAP points.",
             if self.compatible() { "yes" } else { "no" },
             100.0 * (self.new_old.0 - self.old_old.0),
             100.0 * (self.new_new.0 - self.new_old.0)

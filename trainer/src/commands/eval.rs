@@ -24,8 +24,9 @@ use handid_eval::metrics::Similarity;
 use handid_eval::metrics::rank::ApKind;
 use handid_eval::metrics::summary::{EvalOptions, SplitEvaluation};
 use handid_eval::report::{Compatibility, Report};
-use handid_model::{DecodeLimits, Embedder};
+use handid_model::{DecodeLimits, Embedder, TemplateTransform};
 use indicatif::{ProgressBar, ProgressStyle};
+use tch::Tensor;
 
 /// AP definitions on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -54,6 +55,10 @@ pub struct Args {
     /// hold.
     #[arg(long, requires = "query_model")]
     pub gallery_model: Option<PathBuf>,
+    /// Across models: the gallery's old embeddings are first mapped into
+    /// the query model's space by this transform (`fit-transform`).
+    #[arg(long, requires = "gallery_model")]
+    pub transform: Option<PathBuf>,
     /// Split manifest (from `splits`) naming the query/gallery images.
     #[arg(long)]
     pub manifest: Option<PathBuf>,
@@ -277,25 +282,9 @@ fn embed_manifest(
     let device = handid_model::parse_device(&args.device).context("choosing the device")?;
     let embedder = Embedder::load(model, device).with_context(|| format!("loading {}", model.display()))?;
     let images: Vec<&str> = cache.keys().copied().collect();
-    let progress = bar(images.len(), "embedding images")?;
-    for chunk in images.chunks(args.batch_size.max(1)) {
-        let decoded = chunk
-            .iter()
-            .map(|image| {
-                let path = root.join(image);
-                let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-                handid_model::decode(&bytes, &DecodeLimits::default())
-                    .with_context(|| format!("decoding {}", path.display()))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let features = embedder.embed_images(&decoded).context("embedding a batch")?;
-        let flat: Vec<f32> = Vec::<f32>::try_from(features.flatten(0, -1)).context("reading embeddings")?;
-        for (image, vector) in chunk.iter().zip(flat.chunks(embedder.dim())) {
-            cache.insert(image, vector.to_vec());
-        }
-        progress.inc(chunk.len() as u64);
+    for (image, vector) in embed_files(&embedder, &root, &images, args.batch_size)? {
+        cache.insert(image, vector);
     }
-    progress.finish_and_clear();
 
     let vectors = |entries: &[&Entry]| -> anyhow::Result<Vectors> {
         let values = entries
@@ -319,6 +308,40 @@ fn embed_manifest(
     Ok((splits, embedder.model_id().to_owned()))
 }
 
+/// Embeds each of `images` (paths under `root`) with `embedder`, `batch`
+/// at a time, behind a progress bar: (image, embedding) in order.
+pub(crate) fn embed_files<'i>(
+    embedder: &Embedder,
+    root: &Path,
+    images: &[&'i str],
+    batch: usize,
+) -> anyhow::Result<Vec<(&'i str, Vec<f32>)>> {
+    let progress = bar(images.len(), "embedding images")?;
+    let mut out = Vec::with_capacity(images.len());
+    for chunk in images.chunks(batch.max(1)) {
+        let decoded = chunk
+            .iter()
+            .map(|image| {
+                let path = root.join(image);
+                let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                handid_model::decode(&bytes, &DecodeLimits::default())
+                    .with_context(|| format!("decoding {}", path.display()))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let features = embedder.embed_images(&decoded).context("embedding a batch")?;
+        let flat: Vec<f32> = Vec::<f32>::try_from(features.flatten(0, -1)).context("reading embeddings")?;
+        out.extend(
+            chunk
+                .iter()
+                .copied()
+                .zip(flat.chunks(embedder.dim()).map(<[f32]>::to_vec)),
+        );
+        progress.inc(chunk.len() as u64);
+    }
+    progress.finish_and_clear();
+    Ok(out)
+}
+
 /// Evaluates new queries (`query_model`, B) against old galleries
 /// (`gallery_model`, A), with M(A,A) and M(B,B) beside it.
 fn across_models(
@@ -330,7 +353,32 @@ fn across_models(
     let options = eval_options(args.ap);
     let (old, old_id) = embed_manifest(args, gallery_model, manifest)?;
     let (new, new_id) = embed_manifest(args, query_model, manifest)?;
-    let (old_dim, new_dim) = (old[0].gallery.dim, new[0].query.dim);
+    let transform = match &args.transform {
+        Some(dir) => {
+            let device = handid_model::parse_device(&args.device).context("choosing the device")?;
+            let transform = TemplateTransform::load(dir, device)
+                .with_context(|| format!("loading the transform {}", dir.display()))?;
+            let t = transform.manifest();
+            if t.from_model != old_id || t.to_model != new_id {
+                bail!(
+                    "the transform {} maps model {} to {}, not the gallery model {} to the query model {}",
+                    dir.display(),
+                    short(&t.from_model),
+                    short(&t.to_model),
+                    short(&old_id),
+                    short(&new_id)
+                );
+            }
+            Some(transform)
+        }
+        None => None,
+    };
+    let (old_dim, new_dim) = (
+        transform
+            .as_ref()
+            .map_or(old[0].gallery.dim, |t| t.manifest().to_dim),
+        new[0].query.dim,
+    );
     if old_dim != new_dim {
         bail!(
             "the query model embeds in {new_dim} dimensions, the gallery model in {old_dim}: their \
@@ -369,18 +417,32 @@ fn across_models(
     let crossed: Vec<SplitEmbeddings> = new
         .iter()
         .zip(&old)
-        .map(|(n, o)| SplitEmbeddings {
-            name: n.name.clone(),
-            query: n.query.clone(),
-            gallery: o.gallery.clone(),
+        .map(|(n, o)| {
+            let gallery = match &transform {
+                Some(t) => transformed(t, &o.gallery)?,
+                None => o.gallery.clone(),
+            };
+            Ok(SplitEmbeddings {
+                name: n.name.clone(),
+                query: n.query.clone(),
+                gallery,
+            })
         })
-        .collect();
-    let mut report = build_report(
-        "Across models: new queries, old galleries, M(B,A)",
-        provenance("new queries, old galleries"),
-        &scored(&crossed)?,
-        options,
-    )?;
+        .collect::<anyhow::Result<_>>()?;
+    let (title, searched) = match &args.transform {
+        Some(dir) => (
+            "Across models: new queries, transformed old galleries, M(B,T(A))".to_owned(),
+            format!(
+                "new queries, old galleries mapped by the transform {}",
+                dir.display()
+            ),
+        ),
+        None => (
+            "Across models: new queries, old galleries, M(B,A)".to_owned(),
+            "new queries, old galleries".to_owned(),
+        ),
+    };
+    let mut report = build_report(&title, provenance(&searched), &scored(&crossed)?, options)?;
     let figures = |r: &Report| {
         (
             r.mean("mAP").unwrap_or(f64::NAN),
@@ -393,13 +455,26 @@ fn across_models(
         old_old: figures(&old_old),
         new_new: figures(&new_new),
         new_old: figures(&report),
+        transform: args.transform.as_ref().map(|d| d.display().to_string()),
     });
     publish(&report, &args.out)?;
     Ok(report)
 }
 
+/// Old gallery vectors mapped into the new space by `transform`.
+fn transformed(transform: &TemplateTransform, old: &Vectors) -> anyhow::Result<Vectors> {
+    let rows = Tensor::from_slice(&old.values).view([old.ids.len() as i64, old.dim as i64]);
+    let mapped = transform.apply(&rows)?;
+    let values = Vec::<f32>::try_from(mapped.to_device(tch::Device::Cpu).flatten(0, -1))?;
+    Ok(Vectors::new(
+        values,
+        transform.manifest().to_dim,
+        old.ids.clone(),
+    )?)
+}
+
 /// A model id's first 12 hex digits, as logs show it.
-fn short(model_id: &str) -> &str {
+pub(crate) fn short(model_id: &str) -> &str {
     model_id.get(..12).unwrap_or(model_id)
 }
 

@@ -4,6 +4,7 @@ pub mod calibrate;
 pub mod embed;
 pub mod eval;
 pub mod export;
+pub mod fit_transform;
 pub mod import;
 pub mod init;
 pub mod replay;

@@ -1,0 +1,276 @@
+//! Template transformation: a small network that maps an old model's
+//! embeddings into a new model's space, so stored templates can be upgraded
+//! without a single image (Ramanujan et al., "Forward Compatible Training
+//! for Large-Scale Embedding Retrieval Systems", CVPR 2022).
+//!
+//! The architecture is the paper's (`MLP_BN_SIDE_PROJECTION` of its code,
+//! 1x1 convolutions on a 1x1 map being linear layers): the old embedding
+//! through two blocks (to 2 x old, then 2 x new width), the side-information
+//! through two blocks of its own (to 2 x side, then 2 x new), both
+//! concatenated and mixed by three blocks (to `inner`, `inner`, then the new
+//! width, the last without normalisation or activation). A block is linear,
+//! batch normalisation, ReLU. The side-information here is the old
+//! embedding itself, what the paper's code uses when no side-information
+//! model is given: a stored template is all a system without images has.
+//!
+//! A transform lives in a folder: `transform.safetensors` (the weights) and
+//! `transform.yaml` ([`TransformManifest`]: from which model and space to
+//! which, the widths, how it was fitted), written last.
+
+use std::fs;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor, nn, nn::ModuleT};
+
+use crate::{Error, Result, l2_normalize};
+
+/// The weights' file in a transform folder.
+pub const TRANSFORM_WEIGHTS: &str = "transform.safetensors";
+/// The manifest's file in a transform folder.
+pub const TRANSFORM_MANIFEST: &str = "transform.yaml";
+
+/// What a transform maps, and how it was made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransformManifest {
+    /// The old model's id (its weights' sha256).
+    pub from_model: String,
+    /// The old model's embedding space.
+    pub from_space: String,
+    /// The new model's id.
+    pub to_model: String,
+    /// The new model's embedding space.
+    pub to_space: String,
+    /// Old embedding width.
+    pub from_dim: usize,
+    /// New embedding width.
+    pub to_dim: usize,
+    /// Width of the mixer's hidden layers (2048 in the paper).
+    pub inner_dim: usize,
+    /// How it was fitted: `key: value` lines (manifest, images, epochs,
+    /// final loss...).
+    pub provenance: Vec<(String, String)>,
+}
+
+struct Block {
+    linear: nn::Linear,
+    norm: Option<nn::BatchNorm>,
+}
+
+impl Block {
+    fn new(path: nn::Path, from: i64, to: i64, last: bool) -> Self {
+        let linear = nn::linear(
+            &path / "linear",
+            from,
+            to,
+            nn::LinearConfig {
+                bias: last,
+                ..Default::default()
+            },
+        );
+        let norm = (!last).then(|| nn::batch_norm1d(&path / "norm", to, Default::default()));
+        Self { linear, norm }
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let y = x.apply(&self.linear);
+        match &self.norm {
+            Some(norm) => norm.forward_t(&y, train).relu(),
+            None => y,
+        }
+    }
+}
+
+/// The transformation network with its manifest.
+pub struct TemplateTransform {
+    vs: nn::VarStore,
+    old: [Block; 2],
+    side: [Block; 2],
+    mixer: [Block; 3],
+    manifest: TransformManifest,
+}
+
+impl std::fmt::Debug for TemplateTransform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TemplateTransform")
+            .field("manifest", &self.manifest)
+            .finish()
+    }
+}
+
+impl TemplateTransform {
+    /// A new network (libtorch's default initialisation) for `manifest`'s
+    /// widths, on `device`.
+    pub fn new(manifest: TransformManifest, device: Device) -> Self {
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let (from, to, inner) = (
+            manifest.from_dim as i64,
+            manifest.to_dim as i64,
+            manifest.inner_dim as i64,
+        );
+        let old = [
+            Block::new(&root / "old" / 0, from, 2 * from, false),
+            Block::new(&root / "old" / 1, 2 * from, 2 * to, false),
+        ];
+        // The side-information is the old embedding: same input width.
+        let side = [
+            Block::new(&root / "side" / 0, from, 2 * from, false),
+            Block::new(&root / "side" / 1, 2 * from, 2 * to, false),
+        ];
+        let mixer = [
+            Block::new(&root / "mixer" / 0, 4 * to, inner, false),
+            Block::new(&root / "mixer" / 1, inner, inner, false),
+            Block::new(&root / "mixer" / 2, inner, to, true),
+        ];
+        Self {
+            vs,
+            old,
+            side,
+            mixer,
+            manifest,
+        }
+    }
+
+    /// The network's output for old embeddings `[n, from_dim]` (not
+    /// normalised; `train` selects batch statistics).
+    pub fn forward_t(&self, old: &Tensor, train: bool) -> Tensor {
+        let mut a = old.shallow_clone();
+        for block in &self.old {
+            a = block.forward(&a, train);
+        }
+        let mut b = old.shallow_clone();
+        for block in &self.side {
+            b = block.forward(&b, train);
+        }
+        let mut x = Tensor::cat(&[a, b], 1);
+        for block in &self.mixer {
+            x = block.forward(&x, train);
+        }
+        x
+    }
+
+    /// Old templates `[n, from_dim]` as unit vectors of the new space.
+    pub fn apply(&self, old: &Tensor) -> Result<Tensor> {
+        let width = old.size().get(1).copied().unwrap_or(0);
+        if old.dim() != 2 || width != self.manifest.from_dim as i64 {
+            return Err(Error::InvalidInput(format!(
+                "the transform maps {}-d embeddings, got shape {:?}",
+                self.manifest.from_dim,
+                old.size()
+            )));
+        }
+        let x = old.to_device(self.vs.device()).to_kind(Kind::Float);
+        Ok(tch::no_grad(|| l2_normalize(&self.forward_t(&x, false))))
+    }
+
+    /// The trainable variables.
+    pub fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    /// What it maps.
+    pub fn manifest(&self) -> &TransformManifest {
+        &self.manifest
+    }
+
+    /// Replaces the provenance lines (before [`Self::save`]).
+    pub fn set_provenance(&mut self, provenance: Vec<(String, String)>) {
+        self.manifest.provenance = provenance;
+    }
+
+    /// Writes the folder: the weights, then the manifest (a folder with a
+    /// manifest is complete).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| Error::Io { path, source }
+        };
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        let named: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .map(|(name, t)| (name, t.to_device(Device::Cpu).contiguous()))
+            .collect();
+        let refs: Vec<(&str, Tensor)> = named
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.shallow_clone()))
+            .collect();
+        Tensor::write_safetensors(&refs, dir.join(TRANSFORM_WEIGHTS))?;
+        let path = dir.join(TRANSFORM_MANIFEST);
+        let text = serde_yaml::to_string(&self.manifest).map_err(|e| Error::Manifest {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let partial = dir.join(format!("{TRANSFORM_MANIFEST}.partial"));
+        fs::write(&partial, text).map_err(io(&partial))?;
+        fs::rename(&partial, &path).map_err(io(&path))
+    }
+
+    /// Reads a folder written by [`Self::save`].
+    pub fn load(dir: &Path, device: Device) -> Result<Self> {
+        let path = dir.join(TRANSFORM_MANIFEST);
+        let text = fs::read_to_string(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let manifest: TransformManifest = serde_yaml::from_str(&text).map_err(|e| Error::Manifest {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        if manifest.from_dim == 0 || manifest.to_dim == 0 || manifest.inner_dim == 0 {
+            return Err(Error::Manifest {
+                path,
+                reason: "from_dim, to_dim and inner_dim must be at least 1".to_owned(),
+            });
+        }
+        let transform = Self::new(manifest, device);
+        let tensors = Tensor::read_safetensors(dir.join(TRANSFORM_WEIGHTS))?;
+        crate::checkpoint::load_strict(&transform.vs, tensors)?;
+        Ok(transform)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest() -> TransformManifest {
+        TransformManifest {
+            from_model: "a".into(),
+            from_space: "a".into(),
+            to_model: "b".into(),
+            to_space: "b".into(),
+            from_dim: 4,
+            to_dim: 6,
+            inner_dim: 8,
+            provenance: vec![("images".into(), "3".into())],
+        }
+    }
+
+    #[test]
+    fn a_saved_transform_loads_and_maps_alike() {
+        tch::manual_seed(1);
+        let transform = TemplateTransform::new(manifest(), Device::Cpu);
+        let old = l2_normalize(&Tensor::randn([5, 4], (Kind::Float, Device::Cpu)));
+        let mapped = transform.apply(&old).expect("apply");
+        assert_eq!(mapped.size(), [5, 6]);
+        let norms = mapped.norm_scalaropt_dim(2.0, [1], false);
+        assert!(norms.allclose(&Tensor::ones([5], (Kind::Float, Device::Cpu)), 1e-5, 1e-5, false));
+        let dir = tempfile::tempdir().expect("tempdir");
+        transform.save(dir.path()).expect("save");
+        let back = TemplateTransform::load(dir.path(), Device::Cpu).expect("load");
+        assert_eq!(back.manifest(), transform.manifest());
+        assert!(
+            back.apply(&old)
+                .expect("apply")
+                .allclose(&mapped, 1e-6, 1e-6, false)
+        );
+        assert!(
+            back.apply(&Tensor::zeros([2, 3], (Kind::Float, Device::Cpu)))
+                .is_err()
+        );
+    }
+}
