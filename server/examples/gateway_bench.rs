@@ -16,7 +16,6 @@
 //! ```
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -28,7 +27,9 @@ use handid_server::settings::{ApiKeySettings, Scope};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 
-type Error = Box<dyn std::error::Error + Send + Sync>;
+mod common;
+
+use common::{Error, sample_photos};
 
 const KEY: &str = "hid_bench_key";
 
@@ -236,17 +237,4 @@ async fn connect(url: &str) -> Result<tonic::transport::Channel, Error> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Err(format!("server at {url} never said SERVING").into())
-}
-
-/// The first `n` JPEGs of the 11k Hands sample.
-fn sample_photos(n: usize) -> Result<Vec<Vec<u8>>, Error> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/11k-hands-sample/Hands");
-    let mut paths: Vec<_> = std::fs::read_dir(&dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "jpg"))
-        .collect();
-    paths.sort();
-    paths.truncate(n);
-    paths.into_iter().map(|p| Ok(std::fs::read(p)?)).collect()
 }

@@ -21,7 +21,6 @@
 //!     --arch tiny_vit --clients 16 --seconds 15
 //! ```
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,7 +29,9 @@ use handid_proto::v1::{self as pb, hand_id_client::HandIdClient};
 use handid_server::Settings;
 use tch::{Device, Tensor};
 
-type Error = Box<dyn std::error::Error + Send + Sync>;
+mod common;
+
+use common::{Error, sample_photos};
 
 /// Alternated rounds of the in-process and the gRPC embedding.
 const ROUNDS: usize = 3;
@@ -250,19 +251,6 @@ async fn connect_channel(url: &str) -> Result<tonic::transport::Channel, Error> 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Err(format!("server at {url} never accepted a connection").into())
-}
-
-/// The first `n` JPEGs of the 11k Hands sample.
-fn sample_photos(n: usize) -> Result<Vec<Vec<u8>>, Error> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/11k-hands-sample/Hands");
-    let mut paths: Vec<_> = std::fs::read_dir(&dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "jpg"))
-        .collect();
-    paths.sort();
-    paths.truncate(n);
-    paths.into_iter().map(|p| Ok(std::fs::read(p)?)).collect()
 }
 
 /// Identify latency on bulk-loaded galleries of `sizes` templates each.

@@ -96,10 +96,11 @@ fn synth_splits_and_both_eval_entry_points() {
     );
 }
 
-#[test]
-fn across_models_reports_each_model_alone_and_the_compatibility_criterion() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = |name: &str| dir.path().join(name);
+/// In `dir`: `data/` (synthetic, `persons` persons of 3 images),
+/// `splits.tsv` (2 splits), and two random tiny models `a/` and `b/`.
+fn two_models(dir: &Path, persons: u32) {
+    let path = |name: &str| dir.join(name);
+    let persons = persons.to_string();
     trainer(&[
         "synth",
         "--out",
@@ -107,7 +108,7 @@ fn across_models_reports_each_model_alone_and_the_compatibility_criterion() {
         "--layout",
         "11k",
         "--persons",
-        "8",
+        &persons,
         "--images-per-person",
         "3",
         "--size",
@@ -122,24 +123,24 @@ fn across_models_reports_each_model_alone_and_the_compatibility_criterion() {
         "--out",
         p(&path("splits.tsv")),
     ]);
-    trainer(&[
-        "init",
-        "--arch",
-        "tiny-vit",
-        "--seed",
-        "0",
-        "--out",
-        p(&path("a")),
-    ]);
-    trainer(&[
-        "init",
-        "--arch",
-        "tiny-vit",
-        "--seed",
-        "1",
-        "--out",
-        p(&path("b")),
-    ]);
+    for (seed, name) in [("0", "a"), ("1", "b")] {
+        trainer(&[
+            "init",
+            "--arch",
+            "tiny-vit",
+            "--seed",
+            seed,
+            "--out",
+            p(&path(name)),
+        ]);
+    }
+}
+
+#[test]
+fn across_models_reports_each_model_alone_and_the_compatibility_criterion() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = |name: &str| dir.path().join(name);
+    two_models(dir.path(), 8);
     let across = |query: &str, gallery: &str, out: &str| {
         trainer(&[
             "eval",
@@ -235,46 +236,7 @@ fn across_models_reports_each_model_alone_and_the_compatibility_criterion() {
 fn a_fitted_transform_maps_old_galleries_for_the_new_model() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = |name: &str| dir.path().join(name);
-    trainer(&[
-        "synth",
-        "--out",
-        p(&path("data")),
-        "--layout",
-        "11k",
-        "--persons",
-        "12",
-        "--images-per-person",
-        "3",
-        "--size",
-        "32",
-    ]);
-    trainer(&[
-        "splits",
-        "--data",
-        p(&path("data")),
-        "--splits",
-        "2",
-        "--out",
-        p(&path("splits.tsv")),
-    ]);
-    trainer(&[
-        "init",
-        "--arch",
-        "tiny-vit",
-        "--seed",
-        "0",
-        "--out",
-        p(&path("a")),
-    ]);
-    trainer(&[
-        "init",
-        "--arch",
-        "tiny-vit",
-        "--seed",
-        "1",
-        "--out",
-        p(&path("b")),
-    ]);
+    two_models(dir.path(), 12);
     let fit = |manifest: &str, out: &str| {
         Command::new(env!("CARGO_BIN_EXE_handid-trainer"))
             .args(["fit-transform", "--old", p(&path("a")), "--new", p(&path("b"))])
