@@ -182,6 +182,9 @@ async fn replay_reproduces_offline_eval_exactly(_: PgPoolOptions, options: PgCon
     let offline = eval::evaluate(&eval::Args {
         embeddings: None,
         model: Some(model.clone()),
+        query_model: None,
+        gallery_model: None,
+        transform: None,
         manifest: Some(manifest.clone()),
         data: None,
         gallery_all: false,
