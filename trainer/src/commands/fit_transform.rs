@@ -39,9 +39,10 @@ pub struct Args {
     /// Dataset root (default: the manifest's `root`).
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// The manifest's split of training persons' images to fit on.
-    #[arg(long, default_value = "train")]
-    pub split: String,
+    /// The manifest's splits of training persons' images to fit on
+    /// (repeat for several, e.g. `--split train --split train_extra`).
+    #[arg(long = "split", default_value = "train")]
+    pub splits: Vec<String>,
     /// Folder to write the transform to.
     #[arg(long)]
     pub out: PathBuf,
@@ -162,9 +163,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let manifest = Manifest::read(&args.manifest)?;
     let root = dataset_root(args.data.as_deref(), &manifest, &args.manifest)?;
-    let entries = manifest.split(&args.split);
-    if entries.is_empty() {
-        bail!("{} has no split {:?}", args.manifest.display(), args.split);
+    let mut entries = Vec::new();
+    for split in &args.splits {
+        let found = manifest.split(split);
+        if found.is_empty() {
+            bail!("{} has no split {split:?}", args.manifest.display());
+        }
+        entries.extend(found);
     }
     // Training persons only: a person of a query or gallery split would
     // make the evaluation of the transform optimistic.
@@ -180,8 +185,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .find(|e| fitting.contains(e.person.as_str()))
         {
             bail!(
-                "split {:?} shares person {:?} with {name}: fit on training persons only",
-                args.split,
+                "the fitting splits {:?} share person {:?} with {name}: fit on training persons only",
+                args.splits,
                 e.person
             );
         }
@@ -239,7 +244,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let persons = fitting.len();
     transform.set_provenance(vec![
         ("manifest".into(), args.manifest.display().to_string()),
-        ("split".into(), args.split.clone()),
+        ("splits".into(), args.splits.join(",")),
         ("images".into(), images.len().to_string()),
         ("persons".into(), persons.to_string()),
         ("epochs".into(), args.epochs.to_string()),

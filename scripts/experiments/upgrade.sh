@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Model upgrades without re-enrolment, measured (issue #18): an old model A
+# and a new model B trained on the same training persons, then the ten
+# query/gallery splits of the held-out persons searched four ways: A alone
+# M(A,A), B alone M(B,B), B's queries against A's templates M(B,A), and
+# against A's templates mapped into B's space by a transform fitted on
+# training persons' images only, M(B,T(A)). Prints the table (mAP and
+# Rank-1, mean over the splits).
+#
+#   scripts/experiments/upgrade.sh real        # the 11k Hands sample
+#   scripts/experiments/upgrade.sh synthetic   # 200 synthetic persons
+#
+# A and B are the proof configs (scripts/experiments/proof.sh) trained from
+# different seeds, A for a third of the epochs. The transform is fitted with
+# the paper's code's recipe but batches of 32 for 200 epochs: its batches of
+# 1024 would make one step an epoch on a few hundred images. Environment:
+# DATA (the 11k sample), OUT (work folder), EPOCHS (B's; synthetic default
+# 400, real the config's), TRANSFORM_EPOCHS (200), TRANSFORM_BATCH (32).
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(dirname "$(dirname "$here")")"
+which="${1:-}"
+case "$which" in
+  real) CONFIG="$root/configs/hands11k_sample_small_vit.yaml" ;;
+  synthetic) CONFIG="$root/configs/demo_tiny.yaml" ;;
+  *) echo "usage: $0 real|synthetic" >&2; exit 2 ;;
+esac
+OUT="${OUT:-${TMPDIR:-/tmp}/handid-upgrade-$which}"
+
+# shellcheck source=scripts/env.sh
+source "$root/scripts/env.sh"
+(cd "$root" && cargo build --quiet --release -p handid-trainer --bin handid-trainer)
+ht="$CARGO_TARGET_DIR/release/handid-trainer"
+rm -rf "$OUT" && mkdir -p "$OUT"
+
+fit_splits=(--split train)
+if [ "$which" = real ]; then
+  DATA="${DATA:-$(cd "$root/.." && pwd)/shared/data/11k-hands-sample}"
+  [ -f "$DATA/HandInfo.csv" ] || { echo "no 11k sample at $DATA (set DATA)" >&2; exit 1; }
+  "$ht" splits --data "$DATA" --layout 11k --train-extra --out "$OUT/splits.tsv" > /dev/null
+  fit_splits+=(--split train_extra)
+  epochs="${EPOCHS:-$(sed -n 's/^  epochs: //p' "$CONFIG" | head -n 1)}"
+else
+  "$ht" synth --out "$OUT/data" --persons 200 --images-per-person 8 --size 64 > /dev/null
+  "$ht" splits --data "$OUT/data" --layout folder --test-fraction 0.5 --out "$OUT/splits.tsv" > /dev/null
+  epochs="${EPOCHS:-400}"
+fi
+
+# A: seed 11, a third of the epochs; B: seed 12, all of them.
+train() { # NAME SEED EPOCHS
+  sed -e "s/^name: .*/name: $1/" -e "s/^seed: .*/seed: $2/" "$CONFIG" > "$OUT/$1.yaml"
+  local start=$SECONDS
+  "$ht" train --config "$OUT/$1.yaml" --manifest "$OUT/splits.tsv" --out "$OUT/$1/run" --epochs "$3" --quiet
+  "$ht" export --run "$OUT/$1/run" --out "$OUT/$1/serving" > /dev/null
+  echo "[upgrade] $1: $3 epochs in $((SECONDS - start)) s"
+}
+train old 11 $(( (epochs + 2) / 3 ))
+train new 12 "$epochs"
+
+start=$SECONDS
+"$ht" fit-transform --old "$OUT/old/serving" --new "$OUT/new/serving" --manifest "$OUT/splits.tsv" \
+  "${fit_splits[@]}" --epochs "${TRANSFORM_EPOCHS:-200}" --batch-size "${TRANSFORM_BATCH:-32}" \
+  --out "$OUT/transform"
+echo "[upgrade] transform fitted in $((SECONDS - start)) s"
+
+across() { # OUT [--transform DIR]
+  local out="$1"; shift
+  "$ht" eval --query-model "$OUT/new/serving" --gallery-model "$OUT/old/serving" \
+    --manifest "$OUT/splits.tsv" --out "$OUT/$out" "$@" > /dev/null
+}
+across plain
+across transformed --transform "$OUT/transform"
+
+echo
+echo "## $which: mean over the ten splits ($OUT)"
+echo
+echo "| search | mAP | Rank-1 |"
+echo "|---|---:|---:|"
+sed -n 's/^| old \/ old: \(.*\)$/| \1/p' "$OUT/plain/report.md"
+sed -n 's/^| new \/ new: \(.*\)$/| \1/p' "$OUT/plain/report.md"
+sed -n 's/^| new \/ old: \(.*\)$/| \1/p' "$OUT/plain/report.md"
+sed -n 's/^| new \/ old through `[^`]*`: \(.*\)$/| \1/p' "$OUT/transformed/report.md"
+echo
+grep '^Compatible' "$OUT/transformed/report.md"
