@@ -26,6 +26,9 @@ command -v unzip >/dev/null || apt_needed+=(unzip)
 # Text in the evaluation plots (PNG) is drawn with DejaVu Sans.
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || apt_needed+=(fonts-dejavu-core)
 command -v pkg-config >/dev/null || apt_needed+=(pkg-config)
+# The Python client's tests (scripts/test_python.sh) make a venv; Debian's
+# python3 needs its venv module (ensurepip) from a separate package.
+python3 -c 'import ensurepip, venv' 2>/dev/null || apt_needed+=(python3-venv)
 if [ "${SKIP_APT:-0}" != 1 ] && [ ${#apt_needed[@]} -gt 0 ]; then
   say "apt: installing ${apt_needed[*]}"
   sudo_cmd=()

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use bytes::Bytes;
-use handid_model::{ClipVisionConfig, create_random_checkpoint};
+use handid_model::create_random_checkpoint;
 use handid_proto::v1::{self as pb, hand_id_client::HandIdClient};
 use handid_server::Settings;
 use handid_server::settings::{ApiKeySettings, Scope};
@@ -29,7 +29,7 @@ use hyper_util::rt::TokioIo;
 
 mod common;
 
-use common::{Error, sample_photos};
+use common::{Error, sample_photos, vision_config};
 
 const KEY: &str = "hid_bench_key";
 
@@ -47,12 +47,7 @@ async fn main() -> Result<(), Error> {
             _ => return Err(format!("unknown flag {flag}").into()),
         }
     }
-    let config = match arch.as_str() {
-        "tiny_vit" => ClipVisionConfig::tiny_vit(),
-        "vit_b16" => ClipVisionConfig::vit_b16(),
-        "rn50" => ClipVisionConfig::rn50(),
-        other => return Err(format!("unknown --arch {other}").into()),
-    };
+    let config = vision_config(&arch)?;
     let photos = sample_photos(people)?;
     let dir = tempfile::tempdir()?;
     create_random_checkpoint(dir.path(), &config, 3)?;

@@ -31,7 +31,7 @@ use tch::{Device, Tensor};
 
 mod common;
 
-use common::{Error, sample_photos};
+use common::{Error, sample_photos, vision_config};
 
 /// Alternated rounds of the in-process and the gRPC embedding.
 const ROUNDS: usize = 3;
@@ -53,12 +53,7 @@ async fn main() -> Result<(), Error> {
             _ => return Err(format!("unknown flag {flag}").into()),
         }
     }
-    let config = match arch.as_str() {
-        "tiny_vit" => ClipVisionConfig::tiny_vit(),
-        "vit_b16" => ClipVisionConfig::vit_b16(),
-        "rn50" => ClipVisionConfig::rn50(),
-        other => return Err(format!("unknown --arch {other}").into()),
-    };
+    let config = vision_config(&arch)?;
     let database_url = std::env::var("DATABASE_URL").map_err(|_| "DATABASE_URL is not set")?;
     let photos = Arc::new(sample_photos(64)?);
     if !scale.is_empty() {

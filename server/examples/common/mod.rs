@@ -2,6 +2,8 @@
 
 use std::path::Path;
 
+use handid_model::ClipVisionConfig;
+
 /// A benchmark's error.
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -16,4 +18,14 @@ pub fn sample_photos(n: usize) -> Result<Vec<Vec<u8>>, Error> {
     paths.sort();
     paths.truncate(n);
     paths.into_iter().map(|p| Ok(std::fs::read(p)?)).collect()
+}
+
+/// The image tower of `--arch`: `tiny_vit`, `vit_b16` or `rn50`.
+pub fn vision_config(arch: &str) -> Result<ClipVisionConfig, Error> {
+    Ok(match arch {
+        "tiny_vit" => ClipVisionConfig::tiny_vit(),
+        "vit_b16" => ClipVisionConfig::vit_b16(),
+        "rn50" => ClipVisionConfig::rn50(),
+        other => return Err(format!("unknown --arch {other}").into()),
+    })
 }

@@ -127,7 +127,7 @@ impl IntoResponse for Refusal {
         let body = serde_json::json!({
             "error": {
                 "code": self.http.as_u16(),
-                "status": status_name(self.code),
+                "status": crate::audit::code_name(self.code),
                 "message": self.message,
             }
         });
@@ -159,29 +159,6 @@ pub fn http_status(code: Code) -> StatusCode {
         Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
         Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         Code::Unknown | Code::Internal | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
-
-/// The code's name as google.rpc.Code spells it (`NOT_FOUND`).
-pub fn status_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
     }
 }
 
@@ -638,7 +615,10 @@ mod tests {
         );
         assert_eq!(http_status(Code::Unauthenticated), StatusCode::UNAUTHORIZED);
         assert_eq!(http_status(Code::Cancelled).as_u16(), 499);
-        assert_eq!(status_name(Code::PermissionDenied), "PERMISSION_DENIED");
+        assert_eq!(
+            crate::audit::code_name(Code::PermissionDenied),
+            "PERMISSION_DENIED"
+        );
     }
 
     #[test]
