@@ -28,6 +28,8 @@
 //! - [`replication`]: following the database's change feed, so several
 //!   replicas serve the same galleries.
 //! - [`store`]: PostgreSQL (sqlx): galleries, subjects, templates, audit log.
+//! - [`upgrade`]: `upgrade-templates`: stored templates mapped into a new
+//!   model's space by a template transformation, resumable.
 //! - [`settings`]: the YAML settings with `HANDID__SECTION__KEY` overrides.
 //! - [`MIGRATOR`]: the migrations, embedded so the binary applies them at start.
 
@@ -52,6 +54,7 @@ pub mod service;
 pub mod settings;
 pub mod store;
 pub mod telemetry;
+pub mod upgrade;
 pub mod validate;
 
 pub use error::ServiceError;

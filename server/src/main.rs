@@ -5,7 +5,9 @@
 //!   ctrl-c, then a graceful drain; SIGHUP reloads the settings file's
 //!   keys, then hot-reloads the active model's checkpoint folder),
 //!   `migrate` (apply migrations, exit),
-//!   `health` (probe a running server) and `keygen` (a new API key).
+//!   `health` (probe a running server), `keygen` (a new API key) and
+//!   `upgrade-templates` (map stored templates into a staged model's space
+//!   with a template transformation; [`handid_server::upgrade`]).
 
 use std::path::PathBuf;
 
@@ -60,6 +62,28 @@ enum Command {
         /// append to a settings file.
         #[arg(long)]
         key_out: Option<PathBuf>,
+    },
+    /// Map the stored templates of a transform's old model into its new
+    /// model's embedding space (no image needed), in batches, each its own
+    /// transaction; resumable: run it again after a stop. Stage the new
+    /// model first; promote it (PromoteModel) once coverage is full.
+    UpgradeTemplates {
+        /// Settings file (YAML) of the service: its database.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The transform's folder (from `handid-trainer fit-transform`).
+        #[arg(long)]
+        transform: PathBuf,
+        /// Templates per transaction.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        batch_size: u32,
+        /// Stop after this many templates (spread the work over several
+        /// runs); all of them by default.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Device running the transform: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Apply the database migrations and exit.
     Migrate {
@@ -173,6 +197,19 @@ async fn tools(command: Command) -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
+        Command::UpgradeTemplates {
+            config,
+            transform,
+            batch_size,
+            limit,
+            device,
+        } => {
+            let options = handid_server::upgrade::UpgradeOptions {
+                batch_size: batch_size as usize,
+                limit,
+            };
+            upgrade_templates(config.as_deref(), &transform, &options, &device).await?;
+        }
         Command::Migrate { database_url } => {
             let pool = sqlx::PgPool::connect(&database_url)
                 .await
@@ -183,6 +220,117 @@ async fn tools(command: Command) -> anyhow::Result<()> {
                 .context("applying migrations")?;
             println!("migrations applied");
         }
+    }
+    Ok(())
+}
+
+/// `upgrade-templates`: the run with a progress bar, its audit row, the
+/// coverage it leaves and the next step. Ctrl-c stops after the batch in
+/// flight (exit status 130).
+async fn upgrade_templates(
+    config: Option<&std::path::Path>,
+    transform_dir: &std::path::Path,
+    options: &handid_server::upgrade::UpgradeOptions,
+    device: &str,
+) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use handid_server::store::{AuditEntry, Store};
+    use handid_server::upgrade;
+
+    let settings = Settings::load(config).context("reading the settings")?;
+    let device = handid_model::parse_device(device)?;
+    let transform = handid_model::transform::TemplateTransform::load(transform_dir, device)
+        .with_context(|| format!("loading the transform in {}", transform_dir.display()))?;
+    let store = Store::connect(&settings.database)
+        .await
+        .context("connecting to the database")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopper = Arc::clone(&stop);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("ctrl-c: stopping after the batch in flight (run again to resume)");
+            stopper.store(true, Ordering::Relaxed);
+        }
+    });
+    let manifest = transform.manifest().clone();
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template(
+            "upgrading templates [{bar:30}] {pos}/{len} {elapsed} (eta {eta})",
+        )
+        .context("progress style")?,
+    );
+    let result = upgrade::upgrade_templates(&store, &transform, options, &stop, |p| {
+        bar.set_length(p.total);
+        bar.set_position(p.derived);
+    })
+    .await;
+    bar.finish_and_clear();
+    let mut detail = serde_json::json!({
+        "transform": transform_dir.display().to_string(),
+        "from_model": manifest.from_model,
+        "to_model": manifest.to_model,
+        "batch_size": options.batch_size,
+        "limit": options.limit,
+    });
+    match &result {
+        Ok(done) => {
+            detail["derived"] = done.derived.into();
+            detail["batches"] = done.batches.into();
+            detail["remaining"] = done.remaining.into();
+            detail["stopped"] = done.stopped.into();
+        }
+        Err(e) => detail["reason"] = e.to_string().into(),
+    }
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(upgrade::UpgradeError::Store(_)) => "UNAVAILABLE",
+        Err(_) => "FAILED_PRECONDITION",
+    };
+    store
+        .audit(&AuditEntry {
+            actor: "upgrade-templates",
+            peer: None,
+            action: "upgrade_templates",
+            gallery_id: None,
+            subject_id: None,
+            model_id: Some(&manifest.to_model),
+            outcome,
+            top_score: None,
+            detail: Some(&detail),
+        })
+        .await
+        .context("writing the audit row")?;
+    let done = result?;
+    println!(
+        "{} templates of model {} mapped into model {} ({} batches); {} left",
+        done.derived, done.from.model_id, done.to.model_id, done.batches, done.remaining
+    );
+    for c in store
+        .coverage(std::slice::from_ref(&done.to.embedding_space))
+        .await
+        .context("reading the coverage")?
+    {
+        println!(
+            "  gallery {}: {} of {} subjects have a template of space {}",
+            c.gallery_id, c.covered, c.subjects, done.to.embedding_space
+        );
+    }
+    if done.stopped {
+        println!("stopped: run the same command again to resume");
+        std::process::exit(130);
+    }
+    if done.remaining > 0 {
+        println!("run the same command again to go on");
+    } else if done.to.role == "staged" {
+        println!(
+            "done: promote model {} (PromoteModel with require_full_coverage; `handid model promote \
+             --require-full-coverage`)",
+            done.to.model_id
+        );
+    } else {
+        println!("done: model {} is the active model", done.to.model_id);
     }
     Ok(())
 }

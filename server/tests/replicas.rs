@@ -226,36 +226,6 @@ async fn writes_on_one_replica_reach_the_other_and_missed_notifications_are_caug
     b.stop().await.expect("B stops");
 }
 
-/// The models replica `server` serves: (active, staged).
-async fn models_of(server: &TestServer) -> (String, Option<String>) {
-    let mut admin = server.admin().await;
-    let report = admin
-        .get_model(pb::GetModelRequest {})
-        .await
-        .expect("get model")
-        .into_inner();
-    (
-        report.active.expect("active").model_id,
-        report.staged.map(|m| m.model_id),
-    )
-}
-
-/// Polls `server` until it serves `want`; how long that took.
-async fn until_models(server: &TestServer, want: (&str, Option<&str>)) -> Duration {
-    let started = Instant::now();
-    loop {
-        let (active, staged) = models_of(server).await;
-        if (active.as_str(), staged.as_deref()) == want {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the replica serves ({active}, {staged:?}), not {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[sqlx::test(migrations = false)]
 async fn model_changes_on_one_replica_are_followed_by_the_other(_: PgPoolOptions, options: PgConnectOptions) {
     let (x_dir, y_dir, z_dir) = (
@@ -289,7 +259,7 @@ async fn model_changes_on_one_replica_are_followed_by_the_other(_: PgPoolOptions
         })
         .await
         .expect("stage Y on A");
-    let staged_after = until_models(&b, (&x.model_id, Some(&y.model_id))).await;
+    let staged_after = common::until_models(&b, (&x.model_id, Some(&y.model_id))).await;
     on_b.enroll(enroll("site", &early.0, &early.1[1..2]))
         .await
         .expect("dual enrolment on B");
@@ -313,7 +283,7 @@ async fn model_changes_on_one_replica_are_followed_by_the_other(_: PgPoolOptions
         })
         .await
         .expect("promote Y on A");
-    let promoted_after = until_models(&b, (&y.model_id, None)).await;
+    let promoted_after = common::until_models(&b, (&y.model_id, None)).await;
     on_a.enroll(enroll("site", &late.0, &late.1[..1]))
         .await
         .expect("enrol under Y on A");
@@ -343,7 +313,7 @@ async fn model_changes_on_one_replica_are_followed_by_the_other(_: PgPoolOptions
         })
         .await
         .expect("swap in Z on A");
-    let swapped_after = until_models(&b, (&z.model_id, None)).await;
+    let swapped_after = common::until_models(&b, (&z.model_id, None)).await;
     println!(
         "replication of model changes: staging seen on B after {} ms, promotion {} ms, swap {} ms",
         staged_after.as_millis(),
@@ -381,10 +351,10 @@ async fn model_changes_on_one_replica_are_followed_by_the_other(_: PgPoolOptions
     };
     record(y.model_id.clone(), "/nonexistent/y".to_owned()).await;
     wait_for_health(&b, ServingStatus::NotServing).await;
-    assert_eq!(models_of(&b).await, (z.model_id.clone(), None));
+    assert_eq!(common::models_of(&b).await, (z.model_id.clone(), None));
     record(y.model_id.clone(), y_dir.path().display().to_string()).await;
     wait_for_health(&b, ServingStatus::Serving).await;
-    assert_eq!(models_of(&b).await, (y.model_id.clone(), None));
+    assert_eq!(common::models_of(&b).await, (y.model_id.clone(), None));
     b.stop().await.expect("stop B");
     a.stop().await.expect("stop A");
 }

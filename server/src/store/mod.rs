@@ -13,10 +13,12 @@
 //! - `subjects`: reading and erasing subjects and galleries.
 //! - `changes`: the change feed, and the template reads that rebuild an
 //!   index from it.
+//! - `derive`: templates mapped from another model's (the template upgrade).
 //! - `audit`: the append-only audit log.
 
 mod audit;
 mod changes;
+mod derive;
 mod enroll;
 pub mod records;
 mod subjects;
@@ -27,6 +29,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use crate::settings::DatabaseSettings;
 
+pub use derive::{ModelRow, SourceTemplate};
 pub use enroll::{Replay, images_sha256};
 pub use records::*;
 
@@ -121,6 +124,7 @@ impl From<sqlx::Error> for StoreError {
                         | "templates_gallery_id_fkey"
                         | "templates_subject_fkey"
                         | "templates_enrollment_fkey"
+                        | "templates_derived_from_fkey"
                         | "enrollments_subject_fkey"),
                     ) => StoreError::Conflict(name.to_owned()),
                     _ => StoreError::Database(e),

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use handid_model::{ClipVisionConfig, Embedder, Manifest, OperatingPoint, create_random_checkpoint};
 use handid_proto::v1 as pb;
@@ -504,5 +504,35 @@ impl Binary {
             .expect("the server stopped on SIGTERM")
             .expect("exit status");
         assert!(exit.success(), "{exit:?}");
+    }
+}
+
+/// The models replica `server` serves: (active, staged).
+pub async fn models_of(server: &TestServer) -> (String, Option<String>) {
+    let mut admin = server.admin().await;
+    let report = admin
+        .get_model(pb::GetModelRequest {})
+        .await
+        .expect("get model")
+        .into_inner();
+    (
+        report.active.expect("active").model_id,
+        report.staged.map(|m| m.model_id),
+    )
+}
+
+/// Polls `server` until it serves `want`; how long that took.
+pub async fn until_models(server: &TestServer, want: (&str, Option<&str>)) -> Duration {
+    let started = Instant::now();
+    loop {
+        let (active, staged) = models_of(server).await;
+        if (active.as_str(), staged.as_deref()) == want {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the replica serves ({active}, {staged:?}), not {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
