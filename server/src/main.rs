@@ -304,8 +304,13 @@ async fn upgrade_templates(
         .context("writing the audit row")?;
     let done = result?;
     println!(
-        "{} templates of model {} mapped into model {} ({} batches); {} left",
-        done.derived, done.from.model_id, done.to.model_id, done.batches, done.remaining
+        "{} templates of model {} mapped into model {} ({} batch{}); {} left",
+        done.derived,
+        done.from.model_id,
+        done.to.model_id,
+        done.batches,
+        if done.batches == 1 { "" } else { "es" },
+        done.remaining
     );
     for c in store
         .coverage(std::slice::from_ref(&done.to.embedding_space))
