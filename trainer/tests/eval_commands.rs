@@ -237,14 +237,16 @@ fn a_fitted_transform_maps_old_galleries_for_the_new_model() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = |name: &str| dir.path().join(name);
     two_models(dir.path(), 12);
-    let fit = |manifest: &str, out: &str| {
+    let fit_views = |manifest: &str, out: &str, views: &str| {
         Command::new(env!("CARGO_BIN_EXE_handid-trainer"))
             .args(["fit-transform", "--old", p(&path("a")), "--new", p(&path("b"))])
             .args(["--manifest", p(&path(manifest)), "--out", p(&path(out))])
             .args(["--epochs", "20", "--batch-size", "16", "--inner-dim", "32"])
+            .args(["--views", views])
             .output()
             .expect("runs")
     };
+    let fit = |manifest: &str, out: &str| fit_views(manifest, out, "1");
     let fitted = fit("splits.tsv", "t");
     assert!(
         fitted.status.success(),
@@ -259,6 +261,26 @@ fn a_fitted_transform_maps_old_galleries_for_the_new_model() {
     let a = create_random_checkpoint(&path("a-again"), &ClipVisionConfig::tiny_vit(), 0).expect("checkpoint");
     assert_eq!(manifest["from_model"].as_str(), Some(a.model_id.as_str()));
     assert_eq!(manifest["to_dim"].as_u64(), Some(16));
+
+    // Augmented views: more pairs from the same images, recorded; the same
+    // seed and views give the same transform, other views another one.
+    for out in ["t3", "t3-again"] {
+        let fitted = fit_views("splits.tsv", out, "3");
+        assert!(fitted.status.success(), "{}", String::from_utf8_lossy(&fitted.stderr));
+    }
+    let manifest3: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(path("t3/transform.yaml")).expect("transform.yaml"))
+            .expect("YAML");
+    let views = manifest3["provenance"]
+        .as_sequence()
+        .expect("provenance")
+        .iter()
+        .find(|pair| pair[0].as_str() == Some("views"))
+        .and_then(|pair| pair[1].as_str().map(str::to_owned));
+    assert_eq!(views.as_deref(), Some("3"));
+    let weights = |t: &str| std::fs::read(path(t).join("transform.safetensors")).expect("weights");
+    assert_eq!(weights("t3"), weights("t3-again"), "deterministic");
+    assert_ne!(weights("t3"), weights("t"), "the views changed the fit");
 
     // The transformed search is reported as such, with the same M(A,A) and
     // M(B,B) as without the transform.

@@ -13,6 +13,12 @@
 //! its running statistics in the second. Images of test persons are never
 //! used: the command refuses a manifest whose fitting split shares a person
 //! with a query or gallery split.
+//!
+//! `--views N` adds N - 1 augmented views of every fitting image (the
+//! trainer's augmentation: padding + random crop and random erasing), each
+//! view embedded by both models with the same random draws: more pairs from
+//! the same persons, for datasets far smaller than the paper's ImageNet (its
+//! code draws augmented training images for the transformation too).
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -23,6 +29,7 @@ use handid_model::{Embedder, TemplateTransform, TransformManifest, l2_normalize}
 use tch::{Device, Kind, Tensor, nn, nn::OptimizerConfig};
 
 use super::eval::{bar, dataset_root, embed_files, short};
+use crate::data::{Augment, AugmentConfig, Loader};
 
 /// Arguments of `fit-transform`.
 #[derive(Debug, clap::Args)]
@@ -73,6 +80,11 @@ pub struct Args {
     /// Images per forward pass when embedding.
     #[arg(long, default_value_t = 32)]
     pub embed_batch_size: usize,
+    /// Views of each fitting image: the image as served, plus N - 1
+    /// augmented ones (padding + random crop, random erasing), each embedded
+    /// by both models with the same random draws.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub views: u32,
 }
 
 /// The learning rate of `epoch`: linear warm-up, then half a cosine.
@@ -197,8 +209,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let embedder =
             Embedder::load(model, device).with_context(|| format!("loading {}", model.display()))?;
         let vectors = embed_files(&embedder, &root, &images, args.embed_batch_size)?;
-        let flat: Vec<f32> = vectors.into_iter().flat_map(|(_, v)| v).collect();
-        let rows = Tensor::from_slice(&flat).view([images.len() as i64, embedder.dim() as i64]);
+        let mut flat: Vec<f32> = vectors.into_iter().flat_map(|(_, v)| v).collect();
+        if args.views > 1 {
+            flat.extend(embed_views(&embedder, &root, &images, &args)?);
+        }
+        let rows = images.len() as i64 * i64::from(args.views);
+        let rows = Tensor::from_slice(&flat).view([rows, embedder.dim() as i64]);
         Ok((rows.to_device(device), embedder))
     };
     let (old, old_model) = embed(&args.old)?;
@@ -246,6 +262,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ("manifest".into(), args.manifest.display().to_string()),
         ("splits".into(), args.splits.join(",")),
         ("images".into(), images.len().to_string()),
+        ("views".into(), args.views.to_string()),
         ("persons".into(), persons.to_string()),
         ("epochs".into(), args.epochs.to_string()),
         ("batch_size".into(), args.batch_size.to_string()),
@@ -266,6 +283,61 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+/// The embeddings of `args.views - 1` augmented views of each image, view
+/// after view, in the order of `images`. The random draws of view `v` of
+/// image `i` depend on the seed, `v` and `i` only, so the old and the new
+/// model see the same crops and erasures (for equal input sizes).
+fn embed_views(
+    embedder: &Embedder,
+    root: &std::path::Path,
+    images: &[&str],
+    args: &Args,
+) -> anyhow::Result<Vec<f32>> {
+    let augment = Augment::new(AugmentConfig::default(), embedder.manifest().preprocess.clone())?;
+    let progress = bar(images.len(), "decoding the fitting images")?;
+    let resized = images
+        .iter()
+        .map(|image| {
+            let path = root.join(image);
+            let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let decoded = handid_model::decode(&bytes, &handid_model::DecodeLimits::default())
+                .with_context(|| format!("decoding {}", path.display()))?;
+            progress.inc(1);
+            augment.resize(&decoded)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    progress.finish_and_clear();
+    let extra = args.views as usize - 1;
+    let progress = bar(images.len() * extra, "embedding augmented views")?;
+    let mut out = Vec::with_capacity(images.len() * extra * embedder.dim());
+    let seed = args.seed as u64;
+    for view in 1..=extra {
+        let batch = args.embed_batch_size.max(1);
+        for (start, chunk) in (0..resized.len())
+            .step_by(batch)
+            .map(|s| (s, &resized[s..(s + batch).min(resized.len())]))
+        {
+            let pixels = chunk
+                .iter()
+                .enumerate()
+                .map(|(k, image)| {
+                    augment.train_resized(image, &mut Loader::image_rng(seed, view as u64, 0, start + k))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let features = embedder
+                .embed_batch(&Tensor::stack(&pixels, 0))
+                .context("embedding augmented views")?;
+            out.extend(
+                Vec::<f32>::try_from(features.to_device(Device::Cpu).flatten(0, -1))
+                    .context("reading embeddings")?,
+            );
+            progress.inc(chunk.len() as u64);
+        }
+    }
+    progress.finish_and_clear();
+    Ok(out)
 }
 
 #[cfg(test)]
