@@ -266,7 +266,11 @@ fn a_fitted_transform_maps_old_galleries_for_the_new_model() {
     // seed and views give the same transform, other views another one.
     for out in ["t3", "t3-again"] {
         let fitted = fit_views("splits.tsv", out, "3");
-        assert!(fitted.status.success(), "{}", String::from_utf8_lossy(&fitted.stderr));
+        assert!(
+            fitted.status.success(),
+            "{}",
+            String::from_utf8_lossy(&fitted.stderr)
+        );
     }
     let manifest3: serde_yaml::Value =
         serde_yaml::from_str(&std::fs::read_to_string(path("t3/transform.yaml")).expect("transform.yaml"))
