@@ -5,7 +5,15 @@
 //!   very same ranking metrics, split by split;
 //! - the end-to-end pipeline synthetic data -> splits -> (training) ->
 //!   replay writes its report, with sane figures, and leaves no gallery;
-//! - failures are explained and still clean up.
+//! - failures are explained and still clean up;
+//! - the upgrade rehearsal (`replay --upgrade-to B`): A serving, its
+//!   galleries, the switch to B (a swap for a B declaring A's space
+//!   compatible; staging, `handid-server upgrade-templates` and promotion
+//!   with a transform), B's queries against A's templates, B alone: the
+//!   three searches give the very figures of offline `eval --query-model B
+//!   --gallery-model A [--transform T]`; a switch the server refuses, a
+//!   transform of other models, a failed or incomplete template upgrade are
+//!   explained, and the galleries are deleted.
 //!
 //! Sizes are CI-sized: 12 synthetic persons x 4 images of 32x32 pixels and
 //! the tiny ViT (16-d embeddings).
@@ -16,12 +24,14 @@ use std::time::Duration;
 
 use handid_eval::data::synthetic::{self, Layout, SynthOptions};
 use handid_eval::data::{MissingImages, folder, splits};
-use handid_eval::embeddings;
+use handid_eval::embeddings::{self, SplitEmbeddings};
 use handid_eval::metrics::summary::SplitEvaluation;
 use handid_eval::report::Report;
-use handid_model::{ClipVisionConfig, create_random_checkpoint};
+use handid_model::transform::{TemplateTransform, TransformManifest};
+use handid_model::{ClipVisionConfig, Manifest, create_random_checkpoint};
 use handid_server::Settings;
 use handid_server::settings::{ApiKeySettings, Scope};
+use handid_trainer::commands::eval::ScoredSplit;
 use handid_trainer::commands::{eval, replay};
 use handid_trainer::config::TrainConfig;
 use handid_trainer::engine::{RunOptions, train};
@@ -71,12 +81,18 @@ fn database_url(options: &PgConnectOptions) -> String {
 /// The API key replay sends (`auth.keys` holds its hash).
 const API_KEY: &str = "replay-test-key";
 
-/// A server on 127.0.0.1:0 serving `checkpoint`; returns its address and a
-/// sender that stops it.
+/// The scopes a plain replay needs.
+const REPLAY_SCOPES: [Scope; 2] = [Scope::Identify, Scope::Enroll];
+/// The scopes an upgrade rehearsal needs.
+const UPGRADE_SCOPES: [Scope; 3] = [Scope::Identify, Scope::Enroll, Scope::Admin];
+
+/// A server on 127.0.0.1:0 serving `checkpoint`, its key granted `scopes`;
+/// returns its address and a sender that stops it.
 async fn start_server(
     options: &PgConnectOptions,
     checkpoint: &Path,
     max_top_k: u32,
+    scopes: &[Scope],
 ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let mut settings = Settings::default();
     settings.database.url = database_url(options);
@@ -95,7 +111,7 @@ async fn start_server(
     settings.auth.keys = vec![ApiKeySettings {
         id: "replay".to_owned(),
         sha256: handid_server::auth::hash_key(API_KEY),
-        scopes: vec![Scope::Identify, Scope::Enroll],
+        scopes: scopes.to_vec(),
         galleries: Vec::new(),
     }];
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -130,6 +146,10 @@ fn replay_args(addr: SocketAddr, manifest: &Path, report: &Path) -> replay::Args
         ap: eval::Ap::NonInterpolated,
         retries: 2,
         timeout_s: 60,
+        upgrade_to: None,
+        transform: None,
+        server_config: None,
+        server_bin: None,
     }
 }
 
@@ -170,6 +190,90 @@ fn ranking_figures(e: &SplitEvaluation) -> RankingFigures {
     }
 }
 
+/// How far a server score may lie from `eval`'s, as a function of the
+/// embedding width, when both embed one image per forward pass: the same
+/// f32 embeddings, scored in f32 by the server (libtorch mv) and in f64
+/// after renormalising by `eval`, which differ by at most about
+/// (dim + 4) * 2^-24 for unit vectors (Higham, "Accuracy and Stability of
+/// Numerical Algorithms", 2002, §3.1, dot products); twice that.
+fn dot_delta(dim: usize) -> f64 {
+    (dim as f64 + 4.0) * 2f64.powi(-23)
+}
+
+/// Checks the server's similarities against `eval`'s (its saved vectors)
+/// and that no rounding can reorder them.
+///
+/// Why the metrics can then be compared for equality: they depend only on
+/// the order of each query's gallery scores (ties by gallery order on both
+/// sides). Every server score must lie within `delta(dim)` of eval's; then
+/// with `worst` the largest difference seen in the split, every two gallery
+/// scores of a query must lie more than 2 * worst apart, so no difference
+/// can reorder them: the orders, and with them every ranking figure, must
+/// be identical. A failing gap means the test data needs another seed,
+/// never a tolerance.
+fn check_served_scores(
+    what: &str,
+    offline: &[SplitEmbeddings],
+    served: &[ScoredSplit],
+    delta: fn(usize) -> f64,
+) {
+    assert_eq!(offline.len(), served.len(), "{what}: splits");
+    for (split, served) in offline.iter().zip(served) {
+        let delta = delta(split.gallery.dim);
+        let sim = embeddings::cosine_similarity(&split.query, &split.gallery).expect("sim");
+        assert_eq!(
+            (&split.query.ids, &split.gallery.ids),
+            (&served.query_ids, &served.gallery_ids),
+            "{what}: split {}",
+            split.name
+        );
+        let worst = sim
+            .iter()
+            .zip(&served.sim)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        println!(
+            "{what} split {}: server scores within {worst:e} of eval's",
+            split.name
+        );
+        assert!(
+            worst <= delta,
+            "{what} split {}: server scores differ by {worst:e} > {delta:e}",
+            split.name
+        );
+        for (q, row) in sim.chunks(split.gallery.len()).enumerate() {
+            let mut sorted = row.to_vec();
+            sorted.sort_by(f64::total_cmp);
+            let gap = sorted
+                .windows(2)
+                .map(|w| w[1] - w[0])
+                .fold(f64::INFINITY, f64::min);
+            assert!(
+                gap > 2.0 * worst,
+                "{what} split {} query {q}: two gallery scores only {gap:e} apart (server differs by {worst:e})",
+                split.name
+            );
+        }
+    }
+}
+
+/// Asserts that two reports of the same splits have identical ranking
+/// figures, split by split.
+fn same_ranking_figures(what: &str, offline: &Report, replayed: &Report) {
+    assert_eq!(offline.splits.len(), SPLITS, "{what}");
+    assert_eq!(replayed.splits.len(), SPLITS, "{what}");
+    for (o, r) in offline.splits.iter().zip(&replayed.splits) {
+        assert_eq!(o.split, r.split);
+        assert!(o.n_query > 0 && o.n_gallery > 1, "{o:?}");
+        assert_eq!(
+            ranking_figures(o),
+            ranking_figures(r),
+            "{what} split {}: ranking figures differ",
+            o.split
+        );
+    }
+}
+
 #[sqlx::test(migrations = false)]
 async fn replay_reproduces_offline_eval_exactly(_: PgPoolOptions, options: PgConnectOptions) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -196,7 +300,7 @@ async fn replay_reproduces_offline_eval_exactly(_: PgPoolOptions, options: PgCon
     })
     .expect("offline eval");
 
-    let (addr, stop) = start_server(&options, &model, 100).await;
+    let (addr, stop) = start_server(&options, &model, 100, &REPLAY_SCOPES).await;
     let args = replay_args(addr, &manifest, &dir.path().join("replay"));
     // What `replay::replay` does, in its two steps, so the server's scores
     // can be checked too.
@@ -211,65 +315,10 @@ async fn replay_reproduces_offline_eval_exactly(_: PgPoolOptions, options: PgCon
     )
     .expect("replay report");
 
-    // Why the metrics can be compared for equality: they depend only on the
-    // order of each query's gallery scores (ties by gallery order on both
-    // sides). Both sides embed one image per forward pass, so the
-    // embeddings are the same f32 values; the server then scores in f32
-    // (libtorch mv) and `eval` in f64 after renormalising, which differ by
-    // at most about (dim + 4) * 2^-24 for unit vectors (Higham, "Accuracy
-    // and Stability of Numerical Algorithms", 2002, §3.1, dot products).
-    // Below, every server score is checked to lie within `delta` of eval's
-    // (twice that bound); then with `worst` the largest difference seen in
-    // the split, every two gallery scores of a query must lie more than
-    // 2 * worst apart, so no difference can reorder them: the orders, and
-    // with them every ranking figure, must be identical. A failing gap
-    // means the test data needs another seed, never a tolerance.
     let offline_sims = embeddings::read(&saved).expect("saved embeddings");
-    assert_eq!(offline_sims.len(), scores.splits.len());
-    for (split, served) in offline_sims.iter().zip(&scores.splits) {
-        let delta = (split.gallery.dim as f64 + 4.0) * 2f64.powi(-23);
-        let sim = embeddings::cosine_similarity(&split.query, &split.gallery).expect("sim");
-        assert_eq!(
-            (&split.query.ids, &split.gallery.ids),
-            (&served.query_ids, &served.gallery_ids)
-        );
-        let worst = sim
-            .iter()
-            .zip(&served.sim)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f64::max);
-        assert!(
-            worst <= delta,
-            "split {}: server scores differ by {worst:e} > {delta:e}",
-            split.name
-        );
-        for (q, row) in sim.chunks(split.gallery.len()).enumerate() {
-            let mut sorted = row.to_vec();
-            sorted.sort_by(f64::total_cmp);
-            let gap = sorted
-                .windows(2)
-                .map(|w| w[1] - w[0])
-                .fold(f64::INFINITY, f64::min);
-            assert!(
-                gap > 2.0 * worst,
-                "split {} query {q}: two gallery scores only {gap:e} apart (server differs by {worst:e})",
-                split.name
-            );
-        }
-    }
+    check_served_scores("replay", &offline_sims, &scores.splits, dot_delta);
 
-    assert_eq!(offline.splits.len(), SPLITS);
-    assert_eq!(replayed.splits.len(), SPLITS);
-    for (o, r) in offline.splits.iter().zip(&replayed.splits) {
-        assert_eq!(o.split, r.split);
-        assert!(o.n_query > 0 && o.n_gallery > 1, "{o:?}");
-        assert_eq!(
-            ranking_figures(o),
-            ranking_figures(r),
-            "split {}: ranking figures differ",
-            o.split
-        );
-    }
+    same_ranking_figures("replay", &offline, &replayed);
     assert_eq!(galleries(&options).await, 0, "replay left galleries behind");
 }
 
@@ -314,10 +363,10 @@ method:
     let best = handid_trainer::engine::state::resolve(&run, "best").expect("best checkpoint");
     let exported = handid_trainer::export::export(&best, &served, None).expect("export");
     assert_eq!(exported.manifest.thresholds.len(), 3);
-    let baseline = handid_model::Manifest::read(&model).expect("baseline manifest");
+    let baseline = Manifest::read(&model).expect("baseline manifest");
     assert_ne!(exported.manifest.model_id, baseline.model_id);
     // 4. Serve it and replay the manifest through the service.
-    let (addr, stop) = start_server(&options, &served, 100).await;
+    let (addr, stop) = start_server(&options, &served, 100, &REPLAY_SCOPES).await;
     let out = dir.path().join("report");
     let report = replay::replay(&replay_args(addr, &manifest, &out))
         .await
@@ -383,7 +432,7 @@ async fn failures_are_explained_and_clean_up(_: PgPoolOptions, options: PgConnec
 
     // The gallery (6 images) is larger than the server's top_k limit: the
     // error names the setting, and the half-made gallery is deleted.
-    let (addr, stop) = start_server(&options, &model, 5).await;
+    let (addr, stop) = start_server(&options, &model, 5, &REPLAY_SCOPES).await;
     let err = replay::replay(&replay_args(addr, &manifest, &dir.path().join("r1")))
         .await
         .expect_err("top_k above the limit");
@@ -400,4 +449,357 @@ async fn failures_are_explained_and_clean_up(_: PgPoolOptions, options: PgConnec
     let err = replay::replay(&args).await.expect_err("missing images");
     assert!(format!("{err:#}").contains("missing under"), "{err:#}");
     let _ = stop.send(());
+}
+
+/// `eval`'s arguments for `manifest`, one image per forward pass (as the
+/// test server embeds), no model chosen yet.
+fn eval_args(manifest: &Path, out: PathBuf, saved: PathBuf) -> eval::Args {
+    eval::Args {
+        embeddings: None,
+        model: None,
+        query_model: None,
+        gallery_model: None,
+        transform: None,
+        manifest: Some(manifest.to_owned()),
+        data: None,
+        gallery_all: false,
+        device: "cpu".to_owned(),
+        batch_size: 1,
+        save_embeddings: Some(saved),
+        out,
+        ap: eval::Ap::NonInterpolated,
+    }
+}
+
+/// The model the database records as active.
+async fn active_model(options: &PgConnectOptions) -> String {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options.clone())
+        .await
+        .expect("pool");
+    sqlx::query_scalar("SELECT model_id FROM models WHERE role = 'active'")
+        .fetch_one(&pool)
+        .await
+        .expect("active model")
+}
+
+/// The `handid-server` binary, built if it is not up to date: a test of
+/// this crate can name only its own package's binaries
+/// (`CARGO_BIN_EXE_*`), and the rehearsal runs the server's
+/// `upgrade-templates`. Built by the cargo running the tests, with its
+/// profile, next to this test's own profile folder.
+fn server_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's path");
+    // target/<profile>/deps/<test>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_owned();
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => "dev".to_owned(),
+        Some(name) => name.to_owned(),
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "handid-server",
+            "--bin",
+            "handid-server",
+            "--profile",
+        ])
+        .arg(&profile)
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "cargo build -p handid-server: {status}");
+    profile_dir.join(format!("handid-server{}", std::env::consts::EXE_SUFFIX))
+}
+
+/// The server's settings file as `upgrade-templates` reads it: the test's
+/// database.
+fn server_config(dir: &Path, options: &PgConnectOptions, model: &Path) -> PathBuf {
+    let path = dir.join("server.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "database:\n  url: {}\n  max_connections: 2\nmodel:\n  path: {}\n",
+            database_url(options),
+            model.display()
+        ),
+    )
+    .expect("settings file");
+    path
+}
+
+/// A transform from `old` to `new` with libtorch's default (random)
+/// initialisation, saved in `dir`: the figures' equality does not depend on
+/// its quality.
+fn random_transform(dir: &Path, old: &Manifest, new: &Manifest) {
+    TemplateTransform::new(
+        TransformManifest {
+            from_model: old.model_id.clone(),
+            from_space: old.embedding_space.clone(),
+            to_model: new.model_id.clone(),
+            to_space: new.embedding_space.clone(),
+            from_dim: old.embedding_dim,
+            to_dim: new.embedding_dim,
+            inner_dim: 16,
+            provenance: vec![("fitted".to_owned(), "no: a test's random transform".to_owned())],
+        },
+        handid_model::parse_device("cpu").expect("cpu"),
+    )
+    .save(dir)
+    .expect("save transform");
+}
+
+/// Old model A (serving) and new model B under `dir`; B declares A's space
+/// compatible when `compatible` (as backward-compatible training makes it),
+/// else it has a space of its own.
+fn two_models(dir: &Path, compatible: bool) -> (PathBuf, Manifest, PathBuf, Manifest) {
+    let (a_dir, b_dir) = (dir.join("a"), dir.join("b"));
+    let a = create_random_checkpoint(&a_dir, &ClipVisionConfig::tiny_vit(), 3).expect("A");
+    let mut b = create_random_checkpoint(&b_dir, &ClipVisionConfig::tiny_vit(), 4).expect("B");
+    assert_ne!(a.embedding_space, b.embedding_space);
+    if compatible {
+        b.compatible_spaces = vec![a.embedding_space.clone()];
+        b.write(&b_dir).expect("B's manifest");
+    }
+    (a_dir, a, b_dir, b)
+}
+
+/// The rehearsal of the upgrade from A to B (through a random transform
+/// unless B is `compatible`) gives, search by search and split by split,
+/// the figures of offline `eval --query-model B --gallery-model A
+/// [--transform T]`, leaves the server serving B and no gallery behind.
+async fn rehearsal_matches_offline_eval(options: &PgConnectOptions, compatible: bool) {
+    let started = std::time::Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifest = dataset(dir.path());
+    let (a_dir, a, b_dir, b) = two_models(dir.path(), compatible);
+    let transform = (!compatible).then(|| {
+        let t = dir.path().join("transform");
+        random_transform(&t, &a, &b);
+        t
+    });
+
+    // Offline: each model alone, and B's queries against A's galleries
+    // (mapped by the transform), every image embedded one per pass.
+    let offline = |name: &str, set: &dyn Fn(&mut eval::Args)| {
+        let saved = dir.path().join(format!("{name}.safetensors"));
+        let mut args = eval_args(&manifest, dir.path().join(name), saved.clone());
+        set(&mut args);
+        let report = eval::evaluate(&args).expect("offline eval");
+        (report, embeddings::read(&saved).expect("saved embeddings"))
+    };
+    let (aa, aa_vectors) = offline("aa", &|args| args.model = Some(a_dir.clone()));
+    let (bb, bb_vectors) = offline("bb", &|args| args.model = Some(b_dir.clone()));
+    let (ba, ba_vectors) = offline("ba", &|args| {
+        args.query_model = Some(b_dir.clone());
+        args.gallery_model = Some(a_dir.clone());
+        args.transform.clone_from(&transform);
+    });
+    let offline_s = started.elapsed().as_secs_f64();
+
+    let (addr, stop) = start_server(options, &a_dir, 100, &UPGRADE_SCOPES).await;
+    let mut args = replay_args(addr, &manifest, &dir.path().join("rehearsal"));
+    args.upgrade_to = Some(b_dir.clone());
+    if let Some(t) = &transform {
+        args.transform = Some(t.clone());
+        args.server_config = Some(server_config(dir.path(), options, &a_dir));
+        args.server_bin = Some(server_binary());
+    }
+    // What `replay::rehearse` does, in its two steps, so the server's
+    // scores can be checked too.
+    let service_started = std::time::Instant::now();
+    let rehearsal = replay::collect_rehearsal(&args).await.expect("rehearsal");
+    let service_s = service_started.elapsed().as_secs_f64();
+    assert_eq!(active_model(options).await, b.model_id, "the server serves B");
+    let _ = stop.send(());
+    assert_eq!(galleries(options).await, 0, "the rehearsal left galleries behind");
+    assert_eq!(
+        (&rehearsal.old.model_id, &rehearsal.new.model_id),
+        (&a.model_id, &b.model_id)
+    );
+    let report = replay::report_rehearsal(&args, &rehearsal).expect("rehearsal report");
+
+    // The server's scores are eval's. Templates mapped by the transform on
+    // the server went through another batch than eval's (all stored
+    // templates at once, against one split's gallery), whose composition
+    // may change the rounding of the transform's matrix products.
+    check_served_scores("M(A,A)", &aa_vectors, &rehearsal.old_old, dot_delta);
+    check_served_scores("M(B,B)", &bb_vectors, &rehearsal.new_new, dot_delta);
+    let crossed_delta = if compatible { dot_delta } else { transform_delta };
+    check_served_scores("M(B,A)", &ba_vectors, &rehearsal.new_old, crossed_delta);
+
+    // And so are the figures: split by split, and the Compatibility section.
+    let scored = |name: &str, splits: &[ScoredSplit]| {
+        eval::report_scored(
+            name,
+            Vec::new(),
+            splits,
+            eval::eval_options(args.ap),
+            &dir.path().join(name),
+        )
+        .expect("report")
+    };
+    same_ranking_figures("M(A,A)", &aa, &scored("replayed-aa", &rehearsal.old_old));
+    same_ranking_figures("M(B,B)", &bb, &scored("replayed-bb", &rehearsal.new_new));
+    same_ranking_figures("M(B,A)", &ba, &report);
+    let (offline_c, replayed_c) = (
+        ba.compatibility.as_ref().expect("offline compatibility"),
+        report.compatibility.as_ref().expect("replayed compatibility"),
+    );
+    assert_eq!(
+        (offline_c.old_old, offline_c.new_new, offline_c.new_old),
+        (replayed_c.old_old, replayed_c.new_new, replayed_c.new_old)
+    );
+    assert_eq!(replayed_c.transform.is_some(), !compatible);
+    let md = std::fs::read_to_string(args.report.join("report.md")).expect("report.md");
+    assert!(md.contains("## Compatibility"), "{md}");
+    for sub in ["old-old", "new-new"] {
+        assert!(args.report.join(sub).join("report.md").is_file(), "{sub} report");
+    }
+    println!(
+        "rehearsal ({}): offline evals {offline_s:.1} s, through the service {service_s:.1} s",
+        if compatible { "swap" } else { "transform" }
+    );
+}
+
+/// [`dot_delta`] for templates mapped by a transform: their entries may
+/// differ from eval's by a few ulps (up to 8 allowed), which moves a cosine
+/// with a unit probe by at most 8 * 2^-24 (Cauchy-Schwarz).
+fn transform_delta(dim: usize) -> f64 {
+    dot_delta(dim) + 8.0 * 2f64.powi(-24)
+}
+
+#[sqlx::test(migrations = false)]
+async fn upgrade_rehearsal_to_a_compatible_model_reproduces_offline_eval(
+    _: PgPoolOptions,
+    options: PgConnectOptions,
+) {
+    rehearsal_matches_offline_eval(&options, true).await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn upgrade_rehearsal_through_a_transform_reproduces_offline_eval(
+    _: PgPoolOptions,
+    options: PgConnectOptions,
+) {
+    rehearsal_matches_offline_eval(&options, false).await;
+}
+
+/// An executable script under `dir` standing in for `handid-server`.
+fn fake_server(dir: &Path, name: &str, script: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).expect("script");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path
+}
+
+/// A stand-in for `handid-server` whose `upgrade-templates` says it
+/// succeeded but upgrades nothing.
+fn upgrader_ok(dir: &Path) -> PathBuf {
+    fake_server(
+        dir,
+        "idle",
+        "echo '0 templates of model a mapped into model b (0 batches); 0 left'",
+    )
+}
+
+#[sqlx::test(migrations = false)]
+async fn refused_upgrades_are_explained_and_clean_up(_: PgPoolOptions, options: PgConnectOptions) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifest = dataset(dir.path());
+    let (a_dir, a, b_dir, b) = two_models(dir.path(), false);
+    let (addr, stop) = start_server(&options, &a_dir, 100, &UPGRADE_SCOPES).await;
+    let config = server_config(dir.path(), &options, &a_dir);
+    let rehearse = |name: &str, transform: Option<&Path>, server_bin: Option<PathBuf>| {
+        let mut args = replay_args(addr, &manifest, &dir.path().join(name));
+        args.upgrade_to = Some(b_dir.clone());
+        args.transform = transform.map(Path::to_path_buf);
+        args.server_config = transform.map(|_| config.clone());
+        args.server_bin = server_bin;
+        async move { replay::rehearse(&args).await.expect_err("refused") }
+    };
+    let nothing_changed = |what: &'static str| {
+        let options = options.clone();
+        let a_id = a.model_id.clone();
+        async move {
+            assert_eq!(galleries(&options).await, 0, "{what}: galleries left behind");
+            assert_eq!(active_model(&options).await, a_id, "{what}: the server left A");
+        }
+    };
+
+    // B is of another embedding space: the server refuses the swap, and
+    // the error says what to do.
+    let err = format!("{:#}", rehearse("swap", None, None).await);
+    assert!(err.contains("refuses to swap"), "{err}");
+    assert!(
+        err.contains("--transform") && err.contains("compatible_spaces"),
+        "{err}"
+    );
+    nothing_changed("a refused swap").await;
+
+    // A transform of other models is refused before any call changes
+    // anything (here: from B to A, the wrong way round).
+    let backwards = dir.path().join("backwards");
+    random_transform(&backwards, &b, &a);
+    let err = format!(
+        "{:#}",
+        rehearse("backwards", Some(&backwards), Some(upgrader_ok(dir.path()))).await
+    );
+    assert!(err.contains("maps the templates of model"), "{err}");
+    nothing_changed("a transform of other models").await;
+
+    // upgrade-templates fails: its message is shown, B is not promoted.
+    let transform = dir.path().join("transform");
+    random_transform(&transform, &a, &b);
+    let failing = fake_server(
+        dir.path(),
+        "failing",
+        "echo 'Error: connecting to the database: refused' >&2; exit 1",
+    );
+    let err = format!("{:#}", rehearse("failing", Some(&transform), Some(failing)).await);
+    assert!(err.contains("connecting to the database: refused"), "{err}");
+    assert!(err.contains("stays staged"), "{err}");
+    nothing_changed("a failed upgrade").await;
+
+    // B stays staged: a second rehearsal is refused before it enrols
+    // anything (its enrolments would be dual).
+    let err = format!(
+        "{:#}",
+        rehearse("again", Some(&transform), Some(upgrader_ok(dir.path()))).await
+    );
+    assert!(err.contains("is staged on the server"), "{err}");
+    nothing_changed("a rehearsal during a migration").await;
+    let _ = stop.send(());
+}
+
+#[sqlx::test(migrations = false)]
+async fn an_incomplete_template_upgrade_is_not_promoted(_: PgPoolOptions, options: PgConnectOptions) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifest = dataset(dir.path());
+    let (a_dir, a, b_dir, b) = two_models(dir.path(), false);
+    let transform = dir.path().join("transform");
+    random_transform(&transform, &a, &b);
+    let (addr, stop) = start_server(&options, &a_dir, 100, &UPGRADE_SCOPES).await;
+    let mut args = replay_args(addr, &manifest, &dir.path().join("report"));
+    args.upgrade_to = Some(b_dir);
+    args.transform = Some(transform);
+    args.server_config = Some(server_config(dir.path(), &options, &a_dir));
+    // upgrade-templates says it succeeded but left the replay's galleries
+    // without templates of B.
+    args.server_bin = Some(upgrader_ok(dir.path()));
+    let err = format!("{:#}", replay::rehearse(&args).await.expect_err("refused"));
+    let _ = stop.send(());
+    assert!(err.contains("not promoting model"), "{err}");
+    assert!(err.contains("(0 of 6 subjects)"), "{err}");
+    assert_eq!(galleries(&options).await, 0, "galleries left behind");
+    assert_eq!(active_model(&options).await, a.model_id, "the server left A");
 }

@@ -12,7 +12,8 @@
 //!
 //! `replay` (the same evaluation through the live gRPC service) reads the
 //! manifest with [`query_gallery_pairs`] and [`person_ids`] and reports with
-//! [`report_scored`], so both commands rank and score in one way.
+//! [`report_scored`] (an upgrade's rehearsal with [`report_across`]), so
+//! both commands rank and score in one way.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -74,7 +75,9 @@ pub struct Args {
     /// Images per forward pass.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
-    /// Also save the computed embeddings (reusable with `--embeddings`).
+    /// Also save the computed embeddings (reusable with `--embeddings`);
+    /// across models, those of M(B,A): B's queries, A's galleries (mapped
+    /// by the transform when there is one).
     #[arg(long)]
     pub save_embeddings: Option<PathBuf>,
     /// Folder for report.md, report.json, report.csv and the plots.
@@ -400,20 +403,6 @@ fn across_models(
             ("searched".to_string(), what.to_string()),
         ]
     };
-    let old_old = score_and_report(
-        "Old model alone: M(A,A)",
-        provenance("old queries, old galleries"),
-        &old,
-        options.clone(),
-        &args.out.join("old-old"),
-    )?;
-    let new_new = score_and_report(
-        "New model alone: M(B,B)",
-        provenance("new queries, new galleries"),
-        &new,
-        options.clone(),
-        &args.out.join("new-new"),
-    )?;
     let crossed: Vec<SplitEmbeddings> = new
         .iter()
         .zip(&old)
@@ -429,20 +418,79 @@ fn across_models(
             })
         })
         .collect::<anyhow::Result<_>>()?;
-    let (title, searched) = match &args.transform {
-        Some(dir) => (
+    if let Some(path) = &args.save_embeddings {
+        embeddings::write(path, &crossed).with_context(|| format!("saving {}", path.display()))?;
+    }
+    report_across(
+        &Across {
+            old_model: format!("{} ({})", gallery_model.display(), short(&old_id)),
+            new_model: format!("{} ({})", query_model.display(), short(&new_id)),
+            old_old: &scored(&old)?,
+            new_new: &scored(&new)?,
+            new_old: &scored(&crossed)?,
+            transform: args.transform.as_ref().map(|d| d.display().to_string()),
+        },
+        &provenance,
+        options,
+        &args.out,
+    )
+}
+
+/// The three searches of a model upgrade, scored: old model alone, new
+/// model alone, new queries against the old galleries (mapped by a
+/// transform when there is one).
+#[derive(Debug, Clone)]
+pub struct Across<'a> {
+    /// The old model (A), as the report names it.
+    pub old_model: String,
+    /// The new model (B), as the report names it.
+    pub new_model: String,
+    /// M(A,A): A's queries against A's galleries.
+    pub old_old: &'a [ScoredSplit],
+    /// M(B,B): B's queries against B's galleries.
+    pub new_new: &'a [ScoredSplit],
+    /// M(B,A) or M(B,T(A)): B's queries against A's galleries.
+    pub new_old: &'a [ScoredSplit],
+    /// The transform applied to A's galleries, if any.
+    pub transform: Option<String>,
+}
+
+/// Reports an upgrade's three searches, the one report of `eval
+/// --query-model --gallery-model` and `replay --upgrade-to`: M(A,A) and
+/// M(B,B) written whole under `out/old-old/` and `out/new-new/`, M(B,A)
+/// (or M(B,T(A))) under `out/` with the [`Compatibility`] section.
+/// `provenance` gives the report's provenance lines for what was searched.
+pub fn report_across(
+    across: &Across<'_>,
+    provenance: &dyn Fn(&str) -> Vec<(String, String)>,
+    options: EvalOptions,
+    out: &Path,
+) -> anyhow::Result<Report> {
+    let old_old = report_scored(
+        "Old model alone: M(A,A)",
+        provenance("old queries, old galleries"),
+        across.old_old,
+        options.clone(),
+        &out.join("old-old"),
+    )?;
+    let new_new = report_scored(
+        "New model alone: M(B,B)",
+        provenance("new queries, new galleries"),
+        across.new_new,
+        options.clone(),
+        &out.join("new-new"),
+    )?;
+    let (title, searched) = match &across.transform {
+        Some(t) => (
             "Across models: new queries, transformed old galleries, M(B,T(A))".to_owned(),
-            format!(
-                "new queries, old galleries mapped by the transform {}",
-                dir.display()
-            ),
+            format!("new queries, old galleries mapped by the transform {t}"),
         ),
         None => (
             "Across models: new queries, old galleries, M(B,A)".to_owned(),
             "new queries, old galleries".to_owned(),
         ),
     };
-    let mut report = build_report(&title, provenance(&searched), &scored(&crossed)?, options)?;
+    let mut report = build_report(&title, provenance(&searched), across.new_old, options)?;
     let figures = |r: &Report| {
         (
             r.mean("mAP").unwrap_or(f64::NAN),
@@ -450,14 +498,14 @@ fn across_models(
         )
     };
     report.compatibility = Some(Compatibility {
-        old_model: format!("{} ({})", gallery_model.display(), short(&old_id)),
-        new_model: format!("{} ({})", query_model.display(), short(&new_id)),
+        old_model: across.old_model.clone(),
+        new_model: across.new_model.clone(),
         old_old: figures(&old_old),
         new_new: figures(&new_new),
         new_old: figures(&report),
-        transform: args.transform.as_ref().map(|d| d.display().to_string()),
+        transform: across.transform.clone(),
     });
-    publish(&report, &args.out)?;
+    publish(&report, out)?;
     Ok(report)
 }
 

@@ -20,6 +20,10 @@
 //! refused with UNAVAILABLE or RESOURCE_EXHAUSTED are retried with
 //! exponential backoff and jitter, and enrolments carry an idempotency key so
 //! a retried Enroll never adds a second template.
+//!
+//! With `--upgrade-to B` it rehearses a model upgrade instead ([`upgrade`]):
+//! M(A,A) with the serving model, the switch to B, M(B,A) (or M(B,T(A))
+//! after the templates are transformed) and M(B,B), all through the service.
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
@@ -33,9 +37,12 @@ use anyhow::{Context, bail};
 use futures::{StreamExt, TryStreamExt};
 use handid_eval::data::manifest::{Entry, Manifest};
 use handid_eval::report::Report;
+use handid_proto::v1::admin_client::AdminClient;
 use handid_proto::v1::decision_rule::Rule;
 use handid_proto::v1::hand_id_client::HandIdClient;
-use handid_proto::v1::{DecisionRule, DeleteGalleryRequest, EnrollRequest, IdentifyRequest, Image};
+use handid_proto::v1::{
+    DecisionRule, DeleteGalleryRequest, EnrollRequest, IdentifyRequest, IdentifyResponse, Image,
+};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
@@ -43,6 +50,10 @@ use tonic::{Code, Request, Status};
 use super::eval::{
     Ap, ScoredSplit, bar, dataset_root, eval_options, person_ids, query_gallery_pairs, report_scored,
 };
+
+mod upgrade;
+
+pub use upgrade::{Rehearsal, ServedModel, collect_rehearsal, rehearse, report_rehearsal};
 
 /// Arguments of `replay`.
 #[derive(Debug, Clone, clap::Args)]
@@ -57,7 +68,7 @@ pub struct Args {
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// API key, sent as `authorization: Bearer <key>`; needs the `enroll`
-    /// and `identify` scopes.
+    /// and `identify` scopes (and `admin` with `--upgrade-to`).
     #[arg(long, env = "HANDID_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// Enroll / Identify calls in flight at once.
@@ -78,6 +89,26 @@ pub struct Args {
     /// Deadline of one call, in seconds.
     #[arg(long, default_value_t = 120)]
     pub timeout_s: u64,
+    /// Rehearse an upgrade to this checkpoint folder (B, a path on the
+    /// server's file system): replay with the serving model A, switch the
+    /// server to B, replay B's queries against A's templates, then B alone,
+    /// and report M(A,A), M(B,A) and M(B,B). The server is left serving B:
+    /// run it on a staging server.
+    #[arg(long)]
+    pub upgrade_to: Option<PathBuf>,
+    /// With `--upgrade-to`, for a B of another embedding space: stage B, map
+    /// the stored templates into its space with this transform (from
+    /// `fit-transform`) by `handid-server upgrade-templates`, promote B.
+    #[arg(long, requires_all = ["upgrade_to", "server_config"])]
+    pub transform: Option<PathBuf>,
+    /// The server's settings file, which `upgrade-templates` reads (the
+    /// database); with `--transform`.
+    #[arg(long, requires = "transform")]
+    pub server_config: Option<PathBuf>,
+    /// The `handid-server` binary that runs `upgrade-templates` (default:
+    /// the one next to this executable, else on PATH).
+    #[arg(long, requires = "transform")]
+    pub server_bin: Option<PathBuf>,
 }
 
 /// Runs the command on its own runtime.
@@ -86,7 +117,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(replay(&args)).map(drop)
+    if args.upgrade_to.is_some() {
+        runtime.block_on(rehearse(&args)).map(drop)
+    } else {
+        runtime.block_on(replay(&args)).map(drop)
+    }
 }
 
 /// The manifest, read and checked: its splits, person ids and image paths.
@@ -94,6 +129,19 @@ struct Plan<'m> {
     pairs: Vec<(Vec<&'m Entry>, Vec<&'m Entry>)>,
     persons: BTreeMap<&'m str, i64>,
     root: PathBuf,
+}
+
+impl<'m> Plan<'m> {
+    /// Reads the splits of `manifest` as `args` choose them; fails, before
+    /// any gallery is created, when one of their images is missing.
+    fn new(args: &Args, manifest: &'m Manifest) -> anyhow::Result<Self> {
+        let root = dataset_root(args.data.as_deref(), manifest, &args.manifest)?;
+        let pairs = query_gallery_pairs(manifest, args.gallery_all, &args.manifest)?;
+        let persons = person_ids(&pairs);
+        let plan = Self { pairs, persons, root };
+        check_images_exist(&plan)?;
+        Ok(plan)
+    }
 }
 
 /// The similarity matrices a replay collected, before scoring.
@@ -127,11 +175,7 @@ pub async fn replay(args: &Args) -> anyhow::Result<Report> {
 /// gallery similarities the server computed.
 pub async fn collect_scores(args: &Args) -> anyhow::Result<Replayed> {
     let manifest = Manifest::read(&args.manifest)?;
-    let root = dataset_root(args.data.as_deref(), &manifest, &args.manifest)?;
-    let pairs = query_gallery_pairs(&manifest, args.gallery_all, &args.manifest)?;
-    let persons = person_ids(&pairs);
-    let plan = Plan { pairs, persons, root };
-    check_images_exist(&plan)?;
+    let plan = Plan::new(args, &manifest)?;
     let conn = Conn::connect(args).await?;
 
     let mut splits = Vec::with_capacity(plan.pairs.len());
@@ -199,15 +243,39 @@ async fn replay_split(
     query: &[&Entry],
     gallery: &[&Entry],
 ) -> anyhow::Result<(ScoredSplit, String)> {
-    let top_k = u32::try_from(gallery.len()).context("gallery too large")?;
-    let subject = |j: usize| format!("g{j:07}");
-    let columns: HashMap<String, usize> = (0..gallery.len()).map(|j| (subject(j), j)).collect();
-    let read = |entry: &Entry| {
-        let path = plan.root.join(&entry.image);
-        std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
-    };
+    let what = format!("split {i}");
+    let enrolled = enrol(conn, plan, &what, gallery_id, gallery).await?;
+    let (split, answered) = identify(conn, plan, i, &what, gallery_id, query, gallery).await?;
+    let mut models: Vec<String> = enrolled.into_iter().chain(answered).collect();
+    models.sort_unstable();
+    models.dedup();
+    let [model_id] = <[String; 1]>::try_from(models)
+        .map_err(|m| anyhow::anyhow!("the server's model changed during split {i}: {}", m.join(", ")))?;
+    Ok((split, model_id))
+}
 
-    let progress = bar(gallery.len(), &format!("split {i}: enrolling"))?;
+/// The subject id of gallery image `j`: one subject per image.
+fn subject(j: usize) -> String {
+    format!("g{j:07}")
+}
+
+/// Reads an image of the manifest.
+fn read_image(plan: &Plan<'_>, entry: &Entry) -> anyhow::Result<Vec<u8>> {
+    let path = plan.root.join(&entry.image);
+    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Enrols each image of `gallery` as its own subject of `gallery_id` (`what`
+/// names the step on the progress bar); returns the model id of every
+/// enrolment.
+async fn enrol(
+    conn: &Conn,
+    plan: &Plan<'_>,
+    what: &str,
+    gallery_id: &str,
+    gallery: &[&Entry],
+) -> anyhow::Result<Vec<String>> {
+    let progress = bar(gallery.len(), &format!("{what}: enrolling"))?;
     // After a failure no new Enroll is sent, but the ones in flight are
     // awaited rather than dropped: a dropped call may still commit on the
     // server after the clean-up deleted the gallery, and re-create it.
@@ -223,7 +291,9 @@ async fn replay_split(
                     gallery_id: gallery_id.to_owned(),
                     idempotency_key: format!("{gallery_id}/{subject_id}"),
                     subject_id,
-                    images: vec![Image { data: read(entry)? }],
+                    images: vec![Image {
+                        data: read_image(plan, entry)?,
+                    }],
                 };
                 let response = conn
                     .call(
@@ -241,35 +311,36 @@ async fn replay_split(
         .collect()
         .await;
     progress.finish_and_clear();
-    let enrolled: Vec<String> = enrolled
+    Ok(enrolled
         .into_iter()
         .collect::<anyhow::Result<Vec<_>>>()?
         .into_iter()
         .flatten()
-        .collect();
+        .collect())
+}
 
-    let progress = bar(query.len(), &format!("split {i}: identifying"))?;
+/// Identifies every query of split `i` in `gallery_id`, whose subjects are
+/// the images of `gallery` enrolled by [`enrol`], with `top_k` = gallery
+/// size; returns the similarity matrix and the model id of every answer.
+async fn identify(
+    conn: &Conn,
+    plan: &Plan<'_>,
+    i: usize,
+    what: &str,
+    gallery_id: &str,
+    query: &[&Entry],
+    gallery: &[&Entry],
+) -> anyhow::Result<(ScoredSplit, Vec<String>)> {
+    let top_k = u32::try_from(gallery.len()).context("gallery too large")?;
+    let columns: HashMap<String, usize> = (0..gallery.len()).map(|j| (subject(j), j)).collect();
+    let progress = bar(query.len(), &format!("{what}: identifying"))?;
     let rows: Vec<(usize, Vec<f64>, String)> = futures::stream::iter(query.iter().enumerate())
         .map(|(q, entry)| {
             let (progress, columns) = (&progress, &columns);
             async move {
-                let request = IdentifyRequest {
-                    gallery_id: gallery_id.to_owned(),
-                    image: Some(Image { data: read(entry)? }),
-                    top_k,
-                    // Decisions are not used; an explicit threshold keeps
-                    // uncalibrated checkpoints usable.
-                    rule: Some(DecisionRule {
-                        rule: Some(Rule::Threshold(1.0)),
-                    }),
-                };
                 let response = conn
-                    .call(
-                        |mut client, request| async move { client.identify(request).await },
-                        request,
-                    )
+                    .identify(gallery_id, read_image(plan, entry)?, top_k)
                     .await
-                    .map_err(|e| explain_top_k(e, top_k))
                     .with_context(|| format!("identifying {}", entry.image))?;
                 let mut row = vec![f64::NAN; columns.len()];
                 for candidate in &response.candidates {
@@ -299,18 +370,11 @@ async fn replay_split(
         .await?;
     progress.finish_and_clear();
 
-    let mut models: Vec<String> = enrolled
-        .into_iter()
-        .chain(rows.iter().map(|r| r.2.clone()))
-        .collect();
-    models.sort_unstable();
-    models.dedup();
-    let [model_id] = <[String; 1]>::try_from(models)
-        .map_err(|m| anyhow::anyhow!("the server's model changed during split {i}: {}", m.join(", ")))?;
-
     let mut sim = vec![0.0; query.len() * gallery.len()];
-    for (q, row, _) in rows {
+    let mut models = Vec::with_capacity(rows.len());
+    for (q, row, model_id) in rows {
         sim[q * gallery.len()..(q + 1) * gallery.len()].copy_from_slice(&row);
+        models.push(model_id);
     }
     let ids = |entries: &[&Entry]| -> Vec<i64> {
         entries.iter().map(|e| plan.persons[e.person.as_str()]).collect()
@@ -322,7 +386,7 @@ async fn replay_split(
             query_ids: ids(query),
             gallery_ids: ids(gallery),
         },
-        model_id,
+        models,
     ))
 }
 
@@ -356,7 +420,9 @@ impl CallError {
                 "the server wants an API key: pass --api-key or set HANDID_API_KEY".to_string()
             }
             Code::PermissionDenied => {
-                "the API key lacks a scope replay needs (`enroll` and `identify`)".to_string()
+                "the API key lacks a scope replay needs (`enroll` and `identify`, and `admin` with \
+                 --upgrade-to)"
+                    .to_string()
             }
             Code::Unavailable | Code::ResourceExhausted => {
                 format!("the server still refused after {retries} retries with backoff")
@@ -373,6 +439,7 @@ impl CallError {
 /// A connected client with the API key and the retry policy.
 struct Conn {
     client: HandIdClient<Channel>,
+    admin: AdminClient<Channel>,
     authorization: Option<MetadataValue<Ascii>>,
     concurrency: usize,
     retries: u32,
@@ -394,27 +461,50 @@ impl Conn {
             )
         })?;
         Ok(Self {
-            client: HandIdClient::new(channel),
+            client: HandIdClient::new(channel.clone()),
+            admin: AdminClient::new(channel),
             authorization,
             concurrency: args.concurrency.max(1),
             retries: args.retries,
         })
     }
 
-    /// Makes one call, retrying UNAVAILABLE and RESOURCE_EXHAUSTED with
-    /// exponential backoff (0.2 s doubling, at most 10 s) and full jitter
-    /// (AWS Architecture Blog, "Exponential Backoff And Jitter", 2015), so
-    /// that concurrent callers shed by the server do not return in step.
+    /// Makes one HandId call with [`Self::retried`].
     async fn call<M, T, F, Fut>(&self, call: F, message: M) -> anyhow::Result<T>
     where
         M: Clone,
         F: Fn(HandIdClient<Channel>, Request<M>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
+        self.retried(&self.client, call, message).await
+    }
+
+    /// Makes one Admin call with [`Self::retried`].
+    async fn admin_call<M, T, F, Fut>(&self, call: F, message: M) -> anyhow::Result<T>
+    where
+        M: Clone,
+        F: Fn(AdminClient<Channel>, Request<M>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.retried(&self.admin, call, message).await
+    }
+
+    /// Makes one call on `client`, retrying UNAVAILABLE and
+    /// RESOURCE_EXHAUSTED with exponential backoff (0.2 s doubling, at most
+    /// 10 s) and full jitter (AWS Architecture Blog, "Exponential Backoff
+    /// And Jitter", 2015), so that concurrent callers shed by the server do
+    /// not return in step.
+    async fn retried<C, M, T, F, Fut>(&self, client: &C, call: F, message: M) -> anyhow::Result<T>
+    where
+        C: Clone,
+        M: Clone,
+        F: Fn(C, Request<M>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
         let mut attempt = 0;
         loop {
             match call(
-                self.client.clone(),
+                client.clone(),
                 authorized(self.authorization.as_ref(), message.clone()),
             )
             .await
@@ -430,6 +520,31 @@ impl Conn {
                 Err(status) => return Err(CallError::new(status, self.retries).into()),
             }
         }
+    }
+
+    /// Identifies `image` in `gallery_id` with `top_k` candidates.
+    async fn identify(
+        &self,
+        gallery_id: &str,
+        image: Vec<u8>,
+        top_k: u32,
+    ) -> anyhow::Result<IdentifyResponse> {
+        let request = IdentifyRequest {
+            gallery_id: gallery_id.to_owned(),
+            image: Some(Image { data: image }),
+            top_k,
+            // Decisions are not used; an explicit threshold keeps
+            // uncalibrated checkpoints usable.
+            rule: Some(DecisionRule {
+                rule: Some(Rule::Threshold(1.0)),
+            }),
+        };
+        self.call(
+            |mut client, request| async move { client.identify(request).await },
+            request,
+        )
+        .await
+        .map_err(|e| explain_top_k(e, top_k))
     }
 
     /// Deletes a replay gallery (a gallery never created is not an error).
