@@ -239,7 +239,9 @@ async fn upgrade_templates(
     use handid_server::store::{AuditEntry, Store};
     use handid_server::upgrade;
 
-    let settings = Settings::load(config).context("reading the settings")?;
+    let mut settings = Settings::load(config).context("reading the settings")?;
+    // A tool beside the service: it checks the schema, never migrates it.
+    settings.database.migrate_on_start = false;
     let device = handid_model::parse_device(device)?;
     let transform = handid_model::transform::TemplateTransform::load(transform_dir, device)
         .with_context(|| format!("loading the transform in {}", transform_dir.display()))?;
