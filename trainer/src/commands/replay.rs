@@ -86,7 +86,8 @@ pub struct Args {
     /// Retries of a call refused with UNAVAILABLE or RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 6)]
     pub retries: u32,
-    /// Deadline of one call, in seconds.
+    /// Deadline of one call, in seconds (with `--upgrade-to`, also how long
+    /// the server may take to search the upgraded templates once B serves).
     #[arg(long, default_value_t = 120)]
     pub timeout_s: u64,
     /// Rehearse an upgrade to this checkpoint folder (B, a path on the

@@ -583,3 +583,77 @@ impl Conn {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use handid_eval::data::manifest::Entry;
+    use handid_proto::v1::GalleryCoverage;
+
+    use super::*;
+
+    fn entry(person: &str) -> Entry {
+        Entry {
+            split: "gallery0".to_owned(),
+            person: person.to_owned(),
+            image: format!("{person}.png"),
+        }
+    }
+
+    #[test]
+    fn only_the_replay_galleries_short_of_coverage_block_the_promotion() {
+        let (a, b, c) = (entry("a"), entry("b"), entry("c"));
+        let plan = Plan {
+            pairs: vec![(vec![&a], vec![&a, &b]), (vec![&c], vec![&b, &c])],
+            persons: BTreeMap::new(),
+            root: PathBuf::new(),
+        };
+        let galleries = ["r-split0".to_owned(), "r-split1".to_owned()];
+        let coverage = |gallery: &str, subjects, covered| GalleryCoverage {
+            gallery_id: gallery.to_owned(),
+            subjects,
+            subjects_with_staged_templates: covered,
+        };
+        let mut models = GetModelResponse {
+            coverage: vec![coverage("r-split0", 2, 2), coverage("elsewhere", 9, 0)],
+            ..GetModelResponse::default()
+        };
+        // Another gallery's coverage is not the rehearsal's business; a
+        // gallery GetModel does not list has none.
+        assert_eq!(
+            lacking_coverage(&models, &plan, &galleries),
+            ["r-split1 (0 of 2 subjects)"]
+        );
+        models.coverage.push(coverage("r-split1", 2, 1));
+        assert_eq!(
+            lacking_coverage(&models, &plan, &galleries),
+            ["r-split1 (1 of 2 subjects)"]
+        );
+        models.coverage[2].subjects_with_staged_templates = 2;
+        assert!(lacking_coverage(&models, &plan, &galleries).is_empty());
+    }
+
+    #[test]
+    fn answers_of_another_model_fail_the_step() {
+        let model = ServedModel {
+            model_id: "b".repeat(64),
+            path: "/models/b".to_owned(),
+        };
+        assert!(expect_model(&vec![model.model_id.clone(); 3], &model, "B/A split 0").is_ok());
+        let err = expect_model(&[model.model_id.clone(), "a".repeat(64)], &model, "B/A split 0")
+            .expect_err("another model");
+        assert!(err.to_string().contains("B/A split 0"), "{err}");
+        assert!(err.to_string().contains(&"a".repeat(12)), "{err}");
+    }
+
+    #[test]
+    fn the_server_binary_is_the_one_named_or_found() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("handid-server");
+        let err = server_binary(Some(&missing)).expect_err("missing");
+        assert!(err.to_string().contains("--server-bin"), "{err}");
+        std::fs::write(&missing, "").expect("file");
+        assert_eq!(server_binary(Some(&missing)).expect("named"), missing);
+    }
+}
