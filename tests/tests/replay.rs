@@ -502,7 +502,8 @@ fn server_binary() -> PathBuf {
         Some(name) => name.to_owned(),
     };
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = std::process::Command::new(cargo)
+    let mut build = std::process::Command::new(cargo);
+    build
         .args([
             "build",
             "--quiet",
@@ -513,9 +514,29 @@ fn server_binary() -> PathBuf {
             "--profile",
         ])
         .arg(&profile)
-        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
-        .status()
-        .expect("run cargo build");
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."));
+    // Without the variables cargo sets for this test's run: build scripts
+    // that read one (ring's reads CARGO_MANIFEST_DIR) would record its
+    // value, and the next ordinary build would find them stale and rebuild
+    // half the workspace.
+    for (name, _) in std::env::vars_os() {
+        let text = name.to_string_lossy();
+        let set_by_cargo = text.starts_with("CARGO_PKG_")
+            || text.starts_with("CARGO_BIN_")
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_CRATE_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "OUT_DIR",
+            ]
+            .contains(&text.as_ref());
+        if set_by_cargo {
+            build.env_remove(&name);
+        }
+    }
+    let status = build.status().expect("run cargo build");
     assert!(status.success(), "cargo build -p handid-server: {status}");
     profile_dir.join(format!("handid-server{}", std::env::consts::EXE_SUFFIX))
 }
