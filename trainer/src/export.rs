@@ -52,16 +52,35 @@ pub struct Exported {
 /// Writes the serving checkpoint of training checkpoint `checkpoint` to `out`.
 pub fn export(checkpoint: &Path, out: &Path, data_root: Option<&Path>) -> anyhow::Result<Exported> {
     let (train_state, tensors) = state::load(checkpoint)?;
-    let TrainState { config, persons, .. } = &train_state;
+    let manifest = write_serving(&train_state, tensors.model, out)?;
+    let items = export_calibration_items(&train_state.config, data_root)?;
+    let calibration = calibrate(out, &items, &train_state.config.export.fmrs)?;
+    let mut manifest = manifest;
+    manifest.thresholds = calibration.thresholds();
+    manifest.write(out)?;
+    Ok(Exported {
+        manifest,
+        pairs: calibration.pairs,
+        calibrated: calibration.points,
+    })
+}
+
+/// Writes the serving checkpoint (weights and manifest, no thresholds yet)
+/// of a training checkpoint's state and model tensors to `out`. A run
+/// trained backward-compatibly declares its old model's space compatible.
+/// The same checkpoint always gives the same weights file, hence the same
+/// model id: backward-compatible training learns an old run's id this way.
+pub fn write_serving(
+    train_state: &TrainState,
+    model: Vec<(String, tch::Tensor)>,
+    out: &Path,
+) -> anyhow::Result<Manifest> {
+    let TrainState { config, persons, .. } = train_state;
     // Every weight is overwritten from the checkpoint; the seed only makes
     // the (discarded) initialisation reproducible.
     let net = ReidNet::build(config, persons.len() as i64, Device::Cpu)?;
     let names: std::collections::BTreeSet<String> = net.vs.variables().into_keys().collect();
-    let model: Vec<_> = tensors
-        .model
-        .into_iter()
-        .filter(|(n, _)| names.contains(n))
-        .collect();
+    let model: Vec<_> = model.into_iter().filter(|(n, _)| names.contains(n)).collect();
     load_strict(&net.vs, model).context("loading the training checkpoint's weights")?;
 
     let mut metrics = BTreeMap::new();
@@ -90,18 +109,15 @@ pub fn export(checkpoint: &Path, out: &Path, data_root: Option<&Path>) -> anyhow
     let mut manifest = Manifest::new(config.model.vision(), net.serving_feature(), provenance)?;
     manifest.preprocess = config.model.preprocess();
     manifest.neck = net.serving_neck();
-    let manifest = write_checkpoint(out, &net.serving_weights(), manifest)
-        .with_context(|| format!("writing the serving checkpoint {}", out.display()))?;
-    let items = export_calibration_items(config, data_root)?;
-    let calibration = calibrate(out, &items, &config.export.fmrs)?;
-    let mut manifest = manifest;
-    manifest.thresholds = calibration.thresholds();
-    manifest.write(out)?;
-    Ok(Exported {
-        manifest,
-        pairs: calibration.pairs,
-        calibrated: calibration.points,
-    })
+    // BCT (Shen et al., CVPR 2020): the new embeddings may be compared
+    // with the old model's templates, so a server swaps it in directly.
+    manifest.compatible_spaces = train_state
+        .compatible_with
+        .iter()
+        .map(|old| old.embedding_space.clone())
+        .collect();
+    write_checkpoint(out, &net.serving_weights(), manifest)
+        .with_context(|| format!("writing the serving checkpoint {}", out.display()))
 }
 
 /// The images export calibrates on: the run's training and validation

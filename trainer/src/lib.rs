@@ -9,12 +9,15 @@
 //! - [`net`]: the network trained (CLIP + re-id head).
 //! - [`engine`]: optimizers, schedules, the training loop, checkpoints.
 //! - [`losses`]: one loss per file, each citing its paper.
+//! - [`compat`]: backward-compatible training (the influence loss through
+//!   an old model's frozen classifier).
 //! - [`export`]: training checkpoint -> serving checkpoint with calibrated thresholds.
 
 // Unit tests may unwrap: a panic there is a test failure with a location.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod commands;
+pub mod compat;
 pub mod config;
 pub mod data;
 pub mod engine;

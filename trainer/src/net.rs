@@ -93,19 +93,42 @@ pub struct Branch {
 }
 
 impl Branch {
-    /// (Reduction,) BNNeck, classifier; ArcFace margin logits in training
-    /// (which need `labels`).
-    fn classify(&self, feature: &Tensor, labels: Option<&Tensor>, train: bool) -> Option<Tensor> {
+    /// (Reduction,) BNNeck, classifier: the classifier's input and its
+    /// logits; ArcFace margin logits in training (which need `labels`).
+    fn classify(&self, feature: &Tensor, labels: Option<&Tensor>, train: bool) -> (Tensor, Option<Tensor>) {
         let reduced = match &self.reduction {
             Some(linear) => feature.apply(linear),
             None => feature.shallow_clone(),
         };
         let necked = self.neck(&reduced, train);
-        match (&self.classifier, labels) {
+        let logits = match (&self.classifier, labels) {
             (None, _) => None,
             (Some(ClassifierHead::Linear(c)), _) => Some(c.forward(&necked)),
             (Some(ClassifierHead::ArcFace(a)), Some(labels)) if train => Some(a.forward(&necked, labels)),
             (Some(ClassifierHead::ArcFace(a)), _) => Some(a.cosine(&necked)),
+        };
+        (necked, logits)
+    }
+
+    /// The branch as a frozen classifier of its part of the served
+    /// embedding (backward-compatible training's old classifier): a part
+    /// taken after the BNNeck goes straight to the classifier, one taken
+    /// before it through the reduction and the BNNeck with its running
+    /// statistics (inference mode) first; ArcFace gives its cosine logits
+    /// times `arcface_scale`, without the margin, as at inference.
+    pub fn frozen_logits(&self, part: &Tensor, part_after_neck: bool, arcface_scale: f64) -> Option<Tensor> {
+        let input = if part_after_neck {
+            part.shallow_clone()
+        } else {
+            let reduced = match &self.reduction {
+                Some(linear) => part.apply(linear),
+                None => part.shallow_clone(),
+            };
+            self.neck(&reduced, false)
+        };
+        match self.classifier.as_ref()? {
+            ClassifierHead::Linear(c) => Some(c.forward(&input)),
+            ClassifierHead::ArcFace(a) => Some(a.cosine(&input) * arcface_scale),
         }
     }
 
@@ -128,6 +151,10 @@ pub struct Forward {
     pub text: Option<Tensor>,
     /// Classifier logits, one per branch that has a classifier.
     pub logits: Vec<Tensor>,
+    /// Each branch's part of the embedding as this pass computed it (after
+    /// the branch's BNNeck when the embedding is taken after it): what the
+    /// served embedding concatenates.
+    pub parts: Vec<Tensor>,
 }
 
 impl Forward {
@@ -205,56 +232,18 @@ impl ReidNet {
     fn new(config: &TrainConfig, classes: i64, device: Device) -> anyhow::Result<Self> {
         let model = &config.model;
         let vs = nn::VarStore::new(device);
-        let vision = model.vision();
         let clip = Clip::new(
             vs.root(),
             &ClipConfig {
-                vision: vision.clone(),
+                vision: model.vision(),
                 text: model.text(),
             },
         )?;
-        let inputs = match (&config.method, model.feature) {
-            (Method::ZeroShot, _) => Vec::new(),
-            (Method::PromptSg { .. }, _) => vec![TrainFeature::Fused],
-            (_, Feature::ClipReid) => vec![TrainFeature::Backbone, TrainFeature::Projected],
-            (_, Feature::ClassToken) => vec![TrainFeature::Backbone],
-            (_, Feature::Projected | Feature::PromptSg { .. }) => vec![TrainFeature::Projected],
-        };
         let head = config.method.stage2().map(|s| &s.head);
-        let root = vs.root() / "head";
-        let mut branches = Vec::new();
-        for (i, input) in inputs.into_iter().enumerate() {
-            let Some(h) = head else { break };
-            let dim = match input {
-                TrainFeature::Backbone => ImageEncoder::backbone_dim(&vision),
-                TrainFeature::Penultimate => ImageEncoder::penultimate_dim(&vision),
-                TrainFeature::Projected | TrainFeature::Fused => vision.output_dim,
-            };
-            // CLIP-ReID's names: the second branch's modules end in `_proj`.
-            let suffix = if i == 0 { "" } else { "_proj" };
-            let reduction = h.reduction_dim.map(|r| {
-                let config = nn::LinearConfig {
-                    bias: false,
-                    ..Default::default()
-                };
-                nn::linear(&root / format!("reduction{suffix}"), dim, r, config)
-            });
-            let head_dim = h.reduction_dim.unwrap_or(dim);
-            branches.push(Branch {
-                input,
-                dim,
-                reduction,
-                neck: h
-                    .bnneck
-                    .then(|| BnNeck::new(&root / format!("bottleneck{suffix}"), head_dim)),
-                classifier: Some(classifier(
-                    &(&root / format!("classifier{suffix}")),
-                    h,
-                    head_dim,
-                    classes,
-                )),
-            });
-        }
+        let branches = match head {
+            Some(h) => head_branches(&(vs.root() / "head"), config, h, classes),
+            None => Vec::new(),
+        };
         let embed_after_neck = head.is_some_and(|h| h.bnneck && h.neck_feat == NeckFeat::After);
         Ok(Self {
             vs,
@@ -459,14 +448,34 @@ impl ReidNet {
             fused,
             text,
             logits: Vec::new(),
+            parts: Vec::new(),
         };
         for branch in &self.branches {
             let feature = out.feature(branch.input)?;
-            if let Some(logits) = branch.classify(&feature, labels, train) {
+            let (necked, logits) = branch.classify(&feature, labels, train);
+            out.parts
+                .push(if self.embed_after_neck { necked } else { feature });
+            if let Some(logits) = logits {
                 out.logits.push(logits);
             }
         }
         Ok(out)
+    }
+
+    /// The served embedding's parts in a training pass `out`, before the L2
+    /// normalisation: the branches' parts when the embedding is made of
+    /// them ([`ReidNet::embed`]), else the image tower's serving feature.
+    pub fn served_parts(&self, out: &Forward) -> anyhow::Result<Vec<Tensor>> {
+        if self.branches.is_empty() || !self.serves_branches() {
+            return Ok(vec![out.image.select(self.feature)?]);
+        }
+        Ok(out.parts.iter().map(Tensor::shallow_clone).collect())
+    }
+
+    /// Whether the served embedding is made of the branches' parts taken
+    /// after their BNNecks.
+    pub fn embeds_after_neck(&self) -> bool {
+        self.embed_after_neck
     }
 
     /// L2-normalised embeddings in inference mode: what the exported
@@ -640,6 +649,57 @@ impl ReidNet {
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }
+}
+
+/// The features `config`'s head has a branch on, in branch order.
+fn branch_inputs(config: &TrainConfig) -> Vec<TrainFeature> {
+    match (&config.method, config.model.feature) {
+        (Method::ZeroShot, _) => Vec::new(),
+        (Method::PromptSg { .. }, _) => vec![TrainFeature::Fused],
+        (_, Feature::ClipReid) => vec![TrainFeature::Backbone, TrainFeature::Projected],
+        (_, Feature::ClassToken) => vec![TrainFeature::Backbone],
+        (_, Feature::Projected | Feature::PromptSg { .. }) => vec![TrainFeature::Projected],
+    }
+}
+
+/// The head's branches under `root` (`head.` in the net's VarStore) for
+/// `classes` persons: what [`ReidNet::build`] makes, and what
+/// backward-compatible training rebuilds alone from an old run's checkpoint.
+pub fn head_branches(root: &nn::Path, config: &TrainConfig, h: &HeadConfig, classes: i64) -> Vec<Branch> {
+    let vision = config.model.vision();
+    let mut branches = Vec::new();
+    for (i, input) in branch_inputs(config).into_iter().enumerate() {
+        let dim = match input {
+            TrainFeature::Backbone => ImageEncoder::backbone_dim(&vision),
+            TrainFeature::Penultimate => ImageEncoder::penultimate_dim(&vision),
+            TrainFeature::Projected | TrainFeature::Fused => vision.output_dim,
+        };
+        // CLIP-ReID's names: the second branch's modules end in `_proj`.
+        let suffix = if i == 0 { "" } else { "_proj" };
+        let reduction = h.reduction_dim.map(|r| {
+            let config = nn::LinearConfig {
+                bias: false,
+                ..Default::default()
+            };
+            nn::linear(root / format!("reduction{suffix}"), dim, r, config)
+        });
+        let head_dim = h.reduction_dim.unwrap_or(dim);
+        branches.push(Branch {
+            input,
+            dim,
+            reduction,
+            neck: h
+                .bnneck
+                .then(|| BnNeck::new(root / format!("bottleneck{suffix}"), head_dim)),
+            classifier: Some(classifier(
+                &(root / format!("classifier{suffix}")),
+                h,
+                head_dim,
+                classes,
+            )),
+        });
+    }
+    branches
 }
 
 fn classifier(p: &nn::Path, head: &HeadConfig, dim: i64, classes: i64) -> ClassifierHead {

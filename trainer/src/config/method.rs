@@ -2,6 +2,8 @@
 //! its paper's recipe as defaults ([`Method::defaults`]); a config overrides
 //! any part of it.
 
+use std::path::PathBuf;
+
 use handid_model::heads::ArcFaceConfig;
 use serde::{Deserialize, Serialize};
 
@@ -174,6 +176,7 @@ impl Method {
                         },
                         ..OptimConfig::default()
                     },
+                    compatibility: None,
                 },
             },
             _ => return None,
@@ -289,6 +292,11 @@ pub struct Stage2 {
     pub losses: LossConfig,
     /// Optimisation.
     pub optim: OptimConfig,
+    /// Backward-compatible training against an old model (absent: off).
+    /// Written `method.compatibility` for every method kind that trains
+    /// (`TrainConfig::from_yaml` puts it here, in the image-training stage).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compatibility: Option<Compatibility>,
 }
 
 impl Default for Stage2 {
@@ -302,6 +310,40 @@ impl Default for Stage2 {
                 ..LossConfig::default()
             },
             optim: OptimConfig::default(),
+            compatibility: None,
+        }
+    }
+}
+
+/// Backward-compatible training (BCT; Shen, Xiong, Xia, Soatto, "Towards
+/// Backward-Compatible Representation Learning", CVPR 2020): the new model
+/// is trained with its own losses plus the *influence loss*, the
+/// classification loss of its embedding through the old model's frozen
+/// classifier, `L = L(w_new, φ_new) + λ L(w_old, φ_new)`, so that
+/// its queries can be searched against the old model's templates. How the
+/// old classifier is applied is in `crate::compat`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Compatibility {
+    /// The old model: its trainer run folder (its `best` checkpoint, what
+    /// `export` exports by default), one of its training checkpoint folders,
+    /// or an exported serving checkpoint (then every person's classifier
+    /// weights are synthesised from the old model's features).
+    pub old: PathBuf,
+    /// λ, the influence loss's weight.
+    pub influence_weight: f64,
+    /// Scale `s` of the cosine logits when the classifier weights are
+    /// synthesised from class means (normalised-softmax practice, CLIP-FH's
+    /// ArcFace scale).
+    pub scale: f64,
+}
+
+impl Default for Compatibility {
+    fn default() -> Self {
+        Self {
+            old: PathBuf::new(),
+            influence_weight: 1.0,
+            scale: 30.0,
         }
     }
 }

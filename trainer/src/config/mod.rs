@@ -34,7 +34,8 @@ pub use losses::{
     CenterLossConfig, I2tLoss, IdLoss, ImageTextLoss, LossConfig, SupConLoss, TrainFeature, TripletLoss,
 };
 pub use method::{
-    Classifier, HeadConfig, Method, NeckFeat, Phase, PromptSgConfig, PromptSgInference, Stage1, Stage2,
+    Classifier, Compatibility, HeadConfig, Method, NeckFeat, Phase, PromptSgConfig, PromptSgInference,
+    Stage1, Stage2,
 };
 pub use model::{Arch, BackboneNorm, ModelConfig};
 pub use optim::{OptimConfig, ScheduleUnit, TrainPrecision};
@@ -111,6 +112,46 @@ fn overlay(base: Value, over: Value) -> Value {
     }
 }
 
+/// `method.compatibility` belongs to the image-training stage
+/// ([`Stage2::compatibility`]), which is `method:` itself for `finetune` but
+/// a sub-mapping for `clip_reid` (`stage2`) and `prompt_sg` (`train`): there
+/// it is moved into the stage, so the one key works for every kind that
+/// trains. A zero-shot run trains nothing, so it cannot be made compatible.
+fn relocate_compatibility(method: &mut Value, kind: &str) -> anyhow::Result<()> {
+    let stage = match kind {
+        "clip_reid" => "stage2",
+        "prompt_sg" => "train",
+        "zero_shot" => {
+            anyhow::ensure!(
+                method.get("compatibility").is_none(),
+                "method.compatibility: a zero_shot run trains nothing; backward-compatible training \
+                 needs a method that trains (finetune, clip_reid or prompt_sg)"
+            );
+            return Ok(());
+        }
+        _ => return Ok(()),
+    };
+    let Some(map) = method.as_mapping_mut() else {
+        return Ok(());
+    };
+    let Some(compatibility) = map.remove("compatibility") else {
+        return Ok(());
+    };
+    let Some(stage_map) = map
+        .entry(Value::from(stage))
+        .or_insert_with(|| Value::Mapping(serde_yaml::Mapping::new()))
+        .as_mapping_mut()
+    else {
+        anyhow::bail!("method.{stage} must be a mapping");
+    };
+    anyhow::ensure!(
+        !stage_map.contains_key("compatibility"),
+        "method.compatibility and method.{stage}.compatibility are the same key: give it once"
+    );
+    stage_map.insert(Value::from("compatibility"), compatibility);
+    Ok(())
+}
+
 impl TrainConfig {
     /// Parses YAML; errors name the offending key.
     pub fn from_yaml(text: &str) -> anyhow::Result<Self> {
@@ -121,6 +162,7 @@ impl TrainConfig {
                 .and_then(Value::as_str)
                 .context("method.kind is required (zero_shot, finetune, clip_reid or prompt_sg)")?
                 .to_owned();
+            relocate_compatibility(method, &kind)?;
             // An unknown kind falls through to serde, which names the ones allowed.
             if let Some(defaults) = Method::defaults(&kind) {
                 *method = overlay(serde_yaml::to_value(defaults)?, std::mem::take(method));
@@ -282,6 +324,23 @@ impl TrainConfig {
                     "{at}.losses.id.label_smoothing must be in [0, 1)"
                 );
             }
+            if let Some(c) = &stage.compatibility {
+                anyhow::ensure!(
+                    !c.old.as_os_str().is_empty(),
+                    "{at}.compatibility.old: name the old model (its run folder, a training checkpoint \
+                     or a serving checkpoint)"
+                );
+                anyhow::ensure!(
+                    c.influence_weight.is_finite() && c.influence_weight > 0.0,
+                    "{at}.compatibility.influence_weight must be positive, got {}",
+                    c.influence_weight
+                );
+                anyhow::ensure!(
+                    c.scale.is_finite() && c.scale > 0.0,
+                    "{at}.compatibility.scale must be positive, got {}",
+                    c.scale
+                );
+            }
         }
         anyhow::ensure!(
             self.export.fmrs.iter().all(|f| *f > 0.0 && *f < 1.0),
@@ -438,6 +497,76 @@ method:
         let bad = MINIMAL.replace("arch: tiny_vit", "arch: tiny_vit, last_stride: 1");
         let err = TrainConfig::from_yaml(&bad).unwrap_err();
         assert!(err.to_string().contains("model.last_stride"), "{err}");
+    }
+
+    #[test]
+    fn compatibility_is_a_method_key_of_every_kind_that_trains() {
+        let bct = MINIMAL.replace("  epochs: 2\n", "  epochs: 2\n  compatibility: {old: runs/a}\n");
+        let c = TrainConfig::from_yaml(&bct).unwrap();
+        let compat = c.method.stage2().unwrap().compatibility.as_ref().unwrap();
+        assert_eq!(compat.old, Path::new("runs/a"));
+        assert_eq!((compat.influence_weight, compat.scale), (1.0, 30.0));
+        // What a run stores reads back as the same config (resume compares them).
+        let again: TrainConfig = serde_yaml::from_str(&serde_yaml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(again, c);
+        assert_eq!(
+            TrainConfig::from_yaml(&serde_yaml::to_string(&c).unwrap()).unwrap(),
+            c
+        );
+        // Without it nothing is written: older runs' configs stay as they were.
+        let plain = TrainConfig::from_yaml(MINIMAL).unwrap();
+        assert!(!serde_yaml::to_string(&plain).unwrap().contains("compatibility"));
+
+        // CLIP-ReID and PromptSG train in a sub-stage: the key moves there.
+        for (kind, stage) in [("clip_reid", "stage2"), ("prompt_sg", "train")] {
+            let yaml = format!(
+                "name: t\ndata: {{manifest: m}}\nmethod:\n  kind: {kind}\n  compatibility: {{old: a, \
+                 influence_weight: 0.5}}\n"
+            );
+            let c = TrainConfig::from_yaml(&yaml).unwrap();
+            let compat = c.method.stage2().unwrap().compatibility.as_ref().unwrap();
+            assert_eq!(compat.influence_weight, 0.5, "{kind}");
+            let stored = serde_yaml::to_value(&c.method).unwrap();
+            assert!(stored[stage]["compatibility"].is_mapping(), "{kind}: {stored:?}");
+            let twice = format!("{yaml}  {stage}: {{compatibility: {{old: b}}}}\n");
+            let err = TrainConfig::from_yaml(&twice).unwrap_err().to_string();
+            assert!(err.contains("give it once"), "{err}");
+        }
+    }
+
+    #[test]
+    fn compatibility_refusals_name_the_key() {
+        let with = |compat: &str| MINIMAL.replace("  epochs: 2\n", &format!("  epochs: 2\n  {compat}\n"));
+        let refused = |yaml: &str| TrainConfig::from_yaml(yaml).unwrap_err().to_string();
+        let err = refused(&with("compatibility: {influence_weight: 1.0}"));
+        assert!(
+            err.contains("method.compatibility.old") && err.contains("name the old model"),
+            "{err}"
+        );
+        let err = refused(&with("compatibility: {old: a, influence_weight: 0}"));
+        assert!(
+            err.contains("method.compatibility.influence_weight must be positive"),
+            "{err}"
+        );
+        let err = refused(&with("compatibility: {old: a, influence_weight: -1}"));
+        assert!(err.contains("influence_weight"), "{err}");
+        let err = refused(&with("compatibility: {old: a, scale: 0}"));
+        assert!(err.contains("method.compatibility.scale"), "{err}");
+        let err = refused(&with("compatibility: {old: a, influence_wieght: 1}"));
+        assert!(
+            err.contains("influence_wieght") && err.contains("influence_weight"),
+            "{err}"
+        );
+        let err =
+            refused("name: t\ndata: {manifest: m}\nmethod: {kind: zero_shot, compatibility: {old: a}}\n");
+        assert!(
+            err.contains("method.compatibility") && err.contains("zero_shot"),
+            "{err}"
+        );
+        let err = refused(
+            "name: t\ndata: {manifest: m}\nmethod: {kind: prompt_sg, train: {compatibility: {old: a, scale: -2}}}\n",
+        );
+        assert!(err.contains("method.train.compatibility.scale"), "{err}");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use tch::{Device, Kind, Tensor, nn};
 
 use super::state::{self, Best, EpochRow, Tensors, TrainState, ValMetrics};
 use super::steps::{ImageTrainer, PromptTrainer, TermValue};
+use crate::compat::{InfluenceClassifier, OldModel, OldModelRecord};
 use crate::config::{BatchSampler, Method, Phase, SelectBy, TrainConfig};
 use crate::data::{Augment, Item, Loader, PkSampler, Sampler};
 use crate::net::ReidNet;
@@ -151,7 +152,12 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> anyhow::Result<RunSu
     let device = handid_model::parse_device(&config.device).context("choosing the device (config.device)")?;
     let data = load_data(config)?;
     let classes = data.persons.len() as i64;
-    std::fs::create_dir_all(&options.out).with_context(|| format!("creating {}", options.out.display()))?;
+    // Backward-compatible training's old model, opened (and refused) before
+    // anything is written.
+    let old = match config.method.stage2().and_then(|s| s.compatibility.as_ref()) {
+        Some(compatibility) => Some(OldModel::open(compatibility)?),
+        None => None,
+    };
 
     let net = ReidNet::build(config, classes, device)?;
     if let Some(weights) = &config.model.clip_weights {
@@ -159,6 +165,26 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> anyhow::Result<RunSu
     }
     // PromptSG's inference query depends on the (frozen) text tower only.
     net.refresh_simplified_text()?;
+    let influence = match old {
+        Some(old) => Some(old.influence(config, &net, &data, device)?),
+        None => None,
+    };
+    if let Some(influence) = &influence {
+        let r = &influence.record;
+        eprintln!(
+            "backward-compatible with {} (model {}, space {}): the influence loss through {}",
+            r.path.display(),
+            r.model_id,
+            r.embedding_space,
+            match r.classifier {
+                InfluenceClassifier::Trained => "the old run's trained classifier",
+                InfluenceClassifier::Synthesised =>
+                    "classifier weights synthesised from the old model's class means",
+            }
+        );
+    }
+    let compatible_with = influence.as_ref().map(|i| i.record.clone());
+    std::fs::create_dir_all(&options.out).with_context(|| format!("creating {}", options.out.display()))?;
 
     // Where to start: a fresh run or the latest checkpoint.
     let mut resumed: Option<(TrainState, Tensors)> = None;
@@ -176,6 +202,17 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> anyhow::Result<RunSu
             saved.persons == data.persons,
             "the training persons differ from the checkpoint's (was the manifest changed?)"
         );
+        if let (Some(then), Some(now)) = (&saved.compatible_with, &compatible_with) {
+            anyhow::ensure!(
+                then == now,
+                "the old model of method.compatibility changed since the run started (model {}, {:?} \
+                 classifier then; model {}, {:?} now)",
+                then.model_id,
+                then.classifier,
+                now.model_id,
+                now.classifier
+            );
+        }
         handid_model::checkpoint::load_strict(
             &net.vs,
             tensors
@@ -221,6 +258,7 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> anyhow::Result<RunSu
         train_loader: loader(&data.train),
         val_query_loader: loader(&data.val_query),
         val_gallery_loader: loader(&data.val_gallery),
+        compatible_with,
     };
 
     let mut history = resumed
@@ -313,7 +351,8 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> anyhow::Result<RunSu
                         config.model.unfreeze_last_blocks,
                         classes,
                         config.seed,
-                    )?,
+                    )?
+                    .with_influence(influence.as_ref()),
                     sampler,
                     loader: &ctx.train_loader,
                     device,
@@ -537,6 +576,8 @@ struct Ctx<'a> {
     train_loader: Loader,
     val_query_loader: Loader,
     val_gallery_loader: Loader,
+    /// The old model of backward-compatible training, recorded in every checkpoint.
+    compatible_with: Option<OldModelRecord>,
 }
 
 impl Ctx<'_> {
@@ -664,6 +705,7 @@ impl Ctx<'_> {
                 best,
                 loss_scale: runner.loss_scale(),
                 history: history.clone(),
+                compatible_with: self.compatible_with.clone(),
             };
             let tensors = Tensors {
                 model: sorted_vars(&net.vs),

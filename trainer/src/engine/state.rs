@@ -23,6 +23,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
+use crate::compat::OldModelRecord;
 use crate::config::{Phase, TrainConfig};
 
 /// Version of the state file.
@@ -92,6 +93,10 @@ pub struct TrainState {
     pub loss_scale: f64,
     /// Every epoch so far, all phases.
     pub history: Vec<EpochRow>,
+    /// The old model the run is trained backward-compatible with
+    /// (`method.compatibility`): export declares its space compatible.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compatible_with: Option<OldModelRecord>,
 }
 
 /// Tensors of one checkpoint, by file.

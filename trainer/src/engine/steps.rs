@@ -11,6 +11,7 @@ use tch::{Device, Kind, Tensor, nn};
 
 use super::optim::{Optimizer, OptimizerKind, ParamGroup};
 use super::state::Tensors;
+use crate::compat::Influence;
 use crate::config::{LossConfig, Stage1, Stage2, TrainFeature, TrainPrecision};
 use crate::losses::{self, CenterLoss, TripletMargin};
 use crate::net::{Forward, ReidNet, seeded};
@@ -28,7 +29,7 @@ pub struct LossTerm {
 }
 
 impl LossTerm {
-    fn new(name: impl Into<String>, value: Tensor, weight: f64) -> Self {
+    pub(crate) fn new(name: impl Into<String>, value: Tensor, weight: f64) -> Self {
         Self {
             name: name.into(),
             value,
@@ -80,7 +81,7 @@ fn feature_name(f: TrainFeature) -> &'static str {
 }
 
 /// `base` alone for a single part, `base_part` for each of several.
-fn part_name(base: &str, part: TrainFeature, parts: usize) -> String {
+pub(crate) fn part_name(base: &str, part: TrainFeature, parts: usize) -> String {
     if parts == 1 {
         base.to_owned()
     } else {
@@ -265,6 +266,8 @@ pub struct ImageTrainer<'a> {
     pending: u64,
     /// Optimizer steps taken.
     pub steps: u64,
+    /// Backward-compatible training's influence loss.
+    influence: Option<&'a Influence>,
 }
 
 impl<'a> ImageTrainer<'a> {
@@ -323,7 +326,15 @@ impl<'a> ImageTrainer<'a> {
             amp,
             pending: 0,
             steps: 0,
+            influence: None,
         })
+    }
+
+    /// Adds backward-compatible training's influence loss to every batch's
+    /// terms (`influence`, weighted λ).
+    pub fn with_influence(mut self, influence: Option<&'a Influence>) -> Self {
+        self.influence = influence;
+        self
     }
 
     /// The schedule's multiplier of the base rates for the next step, in
@@ -386,7 +397,7 @@ impl<'a> ImageTrainer<'a> {
         } else {
             forward()?
         };
-        let terms = loss_terms(
+        let mut terms = loss_terms(
             self.net,
             &out,
             labels,
@@ -395,6 +406,9 @@ impl<'a> ImageTrainer<'a> {
             self.text_features.as_ref(),
             epoch,
         )?;
+        if let Some(influence) = self.influence {
+            terms.extend(influence.terms(self.net, &out, labels)?);
+        }
         let values = values(&terms);
         let total_value: f64 = values.iter().map(|v| v.weighted).sum();
         if !total_value.is_finite() && !self.amp {
