@@ -4,8 +4,11 @@
 # query/gallery splits of the held-out persons searched four ways: A alone
 # M(A,A), B alone M(B,B), B's queries against A's templates M(B,A), and
 # against A's templates mapped into B's space by a transform fitted on
-# training persons' images only, M(B,T(A)). Prints the table (mAP and
-# Rank-1, mean over the splits).
+# training persons' images only, M(B,T(A)). A third model, BCT, is B's
+# config trained backward-compatibly with A (Shen et al., CVPR 2020:
+# method.compatibility.old = A's run, the influence loss through A's frozen
+# classifier): BCT alone M(BCT,BCT) and BCT's queries against A's templates
+# M(BCT,A). Prints the table (mAP and Rank-1, mean over the splits).
 #
 #   scripts/experiments/upgrade.sh real        # the 11k Hands sample
 #   scripts/experiments/upgrade.sh synthetic   # 200 synthetic persons
@@ -15,7 +18,11 @@
 # the paper's code's recipe but batches of 32 for 200 epochs: its batches of
 # 1024 would make one step an epoch on a few hundred images. Environment:
 # DATA (the 11k sample), OUT (work folder), EPOCHS (B's; synthetic default
-# 400, real the config's), TRANSFORM_EPOCHS (200), TRANSFORM_BATCH (32).
+# 400, real the config's), TRANSFORM_EPOCHS (200), TRANSFORM_BATCH (32),
+# BCT (the BCT models, space-separated WEIGHT[:CLASSIFIER]: the influence
+# weight λ and method.compatibility.classifier, auto when not given;
+# default "1"), KEEP=1 (reuse what OUT already holds: data, splits, every
+# model already exported, the transform; to add BCT variants to a run).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$(dirname "$here")")"
@@ -31,24 +38,34 @@ OUT="${OUT:-${TMPDIR:-/tmp}/handid-upgrade-$which}"
 source "$root/scripts/env.sh"
 (cd "$root" && cargo build --quiet --release -p handid-trainer --bin handid-trainer)
 ht="$CARGO_TARGET_DIR/release/handid-trainer"
-rm -rf "$OUT" && mkdir -p "$OUT"
+[ "${KEEP:-0}" = 1 ] || rm -rf "$OUT"
+mkdir -p "$OUT"
 
 fit_splits=(--split train)
 if [ "$which" = real ]; then
   DATA="${DATA:-$(cd "$root/.." && pwd)/shared/data/11k-hands-sample}"
   [ -f "$DATA/HandInfo.csv" ] || { echo "no 11k sample at $DATA (set DATA)" >&2; exit 1; }
-  "$ht" splits --data "$DATA" --layout 11k --train-extra --out "$OUT/splits.tsv" > /dev/null
+  [ -f "$OUT/splits.tsv" ] ||
+    "$ht" splits --data "$DATA" --layout 11k --train-extra --out "$OUT/splits.tsv" > /dev/null
   fit_splits+=(--split train_extra)
   epochs="${EPOCHS:-$(sed -n 's/^  epochs: //p' "$CONFIG" | head -n 1)}"
 else
-  "$ht" synth --out "$OUT/data" --persons 200 --images-per-person 8 --size 64 > /dev/null
-  "$ht" splits --data "$OUT/data" --layout folder --test-fraction 0.5 --out "$OUT/splits.tsv" > /dev/null
+  if [ ! -f "$OUT/splits.tsv" ]; then
+    "$ht" synth --out "$OUT/data" --persons 200 --images-per-person 8 --size 64 > /dev/null
+    "$ht" splits --data "$OUT/data" --layout folder --test-fraction 0.5 --out "$OUT/splits.tsv" > /dev/null
+  fi
   epochs="${EPOCHS:-400}"
 fi
 
-# A: seed 11, a third of the epochs; B: seed 12, all of them.
-train() { # NAME SEED EPOCHS
+# A: seed 11, a third of the epochs; B: seed 12, all of them; BCT: B
+# trained compatible with A's run, once per variant.
+train() { # NAME SEED EPOCHS [METHOD_LINE]
+  [ -f "$OUT/$1/serving/handid.yaml" ] && return
+  rm -rf "${OUT:?}/$1"
   sed -e "s/^name: .*/name: $1/" -e "s/^seed: .*/seed: $2/" "$CONFIG" > "$OUT/$1.yaml"
+  if [ -n "${4:-}" ]; then
+    sed -i "/^  kind: finetune$/a\\$4" "$OUT/$1.yaml"
+  fi
   local start=$SECONDS
   "$ht" train --config "$OUT/$1.yaml" --manifest "$OUT/splits.tsv" --out "$OUT/$1/run" --epochs "$3" --quiet
   "$ht" export --run "$OUT/$1/run" --out "$OUT/$1/serving" > /dev/null
@@ -56,12 +73,33 @@ train() { # NAME SEED EPOCHS
 }
 train old 11 $(( (epochs + 2) / 3 ))
 train new 12 "$epochs"
+read -ra variants <<< "${BCT:-1}"
+weight() { echo "${1%%:*}"; }
+classifier() { if [[ "$1" == *:* ]]; then echo "${1#*:}"; else echo auto; fi; }
+bct_name() { # VARIANT: bct, bct-2, bct-synthesised, bct-2-synthesised
+  local name=bct
+  [ "$(weight "$1")" = 1 ] || name="$name-$(weight "$1")"
+  [ "$(classifier "$1")" = auto ] || name="$name-$(classifier "$1")"
+  echo "$name"
+}
+bct_label() { # VARIANT: BCT, BCT λ=2, BCT synthesised, ...
+  local label=BCT
+  [ "$(weight "$1")" = 1 ] || label="$label λ=$(weight "$1")"
+  [ "$(classifier "$1")" = auto ] || label="$label $(classifier "$1")"
+  echo "$label"
+}
+for v in "${variants[@]}"; do
+  train "$(bct_name "$v")" 12 "$epochs" \
+    "  compatibility: {old: $OUT/old/run, influence_weight: $(weight "$v"), classifier: $(classifier "$v")}"
+done
 
-start=$SECONDS
-"$ht" fit-transform --old "$OUT/old/serving" --new "$OUT/new/serving" --manifest "$OUT/splits.tsv" \
-  "${fit_splits[@]}" --epochs "${TRANSFORM_EPOCHS:-200}" --batch-size "${TRANSFORM_BATCH:-32}" \
-  --out "$OUT/transform"
-echo "[upgrade] transform fitted in $((SECONDS - start)) s"
+if [ ! -f "$OUT/transform/transform.yaml" ]; then
+  start=$SECONDS
+  "$ht" fit-transform --old "$OUT/old/serving" --new "$OUT/new/serving" --manifest "$OUT/splits.tsv" \
+    "${fit_splits[@]}" --epochs "${TRANSFORM_EPOCHS:-200}" --batch-size "${TRANSFORM_BATCH:-32}" \
+    --out "$OUT/transform"
+  echo "[upgrade] transform fitted in $((SECONDS - start)) s"
+fi
 
 across() { # OUT [--transform DIR]
   local out="$1"; shift
@@ -70,6 +108,11 @@ across() { # OUT [--transform DIR]
 }
 across plain
 across transformed --transform "$OUT/transform"
+for v in "${variants[@]}"; do
+  name="$(bct_name "$v")"
+  "$ht" eval --query-model "$OUT/$name/serving" --gallery-model "$OUT/old/serving" \
+    --manifest "$OUT/splits.tsv" --out "$OUT/$name-old" > /dev/null
+done
 
 echo
 echo "## $which: mean over the ten splits ($OUT)"
@@ -80,5 +123,14 @@ sed -n 's/^| old \/ old: \(.*\)$/| \1/p' "$OUT/plain/report.md"
 sed -n 's/^| new \/ new: \(.*\)$/| \1/p' "$OUT/plain/report.md"
 sed -n 's/^| new \/ old: \(.*\)$/| \1/p' "$OUT/plain/report.md"
 sed -n 's/^| new \/ old through `[^`]*`: \(.*\)$/| \1/p' "$OUT/transformed/report.md"
+for v in "${variants[@]}"; do
+  name="$(bct_name "$v")"
+  label="$(bct_label "$v")"
+  sed -n "s/^| new \/ new: M(B,B) \(.*\)$/| M($label,$label) \1/p" "$OUT/$name-old/report.md"
+  sed -n "s/^| new \/ old: M(B,A) \(.*\)$/| M($label,A) \1/p" "$OUT/$name-old/report.md"
+done
 echo
 grep '^Compatible' "$OUT/transformed/report.md"
+for v in "${variants[@]}"; do
+  echo "$(bct_label "$v"): $(grep '^Compatible' "$OUT/$(bct_name "$v")-old/report.md")"
+done

@@ -52,7 +52,7 @@ use handid_model::{DecodeLimits, Embedder, ImageEncoder, l2_normalize};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn};
 
-use crate::config::{Compatibility, Method, NeckFeat, PromptSgInference, TrainConfig};
+use crate::config::{Compatibility, Method, NeckFeat, OldClassifier, PromptSgInference, TrainConfig};
 use crate::engine::RunData;
 use crate::engine::state::{self, Tensors, TrainState};
 use crate::engine::steps::{LossTerm, part_name};
@@ -182,16 +182,22 @@ impl OldModel {
             self.compatibility.old.display(),
             self.manifest.embedding_dim
         );
-        let trained = match &self.training {
-            Some((old, tensors)) => trained_head(old, tensors, config, net, &data.persons, device)?,
-            None => None,
+        let trained = match (&self.training, self.compatibility.classifier) {
+            (_, OldClassifier::Synthesised) => Err("method.compatibility.classifier: synthesised".to_owned()),
+            (Some((old, tensors)), _) => trained_head(old, tensors, config, net, &data.persons, device)?,
+            (None, _) => Err("a serving checkpoint holds no classifier".to_owned()),
         };
         let classifier = match trained {
-            Some(head) => Frozen::Trained(head),
-            None => Frozen::Synthesised {
+            Ok(head) => Frozen::Trained(head),
+            Err(reason) if self.compatibility.classifier == OldClassifier::Trained => bail!(
+                "method.compatibility.classifier: trained: the old model's classifier cannot score this \
+                 run: {reason} (use auto or synthesised)"
+            ),
+            Err(reason) => Frozen::Synthesised {
                 weights: class_means(&self.serving, data, device)
                     .with_context(|| format!("{at}: the old model's class means"))?,
                 scale: self.compatibility.scale,
+                reason,
             },
         };
         let record = OldModelRecord {
@@ -243,10 +249,30 @@ enum Frozen {
         /// `[classes, dim]` unit rows, one per person of the new run.
         weights: Tensor,
         scale: f64,
+        /// Why the old run's classifier is not used.
+        reason: String,
     },
 }
 
 impl Influence {
+    /// One line saying which classifier the influence loss goes through and why.
+    pub fn describe(&self) -> String {
+        let r = &self.record;
+        let through = match &self.classifier {
+            Frozen::Trained(_) => "the old run's trained classifier".to_owned(),
+            Frozen::Synthesised { reason, .. } => {
+                format!("classifier weights synthesised from the old model's class means ({reason})")
+            }
+        };
+        format!(
+            "backward-compatible with {} (model {}, space {}): the influence loss (weight {}) through {through}",
+            r.path.display(),
+            r.model_id,
+            r.embedding_space,
+            self.weight
+        )
+    }
+
     /// The influence terms of a training batch (`out` from the new net's
     /// forward pass, `labels [batch]` the new run's classes): `influence`,
     /// or `influence_<feature>` per branch of a trained old head with
@@ -275,7 +301,7 @@ impl Influence {
                     })
                     .collect()
             }
-            Frozen::Synthesised { weights, scale } => {
+            Frozen::Synthesised { weights, scale, .. } => {
                 let embedding = l2_normalize(&Tensor::cat(&parts, 1));
                 let logits = embedding.matmul(&weights.tr()) * *scale;
                 Ok(vec![LossTerm::new(
@@ -295,8 +321,8 @@ fn serves_branches(config: &TrainConfig) -> bool {
 }
 
 /// The old run's head as a frozen classifier of the new net's served parts,
-/// or `None` when it cannot be one: other branches or widths, or a new
-/// person the old run never classified (then the weights are synthesised).
+/// or why it cannot be one: no head, other branches or widths, or a new
+/// person the old run never classified.
 fn trained_head(
     old: &TrainState,
     tensors: &Tensors,
@@ -304,20 +330,28 @@ fn trained_head(
     net: &ReidNet,
     persons: &[String],
     device: Device,
-) -> anyhow::Result<Option<TrainedHead>> {
+) -> anyhow::Result<Result<TrainedHead, String>> {
     let Some(head) = old.config.method.stage2().map(|s| &s.head) else {
-        // A zero-shot run has no classifier.
-        return Ok(None);
+        return Ok(Err("the old run is zero-shot: it has no classifier".to_owned()));
     };
     if !serves_branches(&old.config) || !serves_branches(config) {
-        return Ok(None);
+        return Ok(Err(
+            "a PromptSG model serving the plain image feature has no classifier on it".to_owned(),
+        ));
     }
-    let old_labels: Option<Vec<i64>> = persons
+    let old_labels: Result<Vec<i64>, String> = persons
         .iter()
-        .map(|p| old.persons.iter().position(|o| o == p).map(|i| i as i64))
+        .map(|p| {
+            old.persons
+                .iter()
+                .position(|o| o == p)
+                .map(|i| i as i64)
+                .ok_or_else(|| format!("person {p} is not one of the old run's classes"))
+        })
         .collect();
-    let Some(old_labels) = old_labels else {
-        return Ok(None);
+    let old_labels = match old_labels {
+        Ok(labels) => labels,
+        Err(reason) => return Ok(Err(reason)),
     };
     let vs = nn::VarStore::new(device);
     let branches = seeded(old.config.seed, || {
@@ -329,7 +363,9 @@ fn trained_head(
             .zip(&net.branches)
             .all(|(o, n)| o.input == n.input && o.dim == n.dim);
     if !same_layout {
-        return Ok(None);
+        return Ok(Err(
+            "the old head's branches (features, widths) differ from the new model's".to_owned(),
+        ));
     }
     let weights: Vec<(String, Tensor)> = tensors
         .model
@@ -341,7 +377,7 @@ fn trained_head(
     for (_, var) in vs.variables() {
         let _ = var.set_requires_grad(false);
     }
-    Ok(Some(TrainedHead {
+    Ok(Ok(TrainedHead {
         _vs: vs,
         branches,
         after_neck: head.bnneck && head.neck_feat == NeckFeat::After,

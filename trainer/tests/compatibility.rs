@@ -295,4 +295,23 @@ fn an_old_model_that_cannot_be_used_is_refused_before_anything_is_written() {
     create_random_checkpoint(&dir.join("narrow"), &narrow, 3).unwrap();
     let err = refused(&dir.join("narrow"));
     assert!(err.contains("8 dimensions") && err.contains("into 16"), "{err}");
+    // A serving checkpoint holds no classifier: `classifier: trained` cannot be had.
+    create_random_checkpoint(
+        &dir.join("serving"),
+        &handid_model::ClipVisionConfig::tiny_vit(),
+        3,
+    )
+    .unwrap();
+    let cfg = config(
+        &manifest,
+        1,
+        1,
+        &format!("{{old: {}, classifier: trained}}", dir.join("serving").display()),
+    );
+    let err = format!("{:#}", train(&cfg, &options(&dir.join("refused"))).unwrap_err());
+    assert!(
+        err.contains("classifier: trained") && err.contains("holds no classifier"),
+        "{err}"
+    );
+    assert!(!dir.join("refused").exists());
 }

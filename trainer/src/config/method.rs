@@ -332,6 +332,8 @@ pub struct Compatibility {
     pub old: PathBuf,
     /// λ, the influence loss's weight.
     pub influence_weight: f64,
+    /// Which classifier of the old model the influence loss goes through.
+    pub classifier: OldClassifier,
     /// Scale `s` of the cosine logits when the classifier weights are
     /// synthesised from class means (normalised-softmax practice, CLIP-FH's
     /// ArcFace scale).
@@ -343,9 +345,25 @@ impl Default for Compatibility {
         Self {
             old: PathBuf::new(),
             influence_weight: 1.0,
+            classifier: OldClassifier::Auto,
             scale: 30.0,
         }
     }
+}
+
+/// The old classifier of backward-compatible training (`crate::compat`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OldClassifier {
+    /// The old run's trained head when it can score every training person
+    /// of the new run, else weights synthesised from class means.
+    #[default]
+    Auto,
+    /// The old run's trained head; refused when it cannot be used.
+    Trained,
+    /// Every person's weights synthesised from the old model's class means
+    /// (cosine logits times `scale`), also for an old run that has a head.
+    Synthesised,
 }
 
 /// Classifier of the identity loss.

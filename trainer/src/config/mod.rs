@@ -34,8 +34,8 @@ pub use losses::{
     CenterLossConfig, I2tLoss, IdLoss, ImageTextLoss, LossConfig, SupConLoss, TrainFeature, TripletLoss,
 };
 pub use method::{
-    Classifier, Compatibility, HeadConfig, Method, NeckFeat, Phase, PromptSgConfig, PromptSgInference,
-    Stage1, Stage2,
+    Classifier, Compatibility, HeadConfig, Method, NeckFeat, OldClassifier, Phase, PromptSgConfig,
+    PromptSgInference, Stage1, Stage2,
 };
 pub use model::{Arch, BackboneNorm, ModelConfig};
 pub use optim::{OptimConfig, ScheduleUnit, TrainPrecision};
@@ -506,6 +506,23 @@ method:
         let compat = c.method.stage2().unwrap().compatibility.as_ref().unwrap();
         assert_eq!(compat.old, Path::new("runs/a"));
         assert_eq!((compat.influence_weight, compat.scale), (1.0, 30.0));
+        assert_eq!(compat.classifier, OldClassifier::Auto);
+        let forced = bct.replace("{old: runs/a}", "{old: runs/a, classifier: synthesised}");
+        let c2 = TrainConfig::from_yaml(&forced).unwrap();
+        assert_eq!(
+            c2.method
+                .stage2()
+                .unwrap()
+                .compatibility
+                .as_ref()
+                .unwrap()
+                .classifier,
+            OldClassifier::Synthesised
+        );
+        let err = TrainConfig::from_yaml(&bct.replace("{old: runs/a}", "{old: runs/a, classifier: best}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("best") && err.contains("synthesised"), "{err}");
         // What a run stores reads back as the same config (resume compares them).
         let again: TrainConfig = serde_yaml::from_str(&serde_yaml::to_string(&c).unwrap()).unwrap();
         assert_eq!(again, c);

@@ -18,7 +18,7 @@ use tch::{Device, Kind, Tensor, nn};
 
 use super::state::{self, Best, EpochRow, Tensors, TrainState, ValMetrics};
 use super::steps::{ImageTrainer, PromptTrainer, TermValue};
-use crate::compat::{InfluenceClassifier, OldModel, OldModelRecord};
+use crate::compat::{OldModel, OldModelRecord};
 use crate::config::{BatchSampler, Method, Phase, SelectBy, TrainConfig};
 use crate::data::{Augment, Item, Loader, PkSampler, Sampler};
 use crate::net::ReidNet;
@@ -170,18 +170,7 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> anyhow::Result<RunSu
         None => None,
     };
     if let Some(influence) = &influence {
-        let r = &influence.record;
-        eprintln!(
-            "backward-compatible with {} (model {}, space {}): the influence loss through {}",
-            r.path.display(),
-            r.model_id,
-            r.embedding_space,
-            match r.classifier {
-                InfluenceClassifier::Trained => "the old run's trained classifier",
-                InfluenceClassifier::Synthesised =>
-                    "classifier weights synthesised from the old model's class means",
-            }
-        );
+        eprintln!("{}", influence.describe());
     }
     let compatible_with = influence.as_ref().map(|i| i.record.clone());
     std::fs::create_dir_all(&options.out).with_context(|| format!("creating {}", options.out.display()))?;
