@@ -26,17 +26,20 @@
 //!   classes (matched by person id).
 //! - **Synthesised** (the paper's sec. 3.3 answer for classes the old
 //!   classifier lacks: their weights are the old model's mean feature of
-//!   the class's images): every person's weight is
-//!   the mean of the old model's served embeddings of that person's training
-//!   images, computed once before training under no_grad with the old model
-//!   in inference mode (so a resumed run recomputes the same ones), and the
-//!   logits are the cosine of the new served embedding (concatenated parts,
+//!   the class's images): every person's weight is the mean of the old
+//!   model's served embeddings of that person's training images, computed
+//!   once before training under no_grad with the old model in inference
+//!   mode (so a resumed run recomputes the same ones), and the logits are
+//!   the cosine of the new served embedding (concatenated parts,
 //!   L2-normalised) to those means times `scale` (a normalised softmax: the
 //!   means and the old templates are unit vectors compared by cosine). Used
-//!   for an old serving checkpoint, and for an old run whose classifier
-//!   cannot be applied (other persons or another branch layout); all
-//!   weights are synthesised then, so one classifier scores every class
-//!   alike.
+//!   for an old serving checkpoint, for an old run whose classifier cannot
+//!   be applied (other persons or another branch layout), and whenever
+//!   `classifier: synthesised` asks; all weights are synthesised then, so
+//!   one classifier scores every class alike.
+//!
+//! `classifier: auto` (the default) takes the trained head where it
+//! applies, `trained` insists on it (and says why it cannot be had).
 //!
 //! The old model is frozen throughout: its head lives in a VarStore of its
 //! own (never in the optimizer, never checkpointed), no variable of it
