@@ -239,6 +239,7 @@ pub fn action_of(path: &str) -> &'static str {
         "handid.v1.Admin/ReloadModel" => "reload",
         "handid.v1.Admin/PromoteModel" => "promote",
         "handid.v1.Admin/RollbackModel" => "rollback",
+        "handid.v1.Admin/CancelMigration" => "cancel_migration",
         "handid.v1.Admin/ReloadSettings" => "reload_settings",
         _ => "unknown",
     }
@@ -412,6 +413,7 @@ mod tests {
     #[test]
     fn actions_follow_the_core_and_unknown_paths_are_unknown() {
         assert_eq!(action_of("/handid.v1.Admin/ReloadModel"), "reload");
+        assert_eq!(action_of("/handid.v1.Admin/CancelMigration"), "cancel_migration");
         assert_eq!(action_of("/handid.v1.HandId/DeleteSubject"), "delete_subject");
         assert_eq!(action_of("/handid.v1.HandId/Nope"), "unknown");
     }

@@ -678,6 +678,10 @@ mod tests {
             access_of("/handid.v1.Admin/ReloadModel"),
             Access::Scoped(Scope::Admin)
         );
+        assert_eq!(
+            access_of("/handid.v1.Admin/CancelMigration"),
+            Access::Scoped(Scope::Admin)
+        );
         assert_eq!(access_of("/grpc.health.v1.Health/Check"), Access::Open);
         assert_eq!(access_of("/handid.v1.HandId/Nope"), Access::Authenticated);
     }

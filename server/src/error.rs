@@ -223,6 +223,9 @@ pub enum ServiceError {
     /// PromoteModel without a staged model.
     #[error("no model is staged; stage one with ReloadModel (RELOAD_MODE_STAGE_MIGRATION) first")]
     NothingStaged,
+    /// CancelMigration without a staged model; the reason says which.
+    #[error("no migration to cancel: {0}")]
+    NoMigration(String),
     /// PromoteModel with full coverage required, and galleries lacking it.
     #[error("the staged model does not cover every subject yet; galleries lacking coverage: {0}")]
     CoverageIncomplete(String),
@@ -256,9 +259,9 @@ impl From<StoreError> for ServiceError {
                 ServiceError::SubjectNotFound { gallery, subject }
             }
             StoreError::Database(cause) => ServiceError::Internal(format!("database: {cause}")),
-            e @ (StoreError::SchemaBehind { .. } | StoreError::SchemaModified { .. }) => {
-                ServiceError::Internal(e.to_string())
-            }
+            e @ (StoreError::SchemaBehind { .. }
+            | StoreError::SchemaModified { .. }
+            | StoreError::ModelRetired(_)) => ServiceError::Internal(e.to_string()),
         }
     }
 }
@@ -300,6 +303,7 @@ impl ServiceError {
             ServiceError::NotCalibrated { .. }
             | ServiceError::IncompatibleModel(_)
             | ServiceError::NothingStaged
+            | ServiceError::NoMigration(_)
             | ServiceError::CoverageIncomplete(_)
             | ServiceError::RollbackRefused(_)
             | ServiceError::SettingsRefused(_) => Code::FailedPrecondition,

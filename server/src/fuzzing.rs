@@ -248,6 +248,7 @@ pub fn requests(data: &[u8]) -> usize {
     // The others carry nothing to validate: decoding must not panic.
     let _ = pb::GetModelRequest::decode(data);
     let _ = pb::PromoteModelRequest::decode(data);
+    let _ = pb::CancelMigrationRequest::decode(data);
     let _ = pb::RollbackModelRequest::decode(data);
     let _ = pb::ReloadSettingsRequest::decode(data);
     accepted

@@ -177,7 +177,7 @@ where
 }
 
 /// The methods this server serves, as metrics and traces name them.
-const METHODS: [&str; 18] = [
+const METHODS: [&str; 19] = [
     "handid.v1.HandId/Enroll",
     "handid.v1.HandId/Identify",
     "handid.v1.HandId/Verify",
@@ -190,6 +190,7 @@ const METHODS: [&str; 18] = [
     "handid.v1.Admin/ReloadModel",
     "handid.v1.Admin/PromoteModel",
     "handid.v1.Admin/RollbackModel",
+    "handid.v1.Admin/CancelMigration",
     "handid.v1.Admin/ReloadSettings",
     "grpc.health.v1.Health/Check",
     "grpc.health.v1.Health/Watch",

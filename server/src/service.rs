@@ -336,6 +336,21 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn cancel_migration(
+        &self,
+        request: Request<pb::CancelMigrationRequest>,
+    ) -> Result<Response<pb::CancelMigrationResponse>, Status> {
+        let out = self.engine.cancel_migration(&caller(&request)).await?;
+        Ok(Response::new(pb::CancelMigrationResponse {
+            active: Some(model_info(&out.active)),
+            cancelled: Some(model_info(&out.cancelled)),
+            templates_deleted: out.templates.templates_deleted,
+            templates_kept: out.templates.templates_kept,
+            subjects_without_active_templates: out.templates.subjects_without_active,
+            rollback_target: out.templates.rollback_target,
+        }))
+    }
+
     async fn reload_settings(
         &self,
         request: Request<pb::ReloadSettingsRequest>,

@@ -275,6 +275,13 @@ async fn derive_batch(
         let mapped = map(transform, &sources, to.embedding_dim)?;
         match store.insert_derived(&to.model_id, &mapped).await {
             Ok(inserted) => return Ok(Some((inserted, last_seq))),
+            // CancelMigration on a replica meanwhile.
+            Err(StoreError::ModelRetired(model_id)) => {
+                return Err(UpgradeError::NotStaged {
+                    model_id,
+                    role: "retired".to_owned(),
+                });
+            }
             Err(StoreError::Conflict(reason)) if attempt < CONFLICT_RETRIES => {
                 attempt += 1;
                 tracing::info!(%reason, attempt, "a batch lost to a concurrent change; reading it again");

@@ -1,4 +1,5 @@
-//! The Admin service's calls: the serving model, reloads, migrations.
+//! The Admin service's calls: the serving model, reloads, migrations
+//! (staged, promoted or cancelled).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -514,20 +515,105 @@ impl Engine {
                 return Err(ServiceError::CoverageIncomplete(lacking.join(", ")));
             }
         }
-        let previous = self.publish_promotion(&staged);
-        // Recorded in one transaction: the staged model becomes the active
-        // one, the previous active model is retired.
-        self.store
-            .assign_role(
-                staged.model_id(),
-                Role::Active,
-                &staged.model.path.display().to_string(),
-            )
+        // Recorded in one transaction, first: the staged model becomes the
+        // active one, the previous active model is retired, unless another
+        // replica cancelled the migration (its templates are gone) and this
+        // one has not followed yet.
+        let promoted = self
+            .store
+            .promote_staged(staged.model_id(), &staged.model.path.display().to_string())
             .await?;
+        if !promoted {
+            return Err(ServiceError::NoMigration(format!(
+                "model {} is no longer staged in the database (another replica cancelled the \
+                 migration; this one follows within replication.poll_interval_ms)",
+                staged.model_id()
+            )));
+        }
+        let previous = self.publish_promotion(&staged);
         tracing::info!(previous = %previous.model_id(), active = %staged.model_id(), "staged model promoted");
         Ok(Promoted {
             active: staged.model.clone(),
             previous: previous.model.clone(),
+        })
+    }
+
+    /// Abandons the staged migration: the database retires the staged model
+    /// and deletes its templates but those still needed
+    /// ([`crate::store::Store::cancel_staged`]), then this replica drops
+    /// its staged slot; the active slot is not touched. Detached and
+    /// audited (`cancel_migration`) as a promotion.
+    pub async fn cancel_migration(self: &Arc<Self>, caller: &Caller) -> Result<Cancelled> {
+        let (engine, caller) = (Arc::clone(self), caller.clone());
+        self.detach(async move {
+            let staged = engine.staged().map(|s| s.model_id().to_owned());
+            let result = engine.cancel_inner().await;
+            let mut detail = serde_json::json!({ "cancelled_model": staged });
+            match &result {
+                Ok(c) => {
+                    detail["path"] = c.cancelled.path.display().to_string().into();
+                    detail["templates_deleted"] = c.templates.templates_deleted.into();
+                    detail["templates_kept"] = c.templates.templates_kept.into();
+                    detail["subjects_without_active_templates"] = c.templates.subjects_without_active.into();
+                    detail["rollback_target"] = c.templates.rollback_target.into();
+                }
+                Err(e) => detail["reason"] = e.to_string().into(),
+            }
+            let model_id = engine.model_id();
+            engine
+                .audited_change(&caller, "cancel_migration", result, &model_id, &detail)
+                .await
+        })
+        .await
+    }
+
+    async fn cancel_inner(&self) -> Result<Cancelled> {
+        let _one = self.reloading.lock().await;
+        let staged = self
+            .staged()
+            .ok_or_else(|| ServiceError::NoMigration("no model is staged".to_owned()))?;
+        let active = self.active();
+        // Recorded first: a refusal or a database failure leaves the
+        // migration as it was, here and everywhere.
+        let templates = self
+            .store
+            .cancel_staged(staged.model_id(), &active.spaces)
+            .await?
+            .ok_or_else(|| {
+                ServiceError::NoMigration(format!(
+                    "model {} is no longer staged in the database (another replica promoted or                      cancelled it; this one follows within replication.poll_interval_ms)",
+                    staged.model_id()
+                ))
+            })?;
+        {
+            // Writers are held off while the slot goes, as when following
+            // a cancellation.
+            let _published = self.publishing.write().await;
+            *self
+                .staged
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        }
+        if templates.subjects_without_active > 0 {
+            tracing::warn!(
+                cancelled = %staged.model_id(),
+                subjects = templates.subjects_without_active,
+                "subjects without a template of the active model keep their templates of the \
+                 cancelled model: re-enrol them, or delete them"
+            );
+        }
+        tracing::info!(
+            active = %active.model_id(),
+            cancelled = %staged.model_id(),
+            deleted = templates.templates_deleted,
+            kept = templates.templates_kept,
+            rollback_target = templates.rollback_target,
+            "migration cancelled"
+        );
+        Ok(Cancelled {
+            active: active.model.clone(),
+            cancelled: staged.model.clone(),
+            templates,
         })
     }
 
@@ -547,7 +633,7 @@ impl Engine {
 
     /// Brings this replica's models in line with the roles the database
     /// records, when another replica changed them (a swap, a staging, a
-    /// promotion, a rollback, an adoption): a staged model that became the
+    /// promotion, a cancellation, a rollback, an adoption): a staged model that became the
     /// active one is promoted here too, other models are loaded from their
     /// recorded folders, a staged model no longer recorded is dropped. The
     /// change-feed follower calls it on every role notification and poll. A

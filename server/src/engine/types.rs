@@ -248,6 +248,17 @@ pub struct Promoted {
     pub previous: ActiveModel,
 }
 
+/// Result of a cancelled migration.
+#[derive(Debug, Clone)]
+pub struct Cancelled {
+    /// The model that keeps serving.
+    pub active: ActiveModel,
+    /// The model that was staged.
+    pub cancelled: ActiveModel,
+    /// What became of its templates.
+    pub templates: crate::store::CancelledStaging,
+}
+
 /// What GetModel reports.
 #[derive(Debug, Clone)]
 pub struct ModelReport {

@@ -67,7 +67,7 @@ where
 }
 
 /// Every call of both services, as REST resources.
-pub static ROUTES: [Route; 13] = [
+pub static ROUTES: [Route; 14] = [
     route::<pb::EnrollRequest, pb::EnrollResponse>(
         Method::POST,
         "/v1/galleries/{gallery_id}/subjects/{subject_id}:enroll",
@@ -119,6 +119,11 @@ pub static ROUTES: [Route; 13] = [
         Method::POST,
         "/v1/model:rollback",
         "/handid.v1.Admin/RollbackModel",
+    ),
+    route::<pb::CancelMigrationRequest, pb::CancelMigrationResponse>(
+        Method::POST,
+        "/v1/model:cancelMigration",
+        "/handid.v1.Admin/CancelMigration",
     ),
     route::<pb::ReloadSettingsRequest, pb::ReloadSettingsResponse>(
         Method::POST,

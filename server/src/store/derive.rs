@@ -5,7 +5,7 @@
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::{Store, StoreResult, decode_embedding, embedding_bytes};
+use super::{Store, StoreError, StoreResult, decode_embedding, embedding_bytes};
 
 /// A model as the database records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +100,9 @@ impl Store {
     /// gallery. A source deleted meanwhile, or already derived (another run),
     /// is skipped. Returns the templates inserted. The insert trigger
     /// records one change per subject, so every replica re-reads them.
+    /// Refused ([`StoreError::ModelRetired`]) once `to` is retired (its
+    /// migration cancelled meanwhile), under a share lock on its row that
+    /// the cancellation waits for.
     pub async fn insert_derived(&self, to: &str, derived: &[(Uuid, Vec<f32>)]) -> StoreResult<u64> {
         let sources: Vec<Uuid> = derived.iter().map(|(source, _)| *source).collect();
         let ids: Vec<Uuid> = derived.iter().map(|_| Uuid::new_v4()).collect();
@@ -108,6 +111,15 @@ impl Store {
             .iter()
             .map(|(_, e)| i32::try_from(e.len()).unwrap_or(i32::MAX))
             .collect();
+        let mut tx = self.pool.begin().await?;
+        let role: Option<String> =
+            sqlx::query_scalar("SELECT role FROM models WHERE model_id = $1 FOR SHARE")
+                .bind(to)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if !matches!(role.as_deref(), Some("staged" | "active")) {
+            return Err(StoreError::ModelRetired(to.to_owned()));
+        }
         let inserted = sqlx::query(
             "INSERT INTO templates (template_id, subject, gallery_id, model_id, dimension, embedding, derived_from)
              SELECT d.id, t.subject, t.gallery_id, $1, d.dimension, d.embedding, t.template_id
@@ -121,8 +133,9 @@ impl Store {
         .bind(&ids)
         .bind(&dims)
         .bind(&embeddings)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(inserted.rows_affected())
     }
 }

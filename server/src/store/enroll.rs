@@ -68,7 +68,7 @@ impl Store {
         let templates =
             insert_templates(&mut tx, subject, enrollment, new, new.model_id, new.embeddings).await?;
         let staged_templates = match new.staged {
-            Some(staged) => {
+            Some(staged) if in_use(&mut tx, staged.model_id).await? => {
                 insert_templates(
                     &mut tx,
                     subject,
@@ -79,7 +79,7 @@ impl Store {
                 )
                 .await?
             }
-            None => Vec::new(),
+            _ => Vec::new(),
         };
         let template_count = count_templates(&mut tx, subject, new.model_id).await?;
         super::audit::insert(&mut *tx, audit).await?;
@@ -226,6 +226,19 @@ async fn create_gallery(tx: &mut Transaction<'_, Postgres>, new: &NewEnrollment<
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+/// Whether `model_id` is still staged (or was promoted meanwhile), under a
+/// share lock on its row held until commit: a migration cancelled on
+/// another replica before this one followed gets no more templates (the
+/// cancellation locks the row before it deletes them, so it waits for this
+/// enrolment, or this one sees the model retired).
+async fn in_use(tx: &mut Transaction<'_, Postgres>, model_id: &str) -> StoreResult<bool> {
+    let role: Option<String> = sqlx::query_scalar("SELECT role FROM models WHERE model_id = $1 FOR SHARE")
+        .bind(model_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    Ok(matches!(role.as_deref(), Some("staged" | "active")))
 }
 
 /// Inserts one template per embedding of `model_id` for an enrolment.

@@ -67,6 +67,10 @@ pub enum StoreError {
     /// back); named by the constraint or condition that caught it.
     #[error("concurrent modification caught by {0}")]
     Conflict(String),
+    /// Templates of a model that is retired now (its migration cancelled
+    /// while they were written).
+    #[error("model {0} is retired (its migration was cancelled)")]
+    ModelRetired(String),
     /// The database lacks a migration this release needs.
     #[error(
         "the database schema lacks migration {missing} ({description}): run `handid-server migrate` as \

@@ -73,6 +73,21 @@ pub struct ModelRoles {
     pub staged: Option<RecordedModel>,
 }
 
+/// What [`Store::cancel_staged`] did with the cancelled model's templates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CancelledStaging {
+    /// Templates of the cancelled model deleted.
+    pub templates_deleted: u32,
+    /// Templates of the cancelled model kept.
+    pub templates_kept: u32,
+    /// Subjects whose kept templates are their only ones: no template the
+    /// active model compares.
+    pub subjects_without_active: u32,
+    /// Whether the cancelled model is RollbackModel's target (its templates
+    /// all kept).
+    pub rollback_target: bool,
+}
+
 /// What [`Store::claim_active`] decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
@@ -348,6 +363,24 @@ impl Store {
         Ok(retired)
     }
 
+    /// Makes the staged model `model_id`, loaded from `path`, the active
+    /// one (retiring the active one), provided the database still records
+    /// it as staged; `false` when it does not (another replica cancelled
+    /// the migration): nothing changed.
+    pub async fn promote_staged(&self, model_id: &str, path: &str) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        lock_roles(&mut tx).await?;
+        let staged: Option<String> = sqlx::query_scalar("SELECT model_id FROM models WHERE role = 'staged'")
+            .fetch_optional(&mut *tx)
+            .await?;
+        if staged.as_deref() != Some(model_id) {
+            return Ok(false);
+        }
+        assign(&mut tx, model_id, Role::Active, path).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
     /// At start: makes `model_id` (the model of `model.path`, loaded from
     /// `path`) the active model when none is recorded, when it is the one
     /// recorded, or when `adopt` says to replace the recorded one; otherwise
@@ -391,6 +424,86 @@ impl Store {
                 active_until,
             }),
         )
+    }
+
+    /// Ends the migration to `model_id`, in one transaction: it is retired
+    /// (every replica follows, a restart does not stage it again) and its
+    /// templates are deleted, except those of subjects holding no template
+    /// of another model of `active_spaces` (their only templates), those a
+    /// template was derived from (the derived one would go with them), and
+    /// all of them when `model_id` is the rollback target. `None` when the
+    /// database does not record `model_id` as staged (another replica
+    /// changed the models): nothing changed.
+    ///
+    /// The staged row is locked before anything is deleted: an enrolment
+    /// (or a template upgrade) that checks the role under a share lock
+    /// either commits first, its templates then deleted here, or sees the
+    /// model retired and stores none ([`Store::enroll`]).
+    pub async fn cancel_staged(
+        &self,
+        model_id: &str,
+        active_spaces: &[String],
+    ) -> StoreResult<Option<CancelledStaging>> {
+        let mut tx = self.pool.begin().await?;
+        lock_roles(&mut tx).await?;
+        let staged: Option<String> =
+            sqlx::query_scalar("SELECT model_id FROM models WHERE role = 'staged' FOR UPDATE")
+                .fetch_optional(&mut *tx)
+                .await?;
+        if staged.as_deref() != Some(model_id) {
+            return Ok(None);
+        }
+        sqlx::query("UPDATE models SET role = 'retired' WHERE model_id = $1")
+            .bind(model_id)
+            .execute(&mut *tx)
+            .await?;
+        // The model RollbackModel goes back to, now that this one is
+        // retired (`previous_active`).
+        let target: Option<String> = sqlx::query_scalar(
+            "SELECT model_id FROM models WHERE role = 'retired' AND active_until IS NOT NULL
+             ORDER BY active_until DESC, model_id LIMIT 1",
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        let rollback_target = target.as_deref() == Some(model_id);
+        // Whether the subject of `t` holds a template the active model
+        // compares, other than the cancelled model's.
+        const COVERED: &str = "EXISTS (
+            SELECT 1 FROM templates a JOIN models m ON m.model_id = a.model_id
+            WHERE a.subject = t.subject AND a.model_id <> $1 AND m.embedding_space = ANY($2))";
+        let templates_deleted = if rollback_target {
+            0
+        } else {
+            sqlx::query(&format!(
+                "DELETE FROM templates t WHERE t.model_id = $1 AND {COVERED}
+                   AND NOT EXISTS (SELECT 1 FROM templates d WHERE d.derived_from = t.template_id)"
+            ))
+            .bind(model_id)
+            .bind(active_spaces)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+        };
+        let (kept, uncovered): (i64, i64) = sqlx::query_as(&format!(
+            "SELECT count(*), count(DISTINCT t.subject) FILTER (WHERE NOT {COVERED})
+             FROM templates t WHERE t.model_id = $1"
+        ))
+        .bind(model_id)
+        .bind(active_spaces)
+        .fetch_one(&mut *tx)
+        .await?;
+        // The other replicas drop their staged model (delivered at commit).
+        sqlx::query("SELECT pg_notify($1, 'models')")
+            .bind(crate::replication::CHANNEL)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(CancelledStaging {
+            templates_deleted: u32::try_from(templates_deleted).unwrap_or(u32::MAX),
+            templates_kept: to_u32(kept),
+            subjects_without_active: to_u32(uncovered),
+            rollback_target,
+        }))
     }
 
     /// Retires `model_id` (a staged model that is not restored).
