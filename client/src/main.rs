@@ -3,7 +3,7 @@
 //! Commands: `enroll`, `identify`, `verify` (images from files, `-` for
 //! stdin; `enroll --from FOLDER|FILE.csv` enrols a whole site, see
 //! `bulk`), `subjects list|get|delete`, `gallery delete`, the model
-//! lifecycle (`model get|reload|promote|rollback`), `settings reload` (the
+//! lifecycle (`model get|reload|promote|cancel|rollback`), `settings reload` (the
 //! API keys) and `health`. Every command takes the server's address, an API key
 //! (`--api-key` or `HANDID_API_KEY`, sent as `authorization: Bearer`) and,
 //! for a TLS listener, `--tls-ca` (plus `--tls-cert`/`--tls-key` for mutual
@@ -174,6 +174,9 @@ enum ModelCommand {
         #[arg(long)]
         require_full_coverage: bool,
     },
+    /// Abandon the staged migration: the active model keeps serving, the
+    /// staged model's templates are deleted (but those still needed).
+    Cancel,
     /// Make the previous model active again.
     Rollback,
 }
@@ -617,6 +620,13 @@ async fn run(cli: &Cli) -> Result<ExitCode, Failure> {
                 .into_inner();
             swapped(r.active.as_ref(), r.previous.as_ref())
         }
+        Command::Model(ModelCommand::Cancel) => {
+            let r = admin
+                .cancel_migration(request(key, pb::CancelMigrationRequest {})?)
+                .await?
+                .into_inner();
+            cancelled(&r)
+        }
         Command::Model(ModelCommand::Rollback) => {
             let r = admin
                 .rollback_model(request(key, pb::RollbackModelRequest {})?)
@@ -836,6 +846,38 @@ fn swapped(active: Option<&pb::ModelInfo>, previous: Option<&pb::ModelInfo>) -> 
         previous["model_id"].as_str().unwrap_or_default()
     );
     (json!({ "active": active, "previous": previous }), text)
+}
+
+fn cancelled(r: &pb::CancelMigrationResponse) -> (Value, String) {
+    let (active, cancelled) = (model(r.active.as_ref()), model(r.cancelled.as_ref()));
+    let mut text = format!(
+        "active: {} from {} (cancelled {}: {} templates deleted, {} kept)",
+        active["model_id"].as_str().unwrap_or_default(),
+        active["path"].as_str().unwrap_or_default(),
+        cancelled["model_id"].as_str().unwrap_or_default(),
+        r.templates_deleted,
+        r.templates_kept
+    );
+    if r.rollback_target {
+        text.push_str("\nthe cancelled model is the rollback target: its templates are kept for it");
+    }
+    if r.subjects_without_active_templates > 0 {
+        text.push_str(&format!(
+            "\n{} subjects have no template of the active model and keep theirs: re-enrol or delete them",
+            r.subjects_without_active_templates
+        ));
+    }
+    (
+        json!({
+            "active": active,
+            "cancelled": cancelled,
+            "templates_deleted": r.templates_deleted,
+            "templates_kept": r.templates_kept,
+            "subjects_without_active_templates": r.subjects_without_active_templates,
+            "rollback_target": r.rollback_target,
+        }),
+        text,
+    )
 }
 
 fn report(r: &pb::GetModelResponse) -> (Value, String) {

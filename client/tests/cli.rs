@@ -631,3 +631,73 @@ async fn the_cli_enrols_identifies_and_exits_with_the_grpc_status(
     // Nobody listens any more: UNAVAILABLE (24).
     assert_eq!(status(&handid(&addr, door, &["model", "get"], None).await), 24);
 }
+
+#[sqlx::test(migrations = false)]
+async fn model_cancel_abandons_a_staged_migration(_: PgPoolOptions, options: PgConnectOptions) {
+    let operator = "hid_operator_key";
+    let (model, addr, stop, server) = serve(
+        &options,
+        vec![key("operator", operator, &[Scope::Admin, Scope::Enroll])],
+    )
+    .await;
+    let active = handid_model::Manifest::read(model.path()).expect("the active model's manifest");
+    let other = tempfile::tempdir().expect("other model");
+    let staged =
+        handid_model::create_random_checkpoint(other.path(), &handid_model::ClipVisionConfig::tiny_vit(), 4)
+            .expect("checkpoint");
+    let other_path = other.path().to_str().expect("utf-8 path").to_owned();
+    let stage = [
+        "--json",
+        "model",
+        "reload",
+        "--stage",
+        "--path",
+        other_path.as_str(),
+    ];
+
+    // Nothing staged: FAILED_PRECONDITION (19), saying so.
+    let refused = handid(&addr, operator, &["model", "cancel"], None).await;
+    assert_eq!(status(&refused), 19);
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("no model is staged"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    // Staged, one dual enrolment, cancelled: its staged template goes.
+    assert_eq!(json(&handid(&addr, operator, &stage, None).await)["staged"], true);
+    let photo = photos(1).remove(0);
+    let photo = photo.to_str().expect("utf-8 path");
+    let enrol = ["enroll", "--gallery", "site", "--subject", "alice", photo];
+    assert_eq!(status(&handid(&addr, operator, &enrol, None).await), 0);
+    let cancelled = json(&handid(&addr, operator, &["--json", "model", "cancel"], None).await);
+    assert_eq!(cancelled["active"]["model_id"], active.model_id);
+    assert_eq!(cancelled["cancelled"]["model_id"], staged.model_id);
+    assert_eq!(cancelled["cancelled"]["path"], other_path);
+    assert_eq!(cancelled["templates_deleted"], 1);
+    assert_eq!(cancelled["templates_kept"], 0);
+    assert_eq!(cancelled["subjects_without_active_templates"], 0);
+    assert_eq!(cancelled["rollback_target"], false);
+    let report = json(&handid(&addr, operator, &["--json", "model", "get"], None).await);
+    assert!(report["staged"].is_null(), "{report}");
+
+    // Staged again from zero coverage; the summary names both models.
+    json(&handid(&addr, operator, &stage, None).await);
+    let report = json(&handid(&addr, operator, &["--json", "model", "get"], None).await);
+    assert_eq!(report["coverage"][0]["subjects_with_staged_templates"], 0);
+    let human = handid(&addr, operator, &["model", "cancel"], None).await;
+    assert_eq!(status(&human), 0);
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        text.starts_with(&format!(
+            "active: {} from {} (cancelled {}: 0 templates deleted, 0 kept)",
+            active.model_id,
+            model.path().display(),
+            staged.model_id
+        )),
+        "{text}"
+    );
+
+    let _ = stop.send(());
+    server.await.expect("server task").expect("clean stop");
+}

@@ -36,10 +36,11 @@ enum Rpc {
     GetModel,
     ReloadModel,
     PromoteModel,
+    CancelMigration,
     Health,
 }
 
-const RPCS: [Rpc; 12] = [
+const RPCS: [Rpc; 13] = [
     Rpc::Enroll,
     Rpc::Identify,
     Rpc::Verify,
@@ -51,6 +52,7 @@ const RPCS: [Rpc; 12] = [
     Rpc::GetModel,
     Rpc::ReloadModel,
     Rpc::PromoteModel,
+    Rpc::CancelMigration,
     Rpc::Health,
 ];
 
@@ -61,7 +63,7 @@ impl Rpc {
             Rpc::Enroll | Rpc::DeleteSubject | Rpc::DeleteGallery => Some(Scope::Enroll),
             Rpc::Identify | Rpc::Verify | Rpc::GetSubject | Rpc::ListSubjects => Some(Scope::Identify),
             Rpc::Embed => Some(Scope::Embed),
-            Rpc::GetModel | Rpc::ReloadModel | Rpc::PromoteModel => Some(Scope::Admin),
+            Rpc::GetModel | Rpc::ReloadModel | Rpc::PromoteModel | Rpc::CancelMigration => Some(Scope::Admin),
             Rpc::Health => None,
         }
     }
@@ -70,7 +72,12 @@ impl Rpc {
     fn has_gallery(self) -> bool {
         !matches!(
             self,
-            Rpc::Embed | Rpc::GetModel | Rpc::ReloadModel | Rpc::PromoteModel | Rpc::Health
+            Rpc::Embed
+                | Rpc::GetModel
+                | Rpc::ReloadModel
+                | Rpc::PromoteModel
+                | Rpc::CancelMigration
+                | Rpc::Health
         )
     }
 
@@ -88,18 +95,19 @@ impl Rpc {
             Rpc::GetModel => "get_model",
             Rpc::ReloadModel => "reload",
             Rpc::PromoteModel => "promote",
+            Rpc::CancelMigration => "cancel_migration",
             Rpc::Health => return None,
         })
     }
 
     /// Its status once admitted: the deletes aim at things that do not
     /// exist, so the fixture survives and NOT_FOUND proves the call got in;
-    /// ReloadModel reloads the serving folder, and PromoteModel finds nothing
-    /// staged (FAILED_PRECONDITION).
+    /// ReloadModel reloads the serving folder, and PromoteModel and
+    /// CancelMigration find nothing staged (FAILED_PRECONDITION).
     fn admitted(self) -> Code {
         match self {
             Rpc::DeleteSubject | Rpc::DeleteGallery => Code::NotFound,
-            Rpc::PromoteModel => Code::FailedPrecondition,
+            Rpc::PromoteModel | Rpc::CancelMigration => Code::FailedPrecondition,
             _ => Code::Ok,
         }
     }
@@ -248,6 +256,11 @@ async fn call(channel: &Channel, rpc: Rpc, key: Option<&str>, gallery: &str, n: 
                     },
                     key,
                 ))
+                .await,
+        ),
+        Rpc::CancelMigration => code(
+            AdminClient::new(channel.clone())
+                .cancel_migration(with_key(pb::CancelMigrationRequest {}, key))
                 .await,
         ),
         Rpc::Health => code(

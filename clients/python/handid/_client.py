@@ -15,6 +15,7 @@ from ._results import (
     EmbedResult,
     EnrollResult,
     IdentifyResult,
+    MigrationCancelled,
     ModelStatus,
     ModelSwap,
     ReloadResult,
@@ -277,6 +278,14 @@ class Client:
         it. Nothing staged: :class:`handid.FailedPrecondition`."""
         request = pb.PromoteModelRequest(require_full_coverage=require_full_coverage)
         return ModelSwap._from(self._call(self._admin.PromoteModel, request))
+
+    def cancel_migration(self) -> MigrationCancelled:
+        """Abandons the staged migration: the active model keeps serving,
+        the staged model's templates are deleted (but those a subject or a
+        rollback still needs). Nothing staged:
+        :class:`handid.FailedPrecondition`."""
+        request = pb.CancelMigrationRequest()
+        return MigrationCancelled._from(self._call(self._admin.CancelMigration, request))
 
     def rollback_model(self) -> ModelSwap:
         """Makes the previous model active again; refused

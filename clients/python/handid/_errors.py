@@ -56,7 +56,7 @@ class ResourceExhausted(HandIdError):
 class FailedPrecondition(HandIdError):
     """The call cannot apply in the server's current state: no calibrated
     threshold for the default rule, a reload of another embedding space,
-    nothing staged to promote, a refused rollback or settings file."""
+    nothing staged to promote or cancel, a refused rollback or settings file."""
 
 
 class Aborted(HandIdError):

@@ -376,6 +376,36 @@ class ModelSwap:
 
 
 @dataclass(frozen=True)
+class MigrationCancelled:
+    """The answer of :meth:`handid.Client.cancel_migration`."""
+
+    #: The model that keeps serving.
+    active: Optional[ModelInfo]
+    #: The model that was staged and no longer is.
+    cancelled: Optional[ModelInfo]
+    #: Templates of the cancelled model deleted, and still stored.
+    templates_deleted: int
+    templates_kept: int
+    #: Subjects whose templates of the cancelled model were kept because
+    #: they hold none the active model can compare.
+    subjects_without_active_templates: int
+    #: Whether the cancelled model is the rollback target (its templates
+    #: all kept).
+    rollback_target: bool
+
+    @classmethod
+    def _from(cls, m: pb.CancelMigrationResponse) -> "MigrationCancelled":
+        return cls(
+            active=ModelInfo._field(m, "active"),
+            cancelled=ModelInfo._field(m, "cancelled"),
+            templates_deleted=m.templates_deleted,
+            templates_kept=m.templates_kept,
+            subjects_without_active_templates=m.subjects_without_active_templates,
+            rollback_target=m.rollback_target,
+        )
+
+
+@dataclass(frozen=True)
 class SettingsReload:
     """The answer of :meth:`handid.Client.reload_settings`."""
 

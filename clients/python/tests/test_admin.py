@@ -86,7 +86,7 @@ def test_reload_settings_adds_a_key(
             desk.get_subject(GALLERY, "nobody")
 
 
-def test_migration_promote_and_rollback(
+def test_migration_cancel_promote_and_rollback(
     operator: handid.Client, bin_dir: Path, work: Path, model_dir: Path, persons: List[List[Path]]
 ) -> None:
     first = manifest_model_id(model_dir)
@@ -109,6 +109,17 @@ def test_migration_promote_and_rollback(
     with pytest.raises(handid.FailedPrecondition) as refused:
         operator.promote_model(require_full_coverage=True)
     assert GALLERY in refused.value.message
+    # Cancelled: the first model keeps serving, the staged model's template
+    # of "during" is deleted; staged again, it starts from zero coverage.
+    cancelled = operator.cancel_migration()
+    assert (cancelled.active.model_id, cancelled.cancelled.model_id) == (first, staged.loaded.model_id)
+    assert (cancelled.templates_deleted, cancelled.templates_kept) == (1, 0)
+    assert operator.get_model().staged is None
+    with pytest.raises(handid.FailedPrecondition):
+        operator.cancel_migration()
+    operator.reload_model(str(second_dir), stage=True)
+    assert handid.GalleryCoverage(GALLERY, 2, 0) in operator.get_model().coverage
+    operator.enroll(GALLERY, "during", persons[1][1])
     promoted = operator.promote_model()
     assert (promoted.active.model_id, promoted.previous.model_id) == (staged.loaded.model_id, first)
     assert operator.get_model().rollback_target.model_id == first

@@ -149,7 +149,8 @@ pub async fn collect_rehearsal(args: &Args) -> anyhow::Result<Rehearsal> {
     if let Some(staged) = &models.staged {
         bail!(
             "model {} is staged on the server (a migration under way, enrolments embedded by it \
-             too): finish that migration first (PromoteModel; RollbackModel then returns to model {})",
+             too): finish that migration first, or abandon it with CancelMigration (`handid model \
+             cancel`; model {} keeps serving)",
             short(&staged.model_id),
             short(&old.model_id)
         );
