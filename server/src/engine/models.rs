@@ -581,7 +581,8 @@ impl Engine {
             .await?
             .ok_or_else(|| {
                 ServiceError::NoMigration(format!(
-                    "model {} is no longer staged in the database (another replica promoted or                      cancelled it; this one follows within replication.poll_interval_ms)",
+                    "model {} is no longer staged in the database (another replica promoted or \
+                     cancelled it; this one follows within replication.poll_interval_ms)",
                     staged.model_id()
                 ))
             })?;

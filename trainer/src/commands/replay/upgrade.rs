@@ -405,7 +405,8 @@ impl Story<'_> {
         if staged.model_id != migration.manifest.to_model {
             bail!(
                 "the transform {} maps into model {}, but {} holds model {}: it stays staged and the \
-                 server serves A; pass the transform fitted for this model",
+                 server serves A; cancel the staging (`handid model cancel`) and pass the transform \
+                 fitted for this model",
                 migration.transform.display(),
                 short(&migration.manifest.to_model),
                 upgrade_to.display(),
@@ -428,8 +429,8 @@ impl Story<'_> {
         if !lacking.is_empty() {
             bail!(
                 "not promoting model {}: the replay's galleries lack its templates after \
-                 upgrade-templates: {}; it stays staged (enrolments are dual until it is promoted) \
-                 and the server serves A",
+                 upgrade-templates: {}; it stays staged (enrolments are dual until it is promoted, or \
+                 cancelled: `handid model cancel`) and the server serves A",
                 short(&staged.model_id),
                 lacking.join(", ")
             );
@@ -517,7 +518,7 @@ impl Migration {
         if !output.status.success() {
             bail!(
                 "`{} upgrade-templates` failed ({}): {}; model B stays staged (enrolments are dual \
-                 until it is promoted) and the server serves A",
+                 until it is promoted, or cancelled: `handid model cancel`) and the server serves A",
                 self.binary.display(),
                 output.status,
                 String::from_utf8_lossy(&output.stderr).trim()
