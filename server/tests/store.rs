@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use handid_server::store::{
-    AuditEntry, Coverage, Enrolled, Erased, ModelRecord, NewEnrollment, StagedEmbeddings, Store, StoreError,
-    TemplateRow, images_sha256,
+    AuditEntry, Coverage, Enrolled, Erased, ModelRecord, NewEnrollment, Role, StagedEmbeddings, Store,
+    StoreError, TemplateRow, images_sha256,
 };
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use uuid::Uuid;
@@ -220,6 +220,12 @@ async fn a_migration_enrolment_stores_both_models_and_replays_the_active_ones(po
         })
         .await
         .expect("record model b");
+    // Staged: a dual enrolment stores templates only for a model the
+    // database still records as staged (or active).
+    store
+        .assign_role("model-b", Role::Staged, "/models/b")
+        .await
+        .expect("stage model b");
     let active = vec![vec![1.0, 0.0], vec![0.0, 1.0]];
     let staged = vec![vec![1.0, 0.0, 0.0], vec![0.0, 0.0, 1.0]];
     let mut new = enrollment("g", "s", &active, Some("k"));
