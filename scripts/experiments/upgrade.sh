@@ -14,10 +14,12 @@
 #   scripts/experiments/upgrade.sh synthetic   # 200 synthetic persons
 #
 # A and B are the proof configs (scripts/experiments/proof.sh) trained from
-# different seeds, A for a third of the epochs. The transform is fitted with
+# different seeds, as both papers' experiments: A on half the training
+# persons, B (and BCT) on all of them (OLD_PERSONS=all: A on all of them
+# for a third of the epochs, the protocol of the first measurements). The transform is fitted with
 # the paper's code's recipe but batches of 32 for 200 epochs: its batches of
 # 1024 would make one step an epoch on a few hundred images. Environment:
-# DATA (the 11k sample), OUT (work folder), EPOCHS (B's; synthetic default
+# DATA (the 11k sample), OUT (work folder), EPOCHS (each model's; synthetic default
 # 400, real the config's), TRANSFORM_EPOCHS (200), TRANSFORM_BATCH (32),
 # BCT (the BCT models, space-separated WEIGHT[:CLASSIFIER]: the influence
 # weight λ and method.compatibility.classifier, auto when not given;
@@ -57,22 +59,45 @@ else
   epochs="${EPOCHS:-400}"
 fi
 
-# A: seed 11, a third of the epochs; B: seed 12, all of them; BCT: B
-# trained compatible with A's run, once per variant.
-train() { # NAME SEED EPOCHS [METHOD_LINE]
+# The old model's manifest: the papers' protocol (BCT's and FCT's ImageNet
+# and CIFAR experiments train the old model on half the classes, the new one
+# on all): every other training person (sorted by id) is dropped from every
+# split, so A never sees their images; the query/gallery splits of the
+# held-out persons are untouched.
+# OLD_PERSONS=all: A on every training person for a third of the epochs
+# (this script's protocol until 2026-12-02).
+case "${OLD_PERSONS:-half}" in
+  half) old_epochs="$epochs" ;;
+  all) old_epochs=$(( (epochs + 2) / 3 )) ;;
+  *) echo "OLD_PERSONS must be half or all" >&2; exit 2 ;;
+esac
+if [ ! -f "$OUT/old-splits.tsv" ]; then
+  if [ "${OLD_PERSONS:-half}" = half ]; then
+    awk -F'\t' '!/^#/ && ($1 == "train" || $1 == "train_extra") {print $2}' "$OUT/splits.tsv" |
+      sort -u | awk 'NR % 2 == 0' > "$OUT/old-dropped.txt"
+    awk -F'\t' 'NR == FNR {drop[$1] = 1; next} /^#/ || !($2 in drop)' \
+      "$OUT/old-dropped.txt" "$OUT/splits.tsv" > "$OUT/old-splits.tsv"
+  else
+    cp "$OUT/splits.tsv" "$OUT/old-splits.tsv"
+  fi
+fi
+
+# A: seed 11, half the training persons; B: seed 12, all of them; BCT: B
+# trained compatible with A's run, once per variant. The same epochs each.
+train() { # NAME SEED MANIFEST EPOCHS [METHOD_LINE]
   [ -f "$OUT/$1/serving/handid.yaml" ] && return
   rm -rf "${OUT:?}/$1"
   sed -e "s/^name: .*/name: $1/" -e "s/^seed: .*/seed: $2/" "$CONFIG" > "$OUT/$1.yaml"
-  if [ -n "${4:-}" ]; then
-    sed -i "/^  kind: finetune$/a\\$4" "$OUT/$1.yaml"
+  if [ -n "${5:-}" ]; then
+    sed -i "/^  kind: finetune$/a\\$5" "$OUT/$1.yaml"
   fi
   local start=$SECONDS
-  "$ht" train --config "$OUT/$1.yaml" --manifest "$OUT/splits.tsv" --out "$OUT/$1/run" --epochs "$3" --quiet
+  "$ht" train --config "$OUT/$1.yaml" --manifest "$3" --out "$OUT/$1/run" --epochs "$4" --quiet
   "$ht" export --run "$OUT/$1/run" --out "$OUT/$1/serving" > /dev/null
-  echo "[upgrade] $1: $3 epochs in $((SECONDS - start)) s"
+  echo "[upgrade] $1: $4 epochs in $((SECONDS - start)) s"
 }
-train old 11 $(( (epochs + 2) / 3 ))
-train new 12 "$epochs"
+train old 11 "$OUT/old-splits.tsv" "$old_epochs"
+train new 12 "$OUT/splits.tsv" "$epochs"
 read -ra variants <<< "${BCT:-1}"
 weight() { echo "${1%%:*}"; }
 classifier() { if [[ "$1" == *:* ]]; then echo "${1#*:}"; else echo auto; fi; }
@@ -89,7 +114,7 @@ bct_label() { # VARIANT: BCT, BCT λ=2, BCT synthesised, ...
   echo "$label"
 }
 for v in "${variants[@]}"; do
-  train "$(bct_name "$v")" 12 "$epochs" \
+  train "$(bct_name "$v")" 12 "$OUT/splits.tsv" "$epochs" \
     "  compatibility: {old: $OUT/old/run, influence_weight: $(weight "$v"), classifier: $(classifier "$v")}"
 done
 
