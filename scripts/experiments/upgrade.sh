@@ -11,7 +11,7 @@
 # M(BCT,A). Prints the table (mAP and Rank-1, mean over the splits).
 #
 #   scripts/experiments/upgrade.sh real        # the 11k Hands sample
-#   scripts/experiments/upgrade.sh synthetic   # 200 synthetic persons
+#   scripts/experiments/upgrade.sh synthetic   # 200 synthetic persons (PERSONS)
 #
 # A and B are the proof configs (scripts/experiments/proof.sh) trained from
 # different seeds, as both papers' experiments: A on half the training
@@ -19,7 +19,8 @@
 # for a third of the epochs, the protocol of the first measurements). The transform is fitted with
 # the paper's code's recipe but batches of 32 for 200 epochs: its batches of
 # 1024 would make one step an epoch on a few hundred images. Environment:
-# DATA (the 11k sample), OUT (work folder), EPOCHS (each model's; synthetic default
+# DATA (the 11k sample), PERSONS (synthetic persons, 200: half of them
+# training persons), OUT (work folder), EPOCHS (each model's; synthetic default
 # 400, real the config's), TRANSFORM_EPOCHS (200), TRANSFORM_BATCH (32),
 # BCT (the BCT models, space-separated WEIGHT[:CLASSIFIER]: the influence
 # weight λ and method.compatibility.classifier, auto when not given;
@@ -53,7 +54,7 @@ if [ "$which" = real ]; then
   epochs="${EPOCHS:-$(sed -n 's/^  epochs: //p' "$CONFIG" | head -n 1)}"
 else
   if [ ! -f "$OUT/splits.tsv" ]; then
-    "$ht" synth --out "$OUT/data" --persons 200 --images-per-person 8 --size 64 > /dev/null
+    "$ht" synth --out "$OUT/data" --persons "${PERSONS:-200}" --images-per-person 8 --size 64 > /dev/null
     "$ht" splits --data "$OUT/data" --layout folder --test-fraction 0.5 --out "$OUT/splits.tsv" > /dev/null
   fi
   epochs="${EPOCHS:-400}"
