@@ -13,18 +13,15 @@ mod common;
 use std::sync::atomic::AtomicBool;
 
 use common::{
-    TestServer, checkpoint_in, database_url, enroll, identify, people, reload, settings, until_models,
-    wait_for_health,
+    TestServer, checkpoint_in, database_url, enroll, identify, people, reload, report, settings, transform,
+    until_models, wait_for_health,
 };
-use handid_model::Manifest;
-use handid_model::transform::{TemplateTransform, TransformManifest};
 use handid_proto::v1 as pb;
 use handid_proto::v1::admin_client::AdminClient;
 use handid_server::store::{AuditEntry, NewEnrollment, StagedEmbeddings, Store, StoreError};
 use handid_server::upgrade::{UpgradeError, UpgradeOptions, upgrade_templates};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use tch::Device;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -33,14 +30,6 @@ async fn cancel(admin: &mut AdminClient<Channel>) -> Result<pb::CancelMigrationR
         .cancel_migration(pb::CancelMigrationRequest {})
         .await
         .map(tonic::Response::into_inner)
-}
-
-async fn report(admin: &mut AdminClient<Channel>) -> pb::GetModelResponse {
-    admin
-        .get_model(pb::GetModelRequest {})
-        .await
-        .expect("get model")
-        .into_inner()
 }
 
 async fn templates_of(pool: &PgPool, model_id: &str) -> i64 {
@@ -70,24 +59,6 @@ async fn cancellations(pool: &PgPool) -> Vec<(String, Option<String>, serde_json
     rows.into_iter()
         .map(|(outcome, model, detail)| (outcome, model, serde_json::from_str(&detail).expect("JSON")))
         .collect()
-}
-
-/// A transform from `old` to `new` with libtorch's default (random)
-/// initialisation: only the rows it writes matter here.
-fn transform(old: &Manifest, new: &Manifest) -> TemplateTransform {
-    TemplateTransform::new(
-        TransformManifest {
-            from_model: old.model_id.clone(),
-            from_space: old.embedding_space.clone(),
-            to_model: new.model_id.clone(),
-            to_space: new.embedding_space.clone(),
-            from_dim: old.embedding_dim,
-            to_dim: new.embedding_dim,
-            inner_dim: 16,
-            provenance: vec![("fitted".to_owned(), "no: a test's random transform".to_owned())],
-        },
-        Device::Cpu,
-    )
 }
 
 async fn pool(options: &PgConnectOptions) -> PgPool {

@@ -11,7 +11,7 @@ mod common;
 use std::path::Path;
 
 use common::{
-    TestServer, checkpoint_in, database_url, enroll, identify, logs, people, reload, settings,
+    TestServer, checkpoint_in, database_url, enroll, identify, logs, people, reload, report, settings,
     wait_for_health,
 };
 use handid_model::{ClipVisionConfig, create_random_checkpoint};
@@ -21,14 +21,6 @@ use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
-
-async fn report(admin: &mut AdminClient<Channel>) -> pb::GetModelResponse {
-    admin
-        .get_model(pb::GetModelRequest {})
-        .await
-        .expect("get model")
-        .into_inner()
-}
 
 /// `(model_id, role, path)` of every recorded model, by model id.
 async fn roles(pool: &PgPool) -> Vec<(String, String, Option<String>)> {

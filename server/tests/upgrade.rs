@@ -15,10 +15,10 @@ use std::time::Duration;
 
 use common::{
     TestServer, checkpoint_in, database_url, enroll, identify, offline_embedding, people, reload, settings,
-    until_models, wait_for_health,
+    transform, until_models, wait_for_health,
 };
-use handid_model::transform::{TemplateTransform, TransformManifest};
-use handid_model::{Embedder, Manifest};
+use handid_model::Embedder;
+use handid_model::transform::TemplateTransform;
 use handid_proto::v1 as pb;
 use handid_server::store::{Store, embedding_from_bytes};
 use handid_server::upgrade::{UpgradeError, UpgradeOptions, upgrade_templates};
@@ -26,25 +26,6 @@ use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tch::{Device, Tensor};
 use tonic_health::pb::health_check_response::ServingStatus;
-
-/// A transform from `old` to `new` with libtorch's default (random)
-/// initialisation: the upgrade's mechanics do not depend on its quality,
-/// and every stored value is checked against its output.
-fn transform(old: &Manifest, new: &Manifest) -> TemplateTransform {
-    TemplateTransform::new(
-        TransformManifest {
-            from_model: old.model_id.clone(),
-            from_space: old.embedding_space.clone(),
-            to_model: new.model_id.clone(),
-            to_space: new.embedding_space.clone(),
-            from_dim: old.embedding_dim,
-            to_dim: new.embedding_dim,
-            inner_dim: 16,
-            provenance: vec![("fitted".to_owned(), "no: a test's random transform".to_owned())],
-        },
-        Device::Cpu,
-    )
-}
 
 /// `transform` applied to one vector, as the upgrade stores it.
 fn mapped(transform: &TemplateTransform, old: &[f32]) -> Vec<f32> {

@@ -10,12 +10,14 @@ use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use handid_model::transform::{TemplateTransform, TransformManifest};
 use handid_model::{ClipVisionConfig, Embedder, Manifest, OperatingPoint, create_random_checkpoint};
 use handid_proto::v1 as pb;
 use handid_proto::v1::admin_client::AdminClient;
 use handid_proto::v1::hand_id_client::HandIdClient;
 use handid_server::Settings;
 use sqlx::postgres::PgConnectOptions;
+use tch::Device;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -535,4 +537,31 @@ pub async fn until_models(server: &TestServer, want: (&str, Option<&str>)) -> Du
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// GetModel of `admin`.
+pub async fn report(admin: &mut AdminClient<Channel>) -> pb::GetModelResponse {
+    admin
+        .get_model(pb::GetModelRequest {})
+        .await
+        .expect("get model")
+        .into_inner()
+}
+
+/// A transform from `old` to `new` with libtorch's default (random)
+/// initialisation: only the rows it writes matter here.
+pub fn transform(old: &Manifest, new: &Manifest) -> TemplateTransform {
+    TemplateTransform::new(
+        TransformManifest {
+            from_model: old.model_id.clone(),
+            from_space: old.embedding_space.clone(),
+            to_model: new.model_id.clone(),
+            to_space: new.embedding_space.clone(),
+            from_dim: old.embedding_dim,
+            to_dim: new.embedding_dim,
+            inner_dim: 16,
+            provenance: vec![("fitted".to_owned(), "no: a test's random transform".to_owned())],
+        },
+        Device::Cpu,
+    )
 }
