@@ -274,6 +274,7 @@ async fn main() -> ExitCode {
     match run(&cli).await {
         Ok(code) => code,
         Err(Failure::Refused(status)) => {
+            let status = connection_failure(status, &cli.connection.addr);
             eprintln!("handid: {}: {}", code_name(status.code()), status.message());
             ExitCode::from(STATUS_EXIT_BASE + status.code() as u8)
         }
@@ -703,10 +704,53 @@ async fn connect(c: &Connection) -> Result<Channel, Failure> {
     }
     endpoint.connect().await.map_err(|e| {
         Failure::Refused(tonic::Status::unavailable(format!(
-            "cannot reach {}: {e}",
-            c.addr
+            "cannot reach {}: {}{}",
+            c.addr,
+            causes(&e),
+            hint(&c.addr)
         )))
     })
+}
+
+/// A status the client made from a broken connection (tonic keeps the
+/// transport error as its source; a server's status has none) becomes
+/// UNAVAILABLE, saying what broke and what to check: a plain-text client
+/// talking to a TLS listener or to something other than a gRPC server
+/// otherwise reads as UNKNOWN or CANCELLED, as if the server had refused.
+fn connection_failure(status: tonic::Status, addr: &str) -> tonic::Status {
+    match std::error::Error::source(&status) {
+        Some(source) => tonic::Status::unavailable(format!(
+            "the connection to {addr} failed: {}{}",
+            causes(source),
+            hint(addr)
+        )),
+        None => status,
+    }
+}
+
+/// An error and its causes, `: `-separated, each said once (a TLS
+/// failure's reason, e.g. an unknown certificate issuer, is a cause deep
+/// in the chain).
+fn causes(error: &dyn std::error::Error) -> String {
+    let mut said: Vec<String> = Vec::new();
+    let mut next = Some(error);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !said.iter().any(|s| s.contains(&text)) {
+            said.push(text);
+        }
+        next = e.source();
+    }
+    said.join(": ")
+}
+
+/// What to check when the connection to `addr` fails.
+fn hint(addr: &str) -> &'static str {
+    if addr.starts_with("https://") {
+        " (is a handid server listening there, and is its certificate signed by --tls-ca?)"
+    } else {
+        " (is a handid server listening there? a TLS listener needs an https:// address and --tls-ca)"
+    }
 }
 
 /// An image from a file, or from stdin for `-`.

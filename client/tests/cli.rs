@@ -701,3 +701,42 @@ async fn model_cancel_abandons_a_staged_migration(_: PgPoolOptions, options: PgC
     let _ = stop.send(());
     server.await.expect("server task").expect("clean stop");
 }
+
+/// A peer that answers the client's first bytes with `reply` and closes:
+/// its address.
+async fn impostor(reply: &'static [u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut first = [0u8; 64];
+            let _ = socket.read(&mut first).await;
+            let _ = socket.write_all(reply).await;
+            let _ = socket.shutdown().await;
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// A plain-text client at a TLS listener (which answers with an alert) or
+/// at something that is no gRPC server gets UNAVAILABLE (exit 24) saying
+/// the connection failed and what to check, not UNKNOWN or CANCELLED as if
+/// a server had refused the call.
+#[tokio::test]
+async fn a_peer_that_is_no_grpc_server_is_unavailable_with_a_hint() {
+    // TLS 1.2 record: alert, fatal, protocol_version... what a TLS server
+    // sends to bytes that are no ClientHello.
+    let tls = impostor(b"\x15\x03\x03\x00\x02\x02\x46").await;
+    let http1 = impostor(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+    for addr in [&tls, &http1] {
+        let out = handid(addr, "key", &["model", "get"], None).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(status(&out), 24, "{addr}: {stderr}");
+        assert!(stderr.contains("UNAVAILABLE"), "{stderr}");
+        assert!(
+            stderr.contains(addr.as_str()) && stderr.contains("https:// address and --tls-ca"),
+            "{stderr}"
+        );
+    }
+}
