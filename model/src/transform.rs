@@ -9,9 +9,12 @@
 //! through two blocks of its own (to 2 x side, then 2 x new), both
 //! concatenated and mixed by three blocks (to `inner`, `inner`, then the new
 //! width, the last without normalisation or activation). A block is linear,
-//! batch normalisation, ReLU. The side-information here is the old
-//! embedding itself, what the paper's code uses when no side-information
-//! model is given: a stored template is all a system without images has.
+//! batch normalisation, ReLU. The side-information is either a
+//! side-information model's feature of the same image, stored beside the
+//! old template at enrolment (the paper's sec. 3.2: a task-independent
+//! feature learnt with the old model, in preparation for models to come;
+//! [`SideInfo`]), or, without such a model, the old embedding itself, what
+//! the paper's code uses when no side-information model is given.
 //!
 //! A transform lives in a folder: `transform.safetensors` (the weights) and
 //! `transform.yaml` ([`TransformManifest`]: from which model and space to
@@ -48,9 +51,27 @@ pub struct TransformManifest {
     pub to_dim: usize,
     /// Width of the mixer's hidden layers (2048 in the paper).
     pub inner_dim: usize,
+    /// The side-information model whose features the transform takes beside
+    /// the old embedding; absent, the old embedding is the side-information.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub side_info: Option<SideInfo>,
     /// How it was fitted: `key: value` lines (manifest, images, epochs,
     /// final loss...).
     pub provenance: Vec<(String, String)>,
+}
+
+/// The side-information model a transform was fitted with: its features of
+/// the enrolment images are stored beside the old templates, and the
+/// transform needs them to map a template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SideInfo {
+    /// The side-information model's id (its weights' sha256).
+    pub model: String,
+    /// Its embedding space.
+    pub space: String,
+    /// Its feature width.
+    pub dim: usize,
 }
 
 struct Block {
@@ -114,10 +135,12 @@ impl TemplateTransform {
             Block::new(&root / "old" / 0, from, 2 * from, false),
             Block::new(&root / "old" / 1, 2 * from, 2 * to, false),
         ];
-        // The side-information is the old embedding: same input width.
+        // Without a side-information model the side branch takes the old
+        // embedding: same input width.
+        let side_dim = manifest.side_info.as_ref().map_or(from, |s| s.dim as i64);
         let side = [
-            Block::new(&root / "side" / 0, from, 2 * from, false),
-            Block::new(&root / "side" / 1, 2 * from, 2 * to, false),
+            Block::new(&root / "side" / 0, side_dim, 2 * side_dim, false),
+            Block::new(&root / "side" / 1, 2 * side_dim, 2 * to, false),
         ];
         let mixer = [
             Block::new(&root / "mixer" / 0, 4 * to, inner, false),
@@ -133,14 +156,20 @@ impl TemplateTransform {
         }
     }
 
-    /// The network's output for old embeddings `[n, from_dim]` (not
-    /// normalised; `train` selects batch statistics).
-    pub fn forward_t(&self, old: &Tensor, train: bool) -> Tensor {
+    /// The network's output for old embeddings `[n, from_dim]` and, for a
+    /// transform with a side-information model, their side-information
+    /// `[n, side dim]` (ignored without one); not normalised, `train` selects
+    /// batch statistics. Shapes are the caller's to check ([`Self::apply`]
+    /// does).
+    pub fn forward_t(&self, old: &Tensor, side: Option<&Tensor>, train: bool) -> Tensor {
         let mut a = old.shallow_clone();
         for block in &self.old {
             a = block.forward(&a, train);
         }
-        let mut b = old.shallow_clone();
+        let mut b = match (&self.manifest.side_info, side) {
+            (Some(_), Some(side)) => side.shallow_clone(),
+            _ => old.shallow_clone(),
+        };
         for block in &self.side {
             b = block.forward(&b, train);
         }
@@ -151,8 +180,11 @@ impl TemplateTransform {
         x
     }
 
-    /// Old templates `[n, from_dim]` as unit vectors of the new space.
-    pub fn apply(&self, old: &Tensor) -> Result<Tensor> {
+    /// Old templates `[n, from_dim]` as unit vectors of the new space, with
+    /// their side-information `[n, side dim]` when the transform was fitted
+    /// with a side-information model (refused otherwise, and refused
+    /// missing when it was).
+    pub fn apply(&self, old: &Tensor, side: Option<&Tensor>) -> Result<Tensor> {
         let width = old.size().get(1).copied().unwrap_or(0);
         if old.dim() != 2 || width != self.manifest.from_dim as i64 {
             return Err(Error::InvalidInput(format!(
@@ -161,8 +193,42 @@ impl TemplateTransform {
                 old.size()
             )));
         }
-        let x = old.to_device(self.vs.device()).to_kind(Kind::Float);
-        Ok(tch::no_grad(|| l2_normalize(&self.forward_t(&x, false))))
+        let device = self.vs.device();
+        let side = match (&self.manifest.side_info, side) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(Error::InvalidInput(
+                    "the transform takes no side-information (it was fitted without a side-information model)"
+                        .to_owned(),
+                ));
+            }
+            (Some(info), None) => {
+                return Err(Error::InvalidInput(format!(
+                    "the transform needs the side-information of model {} ({}-d) beside each template",
+                    info.model, info.dim
+                )));
+            }
+            (Some(info), Some(side)) => {
+                if side.dim() != 2 || side.size() != [old.size()[0], info.dim as i64] {
+                    return Err(Error::InvalidInput(format!(
+                        "the transform takes {}-d side-information for each of the {} templates, got shape {:?}",
+                        info.dim,
+                        old.size()[0],
+                        side.size()
+                    )));
+                }
+                Some(side.to_device(device).to_kind(Kind::Float))
+            }
+        };
+        let x = old.to_device(device).to_kind(Kind::Float);
+        Ok(tch::no_grad(|| {
+            l2_normalize(&self.forward_t(&x, side.as_ref(), false))
+        }))
+    }
+
+    /// The side-information model the transform needs, if any.
+    pub fn side_info(&self) -> Option<&SideInfo> {
+        self.manifest.side_info.as_ref()
     }
 
     /// The trainable variables.
@@ -220,10 +286,14 @@ impl TemplateTransform {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        if manifest.from_dim == 0 || manifest.to_dim == 0 || manifest.inner_dim == 0 {
+        if manifest.from_dim == 0
+            || manifest.to_dim == 0
+            || manifest.inner_dim == 0
+            || manifest.side_info.as_ref().is_some_and(|s| s.dim == 0)
+        {
             return Err(Error::Manifest {
                 path,
-                reason: "from_dim, to_dim and inner_dim must be at least 1".to_owned(),
+                reason: "from_dim, to_dim, inner_dim and side_info.dim must be at least 1".to_owned(),
             });
         }
         let transform = Self::new(manifest, device);
@@ -246,6 +316,7 @@ mod tests {
             from_dim: 4,
             to_dim: 6,
             inner_dim: 8,
+            side_info: None,
             provenance: vec![("images".into(), "3".into())],
         }
     }
@@ -255,7 +326,7 @@ mod tests {
         tch::manual_seed(1);
         let transform = TemplateTransform::new(manifest(), Device::Cpu);
         let old = l2_normalize(&Tensor::randn([5, 4], (Kind::Float, Device::Cpu)));
-        let mapped = transform.apply(&old).expect("apply");
+        let mapped = transform.apply(&old, None).expect("apply");
         assert_eq!(mapped.size(), [5, 6]);
         let norms = mapped.norm_scalaropt_dim(2.0, [1], false);
         assert!(norms.allclose(&Tensor::ones([5], (Kind::Float, Device::Cpu)), 1e-5, 1e-5, false));
@@ -264,13 +335,52 @@ mod tests {
         let back = TemplateTransform::load(dir.path(), Device::Cpu).expect("load");
         assert_eq!(back.manifest(), transform.manifest());
         assert!(
-            back.apply(&old)
+            back.apply(&old, None)
                 .expect("apply")
                 .allclose(&mapped, 1e-6, 1e-6, false)
         );
         assert!(
-            back.apply(&Tensor::zeros([2, 3], (Kind::Float, Device::Cpu)))
+            back.apply(&Tensor::zeros([2, 3], (Kind::Float, Device::Cpu)), None)
                 .is_err()
+        );
+        // Side-information given to a transform fitted without it.
+        assert!(back.apply(&old, Some(&old)).is_err());
+    }
+
+    #[test]
+    fn a_transform_with_side_information_needs_it_and_uses_it() {
+        tch::manual_seed(2);
+        let options = (Kind::Float, Device::Cpu);
+        let mut with_side = manifest();
+        with_side.side_info = Some(SideInfo {
+            model: "s".into(),
+            space: "s".into(),
+            dim: 3,
+        });
+        let transform = TemplateTransform::new(with_side, Device::Cpu);
+        let old = l2_normalize(&Tensor::randn([5, 4], options));
+        let side = l2_normalize(&Tensor::randn([5, 3], options));
+        let mapped = transform.apply(&old, Some(&side)).expect("apply");
+        assert_eq!(mapped.size(), [5, 6]);
+        // Other side-information, another result: the branch is used.
+        let other = l2_normalize(&Tensor::randn([5, 3], options));
+        let remapped = transform.apply(&old, Some(&other)).expect("apply");
+        assert!(!remapped.allclose(&mapped, 1e-4, 1e-4, false));
+        let missing = transform.apply(&old, None).expect_err("no side-information");
+        assert!(missing.to_string().contains("side-information"), "{missing}");
+        assert!(transform.apply(&old, Some(&old)).is_err(), "4-d side-information");
+        assert!(
+            transform.apply(&old, Some(&side.narrow(0, 0, 4))).is_err(),
+            "one row short"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        transform.save(dir.path()).expect("save");
+        let back = TemplateTransform::load(dir.path(), Device::Cpu).expect("load");
+        assert_eq!(back.side_info(), transform.side_info());
+        assert!(
+            back.apply(&old, Some(&side))
+                .expect("apply")
+                .allclose(&mapped, 1e-6, 1e-6, false)
         );
     }
 }

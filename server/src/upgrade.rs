@@ -129,6 +129,12 @@ pub enum UpgradeError {
     /// The transform maps a model to itself.
     #[error("the transform maps model {0} to itself")]
     SameModel(String),
+    /// The transform needs side-information the service never stores.
+    #[error(
+        "the transform was fitted with the side-information of model {0}, which the service does \
+         not store beside its templates: fit it without --side-info to upgrade stored templates"
+    )]
+    SideInformation(String),
     /// The transform failed or produced a vector that is no template.
     #[error("the transform failed on template {template_id}: {reason}")]
     Transform {
@@ -150,6 +156,9 @@ pub async fn check(
 ) -> Result<(ModelRow, ModelRow), UpgradeError> {
     if manifest.from_model == manifest.to_model {
         return Err(UpgradeError::SameModel(manifest.from_model.clone()));
+    }
+    if let Some(side) = &manifest.side_info {
+        return Err(UpgradeError::SideInformation(side.model.clone()));
     }
     let recorded = |which: &'static str, model_id: &str, space: &str, dim: usize| {
         let store = store.clone();
@@ -314,7 +323,7 @@ fn map(
     }
     let old = Tensor::from_slice(&flat).view([sources.len() as i64, width as i64]);
     let new = transform
-        .apply(&old)
+        .apply(&old, None)
         .and_then(|t| Vec::<f32>::try_from(&t.contiguous().view([-1])).map_err(Into::into))
         .map_err(|e| failed(sources[0].template_id, e.to_string()))?;
     if new.len() != sources.len() * dim {

@@ -30,7 +30,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 /// `transform` applied to one vector, as the upgrade stores it.
 fn mapped(transform: &TemplateTransform, old: &[f32]) -> Vec<f32> {
     let out = transform
-        .apply(&Tensor::from_slice(old).view([1, -1]))
+        .apply(&Tensor::from_slice(old).view([1, -1]), None)
         .expect("apply");
     Vec::<f32>::try_from(&out.get(0)).expect("to vec")
 }
@@ -405,6 +405,27 @@ async fn the_upgrade_refuses_what_does_not_fit_stops_resumes_and_runs_twice_at_o
     .await
     .expect_err("same model");
     assert!(matches!(refused, UpgradeError::SameModel(_)), "{refused}");
+    // A transform that needs side-information, which the service never stores.
+    let mut side = t.manifest().clone();
+    side.side_info = Some(handid_model::SideInfo {
+        model: "s".repeat(64),
+        space: "s".into(),
+        dim: 8,
+    });
+    let refused = upgrade_templates(
+        &store,
+        &TemplateTransform::new(side, Device::Cpu),
+        &options(3, None),
+        &never,
+        |_| {},
+    )
+    .await
+    .expect_err("side-information");
+    assert!(
+        matches!(refused, UpgradeError::SideInformation(_))
+            && refused.to_string().contains("fit it without --side-info"),
+        "{refused}"
+    );
     assert!(
         derived_pairs(&pool, &a.model_id, &c.model_id).await.is_empty(),
         "refusals wrote nothing"

@@ -27,7 +27,7 @@ use handid_eval::data::{MissingImages, folder, splits};
 use handid_eval::embeddings::{self, SplitEmbeddings};
 use handid_eval::metrics::summary::SplitEvaluation;
 use handid_eval::report::Report;
-use handid_model::transform::{TemplateTransform, TransformManifest};
+use handid_model::transform::{SideInfo, TemplateTransform, TransformManifest};
 use handid_model::{ClipVisionConfig, Manifest, create_random_checkpoint};
 use handid_server::Settings;
 use handid_server::settings::{ApiKeySettings, Scope};
@@ -289,6 +289,7 @@ async fn replay_reproduces_offline_eval_exactly(_: PgPoolOptions, options: PgCon
         query_model: None,
         gallery_model: None,
         transform: None,
+        side_info: None,
         manifest: Some(manifest.clone()),
         data: None,
         gallery_all: false,
@@ -460,6 +461,7 @@ fn eval_args(manifest: &Path, out: PathBuf, saved: PathBuf) -> eval::Args {
         query_model: None,
         gallery_model: None,
         transform: None,
+        side_info: None,
         manifest: Some(manifest.to_owned()),
         data: None,
         gallery_all: false,
@@ -561,6 +563,11 @@ fn server_config(dir: &Path, options: &PgConnectOptions, model: &Path) -> PathBu
 /// initialisation, saved in `dir`: the figures' equality does not depend on
 /// its quality.
 fn random_transform(dir: &Path, old: &Manifest, new: &Manifest) {
+    random_transform_with(dir, old, new, None);
+}
+
+/// [`random_transform`], fitted (as its manifest says) with `side_info`.
+fn random_transform_with(dir: &Path, old: &Manifest, new: &Manifest, side_info: Option<SideInfo>) {
     TemplateTransform::new(
         TransformManifest {
             from_model: old.model_id.clone(),
@@ -570,6 +577,7 @@ fn random_transform(dir: &Path, old: &Manifest, new: &Manifest) {
             from_dim: old.embedding_dim,
             to_dim: new.embedding_dim,
             inner_dim: 16,
+            side_info,
             provenance: vec![("fitted".to_owned(), "no: a test's random transform".to_owned())],
         },
         handid_model::parse_device("cpu").expect("cpu"),
@@ -777,6 +785,22 @@ async fn refused_upgrades_are_explained_and_clean_up(_: PgPoolOptions, options: 
     );
     assert!(err.contains("maps the templates of model"), "{err}");
     nothing_changed("a transform of other models").await;
+
+    // So is a transform that needs side-information, which the service
+    // never stores beside its templates.
+    let with_side = dir.path().join("with-side");
+    let side = SideInfo {
+        model: "5".repeat(64),
+        space: "side".to_owned(),
+        dim: 8,
+    };
+    random_transform_with(&with_side, &a, &b, Some(side));
+    let err = format!(
+        "{:#}",
+        rehearse("with-side", Some(&with_side), Some(upgrader_ok(dir.path()))).await
+    );
+    assert!(err.contains("fit it without --side-info"), "{err}");
+    nothing_changed("a transform with side-information").await;
 
     // upgrade-templates fails: its message is shown, B is not promoted.
     let transform = dir.path().join("transform");

@@ -358,3 +358,84 @@ fn a_fitted_transform_maps_old_galleries_for_the_new_model() {
     assert!(stderr.contains("training persons only"), "{stderr}");
     assert!(!path("t2").exists(), "nothing written");
 }
+
+#[test]
+fn a_transform_fitted_with_side_information_needs_that_model_to_map() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = |name: &str| dir.path().join(name);
+    two_models(dir.path(), 12);
+    trainer(&[
+        "init",
+        "--arch",
+        "tiny-vit",
+        "--seed",
+        "2",
+        "--out",
+        p(&path("s")),
+    ]);
+    let said = trainer(&[
+        "fit-transform",
+        "--old",
+        p(&path("a")),
+        "--new",
+        p(&path("b")),
+        "--side-info",
+        p(&path("s")),
+        "--manifest",
+        p(&path("splits.tsv")),
+        "--out",
+        p(&path("ts")),
+        "--epochs",
+        "20",
+        "--batch-size",
+        "16",
+        "--inner-dim",
+        "32",
+    ]);
+    assert!(said.contains("final MSE"), "{said}");
+    let manifest: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(path("ts/transform.yaml")).expect("transform.yaml"))
+            .expect("YAML");
+    let s = create_random_checkpoint(&path("s-again"), &ClipVisionConfig::tiny_vit(), 2).expect("checkpoint");
+    assert_eq!(manifest["side_info"]["model"].as_str(), Some(s.model_id.as_str()));
+    assert_eq!(manifest["side_info"]["dim"].as_u64(), Some(16));
+
+    let eval = |out: &str, side: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_handid-trainer"));
+        command
+            .args([
+                "eval",
+                "--query-model",
+                p(&path("b")),
+                "--gallery-model",
+                p(&path("a")),
+            ])
+            .args(["--manifest", p(&path("splits.tsv")), "--out", p(&path(out))])
+            .args(["--transform", p(&path("ts"))]);
+        if let Some(side) = side {
+            command.args(["--side-info", p(&path(side))]);
+        }
+        command.output().expect("runs")
+    };
+    let with = eval("with", Some("s"));
+    assert!(with.status.success(), "{}", String::from_utf8_lossy(&with.stderr));
+    assert!(
+        std::fs::read_to_string(path("with/report.md"))
+            .expect("report")
+            .contains("M(B,T(A))")
+    );
+    // Without the side-information model, or with another one: refused,
+    // naming what is missing, and no report written.
+    let missing = eval("missing", None);
+    assert!(!missing.status.success());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(stderr.contains("pass that model as --side-info"), "{stderr}");
+    let other = eval("other", Some("a"));
+    assert!(!other.status.success());
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        stderr.contains("fitted with the side-information of model"),
+        "{stderr}"
+    );
+    assert!(!path("missing/report.md").exists() && !path("other/report.md").exists());
+}

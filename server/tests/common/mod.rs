@@ -560,6 +560,7 @@ pub fn transform(old: &Manifest, new: &Manifest) -> TemplateTransform {
             from_dim: old.embedding_dim,
             to_dim: new.embedding_dim,
             inner_dim: 16,
+            side_info: None,
             provenance: vec![("fitted".to_owned(), "no: a test's random transform".to_owned())],
         },
         Device::Cpu,

@@ -60,6 +60,11 @@ pub struct Args {
     /// the query model's space by this transform (`fit-transform`).
     #[arg(long, requires = "gallery_model")]
     pub transform: Option<PathBuf>,
+    /// Across models, with a transform fitted with side-information: the
+    /// side-information model (a serving checkpoint) whose features of the
+    /// gallery images the transform takes beside the old embeddings.
+    #[arg(long, requires = "transform")]
+    pub side_info: Option<PathBuf>,
     /// Split manifest (from `splits`) naming the query/gallery images.
     #[arg(long)]
     pub manifest: Option<PathBuf>,
@@ -376,6 +381,34 @@ fn across_models(
         }
         None => None,
     };
+    // The gallery images' side-information, when the transform takes it.
+    let side = match (transform.as_ref().and_then(|t| t.side_info()), &args.side_info) {
+        (None, None) => None,
+        (None, Some(_)) => bail!(
+            "the transform {} was fitted without side-information: drop --side-info",
+            args.transform
+                .as_deref()
+                .map(Path::display)
+                .map(|d| d.to_string())
+                .unwrap_or_default()
+        ),
+        (Some(info), None) => bail!(
+            "the transform was fitted with the side-information of model {}: pass that model as --side-info",
+            short(&info.model)
+        ),
+        (Some(info), Some(dir)) => {
+            let (side, side_id) = embed_manifest(args, dir, manifest)?;
+            if side_id != info.model {
+                bail!(
+                    "--side-info {} is model {}, the transform was fitted with the side-information of model {}",
+                    dir.display(),
+                    short(&side_id),
+                    short(&info.model)
+                );
+            }
+            Some(side)
+        }
+    };
     let (old_dim, new_dim) = (
         transform
             .as_ref()
@@ -406,9 +439,10 @@ fn across_models(
     let crossed: Vec<SplitEmbeddings> = new
         .iter()
         .zip(&old)
-        .map(|(n, o)| {
+        .enumerate()
+        .map(|(i, (n, o))| {
             let gallery = match &transform {
-                Some(t) => transformed(t, &o.gallery)?,
+                Some(t) => transformed(t, &o.gallery, side.as_ref().map(|s| &s[i].gallery))?,
                 None => o.gallery.clone(),
             };
             Ok(SplitEmbeddings {
@@ -509,10 +543,16 @@ pub fn report_across(
     Ok(report)
 }
 
-/// Old gallery vectors mapped into the new space by `transform`.
-fn transformed(transform: &TemplateTransform, old: &Vectors) -> anyhow::Result<Vectors> {
-    let rows = Tensor::from_slice(&old.values).view([old.ids.len() as i64, old.dim as i64]);
-    let mapped = transform.apply(&rows)?;
+/// Old gallery vectors mapped into the new space by `transform`, with the
+/// same images' side-information when the transform takes it.
+fn transformed(
+    transform: &TemplateTransform,
+    old: &Vectors,
+    side: Option<&Vectors>,
+) -> anyhow::Result<Vectors> {
+    let rows = |v: &Vectors| Tensor::from_slice(&v.values).view([v.ids.len() as i64, v.dim as i64]);
+    let side = side.map(rows);
+    let mapped = transform.apply(&rows(old), side.as_ref())?;
     let values = Vec::<f32>::try_from(mapped.to_device(tch::Device::Cpu).flatten(0, -1))?;
     Ok(Vectors::new(
         values,

@@ -14,6 +14,13 @@
 //! used: the command refuses a manifest whose fitting split shares a person
 //! with a query or gallery split.
 //!
+//! `--side-info S` fits the paper's transform with side-information: S is
+//! the side-information model (a serving checkpoint, e.g. one trained
+//! self-supervised with the old model, `method.self_supervised`), whose
+//! feature of each image is stored beside the old template at enrolment;
+//! the transform takes both, and the manifest names S, so that evaluation
+//! and the server feed it the same model's features.
+//!
 //! `--views N` adds N - 1 augmented views of every fitting image (the
 //! trainer's augmentation: padding + random crop and random erasing), each
 //! view embedded by both models with the same random draws: more pairs from
@@ -25,7 +32,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use handid_eval::data::manifest::Manifest;
-use handid_model::{Embedder, TemplateTransform, TransformManifest, l2_normalize};
+use handid_model::{Embedder, SideInfo, TemplateTransform, TransformManifest, l2_normalize};
 use tch::{Device, Kind, Tensor, nn, nn::OptimizerConfig};
 
 use super::eval::{bar, dataset_root, embed_files, short};
@@ -40,6 +47,11 @@ pub struct Args {
     /// The new serving checkpoint.
     #[arg(long)]
     pub new: PathBuf,
+    /// The side-information model (a serving checkpoint) whose features
+    /// are stored beside the old templates; without it the old embedding is
+    /// the side-information.
+    #[arg(long)]
+    pub side_info: Option<PathBuf>,
     /// Split manifest (from `splits`).
     #[arg(long)]
     pub manifest: PathBuf,
@@ -112,13 +124,15 @@ pub struct Schedule {
     pub weight_decay: f64,
 }
 
-/// Fits `transform` to map `old` `[n, from]` onto `new` `[n, to]` (rows
+/// Fits `transform` to map `old` `[n, from]` (with its side-information
+/// `[n, side]` when the transform takes one) onto `new` `[n, to]` (rows
 /// paired) by mean squared error; calls `each_epoch` with each epoch's mean
 /// loss and returns the last one. The batch order comes from libtorch's
 /// global generator (seed it first).
 pub fn fit(
     transform: &TemplateTransform,
     old: &Tensor,
+    side: Option<&Tensor>,
     new: &Tensor,
     schedule: &Schedule,
     mut each_epoch: impl FnMut(f64),
@@ -149,7 +163,8 @@ pub fn fit(
                 continue;
             }
             let index = order.narrow(0, start, len);
-            let mapped = transform.forward_t(&old.index_select(0, &index), train_statistics);
+            let side = side.map(|s| s.index_select(0, &index));
+            let mapped = transform.forward_t(&old.index_select(0, &index), side.as_ref(), train_statistics);
             let loss = mapped.mse_loss(&new.index_select(0, &index), tch::Reduction::Mean);
             optimizer.backward_step(&loss);
             sum += loss.double_value(&[]) * len as f64;
@@ -219,6 +234,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let (old, old_model) = embed(&args.old)?;
     let (new, new_model) = embed(&args.new)?;
+    let side = args.side_info.as_ref().map(embed).transpose()?;
 
     tch::manual_seed(args.seed);
     let (from, to) = (old_model.manifest(), new_model.manifest());
@@ -231,10 +247,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             from_dim: old_model.dim(),
             to_dim: new_model.dim(),
             inner_dim: args.inner_dim,
+            side_info: side.as_ref().map(|(_, model)| SideInfo {
+                model: model.model_id().to_owned(),
+                space: model.manifest().embedding_space.clone(),
+                dim: model.dim(),
+            }),
             provenance: Vec::new(),
         },
         device,
     );
+    let side = side.map(|(features, _)| features);
     let progress = bar(args.epochs, "fitting the transform")?;
     let schedule = Schedule {
         epochs: args.epochs,
@@ -243,7 +265,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         lr: args.lr,
         weight_decay: args.weight_decay,
     };
-    let last_loss = fit(&transform, &old, &new, &schedule, |epoch_loss| {
+    let last_loss = fit(&transform, &old, side.as_ref(), &new, &schedule, |epoch_loss| {
         progress.set_message(format!("fitting the transform (loss {epoch_loss:.5})"));
         progress.inc(1);
     })?;
@@ -251,7 +273,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // How close the mapped old embeddings come to the new ones (the cosine
     // a stored template will have with its person's new embedding).
     let agreement = tch::no_grad(|| {
-        let mapped = l2_normalize(&transform.forward_t(&old, false));
+        let mapped = l2_normalize(&transform.forward_t(&old, side.as_ref(), false));
         (mapped * l2_normalize(&new))
             .sum_dim_intlist([1i64].as_slice(), false, Kind::Float)
             .mean(Kind::Float)
@@ -263,6 +285,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ("splits".into(), args.splits.join(",")),
         ("images".into(), images.len().to_string()),
         ("views".into(), args.views.to_string()),
+        (
+            "side_info".into(),
+            args.side_info
+                .as_ref()
+                .map_or("none (the old embedding)".to_owned(), |p| p.display().to_string()),
+        ),
         ("persons".into(), persons.to_string()),
         ("epochs".into(), args.epochs.to_string()),
         ("batch_size".into(), args.batch_size.to_string()),
@@ -363,6 +391,7 @@ mod tests {
                 from_dim: 8,
                 to_dim: 8,
                 inner_dim: 64,
+                side_info: None,
                 provenance: Vec::new(),
             },
             Device::Cpu,
@@ -376,9 +405,14 @@ mod tests {
             weight_decay: 0.0,
         };
         let mut epochs = 0;
-        let loss = fit(&transform, &fitting, &new.narrow(0, 0, 512), &schedule, |_| {
-            epochs += 1
-        })
+        let loss = fit(
+            &transform,
+            &fitting,
+            None,
+            &new.narrow(0, 0, 512),
+            &schedule,
+            |_| epochs += 1,
+        )
         .expect("fit");
         assert_eq!(epochs, 120);
         assert!(loss < 0.01, "final loss {loss}");
@@ -390,7 +424,7 @@ mod tests {
         };
         let before = cosine(&unseen, &new.narrow(0, 512, 256));
         let after = cosine(
-            &transform.apply(&unseen).expect("apply"),
+            &transform.apply(&unseen, None).expect("apply"),
             &new.narrow(0, 512, 256),
         );
         assert!(
@@ -398,6 +432,63 @@ mod tests {
             "unseen vectors mapped to cosine {after} (before: {before})"
         );
         assert!(after > before + 0.5, "before {before}, after {after}");
+    }
+
+    /// With a side-information model the transform learns from the side
+    /// branch what the old embedding does not hold: here the new vectors are
+    /// a rotation of the side-information, the old ones unrelated noise.
+    #[test]
+    fn side_information_carries_what_the_old_embedding_lacks() {
+        tch::manual_seed(5);
+        let options = (Kind::Float, Device::Cpu);
+        let (rotation, _) = Tensor::linalg_qr(&Tensor::randn([8, 8], options), "reduced");
+        let old = l2_normalize(&Tensor::randn([768, 8], options));
+        let side = l2_normalize(&Tensor::randn([768, 8], options));
+        let new = side.matmul(&rotation);
+        let transform = TemplateTransform::new(
+            TransformManifest {
+                from_model: "a".into(),
+                from_space: "a".into(),
+                to_model: "b".into(),
+                to_space: "b".into(),
+                from_dim: 8,
+                to_dim: 8,
+                inner_dim: 64,
+                side_info: Some(SideInfo {
+                    model: "s".into(),
+                    space: "s".into(),
+                    dim: 8,
+                }),
+                provenance: Vec::new(),
+            },
+            Device::Cpu,
+        );
+        let schedule = Schedule {
+            epochs: 120,
+            warmup_epochs: 5,
+            batch_size: 64,
+            lr: 2e-3,
+            weight_decay: 0.0,
+        };
+        let fitting = |t: &Tensor| t.narrow(0, 0, 512);
+        fit(
+            &transform,
+            &fitting(&old),
+            Some(&fitting(&side)),
+            &fitting(&new),
+            &schedule,
+            |_| {},
+        )
+        .expect("fit");
+        let unseen = |t: &Tensor| t.narrow(0, 512, 256);
+        let mapped = transform
+            .apply(&unseen(&old), Some(&unseen(&side)))
+            .expect("apply");
+        let cosine = (mapped * unseen(&new))
+            .sum_dim_intlist([1i64].as_slice(), false, Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[]);
+        assert!(cosine > 0.9, "unseen vectors mapped to cosine {cosine}");
     }
 
     #[test]

@@ -236,6 +236,14 @@ impl Switch {
         }
         let transform = TemplateTransform::load(dir, tch::Device::Cpu)
             .with_context(|| format!("loading the transform {}", dir.display()))?;
+        if let Some(side) = transform.side_info() {
+            bail!(
+                "the transform {} was fitted with the side-information of model {}, which the service \
+                 does not store beside its templates: fit it without --side-info to rehearse the upgrade",
+                dir.display(),
+                short(&side.model)
+            );
+        }
         Ok(Self::Migrate(Box::new(Migration {
             transform: dir.clone(),
             manifest: transform.manifest().clone(),
