@@ -13,7 +13,7 @@
 //! stdout for scripts. Exit status: 0 on success; 10 + the gRPC status code
 //! when the server refuses (e.g. 17 PERMISSION_DENIED, 19
 //! FAILED_PRECONDITION, 24 UNAVAILABLE, also when the server cannot be
-//! reached; for `enroll --from`, the first failed subject's); 1 for a
+//! reached or the connection breaks; for `enroll --from`, the first failed subject's); 1 for a
 //! local problem (an unreadable certificate file); 2 for a
 //! command line clap refuses; `health` exits 1 when the server is not
 //! SERVING.
