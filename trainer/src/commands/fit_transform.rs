@@ -372,6 +372,36 @@ fn embed_views(
 mod tests {
     use super::*;
 
+    /// An 8-d to 8-d transform with a 64-wide mixer, from libtorch's
+    /// global generator.
+    fn small_transform(side_info: Option<SideInfo>) -> TemplateTransform {
+        TemplateTransform::new(
+            TransformManifest {
+                from_model: "a".into(),
+                from_space: "a".into(),
+                to_model: "b".into(),
+                to_space: "b".into(),
+                from_dim: 8,
+                to_dim: 8,
+                inner_dim: 64,
+                side_info,
+                provenance: Vec::new(),
+            },
+            Device::Cpu,
+        )
+    }
+
+    /// 120 epochs of 64 pairs at 2e-3, no weight decay.
+    fn quick_schedule() -> Schedule {
+        Schedule {
+            epochs: 120,
+            warmup_epochs: 5,
+            batch_size: 64,
+            lr: 2e-3,
+            weight_decay: 0.0,
+        }
+    }
+
     /// A map the network can learn (a fixed rotation of 8-d unit vectors):
     /// fitted on 512 pairs, it carries 256 unseen old vectors close to their
     /// new images (mean cosine 0.95 measured; about 0 before).
@@ -382,28 +412,9 @@ mod tests {
         let (rotation, _) = Tensor::linalg_qr(&Tensor::randn([8, 8], options), "reduced");
         let old = l2_normalize(&Tensor::randn([768, 8], options));
         let new = old.matmul(&rotation);
-        let transform = TemplateTransform::new(
-            TransformManifest {
-                from_model: "a".into(),
-                from_space: "a".into(),
-                to_model: "b".into(),
-                to_space: "b".into(),
-                from_dim: 8,
-                to_dim: 8,
-                inner_dim: 64,
-                side_info: None,
-                provenance: Vec::new(),
-            },
-            Device::Cpu,
-        );
+        let transform = small_transform(None);
         let (fitting, unseen) = (old.narrow(0, 0, 512), old.narrow(0, 512, 256));
-        let schedule = Schedule {
-            epochs: 120,
-            warmup_epochs: 5,
-            batch_size: 64,
-            lr: 2e-3,
-            weight_decay: 0.0,
-        };
+        let schedule = quick_schedule();
         let mut epochs = 0;
         let loss = fit(
             &transform,
@@ -445,31 +456,12 @@ mod tests {
         let old = l2_normalize(&Tensor::randn([768, 8], options));
         let side = l2_normalize(&Tensor::randn([768, 8], options));
         let new = side.matmul(&rotation);
-        let transform = TemplateTransform::new(
-            TransformManifest {
-                from_model: "a".into(),
-                from_space: "a".into(),
-                to_model: "b".into(),
-                to_space: "b".into(),
-                from_dim: 8,
-                to_dim: 8,
-                inner_dim: 64,
-                side_info: Some(SideInfo {
-                    model: "s".into(),
-                    space: "s".into(),
-                    dim: 8,
-                }),
-                provenance: Vec::new(),
-            },
-            Device::Cpu,
-        );
-        let schedule = Schedule {
-            epochs: 120,
-            warmup_epochs: 5,
-            batch_size: 64,
-            lr: 2e-3,
-            weight_decay: 0.0,
-        };
+        let transform = small_transform(Some(SideInfo {
+            model: "s".into(),
+            space: "s".into(),
+            dim: 8,
+        }));
+        let schedule = quick_schedule();
         let fitting = |t: &Tensor| t.narrow(0, 0, 512);
         fit(
             &transform,
