@@ -359,30 +359,19 @@ fn across_models(
     manifest: &Path,
 ) -> anyhow::Result<Report> {
     let options = eval_options(args.ap);
-    let (old, old_id) = embed_manifest(args, gallery_model, manifest)?;
-    let (new, new_id) = embed_manifest(args, query_model, manifest)?;
+    // The transform and its side-information are checked before anything
+    // is embedded; the models it maps, once their ids are known.
     let transform = match &args.transform {
         Some(dir) => {
             let device = handid_model::parse_device(&args.device).context("choosing the device")?;
-            let transform = TemplateTransform::load(dir, device)
-                .with_context(|| format!("loading the transform {}", dir.display()))?;
-            let t = transform.manifest();
-            if t.from_model != old_id || t.to_model != new_id {
-                bail!(
-                    "the transform {} maps model {} to {}, not the gallery model {} to the query model {}",
-                    dir.display(),
-                    short(&t.from_model),
-                    short(&t.to_model),
-                    short(&old_id),
-                    short(&new_id)
-                );
-            }
-            Some(transform)
+            Some(
+                TemplateTransform::load(dir, device)
+                    .with_context(|| format!("loading the transform {}", dir.display()))?,
+            )
         }
         None => None,
     };
-    // The gallery images' side-information, when the transform takes it.
-    let side = match (transform.as_ref().and_then(|t| t.side_info()), &args.side_info) {
+    let side_model = match (transform.as_ref().and_then(|t| t.side_info()), &args.side_info) {
         (None, None) => None,
         (None, Some(_)) => bail!(
             "the transform {} was fitted without side-information: drop --side-info",
@@ -396,7 +385,26 @@ fn across_models(
             "the transform was fitted with the side-information of model {}: pass that model as --side-info",
             short(&info.model)
         ),
-        (Some(info), Some(dir)) => {
+        (Some(info), Some(dir)) => Some((info, dir)),
+    };
+    let (old, old_id) = embed_manifest(args, gallery_model, manifest)?;
+    let (new, new_id) = embed_manifest(args, query_model, manifest)?;
+    if let (Some(t), Some(dir)) = (&transform, &args.transform) {
+        let t = t.manifest();
+        if t.from_model != old_id || t.to_model != new_id {
+            bail!(
+                "the transform {} maps model {} to {}, not the gallery model {} to the query model {}",
+                dir.display(),
+                short(&t.from_model),
+                short(&t.to_model),
+                short(&old_id),
+                short(&new_id)
+            );
+        }
+    }
+    // The gallery images' side-information, when the transform takes it.
+    let side = match side_model {
+        Some((info, dir)) => {
             let (side, side_id) = embed_manifest(args, dir, manifest)?;
             if side_id != info.model {
                 bail!(
@@ -408,6 +416,7 @@ fn across_models(
             }
             Some(side)
         }
+        None => None,
     };
     let (old_dim, new_dim) = (
         transform
