@@ -740,3 +740,91 @@ async fn a_peer_that_is_no_grpc_server_is_unavailable_with_a_hint() {
         );
     }
 }
+
+/// A test CA's certificate and a certificate for `localhost` it signed,
+/// with its key (PEM).
+fn localhost_certificate() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "handid CLI test CA");
+    let ca_pem = ca.self_signed(&ca_key).expect("CA").pem();
+    let issuer = Issuer::from_params(&ca, &ca_key);
+    let key = KeyPair::generate().expect("key");
+    let leaf = CertificateParams::new(vec!["localhost".to_owned()])
+        .expect("params")
+        .signed_by(&key, &issuer)
+        .expect("sign");
+    (ca_pem, leaf.pem(), key.serialize_pem())
+}
+
+/// A real TLS listener: the CLI with its CA is served; without it (the
+/// certificate is untrusted) or in plain text, it gets UNAVAILABLE (24)
+/// naming the certificate problem or the TLS hint.
+#[sqlx::test(migrations = false)]
+async fn a_tls_listener_refuses_untrusted_and_plain_text_clients_clearly(
+    _: PgPoolOptions,
+    options: PgConnectOptions,
+) {
+    let files = tempfile::tempdir().expect("tempdir");
+    let (ca, cert, key) = localhost_certificate();
+    let write = |name: &str, text: &str| {
+        let path = files.path().join(name);
+        std::fs::write(&path, text).expect("write pem");
+        path
+    };
+    let ca_file = write("ca.pem", &ca);
+    let model = tempfile::tempdir().expect("model");
+    handid_model::create_random_checkpoint(model.path(), &handid_model::ClipVisionConfig::tiny_vit(), 3)
+        .expect("checkpoint");
+    let mut settings = Settings::default();
+    settings.database.url = format!(
+        "postgres://{}@{}:{}/{}",
+        options.get_username(),
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("postgres")
+    );
+    settings.database.migrate_on_start = true;
+    settings.model.path = model.path().to_owned();
+    settings.tls.cert_file = Some(write("server.pem", &cert));
+    settings.tls.key_file = Some(write("server.key", &key));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(handid_server::run(listener, settings, async {
+        let _ = stopped.await;
+    }));
+    let https = format!("https://localhost:{port}");
+    let ca_arg = ca_file.to_str().expect("UTF-8 path");
+    let mut ready = false;
+    for _ in 0..200 {
+        if handid(&https, "", &["--tls-ca", ca_arg, "health"], None)
+            .await
+            .status
+            .success()
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(ready, "the TLS server never said SERVING to a client with its CA");
+
+    // Without the CA the certificate is untrusted: the reason is named.
+    let untrusted = handid(&https, "", &["health"], None).await;
+    let stderr = String::from_utf8_lossy(&untrusted.stderr);
+    assert_eq!(status(&untrusted), 24, "{stderr}");
+    assert!(stderr.contains("certificate"), "{stderr}");
+    assert!(stderr.contains("--tls-ca"), "{stderr}");
+    // Plain text to the TLS listener.
+    let plain = format!("http://127.0.0.1:{port}");
+    let out = handid(&plain, "", &["model", "get"], None).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(status(&out), 24, "{stderr}");
+    assert!(stderr.contains("https:// address and --tls-ca"), "{stderr}");
+    let _ = stop.send(());
+    let _ = server.await;
+}
