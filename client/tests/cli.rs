@@ -71,18 +71,10 @@ fn status(output: &Output) -> i32 {
     output.status.code().expect("exit status")
 }
 
-/// A server on a free local port with a random tiny model and these API
-/// keys, once it says SERVING: the model's folder (keep it), the address, and
-/// the stop handles.
-async fn serve(
-    options: &PgConnectOptions,
-    keys: Vec<ApiKeySettings>,
-) -> (
-    tempfile::TempDir,
-    String,
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<Result<(), handid_server::ServeError>>,
-) {
+/// Settings for a test server over the Postgres of `options`, migrating
+/// it, serving a random tiny model: the model's folder (keep it) and the
+/// settings.
+fn model_settings(options: &PgConnectOptions) -> (tempfile::TempDir, Settings) {
     let model = tempfile::tempdir().expect("model");
     handid_model::create_random_checkpoint(model.path(), &handid_model::ClipVisionConfig::tiny_vit(), 3)
         .expect("checkpoint");
@@ -96,6 +88,22 @@ async fn serve(
     );
     settings.database.migrate_on_start = true;
     settings.model.path = model.path().to_owned();
+    (model, settings)
+}
+
+/// A server on a free local port with a random tiny model and these API
+/// keys, once it says SERVING: the model's folder (keep it), the address, and
+/// the stop handles.
+async fn serve(
+    options: &PgConnectOptions,
+    keys: Vec<ApiKeySettings>,
+) -> (
+    tempfile::TempDir,
+    String,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), handid_server::ServeError>>,
+) {
+    let (model, mut settings) = model_settings(options);
     settings.auth.keys = keys;
     // Bulk enrolment from one address: the per-caller limit is for doors.
     settings.server.rate_limit_per_second = 0.0;
@@ -776,19 +784,7 @@ async fn a_tls_listener_refuses_untrusted_and_plain_text_clients_clearly(
         path
     };
     let ca_file = write("ca.pem", &ca);
-    let model = tempfile::tempdir().expect("model");
-    handid_model::create_random_checkpoint(model.path(), &handid_model::ClipVisionConfig::tiny_vit(), 3)
-        .expect("checkpoint");
-    let mut settings = Settings::default();
-    settings.database.url = format!(
-        "postgres://{}@{}:{}/{}",
-        options.get_username(),
-        options.get_host(),
-        options.get_port(),
-        options.get_database().unwrap_or("postgres")
-    );
-    settings.database.migrate_on_start = true;
-    settings.model.path = model.path().to_owned();
+    let (_model, mut settings) = model_settings(&options);
     settings.tls.cert_file = Some(write("server.pem", &cert));
     settings.tls.key_file = Some(write("server.key", &key));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
