@@ -128,13 +128,7 @@ impl OldModel {
             let checkpoint = if path.join("state.yaml").is_file() {
                 path.clone()
             } else if state::checkpoints_dir(path).is_dir() {
-                let best = state::checkpoints_dir(path).join("best");
-                let which = if best.join("state.yaml").is_file() {
-                    "best"
-                } else {
-                    "latest"
-                };
-                state::resolve(path, which).with_context(|| format!("{at}: {}", path.display()))?
+                state::resolve_default(path).with_context(|| format!("{at}: {}", path.display()))?
             } else {
                 bail!(
                     "{at}: {} holds no handid.yaml (a serving checkpoint), no state.yaml (a training \

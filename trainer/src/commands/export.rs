@@ -13,9 +13,10 @@ pub struct ExportArgs {
     /// The run folder (`train --out`).
     #[arg(long)]
     pub run: PathBuf,
-    /// `best` (validation mAP on training persons), `latest`, or a checkpoint folder.
-    #[arg(long, default_value = "best")]
-    pub checkpoint: String,
+    /// `best` (validation mAP on training persons), `latest`, or a checkpoint
+    /// folder [default: `best`, `latest` where the run had no validation split].
+    #[arg(long)]
+    pub checkpoint: Option<String>,
     /// Serving checkpoint folder to write.
     #[arg(long)]
     pub out: PathBuf,
@@ -26,7 +27,10 @@ pub struct ExportArgs {
 
 /// Exports and prints the thresholds.
 pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
-    let checkpoint = state::resolve(&args.run, &args.checkpoint)?;
+    let checkpoint = match &args.checkpoint {
+        Some(which) => state::resolve(&args.run, which)?,
+        None => state::resolve_default(&args.run)?,
+    };
     let exported = export(&checkpoint, &args.out, args.data.as_deref())
         .with_context(|| format!("exporting {}", checkpoint.display()))?;
     let m = &exported.manifest;

@@ -19,7 +19,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
@@ -199,9 +199,23 @@ fn write_folder(dir: &Path, state: &TrainState, tensors: &Tensors) -> anyhow::Re
     fs::write(&path, serde_yaml::to_string(state)?).with_context(|| format!("writing {}", path.display()))
 }
 
+/// The checkpoint a run stands for when none is named: `best` where the run
+/// validated, `latest` where it had no validation split (no `best` exists).
+pub fn resolve_default(run: &Path) -> anyhow::Result<PathBuf> {
+    let validated = checkpoints_dir(run).join("best").join("state.yaml").is_file();
+    resolve(run, if validated { "best" } else { "latest" })
+}
+
 /// Resolves `which` for a run: `latest`, `best`, or a checkpoint folder path.
 pub fn resolve(run: &Path, which: &str) -> anyhow::Result<PathBuf> {
     let dir = checkpoints_dir(run);
+    if which == "best" && !dir.join("best").exists() && dir.join("latest").is_file() {
+        bail!(
+            "{} has no `best` checkpoint: `best` is chosen by validation mAP, and this run had \
+             no validation split; name `latest` instead",
+            run.display()
+        );
+    }
     let path = match which {
         "latest" => {
             let latest = dir.join("latest");
@@ -306,4 +320,48 @@ pub fn write_csv(path: &Path, history: &[EpochRow]) -> anyhow::Result<()> {
         ));
     }
     fs::write(path, out).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run folder whose checkpoints are complete (state.yaml) but empty.
+    fn run_with(names: &[&str], latest: &str) -> tempfile::TempDir {
+        let run = tempfile::tempdir().expect("tempdir");
+        let dir = checkpoints_dir(run.path());
+        for name in names {
+            fs::create_dir_all(dir.join(name)).expect("mkdir");
+            fs::write(dir.join(name).join("state.yaml"), "").expect("state");
+        }
+        fs::write(dir.join("latest"), latest).expect("latest");
+        run
+    }
+
+    #[test]
+    fn a_run_without_validation_defaults_to_latest_and_names_the_missing_best() {
+        let run = run_with(&["epoch-0001", "epoch-0002"], "epoch-0002");
+        let chosen = resolve_default(run.path()).expect("default");
+        assert_eq!(chosen, checkpoints_dir(run.path()).join("epoch-0002"));
+        let err = resolve(run.path(), "best").unwrap_err().to_string();
+        assert!(
+            err.contains("no `best` checkpoint")
+                && err.contains("no validation split")
+                && err.contains("`latest`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_validated_run_defaults_to_best() {
+        let run = run_with(&["epoch-0001", "epoch-0002", "best"], "epoch-0002");
+        assert_eq!(
+            resolve_default(run.path()).expect("default"),
+            checkpoints_dir(run.path()).join("best")
+        );
+        assert_eq!(
+            resolve(run.path(), "latest").expect("latest"),
+            checkpoints_dir(run.path()).join("epoch-0002")
+        );
+    }
 }
