@@ -6,7 +6,7 @@ use std::sync::Arc;
 use handid_eval::data::synthetic::{self, SynthOptions};
 use handid_model::Preprocess;
 use handid_model::image::{CLIP_MEAN, CLIP_STD};
-use handid_trainer::data::{Augment, AugmentConfig, Item, Loader};
+use handid_trainer::data::{Augment, AugmentConfig, Item, Loader, RandomAffine};
 use image::{Rgb, RgbImage};
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::SeedableRng;
@@ -278,6 +278,51 @@ fn pad_and_crop_shift_the_image_by_at_most_the_padding() {
 }
 
 #[test]
+fn random_affine_rotates_and_scales_within_its_ranges() {
+    let affine = |degrees: f64, scale: f64| {
+        let config = AugmentConfig {
+            random_affine: RandomAffine {
+                degrees,
+                scale_min: scale,
+                scale_max: scale,
+            },
+            ..AugmentConfig::none()
+        };
+        Augment::new(config, PRE).expect("augment")
+    };
+    let grey = RgbImage::from_pixel(24, 32, Rgb([128, 128, 128]));
+    let clean = PRE.apply(&grey).expect("apply");
+    let black: Vec<f64> = (0..3).map(|c| f64::from(-CLIP_MEAN[c] / CLIP_STD[c])).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for _ in 0..10 {
+        // Enlarged twice and turned by at most 30 degrees, every
+        // output pixel still samples inside the image: nothing black.
+        let x = affine(30.0, 2.0).train(&grey, &mut rng).expect("train");
+        assert!(max_diff(&x, &clean) < 1e-5);
+        // Halved: the centre stays, the corners are black padding.
+        let x = affine(30.0, 0.5).train(&grey, &mut rng).expect("train");
+        assert!(
+            max_diff(
+                &x.narrow(1, 14, 4).narrow(2, 10, 4),
+                &clean.narrow(1, 14, 4).narrow(2, 10, 4)
+            ) < 1e-5
+        );
+        for c in 0..3 {
+            let corner = x.double_value(&[c, 0, 0]);
+            assert!((corner - black[c as usize]).abs() < 1e-5, "corner {corner}");
+        }
+    }
+    // A textured image is turned differently draw by draw.
+    let img = noise_image(24, 32, 6);
+    let turn = affine(20.0, 1.0);
+    let (a, b) = (
+        turn.train(&img, &mut rng).expect("train"),
+        turn.train(&img, &mut rng).expect("train"),
+    );
+    assert!(max_diff(&a, &b) > 0.1, "two draws gave the same view");
+}
+
+#[test]
 fn color_jitter_stays_within_its_ranges() {
     let img = noise_image(24, 32, 4);
     let raw = |x: &Tensor| {
@@ -343,6 +388,12 @@ fn bad_config_values_are_refused_naming_the_key() {
         ),
         ("color_jitter: {contrast: .nan}", "augment.color_jitter.contrast"),
         ("padding: 5000", "augment.padding"),
+        ("random_affine: {degrees: 200}", "augment.random_affine.degrees"),
+        ("random_affine: {scale_min: 0}", "augment.random_affine"),
+        (
+            "random_affine: {scale_min: 1.2, scale_max: 0.8}",
+            "augment.random_affine",
+        ),
     ];
     for (yaml, key) in cases {
         let config: AugmentConfig = serde_yaml::from_str(yaml).expect(yaml);

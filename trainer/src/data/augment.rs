@@ -15,11 +15,19 @@
 //!    contrast, saturation factors drawn uniformly from `[max(0, 1 - v), 1 + v]`,
 //!    hue shift from `[-v, v]` of a full turn, applied in a random order as
 //!    torchvision does); off by default, as in CLIP-ReID;
-//! 4. zero padding of `padding` pixels on every side (torchvision `Pad`,
+//! 4. random affine (torchvision `RandomAffine` semantics, without shear or
+//!    translation): a rotation by an angle uniform in `[-degrees, degrees]`
+//!    and a scaling by a factor uniform in `[scale_min, scale_max]`, both
+//!    about the image centre, bilinear, fill 0 (black before
+//!    normalisation); off by default, as in CLIP-ReID. It imitates a
+//!    hand photographed at another angle and distance, the nuisance a
+//!    self-supervised model has to learn to ignore (SimCLR's augmentations
+//!    stand for ImageNet's nuisances the same way);
+//! 5. zero padding of `padding` pixels on every side (torchvision `Pad`,
 //!    fill 0 = black before normalisation) and a random crop back to the
 //!    input size, each offset uniform in `[0, 2 * padding]`;
-//! 5. normalisation with CLIP's mean and standard deviation;
-//! 6. random erasing (Zhong et al., "Random Erasing Data Augmentation",
+//! 6. normalisation with CLIP's mean and standard deviation;
+//! 7. random erasing (Zhong et al., "Random Erasing Data Augmentation",
 //!    AAAI 2020, Alg. 1): area fraction uniform in [0.02, 0.4], aspect ratio
 //!    in [0.3, 1/0.3] drawn log-uniformly (timm's `RandomErasing`, which
 //!    CLIP-ReID uses), up to 10 attempts to fit the rectangle. The rectangle
@@ -57,6 +65,35 @@ pub struct ColorJitter {
     pub hue: f64,
 }
 
+/// Random rotation and scaling about the centre (torchvision
+/// `RandomAffine(degrees, scale=(scale_min, scale_max))`); the default is off.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RandomAffine {
+    /// Rotation angle drawn from `[-degrees, degrees]`; at most 180.
+    pub degrees: f64,
+    /// Smallest scale factor (greater than 0).
+    pub scale_min: f64,
+    /// Largest scale factor (at least `scale_min`).
+    pub scale_max: f64,
+}
+
+impl Default for RandomAffine {
+    fn default() -> Self {
+        Self {
+            degrees: 0.0,
+            scale_min: 1.0,
+            scale_max: 1.0,
+        }
+    }
+}
+
+impl RandomAffine {
+    fn is_off(&self) -> bool {
+        self.degrees == 0.0 && self.scale_min == 1.0 && self.scale_max == 1.0
+    }
+}
+
 impl ColorJitter {
     fn is_off(&self) -> bool {
         self.brightness == 0.0 && self.contrast == 0.0 && self.saturation == 0.0 && self.hue == 0.0
@@ -76,6 +113,8 @@ pub struct AugmentConfig {
     pub erasing_prob: f64,
     /// Colour jitter; all off by default.
     pub color_jitter: ColorJitter,
+    /// Random rotation and scaling; off by default.
+    pub random_affine: RandomAffine,
     /// Probability of a horizontal flip; 0 by default (a flipped right hand is a left hand).
     pub hflip_prob: f64,
 }
@@ -87,6 +126,7 @@ impl Default for AugmentConfig {
             random_crop: true,
             erasing_prob: 0.5,
             color_jitter: ColorJitter::default(),
+            random_affine: RandomAffine::default(),
             hflip_prob: 0.0,
         }
     }
@@ -100,6 +140,7 @@ impl AugmentConfig {
             random_crop: false,
             erasing_prob: 0.0,
             color_jitter: ColorJitter::default(),
+            random_affine: RandomAffine::default(),
             hflip_prob: 0.0,
         }
     }
@@ -128,6 +169,25 @@ impl AugmentConfig {
             bail!(
                 "augment.color_jitter.hue must be in [0, 0.5] (a fraction of a full turn), got {}",
                 jitter.hue
+            );
+        }
+        let affine = &self.random_affine;
+        if !(0.0..=180.0).contains(&affine.degrees) {
+            bail!(
+                "augment.random_affine.degrees must be in [0, 180], got {}",
+                affine.degrees
+            );
+        }
+        if !(affine.scale_min.is_finite() && affine.scale_max.is_finite())
+            || affine.scale_min <= 0.0
+            || affine.scale_min > affine.scale_max
+            || affine.scale_max > 10.0
+        {
+            bail!(
+                "augment.random_affine needs 0 < scale_min <= scale_max <= 10, got scale_min {} and \
+                 scale_max {}",
+                affine.scale_min,
+                affine.scale_max
             );
         }
         // Beyond a few hundred pixels the crop would mostly be padding.
@@ -204,6 +264,9 @@ impl Augment {
         }
         if !cfg.color_jitter.is_off() {
             color_jitter(&mut hwc, &cfg.color_jitter, rng);
+        }
+        if !cfg.random_affine.is_off() {
+            hwc = random_affine(&hwc, h, w, &cfg.random_affine, rng);
         }
         if cfg.random_crop && cfg.padding > 0 {
             hwc = pad_and_crop(&hwc, h, w, cfg.padding as usize, rng);
@@ -341,6 +404,46 @@ fn shift_hue(px: &mut [f32], shift: f32) {
     px.copy_from_slice(&[r, g, b]);
 }
 
+/// Rotates by a random angle and scales by a random factor about the
+/// centre; see the module docs. Each output pixel samples the source
+/// bilinearly at the inverse-mapped position; outside the source is 0.
+fn random_affine(hwc: &[f32], h: usize, w: usize, affine: &RandomAffine, rng: &mut ChaCha8Rng) -> Vec<f32> {
+    let angle = uniform_in(rng, -affine.degrees, affine.degrees).to_radians();
+    let scale = uniform_in(rng, affine.scale_min, affine.scale_max);
+    rotate_and_scale(hwc, h, w, angle, scale)
+}
+
+/// `hwc` rotated by `angle` radians and scaled by `scale` about its centre.
+fn rotate_and_scale(hwc: &[f32], h: usize, w: usize, angle: f64, scale: f64) -> Vec<f32> {
+    let (sin, cos) = angle.sin_cos();
+    // The centre of the pixel grid (torchvision rotates about it too).
+    let (cy, cx) = ((h as f64 - 1.0) / 2.0, (w as f64 - 1.0) / 2.0);
+    let at = |y: isize, x: isize, c: usize| -> f32 {
+        if y < 0 || x < 0 || y as usize >= h || x as usize >= w {
+            0.0
+        } else {
+            hwc[3 * (y as usize * w + x as usize) + c]
+        }
+    };
+    let mut out = vec![0f32; hwc.len()];
+    for y in 0..h {
+        for x in 0..w {
+            // Inverse map: undo the scaling, then the rotation.
+            let (u, v) = ((x as f64 - cx) / scale, (y as f64 - cy) / scale);
+            let (sx, sy) = (cos * u + sin * v + cx, -sin * u + cos * v + cy);
+            let (x0, y0) = (sx.floor(), sy.floor());
+            let (fx, fy) = ((sx - x0) as f32, (sy - y0) as f32);
+            let (x0, y0) = (x0 as isize, y0 as isize);
+            for c in 0..3 {
+                let top = at(y0, x0, c) * (1.0 - fx) + at(y0, x0 + 1, c) * fx;
+                let bottom = at(y0 + 1, x0, c) * (1.0 - fx) + at(y0 + 1, x0 + 1, c) * fx;
+                out[3 * (y * w + x) + c] = top * (1.0 - fy) + bottom * fy;
+            }
+        }
+    }
+    out
+}
+
 /// Zero-pads by `pad` on every side and crops `h` x `w` at a random offset.
 fn pad_and_crop(hwc: &[f32], h: usize, w: usize, pad: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
     let top = below_or_eq(rng, 2 * pad);
@@ -385,5 +488,50 @@ fn random_erase(chw: &mut [f32], h: usize, w: usize, rng: &mut ChaCha8Rng) {
             }
         }
         return;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 4 x 5 image whose every value differs.
+    fn ramp(h: usize, w: usize) -> Vec<f32> {
+        (0..h * w * 3).map(|i| i as f32 / 100.0).collect()
+    }
+
+    #[test]
+    fn no_rotation_and_unit_scale_is_the_identity() {
+        let image = ramp(4, 5);
+        assert_eq!(rotate_and_scale(&image, 4, 5, 0.0, 1.0), image);
+    }
+
+    #[test]
+    fn a_quarter_turn_moves_every_pixel_where_a_quarter_turn_puts_it() {
+        let n = 5;
+        let image = ramp(n, n);
+        let turned = rotate_and_scale(&image, n, n, std::f64::consts::FRAC_PI_2, 1.0);
+        // Output (y, x) samples the source at (x, n - 1 - y) under the
+        // inverse map sx = cos u + sin v, sy = -sin u + cos v.
+        for y in 0..n {
+            for x in 0..n {
+                for c in 0..3 {
+                    let want = image[3 * ((n - 1 - x) * n + y) + c];
+                    let got = turned[3 * (y * n + x) + c];
+                    assert!((got - want).abs() < 1e-4, "({y}, {x}, {c}): {got} != {want}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn shrinking_keeps_the_centre_and_fills_the_border_with_black() {
+        let n = 9;
+        let image = vec![0.5f32; n * n * 3];
+        let shrunk = rotate_and_scale(&image, n, n, 0.0, 0.5);
+        // The centre pixel maps onto itself.
+        assert_eq!(&shrunk[3 * (4 * n + 4)..3 * (4 * n + 4) + 3], &[0.5; 3]);
+        // The corner samples two pixels outside the source.
+        assert_eq!(&shrunk[0..3], &[0.0; 3]);
     }
 }
