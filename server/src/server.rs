@@ -17,7 +17,7 @@ use crate::live::{LiveAuth, LiveSettings};
 
 use crate::batcher::Batcher;
 use crate::decode::Decoding;
-use crate::engine::{ActiveModel, Caller, Engine, LoadError, Pipeline};
+use crate::engine::{ActiveModel, Caller, Engine, LoadError, Pipeline, SideModel};
 use crate::health::HealthRules;
 use crate::index::Indexes;
 use crate::service::{AdminService, HandIdService};
@@ -212,7 +212,7 @@ pub async fn run_with_listeners(
         }
     }
     let limits = &settings.limits;
-    let pipeline = Pipeline {
+    let mut pipeline = Pipeline {
         batch: settings.batch.clone(),
         search: settings.search.options(),
         decoding: Arc::new(Decoding::new(
@@ -226,7 +226,29 @@ pub async fn run_with_listeners(
             limits.decode_concurrency,
             limits.decode_pixel_budget,
         )),
+        side: None,
     };
+    if let Some(path) = &settings.model.side_info {
+        let side_path = path.clone();
+        let side = tokio::task::spawn_blocking(move || crate::reload::load_checked(&side_path, device))
+            .await?
+            .map_err(|source| ServeError::Model {
+                path: path.display().to_string(),
+                source,
+            })?;
+        let side = Arc::new(side);
+        tracing::info!(
+            side_model = %side.model_id(),
+            path = %path.display(),
+            "model.side_info: every enrolled image's side-information is stored beside its templates"
+        );
+        let batcher = Batcher::start(Arc::clone(&side), &pipeline.batch, Arc::clone(&pipeline.decoding))
+            .map_err(ServeError::Thread)?;
+        pipeline.side = Some(Arc::new(SideModel {
+            embedder: side,
+            batcher,
+        }));
+    }
     let batcher = Batcher::start(
         Arc::clone(&embedder),
         &pipeline.batch,

@@ -166,6 +166,12 @@ pub struct ModelSettings {
     /// retired. Off, such a start is refused (the serving model is the
     /// database's, so a promotion survives a restart).
     pub adopt: bool,
+    /// A side-information model (a serving checkpoint folder) whose feature
+    /// of every enrolled image is stored beside its templates, for a future
+    /// upgrade by a template transformation fitted with it
+    /// (`fit-transform --side-info`, `upgrade-templates`). Fixed for the
+    /// server's life; hot reloads do not change it. None: nothing stored.
+    pub side_info: Option<PathBuf>,
 }
 
 impl Default for ModelSettings {
@@ -174,6 +180,7 @@ impl Default for ModelSettings {
             path: PathBuf::from("checkpoints/serving"),
             device: "cpu".to_owned(),
             adopt: false,
+            side_info: None,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! `handid-server upgrade-templates`: maps the stored templates of an old
 //! model into a new model's embedding space with a template transformation
 //! (Ramanujan et al., "Forward Compatible Training for Large-Scale Embedding
-//! Retrieval Systems", NeurIPS 2022), without a single image: the new model
+//! Retrieval Systems", CVPR 2022), without a single image: the new model
 //! covers every subject without re-enrolment, and is then promoted.
 //!
 //! The run is an operator's, beside the serving replicas, on the same
@@ -16,6 +16,12 @@
 //!    coverage grows batch by batch;
 //! 3. PromoteModel (with `require_full_coverage`) makes the new model the
 //!    active one.
+//!
+//! A transform fitted with side-information (`fit-transform --side-info S`)
+//! takes, beside each template, S's feature of the same image, which a
+//! server with `model.side_info: S` stored at enrolment
+//! (`template_side_info`); the run refuses to start while a template to map
+//! lacks it, and each derived template keeps a copy of its source's.
 //!
 //! Resumable and idempotent: a template is done when a row of the new model
 //! derived from it exists (a unique index holds one per source and model),
@@ -129,12 +135,21 @@ pub enum UpgradeError {
     /// The transform maps a model to itself.
     #[error("the transform maps model {0} to itself")]
     SameModel(String),
-    /// The transform needs side-information the service never stores.
+    /// Templates to map lack the side-information the transform needs.
     #[error(
-        "the transform was fitted with the side-information of model {0}, which the service does \
-         not store beside its templates: fit it without --side-info to upgrade stored templates"
+        "the transform needs the side-information of model {side_model} beside each template, and \
+         {missing} templates of model {from_model} still to map have none (enrolled while the \
+         server had no model.side_info, or another one): configure model.side_info with that \
+         model and re-enrol those subjects, or fit the transform without --side-info"
     )]
-    SideInformation(String),
+    SideInformation {
+        /// The side-information model the transform names.
+        side_model: String,
+        /// The old model.
+        from_model: String,
+        /// Its templates without that model's feature.
+        missing: u64,
+    },
     /// The transform failed or produced a vector that is no template.
     #[error("the transform failed on template {template_id}: {reason}")]
     Transform {
@@ -156,9 +171,6 @@ pub async fn check(
 ) -> Result<(ModelRow, ModelRow), UpgradeError> {
     if manifest.from_model == manifest.to_model {
         return Err(UpgradeError::SameModel(manifest.from_model.clone()));
-    }
-    if let Some(side) = &manifest.side_info {
-        return Err(UpgradeError::SideInformation(side.model.clone()));
     }
     let recorded = |which: &'static str, model_id: &str, space: &str, dim: usize| {
         let store = store.clone();
@@ -197,6 +209,18 @@ pub async fn check(
             model_id: to.model_id,
             role: to.role,
         });
+    }
+    if let Some(side) = &manifest.side_info {
+        let missing = store
+            .count_underived_without_side(&from.model_id, &to.model_id, &side.model)
+            .await?;
+        if missing > 0 {
+            return Err(UpgradeError::SideInformation {
+                side_model: side.model.clone(),
+                from_model: from.model_id,
+                missing,
+            });
+        }
     }
     Ok((from, to))
 }
@@ -275,8 +299,9 @@ async fn derive_batch(
 ) -> Result<Option<(u64, i64)>, UpgradeError> {
     let mut attempt = 0;
     loop {
+        let side_model = transform.side_info().map(|side| side.model.as_str());
         let sources = store
-            .underived_templates(&from.model_id, &to.model_id, cursor, want)
+            .underived_templates(&from.model_id, &to.model_id, side_model, cursor, want)
             .await?;
         let Some(last_seq) = sources.last().map(|s| s.seq) else {
             return Ok(None);
@@ -307,8 +332,10 @@ fn map(
     dim: usize,
 ) -> Result<Vec<(uuid::Uuid, Vec<f32>)>, UpgradeError> {
     let width = transform.manifest().from_dim;
+    let side_width = transform.side_info().map(|side| side.dim);
     let failed = |template_id, reason: String| UpgradeError::Transform { template_id, reason };
     let mut flat = Vec::with_capacity(sources.len() * width);
+    let mut side_flat = Vec::with_capacity(sources.len() * side_width.unwrap_or(0));
     for source in sources {
         if source.embedding.len() != width {
             return Err(failed(
@@ -320,10 +347,33 @@ fn map(
             ));
         }
         flat.extend_from_slice(&source.embedding);
+        if let Some(side_width) = side_width {
+            // Enrolled by a server without the side model after the check.
+            let side = source.side.as_deref().ok_or_else(|| {
+                failed(
+                    source.template_id,
+                    "no side-information is stored beside it (enrolled by a server without \
+                     model.side_info)"
+                        .to_owned(),
+                )
+            })?;
+            if side.len() != side_width {
+                return Err(failed(
+                    source.template_id,
+                    format!(
+                        "its side-information has {} values, the transform takes {side_width}",
+                        side.len()
+                    ),
+                ));
+            }
+            side_flat.extend_from_slice(side);
+        }
     }
-    let old = Tensor::from_slice(&flat).view([sources.len() as i64, width as i64]);
+    let rows = sources.len() as i64;
+    let old = Tensor::from_slice(&flat).view([rows, width as i64]);
+    let side = side_width.map(|w| Tensor::from_slice(&side_flat).view([rows, w as i64]));
     let new = transform
-        .apply(&old, None)
+        .apply(&old, side.as_ref())
         .and_then(|t| Vec::<f32>::try_from(&t.contiguous().view([-1])).map_err(Into::into))
         .map_err(|e| failed(sources[0].template_id, e.to_string()))?;
     if new.len() != sources.len() * dim {

@@ -221,6 +221,7 @@ async fn a_cancelled_migration_leaves_the_active_model_and_no_staged_template_on
                     model_id: &c.model_id,
                     embeddings: std::slice::from_ref(&probe),
                 }),
+                side: None,
             },
             &AuditEntry {
                 actor: "test",

@@ -58,6 +58,7 @@ fn enrollment<'a>(
         caller: "tester",
         max_galleries: 1_000,
         staged: None,
+        side: None,
     }
 }
 

@@ -405,7 +405,8 @@ async fn the_upgrade_refuses_what_does_not_fit_stops_resumes_and_runs_twice_at_o
     .await
     .expect_err("same model");
     assert!(matches!(refused, UpgradeError::SameModel(_)), "{refused}");
-    // A transform that needs side-information, which the service never stores.
+    // A transform that needs side-information, which this server (without
+    // model.side_info) stored for none of the eight templates.
     let mut side = t.manifest().clone();
     side.side_info = Some(handid_model::SideInfo {
         model: "s".repeat(64),
@@ -422,8 +423,11 @@ async fn the_upgrade_refuses_what_does_not_fit_stops_resumes_and_runs_twice_at_o
     .await
     .expect_err("side-information");
     assert!(
-        matches!(refused, UpgradeError::SideInformation(_))
-            && refused.to_string().contains("fit it without --side-info"),
+        matches!(refused, UpgradeError::SideInformation { missing: 8, .. })
+            && refused.to_string().contains("model.side_info")
+            && refused
+                .to_string()
+                .contains("fit the transform without --side-info"),
         "{refused}"
     );
     assert!(
@@ -508,6 +512,189 @@ async fn the_upgrade_refuses_what_does_not_fit_stops_resumes_and_runs_twice_at_o
         .expect("delete subject");
     assert_eq!(derived_pairs(&pool, &a.model_id, &c.model_id).await.len(), 6);
     server.stop().await.expect("stop");
+}
+
+/// Side-information rows: (template id, side model, feature), by
+/// enrolment order of their templates.
+async fn side_rows(pool: &PgPool, model: &str) -> Vec<(uuid::Uuid, String, Vec<f32>)> {
+    sqlx::query_as(
+        "SELECT s.template_id, s.side_model, s.feature FROM template_side_info s
+         JOIN templates t ON t.template_id = s.template_id WHERE t.model_id = $1 ORDER BY t.seq",
+    )
+    .bind(model)
+    .fetch_all(pool)
+    .await
+    .expect("side-information rows")
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_server_with_side_information_stores_it_and_the_upgrade_maps_through_it(
+    _: PgPoolOptions,
+    options: PgConnectOptions,
+) {
+    let (a_dir, c_dir, s_dir) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("c"),
+        tempfile::tempdir().expect("side"),
+    );
+    let a = checkpoint_in(a_dir.path(), 11, None);
+    let c = checkpoint_in(c_dir.path(), 13, None);
+    let s = checkpoint_in(s_dir.path(), 17, None);
+    let side_model = Embedder::load(s_dir.path(), Device::Cpu).expect("side model");
+    let mut config = settings(&options, a_dir.path());
+    config.model.side_info = Some(s_dir.path().to_owned());
+    let server = TestServer::start(config).await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let mut client = server.client().await;
+    let pool = PgPoolOptions::new()
+        .connect(&database_url(&options))
+        .await
+        .expect("pool");
+
+    // Three people, two photos each: each template has the side model's
+    // feature of its own image beside it.
+    let people = people(3, 2);
+    for (subject, photos) in &people {
+        client
+            .enroll(enroll("site", subject, photos))
+            .await
+            .expect("enrol under A");
+    }
+    let stored = side_rows(&pool, &a.model_id).await;
+    assert_eq!(stored.len(), 6, "one row per template");
+    let photos: Vec<&Vec<u8>> = people.iter().flat_map(|(_, photos)| photos).collect();
+    for ((_, model, feature), photo) in stored.iter().zip(&photos) {
+        assert_eq!(model, &s.model_id);
+        let expected = offline_embedding(&side_model, photo);
+        assert!(
+            cosine(feature, &expected) > 0.9999,
+            "the side model's feature of that image"
+        );
+    }
+
+    // C staged: an enrolment now stores a template of each model, and the
+    // side feature beside both.
+    server
+        .admin()
+        .await
+        .reload_model(reload(c_dir.path(), pb::ReloadMode::StageMigration))
+        .await
+        .expect("stage C");
+    let late = common::photo(9, 0);
+    client
+        .enroll(enroll("site", "late", std::slice::from_ref(&late)))
+        .await
+        .expect("enrol during the migration");
+    let staged_rows = side_rows(&pool, &c.model_id).await;
+    assert_eq!(staged_rows.len(), 1, "the staged template's side-information");
+    assert!(cosine(&staged_rows[0].2, &offline_embedding(&side_model, &late)) > 0.9999);
+    assert_eq!(side_rows(&pool, &a.model_id).await.len(), 7);
+
+    // A transform fitted with the side model: every template of A maps
+    // through its own image's side feature, and the derived template keeps
+    // a copy of it for the next upgrade.
+    let mut manifest = transform(&a, &c).manifest().clone();
+    manifest.side_info = Some(handid_model::SideInfo {
+        model: s.model_id.clone(),
+        space: s.embedding_space.clone(),
+        dim: s.embedding_dim,
+    });
+    let t = TemplateTransform::new(manifest, Device::Cpu);
+    let store = Store::from_pool(pool.clone());
+    let never = AtomicBool::new(false);
+    let to_do = store
+        .count_underived(&a.model_id, &c.model_id)
+        .await
+        .expect("count");
+    let done = upgrade_templates(
+        &store,
+        &t,
+        &UpgradeOptions {
+            batch_size: 2,
+            limit: None,
+        },
+        &never,
+        |_| {},
+    )
+    .await
+    .expect("upgrade through side-information");
+    assert_eq!((done.derived, done.remaining), (to_do, 0));
+    let sources: std::collections::BTreeMap<uuid::Uuid, Vec<f32>> = side_rows(&pool, &a.model_id)
+        .await
+        .into_iter()
+        .map(|(id, _, feature)| (id, feature))
+        .collect();
+    let derived: Vec<(uuid::Uuid, uuid::Uuid, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+        "SELECT s.template_id, d.template_id, s.embedding, d.embedding
+         FROM templates s JOIN templates d ON d.derived_from = s.template_id
+         WHERE s.model_id = $1 AND d.model_id = $2",
+    )
+    .bind(&a.model_id)
+    .bind(&c.model_id)
+    .fetch_all(&pool)
+    .await
+    .expect("derived templates");
+    assert_eq!(derived.len() as u64, to_do);
+    let copies: std::collections::BTreeMap<uuid::Uuid, Vec<f32>> = side_rows(&pool, &c.model_id)
+        .await
+        .into_iter()
+        .map(|(id, _, feature)| (id, feature))
+        .collect();
+    for (source, target, old, new) in &derived {
+        let old = embedding_from_bytes(old).expect("source");
+        let new = embedding_from_bytes(new).expect("derived");
+        let side = &sources[source];
+        let expected = t
+            .apply(
+                &Tensor::from_slice(&old).view([1, -1]),
+                Some(&Tensor::from_slice(side).view([1, -1])),
+            )
+            .expect("apply");
+        let expected = Vec::<f32>::try_from(&expected.get(0)).expect("to vec");
+        assert!(
+            cosine(&new, &expected) > 0.9999,
+            "mapped with its own side feature"
+        );
+        assert!(
+            cosine(&new, &mapped_without_side(&t, &old, side.len())) < 0.9999,
+            "the side feature changed the result"
+        );
+        assert_eq!(
+            &copies[target], side,
+            "the derived template keeps its source's side feature"
+        );
+    }
+
+    // Erasing a subject erases its side-information with its templates.
+    client
+        .delete_subject(pb::DeleteSubjectRequest {
+            gallery_id: "site".to_owned(),
+            subject_id: people[0].0.clone(),
+        })
+        .await
+        .expect("delete subject");
+    assert_eq!(side_rows(&pool, &a.model_id).await.len(), 5);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM template_side_info")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(left as usize, 5 + side_rows(&pool, &c.model_id).await.len());
+    server.stop().await.expect("stop");
+}
+
+/// `transform` applied with a zero side feature: what the template would
+/// have become had its side-information been ignored.
+fn mapped_without_side(transform: &TemplateTransform, old: &[f32], side_dim: usize) -> Vec<f32> {
+    let out = transform
+        .apply(
+            &Tensor::from_slice(old).view([1, -1]),
+            Some(&Tensor::zeros(
+                [1, side_dim as i64],
+                (tch::Kind::Float, Device::Cpu),
+            )),
+        )
+        .expect("apply");
+    Vec::<f32>::try_from(&out.get(0)).expect("to vec")
 }
 
 #[sqlx::test(migrations = false)]

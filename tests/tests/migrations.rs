@@ -182,6 +182,58 @@ async fn the_template_column_holds_only_finite_float4_values(pool: PgPool) -> sq
     Ok(())
 }
 
+#[sqlx::test(migrations = "../migrations")]
+async fn side_information_holds_finite_features_of_its_width_and_goes_with_its_template(
+    pool: PgPool,
+) -> sqlx::Result<()> {
+    let subject = one_subject(&pool, 3).await?;
+    let one = [0x3e80_0000u32; 3]
+        .iter()
+        .flat_map(|v| v.to_be_bytes())
+        .collect::<Vec<u8>>();
+    store_template(&pool, subject, 3, &one).await?;
+    let template: uuid::Uuid = sqlx::query_scalar("SELECT template_id FROM templates")
+        .fetch_one(&pool)
+        .await?;
+    let side = |model: String, dimension: i32, feature: Vec<f32>| {
+        sqlx::query(
+            "INSERT INTO template_side_info (template_id, side_model, dimension, feature)
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(template)
+        .bind(model)
+        .bind(dimension)
+        .bind(feature)
+        .execute(&pool)
+    };
+    let model = "a".repeat(64);
+    for (feature, dimension, constraint) in [
+        (vec![0.5, f32::NAN], 2, "template_side_info_finite"),
+        (vec![0.5, f32::INFINITY], 2, "template_side_info_finite"),
+        (vec![0.5, 0.25, 0.125], 2, "template_side_info_dimension"),
+    ] {
+        let err = side(model.clone(), dimension, feature)
+            .await
+            .expect_err(constraint);
+        assert!(err.to_string().contains(constraint), "{err}");
+    }
+    let err = side("not a model id".to_owned(), 2, vec![0.5, 0.25])
+        .await
+        .expect_err("a model id");
+    assert!(err.to_string().contains("side_model"), "{err}");
+    side(model, 2, vec![0.5, 0.25]).await?;
+    // The template's deletion (its subject's) takes its side row along.
+    sqlx::query("DELETE FROM subjects WHERE id = $1")
+        .bind(subject)
+        .execute(&pool)
+        .await?;
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM template_side_info")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(left, 0);
+    Ok(())
+}
+
 #[sqlx::test(migrations = false)]
 async fn templates_stored_as_arrays_survive_the_change_to_bytes(pool: PgPool) -> sqlx::Result<()> {
     migrate_before(&pool, 20261202000003).await?;

@@ -786,8 +786,8 @@ async fn refused_upgrades_are_explained_and_clean_up(_: PgPoolOptions, options: 
     assert!(err.contains("maps the templates of model"), "{err}");
     nothing_changed("a transform of other models").await;
 
-    // So is a transform that needs side-information, which the service
-    // never stores beside its templates.
+    // So is a transform that needs side-information the server does not
+    // store: its settings name no model.side_info.
     let with_side = dir.path().join("with-side");
     let side = SideInfo {
         model: "5".repeat(64),
@@ -799,8 +799,33 @@ async fn refused_upgrades_are_explained_and_clean_up(_: PgPoolOptions, options: 
         "{:#}",
         rehearse("with-side", Some(&with_side), Some(upgrader_ok(dir.path()))).await
     );
-    assert!(err.contains("fit it without --side-info"), "{err}");
+    assert!(
+        err.contains("name no model.side_info") && err.contains("fit the transform without --side-info"),
+        "{err}"
+    );
     nothing_changed("a transform with side-information").await;
+    // Or names another side model than the transform's.
+    let other_side = dir.path().join("other-side");
+    create_random_checkpoint(&other_side, &ClipVisionConfig::tiny_vit(), 9).expect("side model");
+    let text = std::fs::read_to_string(&config).expect("settings");
+    let with_other_side = dir.path().join("server-side.yaml");
+    std::fs::write(
+        &with_other_side,
+        text.replacen(
+            "model:\n",
+            &format!("model:\n  side_info: {}\n", other_side.display()),
+            1,
+        ),
+    )
+    .expect("settings with a side model");
+    let mut args = replay_args(addr, &manifest, &dir.path().join("other-side-report"));
+    args.upgrade_to = Some(b_dir.clone());
+    args.transform = Some(with_side.clone());
+    args.server_config = Some(with_other_side);
+    args.server_bin = Some(upgrader_ok(dir.path()));
+    let err = format!("{:#}", replay::rehearse(&args).await.expect_err("refused"));
+    assert!(err.contains("but the server's model.side_info"), "{err}");
+    nothing_changed("a transform with another side model").await;
 
     // upgrade-templates fails: its message is shown, B is not promoted.
     let transform = dir.path().join("transform");

@@ -9,7 +9,8 @@ use super::{DEFAULT_FMR, Engine, Result, types::*};
 use crate::error::ServiceError;
 use crate::index::{IndexError, NewRow, lock};
 use crate::store::{
-    AuditEntry, Enrolled, Erased, NewEnrollment, Replay, StagedEmbeddings, SubjectRecord, images_sha256,
+    AuditEntry, Enrolled, Erased, NewEnrollment, Replay, SideFeatures, StagedEmbeddings, SubjectRecord,
+    images_sha256,
 };
 use crate::telemetry::metrics;
 use handid_model::OperatingPoint;
@@ -72,16 +73,29 @@ impl Engine {
         }
         let active = self.active();
         let staged = self.staged();
-        // During a migration the staged model embeds the same images; the
-        // copy is made only then.
-        let (embeddings, staged_embeddings) = match &staged {
-            Some(staged) => {
-                let (now, next) =
-                    tokio::join!(active.batcher.embed(images.clone()), staged.batcher.embed(images));
-                (now?, Some(next?))
+        let side = self.pipeline.side.clone();
+        // During a migration the staged model embeds the same images, and
+        // with model.side_info the side-information model does; the copies
+        // are made only then.
+        let side_images = side.as_ref().map(|_| images.clone());
+        let models = async {
+            match &staged {
+                Some(staged) => {
+                    let (now, next) =
+                        tokio::join!(active.batcher.embed(images.clone()), staged.batcher.embed(images));
+                    Ok::<_, ServiceError>((now?, Some(next?)))
+                }
+                None => Ok((active.batcher.embed(images).await?, None)),
             }
-            None => (active.batcher.embed(images).await?, None),
         };
+        let side_features = async {
+            match (&side, side_images) {
+                (Some(side), Some(images)) => Ok::<_, ServiceError>(Some(side.batcher.embed(images).await?)),
+                _ => Ok(None),
+            }
+        };
+        let (models, side_features) = tokio::join!(models, side_features);
+        let (embeddings, staged_embeddings) = models?;
         Ok(Prepared::Embedded(EmbeddedEnrolment {
             gallery,
             subject,
@@ -90,6 +104,7 @@ impl Engine {
             active,
             embeddings,
             staged: staged.zip(staged_embeddings),
+            side: side.zip(side_features?),
         }))
     }
 
@@ -115,6 +130,10 @@ impl Engine {
                     staged: e.staged.as_ref().map(|(slot, embeddings)| StagedEmbeddings {
                         model_id: slot.model_id(),
                         embeddings,
+                    }),
+                    side: e.side.as_ref().map(|(side, features)| SideFeatures {
+                        model_id: side.embedder.model_id(),
+                        features,
                     }),
                 },
                 &AuditEntry {
@@ -512,6 +531,8 @@ struct EmbeddedEnrolment {
     embeddings: Vec<Vec<f32>>,
     /// During a migration: the staged slot and its embeddings.
     staged: Option<(Arc<Slot>, Vec<Vec<f32>>)>,
+    /// With model.side_info: the side-information model and its features.
+    side: Option<(Arc<SideModel>, Vec<Vec<f32>>)>,
 }
 
 async fn embed_one(slot: &Slot, image: Vec<u8>) -> Result<Vec<f32>> {

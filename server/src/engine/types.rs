@@ -383,6 +383,18 @@ pub struct Pipeline {
     pub search: crate::index::SearchOptions,
     /// Decoding: limits, slots and pixel budget, shared by every slot.
     pub decoding: Arc<Decoding>,
+    /// The side-information model (`model.side_info`), when configured.
+    pub side: Option<Arc<SideModel>>,
+}
+
+/// The side-information model: its feature of every enrolled image is
+/// stored beside the image's templates (migration `side_information`).
+#[derive(Debug)]
+pub struct SideModel {
+    /// The model.
+    pub embedder: Arc<Embedder>,
+    /// Its forward thread.
+    pub batcher: Batcher,
 }
 
 #[cfg(test)]

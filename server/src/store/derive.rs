@@ -29,6 +29,9 @@ pub struct SourceTemplate {
     pub seq: i64,
     /// Its embedding.
     pub embedding: Vec<f32>,
+    /// The side-information model's feature of its image, when one was
+    /// asked for and is stored.
+    pub side: Option<Vec<f32>>,
 }
 
 impl Store {
@@ -62,17 +65,46 @@ impl Store {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
+    /// Templates of `from` with no template of `to` derived from them yet
+    /// and no feature of side-information model `side_model` stored beside
+    /// them (enrolled before the server had it): a transform that needs it
+    /// cannot map them.
+    pub async fn count_underived_without_side(
+        &self,
+        from: &str,
+        to: &str,
+        side_model: &str,
+    ) -> StoreResult<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM templates t
+             WHERE t.model_id = $1 AND NOT EXISTS (
+                 SELECT 1 FROM templates d WHERE d.derived_from = t.template_id AND d.model_id = $2)
+               AND NOT EXISTS (
+                 SELECT 1 FROM template_side_info s WHERE s.template_id = t.template_id AND s.side_model = $3)",
+        )
+        .bind(from)
+        .bind(to)
+        .bind(side_model)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     /// Templates of `from` enrolled after `after` (in enrolment order), at
-    /// most `limit`, with no template of `to` derived from them yet.
+    /// most `limit`, with no template of `to` derived from them yet; each
+    /// with its feature of side-information model `side_model` when one is
+    /// named and stored.
     pub async fn underived_templates(
         &self,
         from: &str,
         to: &str,
+        side_model: Option<&str>,
         after: i64,
         limit: usize,
     ) -> StoreResult<Vec<SourceTemplate>> {
         let rows = sqlx::query(
-            "SELECT t.template_id, t.seq, t.embedding FROM templates t
+            "SELECT t.template_id, t.seq, t.embedding, s.feature FROM templates t
+             LEFT JOIN template_side_info s ON s.template_id = t.template_id AND s.side_model = $5
              WHERE t.model_id = $1 AND t.seq > $3 AND NOT EXISTS (
                  SELECT 1 FROM templates d WHERE d.derived_from = t.template_id AND d.model_id = $2)
              ORDER BY t.seq LIMIT $4",
@@ -81,6 +113,7 @@ impl Store {
         .bind(to)
         .bind(after)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(side_model)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -89,6 +122,7 @@ impl Store {
                     template_id: row.try_get("template_id")?,
                     seq: row.try_get("seq")?,
                     embedding: decode_embedding(row)?,
+                    side: row.try_get("feature")?,
                 })
             })
             .collect::<sqlx::Result<_>>()
@@ -97,7 +131,7 @@ impl Store {
 
     /// Stores one template of model `to` per `(source, embedding)`, in one
     /// statement (one transaction): each takes its source's subject and
-    /// gallery. A source deleted meanwhile, or already derived (another run),
+    /// gallery, and a copy of its source's side-information features. A source deleted meanwhile, or already derived (another run),
     /// is skipped. Returns the templates inserted. The insert trigger
     /// records one change per subject, so every replica re-reads them.
     /// Refused ([`StoreError::ModelRetired`]) once `to` is retired (its
@@ -133,6 +167,19 @@ impl Store {
         .bind(&ids)
         .bind(&dims)
         .bind(&embeddings)
+        .execute(&mut *tx)
+        .await?;
+        // A side-information feature describes the image: the derived
+        // template keeps its source's, for the next upgrade.
+        sqlx::query(
+            "INSERT INTO template_side_info (template_id, side_model, dimension, feature)
+             SELECT d.id, s.side_model, s.dimension, s.feature
+             FROM unnest($1::uuid[], $2::uuid[]) AS d (source, id)
+             JOIN template_side_info s ON s.template_id = d.source
+             JOIN templates t ON t.template_id = d.id",
+        )
+        .bind(&sources)
+        .bind(&ids)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

@@ -4,8 +4,8 @@ use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::{
-    AuditEntry, CreatedTemplate, Enrolled, NewEnrollment, Store, StoreError, StoreResult, embedding_bytes,
-    to_u32,
+    AuditEntry, CreatedTemplate, Enrolled, NewEnrollment, SideFeatures, Store, StoreError, StoreResult,
+    embedding_bytes, to_u32,
 };
 
 impl Store {
@@ -81,6 +81,10 @@ impl Store {
             }
             _ => Vec::new(),
         };
+        if let Some(side) = new.side {
+            insert_side_features(&mut tx, &templates, side).await?;
+            insert_side_features(&mut tx, &staged_templates, side).await?;
+        }
         let template_count = count_templates(&mut tx, subject, new.model_id).await?;
         super::audit::insert(&mut *tx, audit).await?;
         tx.commit().await?;
@@ -270,6 +274,39 @@ async fn insert_templates(
         templates.push(CreatedTemplate { template_id, seq });
     }
     Ok(templates)
+}
+
+/// Stores `side`'s feature of each image beside that image's template
+/// (`templates` in image order; none when the staged model's were not
+/// stored).
+async fn insert_side_features(
+    tx: &mut Transaction<'_, Postgres>,
+    templates: &[CreatedTemplate],
+    side: SideFeatures<'_>,
+) -> StoreResult<()> {
+    if templates.is_empty() {
+        return Ok(());
+    }
+    if templates.len() != side.features.len() {
+        return Err(StoreError::Database(sqlx::Error::Protocol(format!(
+            "{} side-information features for {} templates",
+            side.features.len(),
+            templates.len()
+        ))));
+    }
+    for (template, feature) in templates.iter().zip(side.features) {
+        sqlx::query(
+            "INSERT INTO template_side_info (template_id, side_model, dimension, feature)
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(template.template_id)
+        .bind(side.model_id)
+        .bind(i32::try_from(feature.len()).unwrap_or(i32::MAX))
+        .bind(feature.as_slice())
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
 }
 
 async fn count_templates(

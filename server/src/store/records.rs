@@ -127,6 +127,19 @@ pub struct NewEnrollment<'a> {
     /// model, stored in the same transaction (after the active model's, so
     /// a replay finds the active model's templates first).
     pub staged: Option<StagedEmbeddings<'a>>,
+    /// With a side-information model configured (`model.side_info`): its
+    /// feature of each image, stored beside every template of that image
+    /// (the active model's and the staged model's) in the same transaction.
+    pub side: Option<SideFeatures<'a>>,
+}
+
+/// The side-information model's features of an enrolment's images.
+#[derive(Debug, Clone, Copy)]
+pub struct SideFeatures<'a> {
+    /// The side-information model.
+    pub model_id: &'a str,
+    /// One feature per image, in image order.
+    pub features: &'a [Vec<f32>],
 }
 
 /// The staged model's embeddings of an enrolment.

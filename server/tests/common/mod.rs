@@ -232,7 +232,7 @@ pub fn people(count: usize, photos: usize) -> Vec<(String, Vec<Vec<u8>>)> {
         .collect()
 }
 
-fn photo(person: usize, index: usize) -> Vec<u8> {
+pub fn photo(person: usize, index: usize) -> Vec<u8> {
     let (p, i) = (person as f32, index as f32);
     let image = image::RgbImage::from_fn(96, 80, |x, y| {
         let (x, y) = (x as f32, y as f32);

@@ -237,12 +237,8 @@ impl Switch {
         let transform = TemplateTransform::load(dir, tch::Device::Cpu)
             .with_context(|| format!("loading the transform {}", dir.display()))?;
         if let Some(side) = transform.side_info() {
-            bail!(
-                "the transform {} was fitted with the side-information of model {}, which the service \
-                 does not store beside its templates: fit it without --side-info to rehearse the upgrade",
-                dir.display(),
-                short(&side.model)
-            );
+            check_side_info(&config, &side.model)
+                .with_context(|| format!("the transform {}", dir.display()))?;
         }
         Ok(Self::Migrate(Box::new(Migration {
             transform: dir.clone(),
@@ -251,6 +247,40 @@ impl Switch {
             binary: server_binary(args.server_bin.as_deref())?,
         })))
     }
+}
+
+/// Checks that the server's settings file names side-information model
+/// `side_model` (`model.side_info`, a folder as the server sees it):
+/// without it the server stores no side-information beside the templates
+/// the rehearsal enrols, and the upgrade could not map them.
+fn check_side_info(config: &Path, side_model: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    let settings: serde_yaml::Value =
+        serde_yaml::from_str(&text).with_context(|| format!("parsing {}", config.display()))?;
+    let Some(folder) = settings
+        .get("model")
+        .and_then(|model| model.get("side_info"))
+        .and_then(serde_yaml::Value::as_str)
+    else {
+        bail!(
+            "maps through the side-information of model {}, and the server's settings ({}) name no \
+             model.side_info: set it to that model's folder and restart the server, so that it stores \
+             the side-information beside every template it enrols, or fit the transform without --side-info",
+            short(side_model),
+            config.display()
+        );
+    };
+    let named = handid_model::checkpoint::Manifest::read(Path::new(folder))
+        .with_context(|| format!("reading model.side_info {folder} of {}", config.display()))?;
+    if named.model_id != side_model {
+        bail!(
+            "maps through the side-information of model {}, but the server's model.side_info ({folder}) \
+             is model {}",
+            short(side_model),
+            short(&named.model_id)
+        );
+    }
+    Ok(())
 }
 
 /// The `handid-server` binary: `explicit`, else the one next to this
