@@ -53,8 +53,25 @@ pub struct Exported {
 pub fn export(checkpoint: &Path, out: &Path, data_root: Option<&Path>) -> anyhow::Result<Exported> {
     let (train_state, tensors) = state::load(checkpoint)?;
     let manifest = write_serving(&train_state, tensors.model, out)?;
-    let items = export_calibration_items(&train_state.config, data_root)?;
-    let calibration = calibrate(out, &items, &train_state.config.export.fmrs)?;
+    let items = match export_calibration_items(&train_state.config, data_root) {
+        Ok(items) => items,
+        Err(e) => {
+            remove_serving(out);
+            return Err(e);
+        }
+    };
+    let calibration = match calibrate(out, &items, &train_state.config.export.fmrs) {
+        Ok(calibration) => calibration,
+        Err(e) => {
+            // No half-written checkpoint a server could load without its
+            // thresholds.
+            remove_serving(out);
+            return Err(e.context(
+                "export --uncalibrated writes the checkpoint without thresholds (a side-information \
+                 model's, which never decides a match; `handid-trainer calibrate` can add them later)",
+            ));
+        }
+    };
     let mut manifest = manifest;
     manifest.thresholds = calibration.thresholds();
     manifest.write(out)?;
@@ -63,6 +80,25 @@ pub fn export(checkpoint: &Path, out: &Path, data_root: Option<&Path>) -> anyhow
         pairs: calibration.pairs,
         calibrated: calibration.points,
     })
+}
+
+/// Writes the serving checkpoint of `checkpoint` to `out` without
+/// thresholds: for a side-information model trained without identities
+/// (every image its own person), which has no genuine pairs to calibrate
+/// on and never decides a match.
+pub fn export_uncalibrated(checkpoint: &Path, out: &Path) -> anyhow::Result<Manifest> {
+    let (train_state, tensors) = state::load(checkpoint)?;
+    write_serving(&train_state, tensors.model, out)
+}
+
+/// Removes what [`write_serving`] wrote to `out`.
+fn remove_serving(out: &Path) {
+    for file in [
+        handid_model::checkpoint::MANIFEST_FILE,
+        handid_model::checkpoint::WEIGHTS_FILE,
+    ] {
+        let _ = std::fs::remove_file(out.join(file));
+    }
 }
 
 /// Writes the serving checkpoint (weights and manifest, no thresholds yet)

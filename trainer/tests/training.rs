@@ -596,3 +596,52 @@ fn extra_training_splits_add_persons_but_never_a_test_person() {
         .to_string();
     assert!(err.contains("nope"), "{err}");
 }
+
+/// A run in which every training image is its own person (how a
+/// side-information model is trained without identities) has no genuine
+/// pair to calibrate on: export refuses and leaves no checkpoint a server
+/// could load without thresholds; `export_uncalibrated` writes it.
+#[test]
+fn a_run_without_two_images_of_a_person_exports_only_uncalibrated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifest = dataset(dir.path());
+    let text = std::fs::read_to_string(&manifest).expect("manifest");
+    let own: String = text
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split('\t').collect();
+            match fields.as_slice() {
+                _ if line.starts_with('#') => Some(format!("{line}\n")),
+                ["train", _, image] => Some(format!("train\t{}\t{image}\n", image.replace('/', "_"))),
+                _ => None,
+            }
+        })
+        .collect();
+    let own_manifest = dir.path().join("own.tsv");
+    std::fs::write(&own_manifest, own).expect("own manifest");
+    let run = dir.path().join("run");
+    let summary = train(
+        &config(&own_manifest, "method: {kind: zero_shot}"),
+        &options(&run),
+    )
+    .expect("run");
+    assert!(summary.best.is_none(), "no validation split");
+    let checkpoint = handid_trainer::engine::state::resolve_default(&run).expect("latest");
+
+    let serving = dir.path().join("serving");
+    let err = handid_trainer::export::export(&checkpoint, &serving, None).expect_err("no genuine pairs");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("two persons with two images") && err.contains("--uncalibrated"),
+        "{err}"
+    );
+    assert!(
+        !serving.join("handid.yaml").exists() && !serving.join("model.safetensors").exists(),
+        "nothing half-written"
+    );
+
+    let m = handid_trainer::export::export_uncalibrated(&checkpoint, &serving).expect("uncalibrated");
+    assert!(m.thresholds.is_empty());
+    let served = Embedder::load(&serving, tch::Device::Cpu).expect("loads");
+    assert_eq!(served.model_id(), m.model_id);
+}

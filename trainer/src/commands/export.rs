@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use crate::engine::state;
-use crate::export::{Calibration, export};
+use crate::export::{Calibration, export, export_uncalibrated};
 use anyhow::Context;
 
 /// Arguments of `export`.
@@ -23,6 +23,12 @@ pub struct ExportArgs {
     /// Dataset root, when it moved since training.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Write no thresholds: for a side-information model trained without
+    /// identities (every image its own person), which has no genuine pairs
+    /// to calibrate on and never decides a match (`calibrate` can add
+    /// thresholds later).
+    #[arg(long, conflicts_with = "data")]
+    pub uncalibrated: bool,
 }
 
 /// Exports and prints the thresholds.
@@ -31,6 +37,19 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
         Some(which) => state::resolve(&args.run, which)?,
         None => state::resolve_default(&args.run)?,
     };
+    if args.uncalibrated {
+        let m = export_uncalibrated(&checkpoint, &args.out)
+            .with_context(|| format!("exporting {}", checkpoint.display()))?;
+        println!(
+            "exported {} as model {} ({}, {}-d) to {}, without thresholds (--uncalibrated)",
+            checkpoint.display(),
+            m.model_id,
+            m.architecture,
+            m.embedding_dim,
+            args.out.display()
+        );
+        return Ok(());
+    }
     let exported = export(&checkpoint, &args.out, args.data.as_deref())
         .with_context(|| format!("exporting {}", checkpoint.display()))?;
     let m = &exported.manifest;
