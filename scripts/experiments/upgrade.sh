@@ -25,7 +25,12 @@
 # BCT (the BCT models, space-separated WEIGHT[:CLASSIFIER]: the influence
 # weight λ and method.compatibility.classifier, auto when not given;
 # default "1"), KEEP=1 (reuse what OUT already holds: data, splits, every
-# model already exported, the transform; to add BCT variants to a run).
+# model already exported, the transform; to add BCT variants to a run),
+# SIDE=1 or SIDE=ssl (also FCT's side-information and a second transform
+# fitted with it, M(B,T(A,S)); the side-information model S, of A's time:
+# SIDE=1 a second model of A's recipe and training images, another seed;
+# SIDE=ssl one trained self-supervised on A's training images without
+# their labels, configs/side_info_tiny.yaml, SIDE_EPOCHS epochs).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$(dirname "$here")")"
@@ -127,6 +132,36 @@ if [ ! -f "$OUT/transform/transform.yaml" ]; then
   echo "[upgrade] transform fitted in $((SECONDS - start)) s"
 fi
 
+case "${SIDE:-0}" in
+  0) ;;
+  1) train side 13 "$OUT/old-splits.tsv" "$old_epochs" ;;
+  ssl)
+    # Sees what A saw, without the labels: every training image of A's
+    # manifest is its own person (no genuine pairs: exported uncalibrated).
+    if [ ! -f "$OUT/side/serving/handid.yaml" ]; then
+      awk -F'\t' 'BEGIN {OFS = "\t"} /^#/ {print; next}
+        $1 == "train" || $1 == "train_extra" {p = $3; gsub(/[^A-Za-z0-9]/, "_", p); print "train", p, $3}' \
+        "$OUT/old-splits.tsv" > "$OUT/side-splits.tsv"
+      rm -rf "$OUT/side"
+      start=$SECONDS
+      "$ht" train --config "$root/configs/side_info_tiny.yaml" --manifest "$OUT/side-splits.tsv" \
+        --out "$OUT/side/run" --epochs "${SIDE_EPOCHS:-100}" --quiet
+      "$ht" export --run "$OUT/side/run" --out "$OUT/side/serving" --uncalibrated > /dev/null
+      echo "[upgrade] self-supervised side-information model: ${SIDE_EPOCHS:-100} epochs in $((SECONDS - start)) s"
+    fi
+    ;;
+  *) echo "SIDE must be 0, 1 or ssl" >&2; exit 2 ;;
+esac
+if [ "${SIDE:-0}" != 0 ]; then
+  if [ ! -f "$OUT/transform-side/transform.yaml" ]; then
+    start=$SECONDS
+    "$ht" fit-transform --old "$OUT/old/serving" --new "$OUT/new/serving" --side-info "$OUT/side/serving" \
+      --manifest "$OUT/splits.tsv" "${fit_splits[@]}" --epochs "${TRANSFORM_EPOCHS:-200}" \
+      --batch-size "${TRANSFORM_BATCH:-32}" --out "$OUT/transform-side"
+    echo "[upgrade] transform with side-information fitted in $((SECONDS - start)) s"
+  fi
+fi
+
 across() { # OUT [--transform DIR]
   local out="$1"; shift
   "$ht" eval --query-model "$OUT/new/serving" --gallery-model "$OUT/old/serving" \
@@ -134,6 +169,9 @@ across() { # OUT [--transform DIR]
 }
 across plain
 across transformed --transform "$OUT/transform"
+if [ "${SIDE:-0}" != 0 ]; then
+  across transformed-side --transform "$OUT/transform-side" --side-info "$OUT/side/serving"
+fi
 for v in "${variants[@]}"; do
   name="$(bct_name "$v")"
   "$ht" eval --query-model "$OUT/$name/serving" --gallery-model "$OUT/old/serving" \
@@ -149,6 +187,10 @@ sed -n 's/^| old \/ old: \(.*\)$/| \1/p' "$OUT/plain/report.md"
 sed -n 's/^| new \/ new: \(.*\)$/| \1/p' "$OUT/plain/report.md"
 sed -n 's/^| new \/ old: \(.*\)$/| \1/p' "$OUT/plain/report.md"
 sed -n 's/^| new \/ old through `[^`]*`: \(.*\)$/| \1/p' "$OUT/transformed/report.md"
+if [ "${SIDE:-0}" != 0 ]; then
+  sed -n 's/^| new \/ old through `[^`]*`: M(B,T(A)) \(.*\)$/| M(B,T(A,S)) with side-information \1/p' \
+    "$OUT/transformed-side/report.md"
+fi
 for v in "${variants[@]}"; do
   name="$(bct_name "$v")"
   label="$(bct_label "$v")"
@@ -157,6 +199,9 @@ for v in "${variants[@]}"; do
 done
 echo
 grep '^Compatible' "$OUT/transformed/report.md"
+if [ "${SIDE:-0}" != 0 ]; then
+  echo "with side-information: $(grep '^Compatible' "$OUT/transformed-side/report.md")"
+fi
 for v in "${variants[@]}"; do
   echo "$(bct_label "$v"): $(grep '^Compatible' "$OUT/$(bct_name "$v")-old/report.md")"
 done

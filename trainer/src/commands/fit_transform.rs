@@ -16,7 +16,7 @@
 //!
 //! `--side-info S` fits the paper's transform with side-information: S is
 //! the side-information model (a serving checkpoint, e.g. one trained
-//! self-supervised with the old model, `method.self_supervised`), whose
+//! self-supervised beside the old model, `configs/side_info_tiny.yaml`), whose
 //! feature of each image is stored beside the old template at enrolment;
 //! the transform takes both, and the manifest names S, so that evaluation
 //! and the server feed it the same model's features.
