@@ -177,6 +177,9 @@ async fn migrated_with_model(
 /// loader's hold-back limit, and every gallery must still come back whole.
 #[sqlx::test(migrations = false)]
 async fn galleries_load_whole_from_interleaved_rows(pool_options: PgPoolOptions, options: PgConnectOptions) {
+    // Arms nothing, but its Identify calls must not take a forward fault
+    // armed by a test running beside it (the faults are process-wide).
+    let _isolated = isolated().await;
     let a = tempfile::tempdir().expect("tempdir");
     let model = checkpoint_in(a.path(), 13, None);
     let pool = migrated_with_model(&pool_options, &options, &model).await;
