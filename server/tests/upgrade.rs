@@ -17,8 +17,8 @@ use common::{
     TestServer, checkpoint_in, database_url, enroll, identify, offline_embedding, people, reload, settings,
     transform, until_models, wait_for_health,
 };
-use handid_model::Embedder;
 use handid_model::transform::TemplateTransform;
+use handid_model::{Embedder, Manifest};
 use handid_proto::v1 as pb;
 use handid_server::store::{Store, embedding_from_bytes};
 use handid_server::upgrade::{UpgradeError, UpgradeOptions, upgrade_templates};
@@ -101,19 +101,23 @@ async fn coverage(server: &TestServer) -> Vec<(String, u32, u32)> {
         .collect()
 }
 
+/// Old model A (seed 11) and new model C (seed 13), each a random
+/// checkpoint of its own space in its own folder.
+fn a_and_c() -> (tempfile::TempDir, Manifest, tempfile::TempDir, Manifest) {
+    let (a_dir, c_dir) = (tempfile::tempdir().expect("a"), tempfile::tempdir().expect("c"));
+    let a = checkpoint_in(a_dir.path(), 11, None);
+    let c = checkpoint_in(c_dir.path(), 13, None);
+    assert_ne!(a.embedding_space, c.embedding_space);
+    (a_dir, a, c_dir, c)
+}
+
 #[sqlx::test(migrations = false)]
 async fn an_upgrade_under_identify_traffic_fails_no_call_loses_no_subject_and_replicas_follow(
     _: PgPoolOptions,
     options: PgConnectOptions,
 ) {
-    let (a_dir, c_dir, t_dir) = (
-        tempfile::tempdir().expect("a"),
-        tempfile::tempdir().expect("c"),
-        tempfile::tempdir().expect("transform"),
-    );
-    let a = checkpoint_in(a_dir.path(), 11, None);
-    let c = checkpoint_in(c_dir.path(), 13, None);
-    assert_ne!(a.embedding_space, c.embedding_space);
+    let (a_dir, a, c_dir, c) = a_and_c();
+    let t_dir = tempfile::tempdir().expect("transform");
     let mut config = settings(&options, a_dir.path());
     config.replication.poll_interval_ms = 300;
     // Load generators from one address (the rate limit is overload.rs's).
@@ -321,13 +325,8 @@ async fn the_upgrade_refuses_what_does_not_fit_stops_resumes_and_runs_twice_at_o
     _: PgPoolOptions,
     options: PgConnectOptions,
 ) {
-    let (a_dir, c_dir, d_dir) = (
-        tempfile::tempdir().expect("a"),
-        tempfile::tempdir().expect("c"),
-        tempfile::tempdir().expect("d"),
-    );
-    let a = checkpoint_in(a_dir.path(), 11, None);
-    let c = checkpoint_in(c_dir.path(), 13, None);
+    let (a_dir, a, c_dir, c) = a_and_c();
+    let d_dir = tempfile::tempdir().expect("d");
     checkpoint_in(d_dir.path(), 14, None);
     common::capture_logs();
     let server = TestServer::start(settings(&options, a_dir.path())).await;
@@ -532,13 +531,8 @@ async fn a_server_with_side_information_stores_it_and_the_upgrade_maps_through_i
     _: PgPoolOptions,
     options: PgConnectOptions,
 ) {
-    let (a_dir, c_dir, s_dir) = (
-        tempfile::tempdir().expect("a"),
-        tempfile::tempdir().expect("c"),
-        tempfile::tempdir().expect("side"),
-    );
-    let a = checkpoint_in(a_dir.path(), 11, None);
-    let c = checkpoint_in(c_dir.path(), 13, None);
+    let (a_dir, a, c_dir, c) = a_and_c();
+    let s_dir = tempfile::tempdir().expect("side");
     let s = checkpoint_in(s_dir.path(), 17, None);
     let side_model = Embedder::load(s_dir.path(), Device::Cpu).expect("side model");
     let mut config = settings(&options, a_dir.path());

@@ -94,7 +94,20 @@ async fn start_server(
     max_top_k: u32,
     scopes: &[Scope],
 ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    start_server_with(options, checkpoint, max_top_k, scopes, None).await
+}
+
+/// [`start_server`], storing the side-information of model `side_info`
+/// beside every template it enrols when given (`model.side_info`).
+async fn start_server_with(
+    options: &PgConnectOptions,
+    checkpoint: &Path,
+    max_top_k: u32,
+    scopes: &[Scope],
+    side_info: Option<&Path>,
+) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let mut settings = Settings::default();
+    settings.model.side_info = side_info.map(Path::to_path_buf);
     settings.database.url = database_url(options);
     settings.database.max_connections = 4;
     settings.database.migrate_on_start = true;
@@ -605,14 +618,25 @@ fn two_models(dir: &Path, compatible: bool) -> (PathBuf, Manifest, PathBuf, Mani
 /// unless B is `compatible`) gives, search by search and split by split,
 /// the figures of offline `eval --query-model B --gallery-model A
 /// [--transform T]`, leaves the server serving B and no gallery behind.
-async fn rehearsal_matches_offline_eval(options: &PgConnectOptions, compatible: bool) {
+async fn rehearsal_matches_offline_eval(options: &PgConnectOptions, upgrade: Upgrade) {
     let started = std::time::Instant::now();
+    let compatible = upgrade == Upgrade::Swap;
     let dir = tempfile::tempdir().expect("tempdir");
     let manifest = dataset(dir.path());
     let (a_dir, a, b_dir, b) = two_models(dir.path(), compatible);
+    // A side-information model the server runs at every enrolment.
+    let side_dir = (upgrade == Upgrade::TransformWithSideInformation).then(|| dir.path().join("side"));
+    let side = side_dir.as_ref().map(|side_dir| {
+        let m = create_random_checkpoint(side_dir, &ClipVisionConfig::tiny_vit(), 5).expect("side model");
+        SideInfo {
+            model: m.model_id,
+            space: m.embedding_space,
+            dim: m.embedding_dim,
+        }
+    });
     let transform = (!compatible).then(|| {
         let t = dir.path().join("transform");
-        random_transform(&t, &a, &b);
+        random_transform_with(&t, &a, &b, side.clone());
         t
     });
 
@@ -631,15 +655,22 @@ async fn rehearsal_matches_offline_eval(options: &PgConnectOptions, compatible: 
         args.query_model = Some(b_dir.clone());
         args.gallery_model = Some(a_dir.clone());
         args.transform.clone_from(&transform);
+        args.side_info.clone_from(&side_dir);
     });
     let offline_s = started.elapsed().as_secs_f64();
 
-    let (addr, stop) = start_server(options, &a_dir, 100, &UPGRADE_SCOPES).await;
+    let (addr, stop) = start_server_with(options, &a_dir, 100, &UPGRADE_SCOPES, side_dir.as_deref()).await;
     let mut args = replay_args(addr, &manifest, &dir.path().join("rehearsal"));
     args.upgrade_to = Some(b_dir.clone());
     if let Some(t) = &transform {
         args.transform = Some(t.clone());
-        args.server_config = Some(server_config(dir.path(), options, &a_dir));
+        let config = server_config(dir.path(), options, &a_dir);
+        if let Some(side_dir) = &side_dir {
+            let text = std::fs::read_to_string(&config).expect("settings");
+            let with_side = format!("model:\n  side_info: {}\n", side_dir.display());
+            std::fs::write(&config, text.replacen("model:\n", &with_side, 1)).expect("settings");
+        }
+        args.server_config = Some(config);
         args.server_bin = Some(server_binary());
     }
     // What `replay::rehearse` does, in its two steps, so the server's
@@ -662,6 +693,9 @@ async fn rehearsal_matches_offline_eval(options: &PgConnectOptions, compatible: 
     // may change the rounding of the transform's matrix products.
     check_served_scores("M(A,A)", &aa_vectors, &rehearsal.old_old, dot_delta);
     check_served_scores("M(B,B)", &bb_vectors, &rehearsal.new_new, dot_delta);
+    // With side-information, eval fed the transform the side model's
+    // features of the gallery images: equal scores mean the server mapped
+    // every template through its own image's stored feature.
     let crossed_delta = if compatible { dot_delta } else { transform_delta };
     check_served_scores("M(B,A)", &ba_vectors, &rehearsal.new_old, crossed_delta);
 
@@ -693,10 +727,19 @@ async fn rehearsal_matches_offline_eval(options: &PgConnectOptions, compatible: 
     for sub in ["old-old", "new-new"] {
         assert!(args.report.join(sub).join("report.md").is_file(), "{sub} report");
     }
-    println!(
-        "rehearsal ({}): offline evals {offline_s:.1} s, through the service {service_s:.1} s",
-        if compatible { "swap" } else { "transform" }
-    );
+    println!("rehearsal ({upgrade:?}): offline evals {offline_s:.1} s, through the service {service_s:.1} s");
+}
+
+/// How a rehearsal moves the server from A to B.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upgrade {
+    /// B is backward-compatible: swapped in.
+    Swap,
+    /// A's templates transformed into B's space.
+    Transform,
+    /// The same with a transform that takes side-information, which the
+    /// server stored at enrolment.
+    TransformWithSideInformation,
 }
 
 /// [`dot_delta`] for templates mapped by a transform: their entries may
@@ -711,7 +754,7 @@ async fn upgrade_rehearsal_to_a_compatible_model_reproduces_offline_eval(
     _: PgPoolOptions,
     options: PgConnectOptions,
 ) {
-    rehearsal_matches_offline_eval(&options, true).await;
+    rehearsal_matches_offline_eval(&options, Upgrade::Swap).await;
 }
 
 #[sqlx::test(migrations = false)]
@@ -719,7 +762,15 @@ async fn upgrade_rehearsal_through_a_transform_reproduces_offline_eval(
     _: PgPoolOptions,
     options: PgConnectOptions,
 ) {
-    rehearsal_matches_offline_eval(&options, false).await;
+    rehearsal_matches_offline_eval(&options, Upgrade::Transform).await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn upgrade_rehearsal_through_a_transform_with_side_information_reproduces_offline_eval(
+    _: PgPoolOptions,
+    options: PgConnectOptions,
+) {
+    rehearsal_matches_offline_eval(&options, Upgrade::TransformWithSideInformation).await;
 }
 
 /// An executable script under `dir` standing in for `handid-server`.
