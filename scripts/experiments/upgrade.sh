@@ -24,7 +24,7 @@
 # 400, real the config's), TRANSFORM_EPOCHS (200), TRANSFORM_BATCH (32),
 # BCT (the BCT models, space-separated WEIGHT[:CLASSIFIER]: the influence
 # weight λ and method.compatibility.classifier, auto when not given;
-# default "1"), KEEP=1 (reuse what OUT already holds: data, splits, every
+# default "1"; "none": no BCT model), KEEP=1 (reuse what OUT already holds: data, splits, every
 # model already exported, the transform; to add BCT variants to a run),
 # SIDE=1 or SIDE=ssl (also FCT's side-information and a second transform
 # fitted with it, M(B,T(A,S)); the side-information model S, of A's time:
@@ -105,6 +105,7 @@ train() { # NAME SEED MANIFEST EPOCHS [METHOD_LINE]
 train old 11 "$OUT/old-splits.tsv" "$old_epochs"
 train new 12 "$OUT/splits.tsv" "$epochs"
 read -ra variants <<< "${BCT:-1}"
+[ "${variants[*]}" = none ] && variants=()
 weight() { echo "${1%%:*}"; }
 classifier() { if [[ "$1" == *:* ]]; then echo "${1#*:}"; else echo auto; fi; }
 bct_name() { # VARIANT: bct, bct-2, bct-synthesised, bct-2-synthesised
