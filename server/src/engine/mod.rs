@@ -188,10 +188,15 @@ impl Engine {
         self.active().model_id().to_owned()
     }
 
-    /// Whether every loaded model (active, and staged during a migration)
-    /// can run.
+    /// Whether every loaded model (active, staged during a migration, and
+    /// the side-information model every enrolment needs) can run.
     pub fn models_can_run(&self) -> bool {
         self.slots().iter().all(|slot| slot.batcher.runnable())
+            && self
+                .pipeline
+                .side
+                .as_ref()
+                .is_none_or(|side| side.batcher.runnable())
     }
 
     /// The last change applied to the indexes.
