@@ -29,9 +29,13 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 /// `transform` applied to one vector, as the upgrade stores it.
 fn mapped(transform: &TemplateTransform, old: &[f32]) -> Vec<f32> {
-    let out = transform
-        .apply(&Tensor::from_slice(old).view([1, -1]), None)
-        .expect("apply");
+    mapped_with(transform, old, None)
+}
+
+/// `transform` applied to one vector with its side-information feature.
+fn mapped_with(transform: &TemplateTransform, old: &[f32], side: Option<&[f32]>) -> Vec<f32> {
+    let row = |v: &[f32]| Tensor::from_slice(v).view([1, -1]);
+    let out = transform.apply(&row(old), side.map(row).as_ref()).expect("apply");
     Vec::<f32>::try_from(&out.get(0)).expect("to vec")
 }
 
@@ -638,19 +642,14 @@ async fn a_server_with_side_information_stores_it_and_the_upgrade_maps_through_i
         let old = embedding_from_bytes(old).expect("source");
         let new = embedding_from_bytes(new).expect("derived");
         let side = &sources[source];
-        let expected = t
-            .apply(
-                &Tensor::from_slice(&old).view([1, -1]),
-                Some(&Tensor::from_slice(side).view([1, -1])),
-            )
-            .expect("apply");
-        let expected = Vec::<f32>::try_from(&expected.get(0)).expect("to vec");
         assert!(
-            cosine(&new, &expected) > 0.9999,
+            cosine(&new, &mapped_with(&t, &old, Some(side))) > 0.9999,
             "mapped with its own side feature"
         );
+        // Had its side feature been ignored (zeros), the result would differ.
+        let ignored = mapped_with(&t, &old, Some(&vec![0.0; side.len()]));
         assert!(
-            cosine(&new, &mapped_without_side(&t, &old, side.len())) < 0.9999,
+            cosine(&new, &ignored) < 0.9999,
             "the side feature changed the result"
         );
         assert_eq!(
@@ -674,21 +673,6 @@ async fn a_server_with_side_information_stores_it_and_the_upgrade_maps_through_i
         .expect("count");
     assert_eq!(left as usize, 5 + side_rows(&pool, &c.model_id).await.len());
     server.stop().await.expect("stop");
-}
-
-/// `transform` applied with a zero side feature: what the template would
-/// have become had its side-information been ignored.
-fn mapped_without_side(transform: &TemplateTransform, old: &[f32], side_dim: usize) -> Vec<f32> {
-    let out = transform
-        .apply(
-            &Tensor::from_slice(old).view([1, -1]),
-            Some(&Tensor::zeros(
-                [1, side_dim as i64],
-                (tch::Kind::Float, Device::Cpu),
-            )),
-        )
-        .expect("apply");
-    Vec::<f32>::try_from(&out.get(0)).expect("to vec")
 }
 
 #[sqlx::test(migrations = false)]
