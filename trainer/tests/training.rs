@@ -549,6 +549,7 @@ validation: {select_by: rank1, early_stop_patience: 2}
 
 #[test]
 fn extra_training_splits_add_persons_but_never_a_test_person() {
+    let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dataset(dir.path());
     let mut manifest = handid_eval::data::manifest::Manifest::read(&path).expect("manifest");
@@ -603,6 +604,7 @@ fn extra_training_splits_add_persons_but_never_a_test_person() {
 /// could load without thresholds; `export_uncalibrated` writes it.
 #[test]
 fn a_run_without_two_images_of_a_person_exports_only_uncalibrated() {
+    let _serial = serial();
     let dir = tempfile::tempdir().expect("tempdir");
     let manifest = dataset(dir.path());
     let text = std::fs::read_to_string(&manifest).expect("manifest");
