@@ -66,6 +66,11 @@ pub fn export(checkpoint: &Path, out: &Path, data_root: Option<&Path>) -> anyhow
             // No half-written checkpoint a server could load without its
             // thresholds.
             remove_serving(out);
+            // Only a run without pairs to calibrate on is pointed at
+            // `--uncalibrated`; an unreadable image is just reported.
+            if e.downcast_ref::<NoPairs>().is_none() {
+                return Err(e);
+            }
             return Err(e.context(
                 "export --uncalibrated writes the checkpoint without thresholds (a side-information \
                  model's, which never decides a match; `handid-trainer calibrate` can add them later)",
@@ -183,6 +188,11 @@ impl Calibration {
     }
 }
 
+/// Calibration found no genuine or no impostor pair among its images.
+#[derive(Debug, thiserror::Error)]
+#[error("calibration needs at least two persons with two images each among the training persons")]
+pub struct NoPairs;
+
 /// Embeds `items` (an image once, however often it is listed) with the
 /// serving checkpoint in `checkpoint` through `handid_model::Embedder`, the
 /// code path serving uses, scores every pair once (same label = genuine,
@@ -227,10 +237,9 @@ pub fn calibrate(checkpoint: &Path, items: &[Item], fmrs: &[f64]) -> anyhow::Res
             }
         }
     }
-    anyhow::ensure!(
-        !pairs.genuine.is_empty() && !pairs.impostor.is_empty(),
-        "calibration needs at least two persons with two images each among the training persons"
-    );
+    if pairs.genuine.is_empty() || pairs.impostor.is_empty() {
+        return Err(NoPairs.into());
+    }
     let points = fmrs
         .iter()
         .map(|&fmr| {

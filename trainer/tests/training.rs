@@ -646,4 +646,25 @@ fn a_run_without_two_images_of_a_person_exports_only_uncalibrated() {
     assert!(m.thresholds.is_empty());
     let served = Embedder::load(&serving, tch::Device::Cpu).expect("loads");
     assert_eq!(served.model_id(), m.model_id);
+
+    // A run with persons but an image gone by export time: the error names
+    // the image and does not suggest an uncalibrated export.
+    let labelled = dir.path().join("labelled");
+    train(
+        &config(&manifest, "method: {kind: zero_shot}"),
+        &options(&labelled),
+    )
+    .expect("run");
+    let checkpoint = handid_trainer::engine::state::resolve(&labelled, "best").expect("best");
+    let gone = handid_eval::data::manifest::Manifest::read(&manifest)
+        .expect("manifest")
+        .split("train")[0]
+        .image
+        .clone();
+    std::fs::remove_file(dir.path().join("data").join(&gone)).expect("remove an image");
+    let serving = dir.path().join("serving-labelled");
+    let err = handid_trainer::export::export(&checkpoint, &serving, None).expect_err("an image is gone");
+    let err = format!("{err:#}");
+    assert!(err.contains(&gone) && !err.contains("--uncalibrated"), "{err}");
+    assert!(!serving.join("handid.yaml").exists(), "nothing half-written");
 }
