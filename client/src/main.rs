@@ -962,6 +962,16 @@ fn report(r: &pb::GetModelResponse) -> (Value, String) {
     if let Some(t) = &r.rollback_target {
         text.push_str(&format!("\nrollback  {} from {}", t.model_id, t.path));
     }
+    // Never decides a match: no calibration note.
+    let side_info = model(r.side_info.as_ref());
+    if !side_info.is_null() {
+        text.push_str(&format!(
+            "\nside-info {} {} from {}",
+            side_info["model_id"].as_str().unwrap_or_default(),
+            side_info["device"].as_str().unwrap_or_default(),
+            side_info["path"].as_str().unwrap_or_default(),
+        ));
+    }
     let coverage: Vec<Value> = r
         .coverage
         .iter()
@@ -974,7 +984,13 @@ fn report(r: &pb::GetModelResponse) -> (Value, String) {
         })
         .collect();
     (
-        json!({ "active": active, "staged": staged, "coverage": coverage, "rollback_target": rollback }),
+        json!({
+            "active": active,
+            "staged": staged,
+            "coverage": coverage,
+            "rollback_target": rollback,
+            "side_info": side_info,
+        }),
         text,
     )
 }

@@ -245,7 +245,12 @@ pub async fn run_with_listeners(
         let batcher = Batcher::start(Arc::clone(&side), &pipeline.batch, Arc::clone(&pipeline.decoding))
             .map_err(ServeError::Thread)?;
         pipeline.side = Some(Arc::new(SideModel {
-            embedder: side,
+            model: ActiveModel {
+                device: device_name(device),
+                path: path.clone(),
+                loaded_at: chrono::Utc::now(),
+                embedder: side,
+            },
             batcher,
         }));
     }

@@ -294,6 +294,7 @@ impl Admin for AdminService {
                 path: r.model.path.unwrap_or_default(),
                 active_until: Some(timestamp(r.active_until)),
             }),
+            side_info: report.side_info.as_ref().map(model_info),
         }))
     }
 

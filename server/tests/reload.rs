@@ -299,6 +299,7 @@ async fn a_staged_migration_dual_enrols_reports_coverage_and_promotes(
         .expect("get model")
         .into_inner();
     assert_eq!(report.active.as_ref().expect("active").model_id, a.model_id);
+    assert!(report.side_info.is_none(), "no model.side_info configured");
     let staged_info = report.staged.as_ref().expect("staged");
     assert_eq!(staged_info.model_id, c.model_id);
     assert_eq!(staged_info.embedding_space, c.embedding_space);

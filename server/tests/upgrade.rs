@@ -548,6 +548,19 @@ async fn a_server_with_side_information_stores_it_and_the_upgrade_maps_through_i
         .connect(&database_url(&options))
         .await
         .expect("pool");
+    // GetModel names the side-information model beside the active one.
+    let report = server
+        .admin()
+        .await
+        .get_model(pb::GetModelRequest {})
+        .await
+        .expect("get model")
+        .into_inner();
+    let side_info = report.side_info.expect("the side-information model is reported");
+    assert_eq!(side_info.model_id, s.model_id);
+    assert_eq!(side_info.path, s_dir.path().display().to_string());
+    assert_eq!(side_info.embedding_dim as usize, side_model.dim());
+    assert_eq!(report.active.expect("active").model_id, a.model_id);
 
     // Three people, two photos each: each template has the side model's
     // feature of its own image beside it.

@@ -312,6 +312,9 @@ class ModelStatus:
     coverage: Tuple[GalleryCoverage, ...]
     #: What :meth:`handid.Client.rollback_model` would make active again.
     rollback_target: Optional[RetiredModel]
+    #: The side-information model (settings ``model.side_info``) whose
+    #: feature of every enrolled image is stored for template upgrades.
+    side_info: Optional[ModelInfo] = None
 
     @classmethod
     def _from(cls, m: pb.GetModelResponse) -> "ModelStatus":
@@ -336,6 +339,7 @@ class ModelStatus:
                 for c in m.coverage
             ),
             rollback_target=target,
+            side_info=ModelInfo._field(m, "side_info"),
         )
 
 

@@ -37,7 +37,7 @@ def test_get_model(operator: handid.Client, model_dir: Path) -> None:
     assert (active.embedding_dim, active.device, active.path) == (16, "cpu", str(model_dir))
     assert (active.calibrated, active.operating_points) == (False, ())
     assert active.loaded_at is not None
-    assert (status.staged, status.coverage, status.rollback_target) == (None, (), None)
+    assert (status.staged, status.coverage, status.rollback_target, status.side_info) == (None, (), None, None)
 
 
 def test_reload_model_swaps_the_same_folder(operator: handid.Client, model_dir: Path) -> None:

@@ -132,7 +132,7 @@ impl Engine {
                         embeddings,
                     }),
                     side: e.side.as_ref().map(|(side, features)| SideFeatures {
-                        model_id: side.embedder.model_id(),
+                        model_id: side.model.embedder.model_id(),
                         features,
                     }),
                 },

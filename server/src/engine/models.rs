@@ -50,6 +50,7 @@ impl Engine {
             staged: staged.map(|s| s.model.clone()),
             coverage,
             rollback_target: self.store.previous_active().await?,
+            side_info: self.pipeline.side.as_ref().map(|side| side.model.clone()),
         })
     }
 

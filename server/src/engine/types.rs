@@ -270,6 +270,8 @@ pub struct ModelReport {
     pub coverage: Vec<Coverage>,
     /// The model RollbackModel would make active again.
     pub rollback_target: Option<crate::store::RetiredModel>,
+    /// The side-information model (`model.side_info`), when configured.
+    pub side_info: Option<ActiveModel>,
 }
 
 /// A page of ListSubjects.
@@ -391,8 +393,8 @@ pub struct Pipeline {
 /// stored beside the image's templates (migration `side_information`).
 #[derive(Debug)]
 pub struct SideModel {
-    /// The model.
-    pub embedder: Arc<Embedder>,
+    /// The model, where it came from and when it was loaded.
+    pub model: ActiveModel,
     /// Its forward thread.
     pub batcher: Batcher,
 }
