@@ -30,7 +30,9 @@
 # fitted with it, M(B,T(A,S)); the side-information model S, of A's time:
 # SIDE=1 a second model of A's recipe and training images, another seed;
 # SIDE=ssl one trained self-supervised on A's training images without
-# their labels, configs/side_info_tiny.yaml, SIDE_EPOCHS epochs).
+# their labels, configs/side_info_tiny.yaml, SIDE_EPOCHS epochs),
+# PERSON_TARGET (fit-transform --person-target for both transforms: 0, the
+# paper's targets, by default).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$(dirname "$here")")"
@@ -129,7 +131,7 @@ if [ ! -f "$OUT/transform/transform.yaml" ]; then
   start=$SECONDS
   "$ht" fit-transform --old "$OUT/old/serving" --new "$OUT/new/serving" --manifest "$OUT/splits.tsv" \
     "${fit_splits[@]}" --epochs "${TRANSFORM_EPOCHS:-200}" --batch-size "${TRANSFORM_BATCH:-32}" \
-    --out "$OUT/transform"
+    --person-target "${PERSON_TARGET:-0}" --out "$OUT/transform"
   echo "[upgrade] transform fitted in $((SECONDS - start)) s"
 fi
 
@@ -158,7 +160,7 @@ if [ "${SIDE:-0}" != 0 ]; then
     start=$SECONDS
     "$ht" fit-transform --old "$OUT/old/serving" --new "$OUT/new/serving" --side-info "$OUT/side/serving" \
       --manifest "$OUT/splits.tsv" "${fit_splits[@]}" --epochs "${TRANSFORM_EPOCHS:-200}" \
-      --batch-size "${TRANSFORM_BATCH:-32}" --out "$OUT/transform-side"
+      --batch-size "${TRANSFORM_BATCH:-32}" --person-target "${PERSON_TARGET:-0}" --out "$OUT/transform-side"
     echo "[upgrade] transform with side-information fitted in $((SECONDS - start)) s"
   fi
 fi

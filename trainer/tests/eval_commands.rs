@@ -286,6 +286,35 @@ fn a_fitted_transform_maps_old_galleries_for_the_new_model() {
     assert_eq!(weights("t3"), weights("t3-again"), "deterministic");
     assert_ne!(weights("t3"), weights("t"), "the views changed the fit");
 
+    // Targets pulled toward each person's mean: recorded, another fit; out
+    // of 0..1 refused by name.
+    let fit_person_target = |out: &str, weight: &str| {
+        Command::new(env!("CARGO_BIN_EXE_handid-trainer"))
+            .args(["fit-transform", "--old", p(&path("a")), "--new", p(&path("b"))])
+            .args(["--manifest", p(&path("splits.tsv")), "--out", p(&path(out))])
+            .args(["--epochs", "20", "--batch-size", "16", "--inner-dim", "32"])
+            .args(["--person-target", weight])
+            .output()
+            .expect("runs")
+    };
+    let fitted = fit_person_target("t-person", "0.5");
+    assert!(
+        fitted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fitted.stderr)
+    );
+    let text = std::fs::read_to_string(path("t-person/transform.yaml")).expect("transform.yaml");
+    assert!(text.contains("- person_target\n  - '0.5'"), "{text}");
+    assert_ne!(weights("t-person"), weights("t"), "the targets changed the fit");
+    let refused = fit_person_target("t-bad", "1.5");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("--person-target must be between 0 and 1"),
+        "{stderr}"
+    );
+    assert!(!path("t-bad").exists(), "nothing written");
+
     // The transformed search is reported as such, with the same M(A,A) and
     // M(B,B) as without the transform.
     let eval = |transform: Option<&str>, out: &str| {
