@@ -89,16 +89,21 @@ async fn upgrade_command(config: &Path, transform: &Path, extra: &[&str]) -> (i3
     (out.status.code().unwrap_or(-1), format!("{stdout}{stderr}"))
 }
 
-/// Staged coverage as GetModel reports it: (gallery, subjects, covered).
-async fn coverage(server: &TestServer) -> Vec<(String, u32, u32)> {
-    let report = server
+/// GetModel's answer.
+async fn model_report(server: &TestServer) -> pb::GetModelResponse {
+    server
         .admin()
         .await
         .get_model(pb::GetModelRequest {})
         .await
         .expect("get model")
-        .into_inner();
-    report
+        .into_inner()
+}
+
+/// Staged coverage as GetModel reports it: (gallery, subjects, covered).
+async fn coverage(server: &TestServer) -> Vec<(String, u32, u32)> {
+    model_report(server)
+        .await
         .coverage
         .iter()
         .map(|c| (c.gallery_id.clone(), c.subjects, c.subjects_with_staged_templates))
@@ -549,13 +554,7 @@ async fn a_server_with_side_information_stores_it_and_the_upgrade_maps_through_i
         .await
         .expect("pool");
     // GetModel names the side-information model beside the active one.
-    let report = server
-        .admin()
-        .await
-        .get_model(pb::GetModelRequest {})
-        .await
-        .expect("get model")
-        .into_inner();
+    let report = model_report(&server).await;
     let side_info = report.side_info.expect("the side-information model is reported");
     assert_eq!(side_info.model_id, s.model_id);
     assert_eq!(side_info.path, s_dir.path().display().to_string());
