@@ -237,15 +237,16 @@ fn a_fitted_transform_maps_old_galleries_for_the_new_model() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = |name: &str| dir.path().join(name);
     two_models(dir.path(), 12);
-    let fit_views = |manifest: &str, out: &str, views: &str| {
+    let fit_with = |manifest: &str, out: &str, extra: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_handid-trainer"))
             .args(["fit-transform", "--old", p(&path("a")), "--new", p(&path("b"))])
             .args(["--manifest", p(&path(manifest)), "--out", p(&path(out))])
             .args(["--epochs", "20", "--batch-size", "16", "--inner-dim", "32"])
-            .args(["--views", views])
+            .args(extra)
             .output()
             .expect("runs")
     };
+    let fit_views = |manifest: &str, out: &str, views: &str| fit_with(manifest, out, &["--views", views]);
     let fit = |manifest: &str, out: &str| fit_views(manifest, out, "1");
     let fitted = fit("splits.tsv", "t");
     assert!(
@@ -288,15 +289,8 @@ fn a_fitted_transform_maps_old_galleries_for_the_new_model() {
 
     // Targets pulled toward each person's mean: recorded, another fit; out
     // of 0..1 refused by name.
-    let fit_person_target = |out: &str, weight: &str| {
-        Command::new(env!("CARGO_BIN_EXE_handid-trainer"))
-            .args(["fit-transform", "--old", p(&path("a")), "--new", p(&path("b"))])
-            .args(["--manifest", p(&path("splits.tsv")), "--out", p(&path(out))])
-            .args(["--epochs", "20", "--batch-size", "16", "--inner-dim", "32"])
-            .args(["--person-target", weight])
-            .output()
-            .expect("runs")
-    };
+    let fit_person_target =
+        |out: &str, weight: &str| fit_with("splits.tsv", out, &["--person-target", weight]);
     let fitted = fit_person_target("t-person", "0.5");
     assert!(
         fitted.status.success(),

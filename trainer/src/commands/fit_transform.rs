@@ -534,8 +534,9 @@ mod tests {
     }
 
     /// Person targets: 0 changes nothing, 1 gives every row of a person
-    /// the person's unit mean (views included, rows after the images), in
-    /// between is the renormalised blend, unit length and closer to the mean than the row was.
+    /// the person's unit mean (views included, rows after the images), and
+    /// a weight in between the renormalised blend, unit length and closer
+    /// to the mean than the row was.
     #[test]
     fn person_targets_move_rows_toward_their_persons_mean() {
         let options = (Kind::Float, Device::Cpu);
