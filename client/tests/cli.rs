@@ -103,8 +103,23 @@ async fn serve(
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<Result<(), handid_server::ServeError>>,
 ) {
+    serve_with(options, keys, |_| {}).await
+}
+
+/// [`serve`] with its settings changed by `tweak` before the server starts.
+async fn serve_with(
+    options: &PgConnectOptions,
+    keys: Vec<ApiKeySettings>,
+    tweak: impl FnOnce(&mut Settings),
+) -> (
+    tempfile::TempDir,
+    String,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), handid_server::ServeError>>,
+) {
     let (model, mut settings) = model_settings(options);
     settings.auth.keys = keys;
+    tweak(&mut settings);
     // Bulk enrolment from one address: the per-caller limit is for doors.
     settings.server.rate_limit_per_second = 0.0;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -705,6 +720,45 @@ async fn model_cancel_abandons_a_staged_migration(_: PgPoolOptions, options: PgC
         )),
         "{text}"
     );
+
+    let _ = stop.send(());
+    server.await.expect("server task").expect("clean stop");
+}
+
+#[sqlx::test(migrations = false)]
+async fn model_get_names_the_side_information_model(_: PgPoolOptions, options: PgConnectOptions) {
+    let operator = "hid_operator_key";
+    let side = tempfile::tempdir().expect("side-information model");
+    let side_manifest =
+        handid_model::create_random_checkpoint(side.path(), &handid_model::ClipVisionConfig::tiny_vit(), 5)
+            .expect("checkpoint");
+    let side_path = side.path().to_owned();
+    let (model, addr, stop, server) =
+        serve_with(&options, vec![key("operator", operator, &[Scope::Admin])], |s| {
+            s.model.side_info = Some(side_path)
+        })
+        .await;
+    let active = handid_model::Manifest::read(model.path()).expect("the active model's manifest");
+    assert_ne!(active.model_id, side_manifest.model_id);
+
+    let report = json(&handid(&addr, operator, &["--json", "model", "get"], None).await);
+    assert_eq!(
+        report["side_info"]["model_id"], side_manifest.model_id,
+        "{report}"
+    );
+    assert_eq!(report["side_info"]["path"], side.path().display().to_string());
+    assert_eq!(report["side_info"]["embedding_dim"], side_manifest.embedding_dim);
+    assert_eq!(report["active"]["model_id"], active.model_id);
+
+    let human = handid(&addr, operator, &["model", "get"], None).await;
+    assert_eq!(status(&human), 0);
+    let text = String::from_utf8_lossy(&human.stdout);
+    let line = format!(
+        "side-info {} cpu from {}",
+        side_manifest.model_id,
+        side.path().display()
+    );
+    assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");
 
     let _ = stop.send(());
     server.await.expect("server task").expect("clean stop");

@@ -16,7 +16,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -144,11 +144,12 @@ def start_server(
     sections: str = "",
     auth: str = "",
     http: bool = False,
+    model: str = "",
     **client_args,
 ) -> Iterator[Server]:
     """Starts ``handid-server serve`` with its own settings file: the keys
-    of the ``keys`` fixture, plus the top-level ``sections`` and the ``auth``
-    entries given, and with ``http`` the HTTP/JSON gateway on another free
+    of the ``keys`` fixture, plus the top-level ``sections``, the ``auth``
+    entries and the ``model`` entries (beside its ``path``) given, and with ``http`` the HTTP/JSON gateway on another free
     port. Waits until its health service (reached with
     ``client_args`` for handid.Client) says SERVING, yields it, and stops it
     with SIGTERM."""
@@ -166,7 +167,7 @@ database:
   migrate_on_start: true
 model:
   path: {model_dir}
-{sections}auth:
+{model}{sections}auth:
 {auth}  keys:
 {(work / "keys.yaml").read_text()}"""
     )
@@ -214,6 +215,23 @@ def server(bin_dir: Path, work: Path, model_dir: Path, keys: Dict[str, str]) -> 
     """A plain-text server with the keys of KEY_GRANTS, and its HTTP/JSON
     gateway."""
     yield from start_server(bin_dir, work, "plain", model_dir, http=True)
+
+
+@pytest.fixture(scope="session")
+def side_info_server(
+    bin_dir: Path, work: Path, model_dir: Path, keys: Dict[str, str]
+) -> Iterator[Tuple[Server, Path]]:
+    """A server on the same database whose settings name a side-information
+    model (``model.side_info``, another random checkpoint), and that
+    model's folder."""
+    side = work / "side-info-model"
+    subprocess.run(
+        [str(bin_dir / "handid-trainer"), "init", "--arch", "tiny-vit", "--seed", "7", "--out", str(side)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    for server in start_server(bin_dir, work, "side-info", model_dir, model=f"  side_info: {side}\n"):
+        yield server, side
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,17 @@ def test_get_model(operator: handid.Client, model_dir: Path) -> None:
     assert (status.staged, status.coverage, status.rollback_target, status.side_info) == (None, (), None, None)
 
 
+def test_get_model_names_the_side_information_model(side_info_server, keys: Dict[str, str]) -> None:
+    server, side = side_info_server
+    with handid.Client(server.address, api_key=keys["operator"]) as client:
+        status = client.get_model()
+    side_info = status.side_info
+    assert side_info is not None
+    assert side_info.model_id == manifest_model_id(side) != status.active.model_id
+    assert (side_info.embedding_dim, side_info.device, side_info.path) == (16, "cpu", str(side))
+    assert side_info.loaded_at is not None
+
+
 def test_reload_model_swaps_the_same_folder(operator: handid.Client, model_dir: Path) -> None:
     before = operator.get_model().active
     reloaded = operator.reload_model()
