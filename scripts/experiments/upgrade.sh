@@ -22,9 +22,12 @@
 # DATA (the 11k sample), PERSONS (synthetic persons, 200: half of them
 # training persons), OUT (work folder), EPOCHS (each model's; synthetic default
 # 400, real the config's), TRANSFORM_EPOCHS (200), TRANSFORM_BATCH (32),
-# BCT (the BCT models, space-separated WEIGHT[:CLASSIFIER]: the influence
-# weight λ and method.compatibility.classifier, auto when not given;
-# default "1"; "none": no BCT model), KEEP=1 (reuse what OUT already holds: data, splits, every
+# BCT (the BCT models, space-separated WEIGHT[:CLASSIFIER[:SCALE]]: the
+# influence weight λ, method.compatibility.classifier (auto when empty) and
+# .scale (30 when not given), e.g. "3::10"; default "1"; "none": no BCT
+# model), START (own: B and BCT from seed 12, another random start than
+# A's; shared: from A's seed 11, so from A's initial weights, as two
+# fine-tunings of one CLIP checkpoint start alike; default own), KEEP=1 (reuse what OUT already holds: data, splits, every
 # model already exported, the transform; to add BCT variants to a run),
 # SIDE=1 or SIDE=ssl (also FCT's side-information and a second transform
 # fitted with it, M(B,T(A,S)); the side-information model S, of A's time:
@@ -90,7 +93,8 @@ if [ ! -f "$OUT/old-splits.tsv" ]; then
   fi
 fi
 
-# A: seed 11, half the training persons; B: seed 12, all of them; BCT: B
+# A: seed 11, half the training persons; B: seed 12 (START=shared: 11, A's
+# initial weights), all of them; BCT: B
 # trained compatible with A's run, once per variant. The same epochs each.
 train() { # NAME SEED MANIFEST EPOCHS [METHOD_LINE]
   [ -f "$OUT/$1/serving/handid.yaml" ] && return
@@ -104,27 +108,47 @@ train() { # NAME SEED MANIFEST EPOCHS [METHOD_LINE]
   "$ht" export --run "$OUT/$1/run" --out "$OUT/$1/serving" > /dev/null
   echo "[upgrade] $1: $4 epochs in $((SECONDS - start)) s"
 }
+case "${START:-own}" in
+  own) new_seed=12 ;;
+  shared) new_seed=11 ;;
+  *) echo "START must be own or shared" >&2; exit 2 ;;
+esac
+# KEEP=1 reuses B and BCT only when they started where this run asks.
+if [ -f "$OUT/start" ] && [ "$(cat "$OUT/start")" != "${START:-own}" ]; then
+  echo "$OUT holds models of START=$(cat "$OUT/start"), not ${START:-own} (use another OUT)" >&2
+  exit 2
+fi
+echo "${START:-own}" > "$OUT/start"
 train old 11 "$OUT/old-splits.tsv" "$old_epochs"
-train new 12 "$OUT/splits.tsv" "$epochs"
+train new "$new_seed" "$OUT/splits.tsv" "$epochs"
 read -ra variants <<< "${BCT:-1}"
 [ "${variants[*]}" = none ] && variants=()
-weight() { echo "${1%%:*}"; }
-classifier() { if [[ "$1" == *:* ]]; then echo "${1#*:}"; else echo auto; fi; }
-bct_name() { # VARIANT: bct, bct-2, bct-synthesised, bct-2-synthesised
+field() { # VARIANT N DEFAULT: the Nth :-separated field of a variant, or DEFAULT when empty
+  local value
+  value="$(cut -s -d: -f"$2" <<< "$1")"
+  [ "$2" = 1 ] && value="${1%%:*}"
+  echo "${value:-$3}"
+}
+weight() { field "$1" 1 1; }
+classifier() { field "$1" 2 auto; }
+scale() { field "$1" 3 30; }
+bct_name() { # VARIANT: bct, bct-2, bct-synthesised, bct-2-synthesised-s10
   local name=bct
   [ "$(weight "$1")" = 1 ] || name="$name-$(weight "$1")"
   [ "$(classifier "$1")" = auto ] || name="$name-$(classifier "$1")"
+  [ "$(scale "$1")" = 30 ] || name="$name-s$(scale "$1")"
   echo "$name"
 }
-bct_label() { # VARIANT: BCT, BCT λ=2, BCT synthesised, ...
+bct_label() { # VARIANT: BCT, BCT λ=2, BCT synthesised, BCT λ=3 s=10, ...
   local label=BCT
   [ "$(weight "$1")" = 1 ] || label="$label λ=$(weight "$1")"
   [ "$(classifier "$1")" = auto ] || label="$label $(classifier "$1")"
+  [ "$(scale "$1")" = 30 ] || label="$label s=$(scale "$1")"
   echo "$label"
 }
 for v in "${variants[@]}"; do
-  train "$(bct_name "$v")" 12 "$OUT/splits.tsv" "$epochs" \
-    "  compatibility: {old: $OUT/old/run, influence_weight: $(weight "$v"), classifier: $(classifier "$v")}"
+  train "$(bct_name "$v")" "$new_seed" "$OUT/splits.tsv" "$epochs" \
+    "  compatibility: {old: $OUT/old/run, influence_weight: $(weight "$v"), classifier: $(classifier "$v"), scale: $(scale "$v")}"
 done
 
 if [ ! -f "$OUT/transform/transform.yaml" ]; then
