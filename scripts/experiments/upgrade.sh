@@ -26,8 +26,11 @@
 # influence weight λ, method.compatibility.classifier (auto when empty) and
 # .scale (30 when not given), e.g. "3::10"; default "1"; "none": no BCT
 # model), START (own: B and BCT from seed 12, another random start than
-# A's; shared: from A's seed 11, so from A's initial weights, as two
-# fine-tunings of one CLIP checkpoint start alike; default own), KEEP=1 (reuse what OUT already holds: data, splits, every
+# A's; shared: from A's seed 11, so from A's initial weights; pretrained:
+# A, B, BCT and S all start from the CLIP towers of a model P trained
+# first on another synthetic population (PRETRAIN_PERSONS persons, 1600,
+# synth seed 7, P's seed 10, EPOCHS epochs), as two fine-tunings of one
+# CLIP checkpoint do; default own), TRANSFORM_EPOCHS=0 (no transform), KEEP=1 (reuse what OUT already holds: data, splits, every
 # model already exported, the transform; to add BCT variants to a run),
 # SIDE=1 or SIDE=ssl (also FCT's side-information and a second transform
 # fitted with it, M(B,T(A,S)); the side-information model S, of A's time:
@@ -104,14 +107,16 @@ train() { # NAME SEED MANIFEST EPOCHS [METHOD_LINE]
     sed -i "/^  kind: finetune$/a\\$5" "$OUT/$1.yaml"
   fi
   local start=$SECONDS
-  "$ht" train --config "$OUT/$1.yaml" --manifest "$3" --out "$OUT/$1/run" --epochs "$4" --quiet
+  "$ht" train --config "$OUT/$1.yaml" --manifest "$3" --out "$OUT/$1/run" --epochs "$4" --quiet \
+    "${clip_weights[@]}"
   "$ht" export --run "$OUT/$1/run" --out "$OUT/$1/serving" > /dev/null
   echo "[upgrade] $1: $4 epochs in $((SECONDS - start)) s"
 }
+clip_weights=()
 case "${START:-own}" in
-  own) new_seed=12 ;;
+  own|pretrained) new_seed=12 ;;
   shared) new_seed=11 ;;
-  *) echo "START must be own or shared" >&2; exit 2 ;;
+  *) echo "START must be own, shared or pretrained" >&2; exit 2 ;;
 esac
 # KEEP=1 reuses B and BCT only when they started where this run asks.
 if [ -f "$OUT/start" ] && [ "$(cat "$OUT/start")" != "${START:-own}" ]; then
@@ -119,6 +124,20 @@ if [ -f "$OUT/start" ] && [ "$(cat "$OUT/start")" != "${START:-own}" ]; then
   exit 2
 fi
 echo "${START:-own}" > "$OUT/start"
+if [ "${START:-own}" = pretrained ]; then
+  # P: every person of its own synthetic population a training person (a
+  # tenth held out for validation), never one of this run's persons.
+  if [ ! -f "$OUT/pretrained.safetensors" ]; then
+    "$ht" synth --out "$OUT/pretrain-data" --persons "${PRETRAIN_PERSONS:-1600}" --images-per-person 8 \
+      --size 64 --seed 7 > /dev/null
+    "$ht" splits --data "$OUT/pretrain-data" --layout folder --test-fraction 0.1 \
+      --out "$OUT/pretrain-splits.tsv" > /dev/null
+    train pretrain 10 "$OUT/pretrain-splits.tsv" "$epochs"
+    python3 "$here/clip_towers.py" "$OUT/pretrain/run/checkpoints/best/model.safetensors" \
+      "$OUT/pretrained.safetensors"
+  fi
+  clip_weights=(--clip-weights "$OUT/pretrained.safetensors")
+fi
 train old 11 "$OUT/old-splits.tsv" "$old_epochs"
 train new "$new_seed" "$OUT/splits.tsv" "$epochs"
 read -ra variants <<< "${BCT:-1}"
@@ -151,7 +170,8 @@ for v in "${variants[@]}"; do
     "  compatibility: {old: $OUT/old/run, influence_weight: $(weight "$v"), classifier: $(classifier "$v"), scale: $(scale "$v")}"
 done
 
-if [ ! -f "$OUT/transform/transform.yaml" ]; then
+transforms="${TRANSFORM_EPOCHS:-200}"
+if [ "$transforms" != 0 ] && [ ! -f "$OUT/transform/transform.yaml" ]; then
   start=$SECONDS
   "$ht" fit-transform --old "$OUT/old/serving" --new "$OUT/new/serving" --manifest "$OUT/splits.tsv" \
     "${fit_splits[@]}" --epochs "${TRANSFORM_EPOCHS:-200}" --batch-size "${TRANSFORM_BATCH:-32}" \
@@ -179,7 +199,7 @@ case "${SIDE:-0}" in
     ;;
   *) echo "SIDE must be 0, 1 or ssl" >&2; exit 2 ;;
 esac
-if [ "${SIDE:-0}" != 0 ]; then
+if [ "${SIDE:-0}" != 0 ] && [ "$transforms" != 0 ]; then
   if [ ! -f "$OUT/transform-side/transform.yaml" ]; then
     start=$SECONDS
     "$ht" fit-transform --old "$OUT/old/serving" --new "$OUT/new/serving" --side-info "$OUT/side/serving" \
@@ -195,8 +215,8 @@ across() { # OUT [--transform DIR]
     --manifest "$OUT/splits.tsv" --out "$OUT/$out" "$@" > /dev/null
 }
 across plain
-across transformed --transform "$OUT/transform"
-if [ "${SIDE:-0}" != 0 ]; then
+[ "$transforms" = 0 ] || across transformed --transform "$OUT/transform"
+if [ "${SIDE:-0}" != 0 ] && [ "$transforms" != 0 ]; then
   across transformed-side --transform "$OUT/transform-side" --side-info "$OUT/side/serving"
 fi
 for v in "${variants[@]}"; do
@@ -213,8 +233,10 @@ echo "|---|---:|---:|"
 sed -n 's/^| old \/ old: \(.*\)$/| \1/p' "$OUT/plain/report.md"
 sed -n 's/^| new \/ new: \(.*\)$/| \1/p' "$OUT/plain/report.md"
 sed -n 's/^| new \/ old: \(.*\)$/| \1/p' "$OUT/plain/report.md"
-sed -n 's/^| new \/ old through `[^`]*`: \(.*\)$/| \1/p' "$OUT/transformed/report.md"
-if [ "${SIDE:-0}" != 0 ]; then
+if [ "$transforms" != 0 ]; then
+  sed -n 's/^| new \/ old through `[^`]*`: \(.*\)$/| \1/p' "$OUT/transformed/report.md"
+fi
+if [ "${SIDE:-0}" != 0 ] && [ "$transforms" != 0 ]; then
   sed -n 's/^| new \/ old through `[^`]*`: M(B,T(A)) \(.*\)$/| M(B,T(A,S)) with side-information \1/p' \
     "$OUT/transformed-side/report.md"
 fi
@@ -225,8 +247,8 @@ for v in "${variants[@]}"; do
   sed -n "s/^| new \/ old: M(B,A) \(.*\)$/| M($label,A) \1/p" "$OUT/$name-old/report.md"
 done
 echo
-grep '^Compatible' "$OUT/transformed/report.md"
-if [ "${SIDE:-0}" != 0 ]; then
+[ "$transforms" = 0 ] || grep '^Compatible' "$OUT/transformed/report.md"
+if [ "${SIDE:-0}" != 0 ] && [ "$transforms" != 0 ]; then
   echo "with side-information: $(grep '^Compatible' "$OUT/transformed-side/report.md")"
 fi
 for v in "${variants[@]}"; do
