@@ -27,10 +27,11 @@
 # .scale (30 when not given), e.g. "3::10"; default "1"; "none": no BCT
 # model), START (own: B and BCT from seed 12, another random start than
 # A's; shared: from A's seed 11, so from A's initial weights; pretrained:
-# A, B, BCT and S all start from the CLIP towers of a model P trained
-# first on another synthetic population (PRETRAIN_PERSONS persons, 1600,
-# synth seed 7, P's seed 10, EPOCHS epochs), as two fine-tunings of one
-# CLIP checkpoint do; default own), TRANSFORM_EPOCHS=0 (no transform), KEEP=1 (reuse what OUT already holds: data, splits, every
+# A, B, BCT and SIDE=1's S all start from the CLIP towers of a model P
+# trained first on another synthetic population (PRETRAIN_PERSONS persons,
+# 1600, synth seed 7, P's seed 10, EPOCHS epochs), as two fine-tunings of
+# one CLIP checkpoint do; measured on synthetic data only; default own),
+# TRANSFORM_EPOCHS=0 (no transform), KEEP=1 (reuse what OUT already holds: data, splits, every
 # model already exported, the transform; to add BCT variants to a run),
 # SIDE=1 or SIDE=ssl (also FCT's side-information and a second transform
 # fitted with it, M(B,T(A,S)); the side-information model S, of A's time:
@@ -142,15 +143,14 @@ train old 11 "$OUT/old-splits.tsv" "$old_epochs"
 train new "$new_seed" "$OUT/splits.tsv" "$epochs"
 read -ra variants <<< "${BCT:-1}"
 [ "${variants[*]}" = none ] && variants=()
-field() { # VARIANT N DEFAULT: the Nth :-separated field of a variant, or DEFAULT when empty
-  local value
-  value="$(cut -s -d: -f"$2" <<< "$1")"
-  [ "$2" = 1 ] && value="${1%%:*}"
-  echo "${value:-$3}"
+field() { # VARIANT I DEFAULT: the variant's :-separated field I (from 0), or DEFAULT when empty
+  local fields
+  IFS=: read -ra fields <<< "$1"
+  echo "${fields[$2]:-$3}"
 }
-weight() { field "$1" 1 1; }
-classifier() { field "$1" 2 auto; }
-scale() { field "$1" 3 30; }
+weight() { field "$1" 0 1; }
+classifier() { field "$1" 1 auto; }
+scale() { field "$1" 2 30; }
 bct_name() { # VARIANT: bct, bct-2, bct-synthesised, bct-2-synthesised-s10
   local name=bct
   [ "$(weight "$1")" = 1 ] || name="$name-$(weight "$1")"
@@ -174,7 +174,7 @@ transforms="${TRANSFORM_EPOCHS:-200}"
 if [ "$transforms" != 0 ] && [ ! -f "$OUT/transform/transform.yaml" ]; then
   start=$SECONDS
   "$ht" fit-transform --old "$OUT/old/serving" --new "$OUT/new/serving" --manifest "$OUT/splits.tsv" \
-    "${fit_splits[@]}" --epochs "${TRANSFORM_EPOCHS:-200}" --batch-size "${TRANSFORM_BATCH:-32}" \
+    "${fit_splits[@]}" --epochs "$transforms" --batch-size "${TRANSFORM_BATCH:-32}" \
     --person-target "${PERSON_TARGET:-0}" --out "$OUT/transform"
   echo "[upgrade] transform fitted in $((SECONDS - start)) s"
 fi
@@ -203,7 +203,7 @@ if [ "${SIDE:-0}" != 0 ] && [ "$transforms" != 0 ]; then
   if [ ! -f "$OUT/transform-side/transform.yaml" ]; then
     start=$SECONDS
     "$ht" fit-transform --old "$OUT/old/serving" --new "$OUT/new/serving" --side-info "$OUT/side/serving" \
-      --manifest "$OUT/splits.tsv" "${fit_splits[@]}" --epochs "${TRANSFORM_EPOCHS:-200}" \
+      --manifest "$OUT/splits.tsv" "${fit_splits[@]}" --epochs "$transforms" \
       --batch-size "${TRANSFORM_BATCH:-32}" --person-target "${PERSON_TARGET:-0}" --out "$OUT/transform-side"
     echo "[upgrade] transform with side-information fitted in $((SECONDS - start)) s"
   fi

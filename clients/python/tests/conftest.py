@@ -149,8 +149,8 @@ def start_server(
 ) -> Iterator[Server]:
     """Starts ``handid-server serve`` with its own settings file: the keys
     of the ``keys`` fixture, plus the top-level ``sections``, the ``auth``
-    entries and the ``model`` entries (beside its ``path``) given, and with ``http`` the HTTP/JSON gateway on another free
-    port. Waits until its health service (reached with
+    entries and the ``model`` entries (beside its ``path``) given, and with
+    ``http`` the HTTP/JSON gateway on another free port. Waits until its health service (reached with
     ``client_args`` for handid.Client) says SERVING, yields it, and stops it
     with SIGTERM."""
     port = _free_port()
