@@ -15,17 +15,19 @@
 #
 # A and B are the proof configs (scripts/experiments/proof.sh) trained from
 # different seeds, as both papers' experiments: A on half the training
-# persons, B (and BCT) on all of them (OLD_PERSONS=all: A on all of them
-# for a third of the epochs, the protocol of the first measurements). The transform is fitted with
+# persons, B (and BCT) on all of them (OLD_PERSONS=quarter: A on every
+# fourth training person, a larger gap between A and B; OLD_PERSONS=all: A
+# on all of them for a third of the epochs, the protocol of the first
+# measurements). The transform is fitted with
 # the paper's code's recipe but batches of 32 for 200 epochs: its batches of
 # 1024 would make one step an epoch on a few hundred images. Environment:
 # DATA (the 11k sample), PERSONS (synthetic persons, 200: half of them
 # training persons), OUT (work folder), EPOCHS (each model's; synthetic default
 # 400, real the config's), TRANSFORM_EPOCHS (200), TRANSFORM_BATCH (32),
-# BCT (the BCT models, space-separated WEIGHT[:CLASSIFIER[:SCALE]]: the
-# influence weight λ, method.compatibility.classifier (auto when empty) and
-# .scale (30 when not given), e.g. "3::10"; default "1"; "none": no BCT
-# model), START (own: B and BCT from seed 12, another random start than
+# BCT (the BCT models, space-separated WEIGHT[:CLASSIFIER[:SCALE[:SEED]]]:
+# the influence weight λ, method.compatibility.classifier (auto when empty),
+# .scale (30 when not given) and the seed (B's when not given), e.g. "3::10"
+# or "3:::13"; default "1"; "none": no BCT model), START (own: B and BCT from seed 12, another random start than
 # A's; shared: from A's seed 11, so from A's initial weights; pretrained:
 # A, B, BCT and SIDE=1's S all start from the CLIP towers of a model P
 # trained first on another synthetic population (PRETRAIN_PERSONS persons,
@@ -79,17 +81,26 @@ fi
 # on all): every other training person (sorted by id) is dropped from every
 # split, so A never sees their images; the query/gallery splits of the
 # held-out persons are untouched.
+# OLD_PERSONS=quarter: only every fourth training person is kept.
 # OLD_PERSONS=all: A on every training person for a third of the epochs
 # (this script's protocol until 2026-12-02).
-case "${OLD_PERSONS:-half}" in
-  half) old_epochs="$epochs" ;;
-  all) old_epochs=$(( (epochs + 2) / 3 )) ;;
-  *) echo "OLD_PERSONS must be half or all" >&2; exit 2 ;;
+old_persons="${OLD_PERSONS:-half}"
+case "$old_persons" in
+  half) old_epochs="$epochs"; keep_every=2 ;;
+  quarter) old_epochs="$epochs"; keep_every=4 ;;
+  all) old_epochs=$(( (epochs + 2) / 3 )); keep_every=1 ;;
+  *) echo "OLD_PERSONS must be half, quarter or all" >&2; exit 2 ;;
 esac
+# KEEP=1 reuses A only when it learnt the persons this run asks for.
+if [ -f "$OUT/old-persons" ] && [ "$(cat "$OUT/old-persons")" != "$old_persons" ]; then
+  echo "$OUT holds an A of OLD_PERSONS=$(cat "$OUT/old-persons"), not $old_persons (use another OUT)" >&2
+  exit 2
+fi
+echo "$old_persons" > "$OUT/old-persons"
 if [ ! -f "$OUT/old-splits.tsv" ]; then
-  if [ "${OLD_PERSONS:-half}" = half ]; then
+  if [ "$keep_every" != 1 ]; then
     awk -F'\t' '!/^#/ && ($1 == "train" || $1 == "train_extra") {print $2}' "$OUT/splits.tsv" |
-      sort -u | awk 'NR % 2 == 0' > "$OUT/old-dropped.txt"
+      sort -u | awk -v every="$keep_every" 'NR % every != 1 % every' > "$OUT/old-dropped.txt"
     awk -F'\t' 'NR == FNR {drop[$1] = 1; next} /^#/ || !($2 in drop)' \
       "$OUT/old-dropped.txt" "$OUT/splits.tsv" > "$OUT/old-splits.tsv"
   else
@@ -97,9 +108,9 @@ if [ ! -f "$OUT/old-splits.tsv" ]; then
   fi
 fi
 
-# A: seed 11, half the training persons; B: seed 12 (START=shared: 11, A's
-# initial weights), all of them; BCT: B
-# trained compatible with A's run, once per variant. The same epochs each.
+# A: seed 11, half (OLD_PERSONS) the training persons; B: seed 12
+# (START=shared: 11, A's initial weights), all of them; BCT: B trained
+# compatible with A's run, once per variant. The same epochs each.
 train() { # NAME SEED MANIFEST EPOCHS [METHOD_LINE]
   [ -f "$OUT/$1/serving/handid.yaml" ] && return
   rm -rf "${OUT:?}/$1"
@@ -151,22 +162,25 @@ field() { # VARIANT I DEFAULT: the variant's :-separated field I (from 0), or DE
 weight() { field "$1" 0 1; }
 classifier() { field "$1" 1 auto; }
 scale() { field "$1" 2 30; }
-bct_name() { # VARIANT: bct, bct-2, bct-synthesised, bct-2-synthesised-s10
+seed() { field "$1" 3 "$new_seed"; }
+bct_name() { # VARIANT: bct, bct-2, bct-synthesised, bct-2-synthesised-s10-seed13
   local name=bct
   [ "$(weight "$1")" = 1 ] || name="$name-$(weight "$1")"
   [ "$(classifier "$1")" = auto ] || name="$name-$(classifier "$1")"
   [ "$(scale "$1")" = 30 ] || name="$name-s$(scale "$1")"
+  [ "$(seed "$1")" = "$new_seed" ] || name="$name-seed$(seed "$1")"
   echo "$name"
 }
-bct_label() { # VARIANT: BCT, BCT λ=2, BCT synthesised, BCT λ=3 s=10, ...
+bct_label() { # VARIANT: BCT, BCT λ=2, BCT synthesised, BCT λ=3 s=10 seed 13, ...
   local label=BCT
   [ "$(weight "$1")" = 1 ] || label="$label λ=$(weight "$1")"
   [ "$(classifier "$1")" = auto ] || label="$label $(classifier "$1")"
   [ "$(scale "$1")" = 30 ] || label="$label s=$(scale "$1")"
+  [ "$(seed "$1")" = "$new_seed" ] || label="$label seed $(seed "$1")"
   echo "$label"
 }
 for v in "${variants[@]}"; do
-  train "$(bct_name "$v")" "$new_seed" "$OUT/splits.tsv" "$epochs" \
+  train "$(bct_name "$v")" "$(seed "$v")" "$OUT/splits.tsv" "$epochs" \
     "  compatibility: {old: $OUT/old/run, influence_weight: $(weight "$v"), classifier: $(classifier "$v"), scale: $(scale "$v")}"
 done
 
