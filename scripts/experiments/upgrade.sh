@@ -27,14 +27,16 @@
 # BCT (the BCT models, space-separated WEIGHT[:CLASSIFIER[:SCALE[:SEED]]]:
 # the influence weight λ, method.compatibility.classifier (auto when empty),
 # .scale (30 when not given) and the seed (B's when not given), e.g. "3::10"
-# or "3:::13"; default "1"; "none": no BCT model), START (own: B and BCT from seed 12, another random start than
-# A's; shared: from A's seed 11, so from A's initial weights; pretrained:
+# or "3:::13"; default "1"; "none": no BCT model), START (own: B and BCT
+# from seed 12, another random start than A's; shared: from A's seed 11,
+# so from A's initial weights; pretrained:
 # A, B, BCT and SIDE=1's S all start from the CLIP towers of a model P
 # trained first on another synthetic population (PRETRAIN_PERSONS persons,
 # 1600, synth seed 7, P's seed 10, EPOCHS epochs), as two fine-tunings of
 # one CLIP checkpoint do; measured on synthetic data only; default own),
-# TRANSFORM_EPOCHS=0 (no transform), KEEP=1 (reuse what OUT already holds: data, splits, every
-# model already exported, the transform; to add BCT variants to a run),
+# TRANSFORM_EPOCHS=0 (no transform), KEEP=1 (reuse what OUT already holds:
+# data, splits, every model already exported, the transform; to add BCT
+# variants to a run), OLD_PERSONS (half, quarter or all: above),
 # SIDE=1 or SIDE=ssl (also FCT's side-information and a second transform
 # fitted with it, M(B,T(A,S)); the side-information model S, of A's time:
 # SIDE=1 a second model of A's recipe and training images, another seed;
@@ -91,9 +93,16 @@ case "$old_persons" in
   all) old_epochs=$(( (epochs + 2) / 3 )); keep_every=1 ;;
   *) echo "OLD_PERSONS must be half, quarter or all" >&2; exit 2 ;;
 esac
-# KEEP=1 reuses A only when it learnt the persons this run asks for.
-if [ -f "$OUT/old-persons" ] && [ "$(cat "$OUT/old-persons")" != "$old_persons" ]; then
-  echo "$OUT holds an A of OLD_PERSONS=$(cat "$OUT/old-persons"), not $old_persons (use another OUT)" >&2
+# KEEP=1 reuses A only when it learnt the persons this run asks for (a
+# work folder of before OLD_PERSONS was recorded holds the default's).
+recorded=""
+if [ -f "$OUT/old-persons" ]; then
+  recorded="$(cat "$OUT/old-persons")"
+elif [ -f "$OUT/old-splits.tsv" ]; then
+  recorded=half
+fi
+if [ -n "$recorded" ] && [ "$recorded" != "$old_persons" ]; then
+  echo "$OUT holds an A of OLD_PERSONS=$recorded, not $old_persons (use another OUT)" >&2
   exit 2
 fi
 echo "$old_persons" > "$OUT/old-persons"
