@@ -29,8 +29,8 @@
 # .scale (30 when not given) and the seed (B's when not given), e.g. "3::10"
 # or "3:::13"; default "1"; "none": no BCT model), START (own: B and BCT
 # from seed 12, another random start than A's; shared: from A's seed 11,
-# so from A's initial weights; pretrained:
-# A, B, BCT and SIDE=1's S all start from the CLIP towers of a model P
+# so from A's initial weights; pretrained: A, B, BCT and SIDE=1's S all
+# start from the CLIP towers of a model P
 # trained first on another synthetic population (PRETRAIN_PERSONS persons,
 # 1600, synth seed 7, P's seed 10, EPOCHS epochs), as two fine-tunings of
 # one CLIP checkpoint do; measured on synthetic data only; default own),
