@@ -510,7 +510,9 @@ fn plain_batches_step_schedules_and_early_stopping() {
     let dir = tempfile::tempdir().expect("tempdir");
     let manifest = dataset(dir.path());
     // A rate too small to change any ranking: every validation after the
-    // first is no better, so patience 2 ends the phase after epoch 3 of 10.
+    // first ties it, which is no improvement, so patience 2 ends the phase
+    // after epoch 3 of 10; a tie still makes the later epoch the best (a
+    // saturated validation must not export epoch 1's model).
     let method = "
 method:
   kind: finetune
@@ -525,7 +527,11 @@ validation: {select_by: rank1, early_stop_patience: 2}
     let summary = train(&cfg, &options(&run)).expect("run");
     assert!(summary.finished);
     assert_eq!(summary.epochs, 3, "stopped early");
-    assert_eq!(summary.best.expect("validated").epoch, 1);
+    assert_eq!(summary.best.expect("validated").epoch, 3);
+    let best = handid_trainer::engine::state::resolve(&run, "best").expect("best");
+    assert!(best.ends_with("best"), "{}", best.display());
+    let (saved, _) = handid_trainer::engine::state::load(&best).expect("load");
+    assert_eq!(saved.epoch, 3, "the best folder holds the last tied epoch");
     let csv = std::fs::read_to_string(run.join("metrics.csv")).expect("csv");
     let rows: Vec<&str> = csv.lines().collect();
     assert_eq!(rows.len(), 1 + 3, "{csv}");

@@ -12,7 +12,9 @@ pub struct ValidationConfig {
     /// Images per forward pass.
     pub batch_size: usize,
     /// Which metric picks the best epoch (and counts as an improvement for
-    /// early stopping).
+    /// early stopping). A validation that ties the best makes the later
+    /// epoch the best (a saturated metric keeps the last epoch, not the
+    /// first), but only a strictly better one resets early stopping.
     pub select_by: SelectBy,
     /// End the image-training phase after this many validations in a row
     /// without a better best; absent: train every epoch.

@@ -387,6 +387,15 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> anyhow::Result<RunSu
     })
 }
 
+/// Whether validation `v` is strictly better than `b` by the selecting metric
+/// (Rank-1 ties broken by mAP).
+fn improves(select_by: SelectBy, v: ValMetrics, b: ValMetrics) -> bool {
+    match select_by {
+        SelectBy::Map => v.map > b.map,
+        SelectBy::Rank1 => (v.rank1, v.map) > (b.rank1, b.map),
+    }
+}
+
 fn mean(v: &[f64]) -> f64 {
     if v.is_empty() {
         0.0
@@ -605,15 +614,17 @@ impl Ctx<'_> {
             (epoch, best) = (saved.epoch, saved.best);
         }
         let validation = &self.config.validation;
-        let better = |v: ValMetrics, b: ValMetrics| match validation.select_by {
-            SelectBy::Map => v.map > b.map,
-            SelectBy::Rank1 => (v.rank1, v.map) > (b.rank1, b.map),
-        };
-        // Validations since the best one (early stopping), from the history on resume.
-        let mut stale = history
-            .iter()
-            .filter(|r| r.phase == phase && r.val.is_some() && best.is_some_and(|b: Best| r.epoch > b.epoch))
-            .count() as u64;
+        // Validations since the last strict improvement (early stopping),
+        // from the history on resume.
+        let mut stale = 0u64;
+        let mut record: Option<ValMetrics> = None;
+        for v in history.iter().filter(|r| r.phase == phase).filter_map(|r| r.val) {
+            if record.is_none_or(|b| improves(validation.select_by, v, b)) {
+                (record, stale) = (Some(v), 0);
+            } else {
+                stale += 1;
+            }
+        }
         let mut throughput = Vec::new();
         let mut checkpoint = PathBuf::new();
         while epoch < epochs {
@@ -638,13 +649,22 @@ impl Ctx<'_> {
             let validate_now = runner.validates()
                 && (epoch == epochs || epoch.is_multiple_of(self.config.validation.every_epochs.max(1)));
             let val = if validate_now { self.validate(net)? } else { None };
-            let is_best = match (val, best) {
-                (Some(v), Some(b)) => better(v, b.val),
-                (Some(_), None) => true,
-                (None, _) => false,
+            // A validation as good as the best replaces it: the later epoch
+            // has trained longer, and a saturated metric (a small validation
+            // set at 100% from the first epoch) must not keep epoch 1. Only a
+            // strictly better one resets early stopping's count.
+            let (is_best, improved) = match (val, best) {
+                (Some(v), Some(b)) => (
+                    !improves(validation.select_by, b.val, v),
+                    improves(validation.select_by, v, b.val),
+                ),
+                (Some(_), None) => (true, true),
+                (None, _) => (false, false),
             };
             if is_best {
                 best = val.map(|val| Best { epoch, val });
+            }
+            if improved {
                 stale = 0;
             } else if val.is_some() {
                 stale += 1;
@@ -844,5 +864,23 @@ fn write_curves(out: &Path, history: &[EpochRow]) {
         if let Err(e) = handid_eval::report::line_chart(&out.join(file), title, "epoch", y, &series) {
             eprintln!("warning: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn improvement_is_strict_and_rank1_ties_fall_to_map() {
+        let m = |map, rank1| ValMetrics { map, rank1 };
+        assert!(improves(SelectBy::Map, m(0.6, 0.1), m(0.5, 0.9)));
+        assert!(
+            !improves(SelectBy::Map, m(0.5, 0.9), m(0.5, 0.1)),
+            "a tie is no improvement"
+        );
+        assert!(improves(SelectBy::Rank1, m(0.1, 0.6), m(0.9, 0.5)));
+        assert!(improves(SelectBy::Rank1, m(0.6, 0.5), m(0.5, 0.5)));
+        assert!(!improves(SelectBy::Rank1, m(0.5, 0.5), m(0.5, 0.5)));
     }
 }
