@@ -33,7 +33,8 @@
 # start from the CLIP towers of a model P
 # trained first on another synthetic population (PRETRAIN_PERSONS persons,
 # 1600, synth seed 7, P's seed 10, EPOCHS epochs), as two fine-tunings of
-# one CLIP checkpoint do; measured on synthetic data only; default own),
+# one CLIP checkpoint do; for the 11k sample too, P then being of
+# synthetic hands at the sample's config; default own),
 # TRANSFORM_EPOCHS=0 (no transform), KEEP=1 (reuse what OUT already holds:
 # data, splits, every model already exported, the transform; to add BCT
 # variants to a run), OLD_PERSONS (half, quarter or all: above),
@@ -124,6 +125,8 @@ train() { # NAME SEED MANIFEST EPOCHS [METHOD_LINE]
   [ -f "$OUT/$1/serving/handid.yaml" ] && return
   rm -rf "${OUT:?}/$1"
   sed -e "s/^name: .*/name: $1/" -e "s/^seed: .*/seed: $2/" "$CONFIG" > "$OUT/$1.yaml"
+  # P's synthetic manifest has no train_extra split (the sample's config trains it).
+  [ "$1" != pretrain ] || sed -i '/^  extra_train_splits:/d' "$OUT/$1.yaml"
   if [ -n "${5:-}" ]; then
     sed -i "/^  kind: finetune$/a\\$5" "$OUT/$1.yaml"
   fi
