@@ -260,11 +260,11 @@ fn the_influence_loss_makes_new_queries_searchable_against_old_templates() {
     assert_eq!(record.embedding_space, a_manifest.embedding_space);
     let (from_means, _) = cross_map(dir, &manifest, &synthesised, &a, "synth-a");
     eprintln!("M(BCT from class means, A) {from_means:.3}");
-    // A weaker bound than the trained head's: A serves its BNNeck's output,
-    // whose embeddings share one direction, so cosine logits over its class
-    // means separate classes less (docs/model-upgrades.md); the figure also
-    // moves with the processor's rounding (0.32 against M(B,A) 0.12 on an
-    // AMD EPYC, where the bound of 0.25 set on another machine failed).
+    // A weaker bound than the trained head's: weights synthesised from A's
+    // class means of a few training images separate A's classes less than
+    // its trained classifier does; the figure also moves with the
+    // processor's rounding (0.32 against M(B,A) 0.12 on an AMD EPYC, where
+    // the bound of 0.25 set on another machine failed).
     assert!(
         from_means > plain + 0.15,
         "M(BCT from means, A) {from_means:.3} vs M(B,A) {plain:.3}"
