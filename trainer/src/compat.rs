@@ -56,6 +56,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::config::{Compatibility, Method, NeckFeat, OldClassifier, PromptSgInference, TrainConfig};
+use crate::data::Item;
 use crate::engine::RunData;
 use crate::engine::state::{self, Tensors, TrainState};
 use crate::engine::steps::{LossTerm, part_name};
@@ -156,6 +157,13 @@ impl OldModel {
             training,
             _scratch: scratch,
         })
+    }
+
+    /// `[items, dim]` on the CPU: the old model's embeddings of `items` (the
+    /// validation gallery of `validation.select_by: cross_model_map` and
+    /// the `val_cross_*` columns), as a server computes them.
+    pub fn embed(&self, items: &[Item], device: Device, what: &str) -> anyhow::Result<Tensor> {
+        embed_items(&self.serving, items, device, what)
     }
 
     /// The influence loss of `config`'s new model `net`, trained on `data`:
@@ -387,11 +395,23 @@ fn trained_head(
 /// the old model's embeddings (served from the `serving` checkpoint, as a
 /// server computes them) of the person's training images.
 fn class_means(serving: &Path, data: &RunData, device: Device) -> anyhow::Result<Tensor> {
+    let embeddings = embed_items(serving, &data.train, device, "old model's class means")?;
+    let labels: Vec<i64> = data.train.iter().map(|item| item.label).collect();
+    let sums = Tensor::zeros(
+        [data.persons.len() as i64, embeddings.size()[1]],
+        (Kind::Float, Device::Cpu),
+    )
+    .index_add(0, &Tensor::from_slice(&labels), &embeddings);
+    Ok(l2_normalize(&sums).to_device(device))
+}
+
+/// `[items, dim]` on the CPU: the old model's embeddings of `items`, served
+/// from the `serving` checkpoint on `device` as a server computes them.
+fn embed_items(serving: &Path, items: &[Item], device: Device, what: &str) -> anyhow::Result<Tensor> {
     let embedder = Embedder::load(serving, device)?;
-    let classes = data.persons.len() as i64;
-    let mut sums = Tensor::zeros([classes, embedder.dim() as i64], (Kind::Float, Device::Cpu));
-    let progress = crate::commands::eval::bar(data.train.len(), "old model's class means")?;
-    for chunk in data.train.chunks(32) {
+    let progress = crate::commands::eval::bar(items.len(), what)?;
+    let mut rows = Vec::new();
+    for chunk in items.chunks(32) {
         let images = chunk
             .iter()
             .map(|item| {
@@ -401,13 +421,12 @@ fn class_means(serving: &Path, data: &RunData, device: Device) -> anyhow::Result
                     .with_context(|| format!("decoding {}", item.path.display()))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let embeddings = embedder.embed_images(&images)?;
-        let labels: Vec<i64> = chunk.iter().map(|item| item.label).collect();
-        sums = sums.index_add(0, &Tensor::from_slice(&labels), &embeddings);
+        rows.push(embedder.embed_images(&images)?.to_device(Device::Cpu));
         progress.inc(chunk.len() as u64);
     }
     progress.finish_and_clear();
-    Ok(l2_normalize(&sums).to_device(device))
+    anyhow::ensure!(!rows.is_empty(), "{what}: no image to embed");
+    Ok(Tensor::cat(&rows, 0))
 }
 
 #[cfg(test)]

@@ -128,6 +128,10 @@ pub fn write_serving(
     if let Some(best) = train_state.best {
         metrics.insert("val_map".to_owned(), best.val.map);
         metrics.insert("val_rank1".to_owned(), best.val.rank1);
+        if let Some(cross) = best.val.cross_model {
+            metrics.insert("val_cross_map".to_owned(), cross.map);
+            metrics.insert("val_cross_rank1".to_owned(), cross.rank1);
+        }
         metrics.insert("epoch".to_owned(), best.epoch as f64);
     }
     let provenance = Provenance {

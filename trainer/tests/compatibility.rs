@@ -18,7 +18,7 @@ use handid_eval::data::synthetic::{self, Layout, SynthOptions};
 use handid_eval::data::{MissingImages, folder, splits};
 use handid_model::checkpoint::create_random_checkpoint;
 use handid_trainer::compat::InfluenceClassifier;
-use handid_trainer::config::TrainConfig;
+use handid_trainer::config::{SelectBy, TrainConfig};
 use handid_trainer::engine::{RunOptions, state, train};
 use handid_trainer::export::export;
 use tch::Tensor;
@@ -223,6 +223,70 @@ fn the_influence_loss_makes_new_queries_searchable_against_old_templates() {
         compatible > 0.6 * a_alone,
         "M(BCT,A) {compatible:.3}, M(A,A) {a_alone:.3}"
     );
+
+    // Every validation of a BCT run also searches the old model's
+    // embeddings of the validation gallery with the new queries: the
+    // `val_cross_*` columns hold M(BCT, A) on the validation split, the very
+    // figure `eval --query-model --gallery-model` gives for the exported
+    // epoch over a manifest whose query split is `val` and gallery `train`.
+    let cross = column(&bct_run, "val_cross_map");
+    assert_eq!(cross.len() as u64, EPOCHS);
+    assert!(
+        !std::fs::read_to_string(dir.join("b/run/metrics.csv"))
+            .unwrap()
+            .contains("val_cross")
+    );
+    let val_manifest = dir.join("val-as-split.tsv");
+    let rows: String = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .lines()
+        .filter_map(|line| {
+            if line.starts_with('#') {
+                return Some(format!("{line}\n"));
+            }
+            let (split, rest) = line.split_once('\t')?;
+            let renamed = match split {
+                "val" => "query0",
+                "train" => "gallery0",
+                _ => return None,
+            };
+            Some(format!("{renamed}\t{rest}\n"))
+        })
+        .collect();
+    std::fs::write(&val_manifest, rows).unwrap();
+    let best_epoch = |run: &Path| {
+        let (saved, _) = state::load(&state::resolve(run, "best").unwrap()).unwrap();
+        saved.epoch as usize
+    };
+    let (on_val, _) = cross_map(dir, &val_manifest, &bct, &a, "bct-a-val");
+    let logged = cross[best_epoch(&bct_run) - 1];
+    assert!(
+        (on_val - logged).abs() < 1e-6,
+        "eval's M(BCT,A) on the validation split {on_val} against the logged {logged}"
+    );
+
+    // `validation.select_by: cross_model_map` exports the epoch whose
+    // cross-model validation is the best (the later one of a tie), and
+    // the export records it.
+    let mut select_cfg = bct_cfg.clone();
+    select_cfg.validation.select_by = SelectBy::CrossModelMap;
+    select_cfg.validate().unwrap();
+    let selected = train_and_export(dir, "bct-select", &select_cfg);
+    let select_run = dir.join("bct-select").join("run");
+    let cross = column(&select_run, "val_cross_map");
+    let top = cross.iter().copied().fold(f64::MIN, f64::max);
+    let expected = cross.iter().rposition(|&c| c == top).unwrap() + 1;
+    eprintln!(
+        "epochs by val mAP: {}, by cross-model val mAP: {expected} ({cross:?})",
+        best_epoch(&bct_run)
+    );
+    assert_eq!(best_epoch(&select_run), expected);
+    let metrics = handid_model::Manifest::read(&selected)
+        .unwrap()
+        .provenance
+        .metrics;
+    assert_eq!(metrics.get("val_cross_map").copied(), Some(top), "{metrics:?}");
+    assert_eq!(metrics.get("epoch").copied(), Some(expected as f64));
 
     // A BCT run stopped and resumed (the old classifier rebuilt from the
     // config) ends with the straight run's weights.

@@ -97,8 +97,13 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     let best = summary
         .best
         .map(|b| {
+            let cross = b
+                .val
+                .cross_model
+                .map(|c| format!(", against the old gallery mAP {:.1}%", 100.0 * c.map))
+                .unwrap_or_default();
             format!(
-                "best val mAP {:.1}% Rank-1 {:.1}% at epoch {}",
+                "best val mAP {:.1}% Rank-1 {:.1}%{cross} at epoch {}",
                 100.0 * b.val.map,
                 100.0 * b.val.rank1,
                 b.epoch

@@ -41,6 +41,12 @@ pub enum SelectBy {
     Map,
     /// Rank-1 (ties broken by mAP).
     Rank1,
+    /// Backward-compatible training only (`method.compatibility`): the mAP
+    /// of the validation queries, embedded by the model being trained,
+    /// against the old model's embeddings of the validation gallery,
+    /// M(new, old), the search a compatible model is swapped in for (ties
+    /// broken by the new model's own mAP).
+    CrossModelMap,
 }
 
 /// What `export` writes.

@@ -202,6 +202,13 @@ impl TrainConfig {
         if let Some(patience) = self.validation.early_stop_patience {
             anyhow::ensure!(patience >= 1, "validation.early_stop_patience must be at least 1");
         }
+        if self.validation.select_by == SelectBy::CrossModelMap {
+            anyhow::ensure!(
+                self.method.stage2().is_some_and(|s| s.compatibility.is_some()),
+                "validation.select_by: cross_model_map needs method.compatibility (the old model \
+                 whose validation gallery the new model's queries search)"
+            );
+        }
         if let Some([h, w]) = self.model.input_size {
             anyhow::ensure!(
                 h > 0 && w > 0,
@@ -529,6 +536,17 @@ method:
         assert_eq!(
             TrainConfig::from_yaml(&serde_yaml::to_string(&c).unwrap()).unwrap(),
             c
+        );
+        // Selecting the epoch by the cross-model validation needs the old model.
+        let select = "validation: {select_by: cross_model_map}\n";
+        let c = TrainConfig::from_yaml(&format!("{bct}{select}")).unwrap();
+        assert_eq!(c.validation.select_by, SelectBy::CrossModelMap);
+        let err = TrainConfig::from_yaml(&format!("{MINIMAL}{select}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cross_model_map") && err.contains("method.compatibility"),
+            "{err}"
         );
         // Without it nothing is written: older runs' configs stay as they were.
         let plain = TrainConfig::from_yaml(MINIMAL).unwrap();

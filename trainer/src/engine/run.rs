@@ -16,7 +16,7 @@ use handid_eval::metrics::rank::{ApKind, QueryScope, Ranking};
 use indicatif::{ProgressBar, ProgressStyle};
 use tch::{Device, Kind, Tensor, nn};
 
-use super::state::{self, Best, EpochRow, Tensors, TrainState, ValMetrics};
+use super::state::{self, Best, CrossModelVal, EpochRow, Tensors, TrainState, ValMetrics};
 use super::steps::{ImageTrainer, PromptTrainer, TermValue};
 use crate::compat::{OldModel, OldModelRecord};
 use crate::config::{BatchSampler, Method, Phase, SelectBy, TrainConfig};
@@ -165,6 +165,15 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> anyhow::Result<RunSu
     }
     // PromptSG's inference query depends on the (frozen) text tower only.
     net.refresh_simplified_text()?;
+    // The old model's embeddings of the validation gallery, once: every
+    // validation of a backward-compatible run also searches them with the
+    // new model's queries (M(new, old) on training persons).
+    let old_val_gallery = match &old {
+        Some(old) if !data.val_query.is_empty() && !data.val_gallery.is_empty() => {
+            Some(old.embed(&data.val_gallery, device, "old model's validation gallery")?)
+        }
+        _ => None,
+    };
     let influence = match old {
         Some(old) => Some(old.influence(config, &net, &data, device)?),
         None => None,
@@ -248,6 +257,7 @@ pub fn train(config: &TrainConfig, options: &RunOptions) -> anyhow::Result<RunSu
         val_query_loader: loader(&data.val_query),
         val_gallery_loader: loader(&data.val_gallery),
         compatible_with,
+        old_val_gallery,
     };
 
     let mut history = resumed
@@ -393,6 +403,11 @@ fn improves(select_by: SelectBy, v: ValMetrics, b: ValMetrics) -> bool {
     match select_by {
         SelectBy::Map => v.map > b.map,
         SelectBy::Rank1 => (v.rank1, v.map) > (b.rank1, b.map),
+        // A validation without the cross-model search (none in a run whose
+        // config asks for it) never improves on one with it.
+        SelectBy::CrossModelMap => {
+            (v.cross_model.map(|c| c.map), v.map) > (b.cross_model.map(|c| c.map), b.map)
+        }
     }
 }
 
@@ -576,6 +591,9 @@ struct Ctx<'a> {
     val_gallery_loader: Loader,
     /// The old model of backward-compatible training, recorded in every checkpoint.
     compatible_with: Option<OldModelRecord>,
+    /// `[val gallery, dim]`: the old model's embeddings of the validation
+    /// gallery (backward-compatible training with a validation split).
+    old_val_gallery: Option<Tensor>,
 }
 
 impl Ctx<'_> {
@@ -700,6 +718,7 @@ impl Ctx<'_> {
                     match validation.select_by {
                         SelectBy::Map => "mAP",
                         SelectBy::Rank1 => "Rank-1",
+                        SelectBy::CrossModelMap => "cross-model mAP",
                     }
                 );
             }
@@ -796,14 +815,29 @@ impl Ctx<'_> {
         }
         let qf = self.embed_all(&self.val_query_loader, q.len(), |x| net.embed(x))?;
         let gf = self.embed_all(&self.val_gallery_loader, g.len(), |x| net.embed(x))?;
-        let sim: Vec<f32> = Vec::try_from(qf.matmul(&gf.tr()).flatten(0, 1))?;
-        let sim = Similarity::new(&sim, q.len(), g.len())?;
         let q_ids: Vec<i64> = q.iter().map(|i| i.label).collect();
         let g_ids: Vec<i64> = g.iter().map(|i| i.label).collect();
-        let ranking = Ranking::new(&sim, &q_ids, &g_ids)?;
+        let search = |gallery: &Tensor| -> anyhow::Result<(f64, f64)> {
+            let sim: Vec<f32> = Vec::try_from(qf.matmul(&gallery.tr()).flatten(0, 1))?;
+            let sim = Similarity::new(&sim, q.len(), g.len())?;
+            let ranking = Ranking::new(&sim, &q_ids, &g_ids)?;
+            Ok((
+                ranking.mean_ap(ApKind::NonInterpolated, QueryScope::All),
+                ranking.rank_k(1, QueryScope::All),
+            ))
+        };
+        let (map, rank1) = search(&gf)?;
+        let cross_model = match &self.old_val_gallery {
+            Some(old) => {
+                let (map, rank1) = search(&old.to_kind(qf.kind()))?;
+                Some(CrossModelVal { map, rank1 })
+            }
+            None => None,
+        };
         Ok(Some(ValMetrics {
-            map: ranking.mean_ap(ApKind::NonInterpolated, QueryScope::All),
-            rank1: ranking.rank_k(1, QueryScope::All),
+            map,
+            rank1,
+            cross_model,
         }))
     }
 }
@@ -813,7 +847,17 @@ fn describe(row: &EpochRow) -> String {
     let losses: Vec<String> = row.losses.iter().map(|(n, v)| format!("{n} {v:.4}")).collect();
     let val = row
         .val
-        .map(|v| format!(", val mAP {:.1}% Rank-1 {:.1}%", 100.0 * v.map, 100.0 * v.rank1))
+        .map(|v| {
+            let cross = v
+                .cross_model
+                .map(|c| format!(", against the old gallery mAP {:.1}%", 100.0 * c.map))
+                .unwrap_or_default();
+            format!(
+                ", val mAP {:.1}% Rank-1 {:.1}%{cross}",
+                100.0 * v.map,
+                100.0 * v.rank1
+            )
+        })
         .unwrap_or_default();
     format!(
         "{} epoch {}: {}{val}, {:.1} images/s, {:.1} s",
@@ -836,6 +880,7 @@ fn write_curves(out: &Path, history: &[EpochRow]) {
     let mut losses: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     let mut map = Vec::new();
     let mut rank1 = Vec::new();
+    let mut cross_map = Vec::new();
     for (x, row) in history.iter().enumerate() {
         let x = (x + 1) as f64;
         for (name, v) in &row.losses {
@@ -847,18 +892,22 @@ fn write_curves(out: &Path, history: &[EpochRow]) {
         if let Some(v) = row.val {
             map.push((x, 100.0 * v.map));
             rank1.push((x, 100.0 * v.rank1));
+            if let Some(c) = v.cross_model {
+                cross_map.push((x, 100.0 * c.map));
+            }
         }
     }
     let loss_series: Vec<(&str, Vec<(f64, f64)>)> =
         losses.iter().map(|(n, v)| (n.as_str(), v.clone())).collect();
     let plots = [
         ("curves_loss.png", "training losses", "loss", loss_series),
-        (
-            "curves_val.png",
-            "validation (training persons)",
-            "%",
-            vec![("mAP", map), ("Rank-1", rank1)],
-        ),
+        ("curves_val.png", "validation (training persons)", "%", {
+            let mut series = vec![("mAP", map), ("Rank-1", rank1)];
+            if !cross_map.is_empty() {
+                series.push(("mAP against the old model's gallery", cross_map));
+            }
+            series
+        }),
     ];
     for (file, title, y, series) in plots {
         if let Err(e) = handid_eval::report::line_chart(&out.join(file), title, "epoch", y, &series) {
@@ -873,7 +922,11 @@ mod tests {
 
     #[test]
     fn improvement_is_strict_and_rank1_ties_fall_to_map() {
-        let m = |map, rank1| ValMetrics { map, rank1 };
+        let m = |map, rank1| ValMetrics {
+            map,
+            rank1,
+            cross_model: None,
+        };
         assert!(improves(SelectBy::Map, m(0.6, 0.1), m(0.5, 0.9)));
         assert!(
             !improves(SelectBy::Map, m(0.5, 0.9), m(0.5, 0.1)),
@@ -882,5 +935,19 @@ mod tests {
         assert!(improves(SelectBy::Rank1, m(0.1, 0.6), m(0.9, 0.5)));
         assert!(improves(SelectBy::Rank1, m(0.6, 0.5), m(0.5, 0.5)));
         assert!(!improves(SelectBy::Rank1, m(0.5, 0.5), m(0.5, 0.5)));
+        // The cross-model search decides; the new model's own mAP breaks ties.
+        let x = |map, cross| ValMetrics {
+            map,
+            rank1: 0.0,
+            cross_model: Some(CrossModelVal {
+                map: cross,
+                rank1: 0.0,
+            }),
+        };
+        assert!(improves(SelectBy::CrossModelMap, x(0.1, 0.6), x(0.9, 0.5)));
+        assert!(improves(SelectBy::CrossModelMap, x(0.6, 0.5), x(0.5, 0.5)));
+        assert!(!improves(SelectBy::CrossModelMap, x(0.5, 0.5), x(0.5, 0.5)));
+        assert!(improves(SelectBy::CrossModelMap, x(0.0, 0.0), m(0.9, 0.9)));
+        assert!(!improves(SelectBy::CrossModelMap, m(0.9, 0.9), x(0.0, 0.0)));
     }
 }

@@ -36,6 +36,21 @@ pub struct ValMetrics {
     pub map: f64,
     /// Rank-1, in [0, 1].
     pub rank1: f64,
+    /// Backward-compatible training only (`method.compatibility`): the same
+    /// validation queries, embedded by the model being trained, searched
+    /// against the *old* model's embeddings of the validation gallery, the
+    /// cross-model search M(new, old) on training persons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cross_model: Option<CrossModelVal>,
+}
+
+/// M(new, old) on the validation split (see [`ValMetrics::cross_model`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CrossModelVal {
+    /// Mean average precision (non-interpolated), in [0, 1].
+    pub map: f64,
+    /// Rank-1, in [0, 1].
+    pub rank1: f64,
 }
 
 /// One row of `metrics.csv`.
@@ -288,6 +303,10 @@ pub fn write_csv(path: &Path, history: &[EpochRow]) -> anyhow::Result<()> {
             }
         }
     }
+    // The cross-model columns only for a backward-compatible run.
+    let cross = history
+        .iter()
+        .any(|r| r.val.is_some_and(|v| v.cross_model.is_some()));
     let mut out = String::from("phase,epoch,step");
     for n in &loss_names {
         out.push_str(&format!(",{n}"));
@@ -295,7 +314,11 @@ pub fn write_csv(path: &Path, history: &[EpochRow]) -> anyhow::Result<()> {
     for n in &lr_names {
         out.push_str(&format!(",lr_{n}"));
     }
-    out.push_str(",val_map,val_rank1,images_per_second,seconds\n");
+    out.push_str(",val_map,val_rank1");
+    if cross {
+        out.push_str(",val_cross_map,val_cross_rank1");
+    }
+    out.push_str(",images_per_second,seconds\n");
     let find = |list: &[(String, f64)], name: &str| {
         list.iter()
             .find(|(n, _)| n == name)
@@ -314,10 +337,16 @@ pub fn write_csv(path: &Path, history: &[EpochRow]) -> anyhow::Result<()> {
             .val
             .map(|v| (format!("{}", v.map), format!("{}", v.rank1)))
             .unwrap_or_default();
-        out.push_str(&format!(
-            ",{map},{r1},{:.2},{:.2}\n",
-            row.images_per_second, row.seconds
-        ));
+        out.push_str(&format!(",{map},{r1}"));
+        if cross {
+            let (map, r1) = row
+                .val
+                .and_then(|v| v.cross_model)
+                .map(|c| (format!("{}", c.map), format!("{}", c.rank1)))
+                .unwrap_or_default();
+            out.push_str(&format!(",{map},{r1}"));
+        }
+        out.push_str(&format!(",{:.2},{:.2}\n", row.images_per_second, row.seconds));
     }
     fs::write(path, out).with_context(|| format!("writing {}", path.display()))
 }
