@@ -52,5 +52,5 @@ pub use prompt::IdPromptLearner;
 pub use promptsg::{ComposedPrompt, InteractionModule, InversionNetwork};
 pub use text::{ClipTextConfig, TextTransformer};
 pub use tokenizer::Tokenizer;
-pub use transform::{SideInfo, TemplateTransform, TransformManifest};
+pub use transform::{SideInfo, TemplateTransform, TransformArch, TransformManifest};
 pub use visual::{Feature, ImageEncoder, ImageFeatures};

@@ -16,6 +16,12 @@
 //! [`SideInfo`]), or, without such a model, the old embedding itself, what
 //! the paper's code uses when no side-information model is given.
 //!
+//! [`TransformArch::Linear`] (ours, not the paper's) is one affine map of
+//! the old embedding (and the side-information, concatenated), for fitting
+//! sets of a few hundred images, where the paper's network learns its
+//! training pairs and generalises worse to new persons
+//! (docs/model-upgrades.md); `fit-transform` fits it in closed form.
+//!
 //! A transform lives in a folder: `transform.safetensors` (the weights) and
 //! `transform.yaml` ([`TransformManifest`]: from which model and space to
 //! which, the widths, how it was fitted), written last.
@@ -49,7 +55,11 @@ pub struct TransformManifest {
     pub from_dim: usize,
     /// New embedding width.
     pub to_dim: usize,
-    /// Width of the mixer's hidden layers (2048 in the paper).
+    /// The network (the paper's when absent).
+    #[serde(default, skip_serializing_if = "TransformArch::is_mlp")]
+    pub arch: TransformArch,
+    /// Width of the mixer's hidden layers (2048 in the paper; 0 for a
+    /// linear transform, which has none).
     pub inner_dim: usize,
     /// The side-information model whose features the transform takes beside
     /// the old embedding; absent, the old embedding is the side-information.
@@ -58,6 +68,23 @@ pub struct TransformManifest {
     /// How it was fitted: `key: value` lines (manifest, images, epochs,
     /// final loss...).
     pub provenance: Vec<(String, String)>,
+}
+
+/// The network of a transform.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransformArch {
+    /// The paper's network (the module's doc).
+    #[default]
+    Mlp,
+    /// One affine map, `W [old; side] + b`.
+    Linear,
+}
+
+impl TransformArch {
+    fn is_mlp(&self) -> bool {
+        *self == Self::Mlp
+    }
 }
 
 /// The side-information model a transform was fitted with: its features of
@@ -103,12 +130,23 @@ impl Block {
     }
 }
 
-/// The transformation network with its manifest.
-pub struct TemplateTransform {
-    vs: nn::VarStore,
+/// The paper's network's layers.
+struct Mlp {
     old: [Block; 2],
     side: [Block; 2],
     mixer: [Block; 3],
+}
+
+/// The layers of [`TransformArch`].
+enum Net {
+    Mlp(Box<Mlp>),
+    Linear(nn::Linear),
+}
+
+/// The transformation network with its manifest.
+pub struct TemplateTransform {
+    vs: nn::VarStore,
+    net: Net,
     manifest: TransformManifest,
 }
 
@@ -122,7 +160,7 @@ impl std::fmt::Debug for TemplateTransform {
 
 impl TemplateTransform {
     /// A new network (libtorch's default initialisation) for `manifest`'s
-    /// widths, on `device`.
+    /// architecture and widths, on `device`.
     pub fn new(manifest: TransformManifest, device: Device) -> Self {
         let vs = nn::VarStore::new(device);
         let root = vs.root();
@@ -131,29 +169,64 @@ impl TemplateTransform {
             manifest.to_dim as i64,
             manifest.inner_dim as i64,
         );
-        let old = [
-            Block::new(&root / "old" / 0, from, 2 * from, false),
-            Block::new(&root / "old" / 1, 2 * from, 2 * to, false),
-        ];
-        // Without a side-information model the side branch takes the old
-        // embedding: same input width.
-        let side_dim = manifest.side_info.as_ref().map_or(from, |s| s.dim as i64);
-        let side = [
-            Block::new(&root / "side" / 0, side_dim, 2 * side_dim, false),
-            Block::new(&root / "side" / 1, 2 * side_dim, 2 * to, false),
-        ];
-        let mixer = [
-            Block::new(&root / "mixer" / 0, 4 * to, inner, false),
-            Block::new(&root / "mixer" / 1, inner, inner, false),
-            Block::new(&root / "mixer" / 2, inner, to, true),
-        ];
-        Self {
-            vs,
-            old,
-            side,
-            mixer,
-            manifest,
+        let net = match manifest.arch {
+            TransformArch::Mlp => {
+                let old = [
+                    Block::new(&root / "old" / 0, from, 2 * from, false),
+                    Block::new(&root / "old" / 1, 2 * from, 2 * to, false),
+                ];
+                // Without a side-information model the side branch takes the
+                // old embedding: same input width.
+                let side_dim = manifest.side_info.as_ref().map_or(from, |s| s.dim as i64);
+                let side = [
+                    Block::new(&root / "side" / 0, side_dim, 2 * side_dim, false),
+                    Block::new(&root / "side" / 1, 2 * side_dim, 2 * to, false),
+                ];
+                let mixer = [
+                    Block::new(&root / "mixer" / 0, 4 * to, inner, false),
+                    Block::new(&root / "mixer" / 1, inner, inner, false),
+                    Block::new(&root / "mixer" / 2, inner, to, true),
+                ];
+                Net::Mlp(Box::new(Mlp { old, side, mixer }))
+            }
+            TransformArch::Linear => {
+                let side_dim = manifest.side_info.as_ref().map_or(0, |s| s.dim as i64);
+                Net::Linear(nn::linear(
+                    &root / "linear",
+                    from + side_dim,
+                    to,
+                    Default::default(),
+                ))
+            }
+        };
+        Self { vs, net, manifest }
+    }
+
+    /// Sets a linear transform's map to `weight [to, from (+ side)]` and
+    /// `bias [to]` (what `fit-transform` solves for).
+    pub fn set_affine(&mut self, weight: &Tensor, bias: &Tensor) -> Result<()> {
+        let Net::Linear(linear) = &mut self.net else {
+            return Err(Error::InvalidInput(
+                "only a linear transform is set as one affine map".to_owned(),
+            ));
+        };
+        if weight.size() != linear.ws.size() || Some(bias.size()) != linear.bs.as_ref().map(Tensor::size) {
+            return Err(Error::InvalidInput(format!(
+                "the linear transform's weight is {:?} and bias [{}], got {:?} and {:?}",
+                linear.ws.size(),
+                self.manifest.to_dim,
+                weight.size(),
+                bias.size()
+            )));
         }
+        tch::no_grad(|| {
+            let device = linear.ws.device();
+            linear.ws.copy_(&weight.to_device(device).to_kind(Kind::Float));
+            if let Some(bs) = &mut linear.bs {
+                bs.copy_(&bias.to_device(device).to_kind(Kind::Float));
+            }
+        });
+        Ok(())
     }
 
     /// The network's output for old embeddings `[n, from_dim]` and, for a
@@ -162,22 +235,31 @@ impl TemplateTransform {
     /// batch statistics. Shapes are the caller's to check ([`Self::apply`]
     /// does).
     pub fn forward_t(&self, old: &Tensor, side: Option<&Tensor>, train: bool) -> Tensor {
-        let mut a = old.shallow_clone();
-        for block in &self.old {
-            a = block.forward(&a, train);
-        }
-        let mut b = match (&self.manifest.side_info, side) {
-            (Some(_), Some(side)) => side.shallow_clone(),
-            _ => old.shallow_clone(),
+        let side = match (&self.manifest.side_info, side) {
+            (Some(_), Some(side)) => Some(side),
+            _ => None,
         };
-        for block in &self.side {
-            b = block.forward(&b, train);
+        match &self.net {
+            Net::Mlp(mlp) => {
+                let mut a = old.shallow_clone();
+                for block in &mlp.old {
+                    a = block.forward(&a, train);
+                }
+                let mut b = side.unwrap_or(old).shallow_clone();
+                for block in &mlp.side {
+                    b = block.forward(&b, train);
+                }
+                let mut x = Tensor::cat(&[a, b], 1);
+                for block in &mlp.mixer {
+                    x = block.forward(&x, train);
+                }
+                x
+            }
+            Net::Linear(linear) => match side {
+                Some(side) => Tensor::cat(&[old, side], 1).apply(linear),
+                None => old.apply(linear),
+            },
         }
-        let mut x = Tensor::cat(&[a, b], 1);
-        for block in &self.mixer {
-            x = block.forward(&x, train);
-        }
-        x
     }
 
     /// Old templates `[n, from_dim]` as unit vectors of the new space, with
@@ -288,12 +370,14 @@ impl TemplateTransform {
         })?;
         if manifest.from_dim == 0
             || manifest.to_dim == 0
-            || manifest.inner_dim == 0
+            || (manifest.arch == TransformArch::Mlp && manifest.inner_dim == 0)
             || manifest.side_info.as_ref().is_some_and(|s| s.dim == 0)
         {
             return Err(Error::Manifest {
                 path,
-                reason: "from_dim, to_dim, inner_dim and side_info.dim must be at least 1".to_owned(),
+                reason: "from_dim, to_dim, side_info.dim and the inner_dim of the paper's network must \
+                         be at least 1"
+                    .to_owned(),
             });
         }
         let transform = Self::new(manifest, device);
@@ -315,6 +399,7 @@ mod tests {
             to_space: "b".into(),
             from_dim: 4,
             to_dim: 6,
+            arch: TransformArch::Mlp,
             inner_dim: 8,
             side_info: None,
             provenance: vec![("images".into(), "3".into())],
@@ -382,5 +467,63 @@ mod tests {
                 .expect("apply")
                 .allclose(&mapped, 1e-6, 1e-6, false)
         );
+    }
+
+    #[test]
+    fn a_linear_transform_is_its_affine_map_with_and_without_side_information() {
+        let options = (Kind::Float, Device::Cpu);
+        let mut linear = manifest();
+        linear.arch = TransformArch::Linear;
+        linear.inner_dim = 0;
+        let mut transform = TemplateTransform::new(linear.clone(), Device::Cpu);
+        let weight = Tensor::randn([6, 4], options);
+        let bias = Tensor::randn([6], options);
+        transform.set_affine(&weight, &bias).expect("set");
+        let old = l2_normalize(&Tensor::randn([5, 4], options));
+        let mapped = transform.apply(&old, None).expect("apply");
+        let expected = l2_normalize(&(old.matmul(&weight.tr()) + &bias));
+        assert!(mapped.allclose(&expected, 1e-5, 1e-5, false));
+        assert!(
+            transform.set_affine(&weight.narrow(1, 0, 3), &bias).is_err(),
+            "3 columns"
+        );
+        // Written with its architecture, read back the same; an MLP's
+        // manifest names none (read by servers that know only the MLP).
+        let dir = tempfile::tempdir().expect("tempdir");
+        transform.save(dir.path()).expect("save");
+        let text = fs::read_to_string(dir.path().join(TRANSFORM_MANIFEST)).expect("manifest");
+        assert!(text.contains("arch: linear"), "{text}");
+        let back = TemplateTransform::load(dir.path(), Device::Cpu).expect("load");
+        assert_eq!(back.manifest().arch, TransformArch::Linear);
+        assert!(
+            back.apply(&old, None)
+                .expect("apply")
+                .allclose(&mapped, 1e-6, 1e-6, false)
+        );
+        let mlp = serde_yaml::to_string(&manifest()).expect("yaml");
+        assert!(!mlp.contains("arch"), "{mlp}");
+        let read: TransformManifest = serde_yaml::from_str(&mlp).expect("read");
+        assert_eq!(read.arch, TransformArch::Mlp);
+        assert!(
+            TemplateTransform::new(manifest(), Device::Cpu)
+                .set_affine(&weight, &bias)
+                .is_err(),
+            "the paper's network is no affine map"
+        );
+
+        // With side-information the map takes [old; side].
+        linear.side_info = Some(SideInfo {
+            model: "s".into(),
+            space: "s".into(),
+            dim: 3,
+        });
+        let mut transform = TemplateTransform::new(linear, Device::Cpu);
+        let weight = Tensor::randn([6, 7], options);
+        transform.set_affine(&weight, &bias).expect("set");
+        let side = l2_normalize(&Tensor::randn([5, 3], options));
+        let mapped = transform.apply(&old, Some(&side)).expect("apply");
+        let expected = l2_normalize(&(Tensor::cat(&[&old, &side], 1).matmul(&weight.tr()) + &bias));
+        assert!(mapped.allclose(&expected, 1e-5, 1e-5, false));
+        assert!(transform.apply(&old, None).is_err(), "side-information missing");
     }
 }

@@ -44,7 +44,10 @@
 # SIDE=ssl one trained self-supervised on A's training images without
 # their labels, configs/side_info_tiny.yaml, SIDE_EPOCHS epochs),
 # PERSON_TARGET (fit-transform --person-target for both transforms: 0, the
-# paper's targets, by default).
+# paper's targets, by default), TRANSFORM_ARCH (fit-transform --arch: mlp,
+# the paper's network, by default; linear: one affine map fitted in closed
+# form, written to transform-linear/ and evaluated in transformed-linear/,
+# so that KEEP=1 adds it beside the MLP's), RIDGE (its --ridge).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$(dirname "$here")")"
@@ -197,11 +200,18 @@ for v in "${variants[@]}"; do
 done
 
 transforms="${TRANSFORM_EPOCHS:-200}"
-if [ "$transforms" != 0 ] && [ ! -f "$OUT/transform/transform.yaml" ]; then
+arch="${TRANSFORM_ARCH:-mlp}"
+case "$arch" in
+  mlp) t="" ;;
+  linear) t="-linear" ;;
+  *) echo "TRANSFORM_ARCH must be mlp or linear" >&2; exit 2 ;;
+esac
+fit_args=(--arch "$arch" --ridge "${RIDGE:-0.001}" --epochs "$transforms" --batch-size "${TRANSFORM_BATCH:-32}"
+  --person-target "${PERSON_TARGET:-0}")
+if [ "$transforms" != 0 ] && [ ! -f "$OUT/transform$t/transform.yaml" ]; then
   start=$SECONDS
   "$ht" fit-transform --old "$OUT/old/serving" --new "$OUT/new/serving" --manifest "$OUT/splits.tsv" \
-    "${fit_splits[@]}" --epochs "$transforms" --batch-size "${TRANSFORM_BATCH:-32}" \
-    --person-target "${PERSON_TARGET:-0}" --out "$OUT/transform"
+    "${fit_splits[@]}" "${fit_args[@]}" --out "$OUT/transform$t"
   echo "[upgrade] transform fitted in $((SECONDS - start)) s"
 fi
 
@@ -226,11 +236,10 @@ case "${SIDE:-0}" in
   *) echo "SIDE must be 0, 1 or ssl" >&2; exit 2 ;;
 esac
 if [ "${SIDE:-0}" != 0 ] && [ "$transforms" != 0 ]; then
-  if [ ! -f "$OUT/transform-side/transform.yaml" ]; then
+  if [ ! -f "$OUT/transform-side$t/transform.yaml" ]; then
     start=$SECONDS
     "$ht" fit-transform --old "$OUT/old/serving" --new "$OUT/new/serving" --side-info "$OUT/side/serving" \
-      --manifest "$OUT/splits.tsv" "${fit_splits[@]}" --epochs "$transforms" \
-      --batch-size "${TRANSFORM_BATCH:-32}" --person-target "${PERSON_TARGET:-0}" --out "$OUT/transform-side"
+      --manifest "$OUT/splits.tsv" "${fit_splits[@]}" "${fit_args[@]}" --out "$OUT/transform-side$t"
     echo "[upgrade] transform with side-information fitted in $((SECONDS - start)) s"
   fi
 fi
@@ -241,9 +250,9 @@ across() { # OUT [--transform DIR]
     --manifest "$OUT/splits.tsv" --out "$OUT/$out" "$@" > /dev/null
 }
 across plain
-[ "$transforms" = 0 ] || across transformed --transform "$OUT/transform"
+[ "$transforms" = 0 ] || across "transformed$t" --transform "$OUT/transform$t"
 if [ "${SIDE:-0}" != 0 ] && [ "$transforms" != 0 ]; then
-  across transformed-side --transform "$OUT/transform-side" --side-info "$OUT/side/serving"
+  across "transformed-side$t" --transform "$OUT/transform-side$t" --side-info "$OUT/side/serving"
 fi
 for v in "${variants[@]}"; do
   name="$(bct_name "$v")"
@@ -260,11 +269,11 @@ sed -n 's/^| old \/ old: \(.*\)$/| \1/p' "$OUT/plain/report.md"
 sed -n 's/^| new \/ new: \(.*\)$/| \1/p' "$OUT/plain/report.md"
 sed -n 's/^| new \/ old: \(.*\)$/| \1/p' "$OUT/plain/report.md"
 if [ "$transforms" != 0 ]; then
-  sed -n 's/^| new \/ old through `[^`]*`: \(.*\)$/| \1/p' "$OUT/transformed/report.md"
+  sed -n 's/^| new \/ old through `[^`]*`: \(.*\)$/| \1/p' "$OUT/transformed$t/report.md"
 fi
 if [ "${SIDE:-0}" != 0 ] && [ "$transforms" != 0 ]; then
   sed -n 's/^| new \/ old through `[^`]*`: M(B,T(A)) \(.*\)$/| M(B,T(A,S)) with side-information \1/p' \
-    "$OUT/transformed-side/report.md"
+    "$OUT/transformed-side$t/report.md"
 fi
 for v in "${variants[@]}"; do
   name="$(bct_name "$v")"
@@ -273,9 +282,9 @@ for v in "${variants[@]}"; do
   sed -n "s/^| new \/ old: M(B,A) \(.*\)$/| M($label,A) \1/p" "$OUT/$name-old/report.md"
 done
 echo
-[ "$transforms" = 0 ] || grep '^Compatible' "$OUT/transformed/report.md"
+[ "$transforms" = 0 ] || grep '^Compatible' "$OUT/transformed$t/report.md"
 if [ "${SIDE:-0}" != 0 ] && [ "$transforms" != 0 ]; then
-  echo "with side-information: $(grep '^Compatible' "$OUT/transformed-side/report.md")"
+  echo "with side-information: $(grep '^Compatible' "$OUT/transformed-side$t/report.md")"
 fi
 for v in "${variants[@]}"; do
   echo "$(bct_label "$v"): $(grep '^Compatible' "$OUT/$(bct_name "$v")-old/report.md")"

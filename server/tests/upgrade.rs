@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::{
-    TestServer, checkpoint_in, database_url, enroll, identify, offline_embedding, people, reload, settings,
-    transform, until_models, wait_for_health,
+    TestServer, checkpoint_in, database_url, enroll, identify, linear_transform, offline_embedding, people,
+    reload, settings, transform, until_models, wait_for_health,
 };
 use handid_model::transform::TemplateTransform;
 use handid_model::{Embedder, Manifest};
@@ -156,7 +156,9 @@ async fn an_upgrade_under_identify_traffic_fails_no_call_loses_no_subject_and_re
         coverage(&one).await,
         [("g1".to_owned(), 4, 0), ("g2".to_owned(), 2, 0)]
     );
-    let t = transform(&a, &c);
+    // A linear transform (`fit-transform --arch linear`); the other tests
+    // use the paper's network.
+    let t = linear_transform(&a, &c);
     t.save(t_dir.path()).expect("save transform");
 
     // Four clients, two per replica, call Identify in a loop throughout.

@@ -589,6 +589,7 @@ fn random_transform_with(dir: &Path, old: &Manifest, new: &Manifest, side_info: 
             to_space: new.embedding_space.clone(),
             from_dim: old.embedding_dim,
             to_dim: new.embedding_dim,
+            arch: handid_model::TransformArch::Mlp,
             inner_dim: 16,
             side_info,
             provenance: vec![("fitted".to_owned(), "no: a test's random transform".to_owned())],

@@ -345,6 +345,35 @@ fn a_fitted_transform_maps_old_galleries_for_the_new_model() {
         "the transform changed the galleries"
     );
 
+    // The linear transform: one affine map in closed form, its
+    // architecture in the manifest (no inner width), evaluated the same way;
+    // a negative ridge is refused by name.
+    let linear = fit_with("splits.tsv", "t-linear", &["--arch", "linear", "--ridge", "0.01"]);
+    assert!(
+        linear.status.success(),
+        "{}",
+        String::from_utf8_lossy(&linear.stderr)
+    );
+    let text = read("t-linear/transform.yaml");
+    assert!(
+        text.contains("arch: linear")
+            && text.contains("inner_dim: 0")
+            && text.contains("- ridge\n  - '0.01'"),
+        "{text}"
+    );
+    assert!(
+        !read("t/transform.yaml").contains("arch:"),
+        "the paper's network is the default"
+    );
+    assert!(eval(Some("t-linear"), "with-linear").status.success());
+    assert!(read("with-linear/report.md").contains("M(B,T(A))"));
+    assert_ne!(read("with-linear/report.csv"), read("with/report.csv"));
+    let refused = fit_with("splits.tsv", "t-bad", &["--arch", "linear", "--ridge=-1"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--ridge must be"), "{stderr}");
+    assert!(!path("t-bad").exists(), "nothing written");
+
     // A transform of other models is refused, naming them.
     let wrong = Command::new(env!("CARGO_BIN_EXE_handid-trainer"))
         .args([

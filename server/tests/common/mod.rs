@@ -559,10 +559,20 @@ pub fn transform(old: &Manifest, new: &Manifest) -> TemplateTransform {
             to_space: new.embedding_space.clone(),
             from_dim: old.embedding_dim,
             to_dim: new.embedding_dim,
+            arch: handid_model::TransformArch::Mlp,
             inner_dim: 16,
             side_info: None,
             provenance: vec![("fitted".to_owned(), "no: a test's random transform".to_owned())],
         },
         Device::Cpu,
     )
+}
+
+/// [`transform`] as one affine map (`fit-transform --arch linear`), its
+/// weights libtorch's default (random) initialisation.
+pub fn linear_transform(old: &Manifest, new: &Manifest) -> TemplateTransform {
+    let mut manifest = transform(old, new).manifest().clone();
+    manifest.arch = handid_model::TransformArch::Linear;
+    manifest.inner_dim = 0;
+    TemplateTransform::new(manifest, Device::Cpu)
 }

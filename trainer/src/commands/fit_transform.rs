@@ -31,6 +31,16 @@
 //! (docs/model-upgrades.md): 0.3-0.7 all gain about 0.4-0.5 mAP with
 //! side-information.
 //!
+//! `--arch linear` (ours, not the paper's) fits one affine map instead of
+//! the paper's network, in closed form: the least-squares map from the old
+//! embedding (and the side-information, concatenated) onto the targets,
+//! ridge-regularised (`--ridge`, relative to the mean eigenvalue of the
+//! inputs' Gram matrix; the bias is not penalised). Fitted on a few hundred
+//! images (the 11k sample) the paper's network learns its training pairs
+//! and maps new persons' templates worse than a linear map does; measured
+//! in docs/model-upgrades.md. The epochs, batch, learning-rate, weight
+//! decay, width and seed options are the network's and do not apply.
+//!
 //! `--views N` adds N - 1 augmented views of every fitting image (the
 //! trainer's augmentation: padding + random crop and random erasing), each
 //! view embedded by both models with the same random draws: more pairs from
@@ -42,7 +52,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use handid_eval::data::manifest::Manifest;
-use handid_model::{Embedder, SideInfo, TemplateTransform, TransformManifest, l2_normalize};
+use handid_model::{Embedder, SideInfo, TemplateTransform, TransformArch, TransformManifest, l2_normalize};
 use tch::{Device, Kind, Tensor, nn, nn::OptimizerConfig};
 
 use super::eval::{bar, dataset_root, embed_files, short};
@@ -107,11 +117,29 @@ pub struct Args {
     /// by both models with the same random draws.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub views: u32,
+    /// The network: the paper's (`mlp`) or one affine map fitted in closed
+    /// form (`linear`).
+    #[arg(long, value_enum, default_value_t = Arch::Mlp)]
+    pub arch: Arch,
+    /// `--arch linear`'s ridge penalty on the map's weights, relative to
+    /// the mean eigenvalue of the inputs' Gram matrix (0: plain least
+    /// squares).
+    #[arg(long, default_value_t = 1e-3)]
+    pub ridge: f64,
     /// How far each fitting image's target moves from its own new
     /// embedding toward its person's mean new embedding: 0 (the paper)
     /// regresses onto the image's own embedding, 1 onto the person's mean.
     #[arg(long, default_value_t = 0.0)]
     pub person_target: f64,
+}
+
+/// `--arch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Arch {
+    /// The paper's network, fitted by gradient descent.
+    Mlp,
+    /// One affine map, fitted in closed form (ridge regression).
+    Linear,
 }
 
 /// The regression targets with `--person-target weight`: each row of `new`
@@ -210,10 +238,61 @@ pub fn fit(
     Ok(last_loss)
 }
 
+/// The ridge-regularised least-squares affine map from `old` `[n, from]`
+/// (with `side` `[n, s]` concatenated) onto `new` `[n, to]`: minimises
+/// |X W + b - Y|^2 + λ |W|^2, λ being `ridge` times the mean eigenvalue of
+/// XᵀX (its trace over its width), the bias unpenalised; solved in double
+/// precision on the CPU. Returns the weight `[to, from + s]` and the bias
+/// `[to]`.
+pub fn fit_linear(
+    old: &Tensor,
+    side: Option<&Tensor>,
+    new: &Tensor,
+    ridge: f64,
+) -> anyhow::Result<(Tensor, Tensor)> {
+    let cpu = (Kind::Double, Device::Cpu);
+    let x = match side {
+        Some(side) => Tensor::cat(&[old, side], 1),
+        None => old.shallow_clone(),
+    }
+    .to_device(Device::Cpu)
+    .to_kind(Kind::Double);
+    let y = new.to_device(Device::Cpu).to_kind(Kind::Double);
+    let (n, width) = (x.size()[0], x.size()[1]);
+    let lambda = ridge * x.square().sum(Kind::Double).double_value(&[]) / width as f64;
+    let inputs = Tensor::cat(&[&x, &Tensor::ones([n, 1], cpu)], 1);
+    let mut penalty = vec![lambda; width as usize];
+    penalty.push(0.0);
+    let gram = inputs.tr().matmul(&inputs) + Tensor::from_slice(&penalty).diag(0);
+    // A (numerically) singular system has no one solution: fewer independent
+    // pairs than the map's width and bias, and no ridge to decide.
+    let eigenvalues = gram.linalg_eigvalsh("L");
+    let (lowest, highest) = (
+        eigenvalues.min().double_value(&[]),
+        eigenvalues.max().double_value(&[]),
+    );
+    anyhow::ensure!(
+        lowest > highest * 1e-12,
+        "the least-squares map is not determined by {n} fitting pairs of width {width} with --ridge \
+         {ridge} (give a positive --ridge or more images)"
+    );
+    let solution = Tensor::f_linalg_solve(&gram, &inputs.tr().matmul(&y), true)?;
+    Ok((
+        solution.narrow(0, 0, width).tr().contiguous(),
+        solution.get(width),
+    ))
+}
+
 /// Runs the command.
 pub fn run(args: Args) -> anyhow::Result<()> {
     if args.epochs == 0 || args.batch_size < 2 || args.inner_dim == 0 {
         bail!("--epochs and --inner-dim must be at least 1, --batch-size at least 2");
+    }
+    if !(args.ridge >= 0.0 && args.ridge.is_finite()) {
+        bail!(
+            "--ridge must be a finite number of at least 0, got {}",
+            args.ridge
+        );
     }
     if !(0.0..=1.0).contains(&args.person_target) {
         bail!(
@@ -293,7 +372,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             to_space: to.embedding_space.clone(),
             from_dim: old_model.dim(),
             to_dim: new_model.dim(),
-            inner_dim: args.inner_dim,
+            arch: match args.arch {
+                Arch::Mlp => TransformArch::Mlp,
+                Arch::Linear => TransformArch::Linear,
+            },
+            inner_dim: match args.arch {
+                Arch::Mlp => args.inner_dim,
+                Arch::Linear => 0,
+            },
             side_info: side.as_ref().map(|(_, model)| SideInfo {
                 model: model.model_id().to_owned(),
                 space: model.manifest().embedding_space.clone(),
@@ -304,19 +390,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         device,
     );
     let side = side.map(|(features, _)| features);
-    let progress = bar(args.epochs, "fitting the transform")?;
-    let schedule = Schedule {
-        epochs: args.epochs,
-        warmup_epochs: args.warmup_epochs,
-        batch_size: args.batch_size,
-        lr: args.lr,
-        weight_decay: args.weight_decay,
+    let last_loss = match args.arch {
+        Arch::Mlp => {
+            let progress = bar(args.epochs, "fitting the transform")?;
+            let schedule = Schedule {
+                epochs: args.epochs,
+                warmup_epochs: args.warmup_epochs,
+                batch_size: args.batch_size,
+                lr: args.lr,
+                weight_decay: args.weight_decay,
+            };
+            let last_loss = fit(&transform, &old, side.as_ref(), &new, &schedule, |epoch_loss| {
+                progress.set_message(format!("fitting the transform (loss {epoch_loss:.5})"));
+                progress.inc(1);
+            })?;
+            progress.finish_and_clear();
+            last_loss
+        }
+        Arch::Linear => {
+            let (weight, bias) = fit_linear(&old, side.as_ref(), &new, args.ridge)?;
+            transform.set_affine(&weight, &bias)?;
+            tch::no_grad(|| {
+                transform
+                    .forward_t(&old, side.as_ref(), false)
+                    .mse_loss(&new, tch::Reduction::Mean)
+            })
+            .double_value(&[])
+        }
     };
-    let last_loss = fit(&transform, &old, side.as_ref(), &new, &schedule, |epoch_loss| {
-        progress.set_message(format!("fitting the transform (loss {epoch_loss:.5})"));
-        progress.inc(1);
-    })?;
-    progress.finish_and_clear();
     // How close the mapped old embeddings come to the new ones (the cosine
     // a stored template will have with its person's new embedding).
     let agreement = tch::no_grad(|| {
@@ -327,7 +428,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     })
     .double_value(&[]);
     let persons = fitting.len();
-    transform.set_provenance(vec![
+    let mut provenance: Vec<(String, String)> = vec![
         ("manifest".into(), args.manifest.display().to_string()),
         ("splits".into(), args.splits.join(",")),
         ("images".into(), images.len().to_string()),
@@ -339,14 +440,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .map_or("none (the old embedding)".to_owned(), |p| p.display().to_string()),
         ),
         ("persons".into(), persons.to_string()),
-        ("epochs".into(), args.epochs.to_string()),
-        ("batch_size".into(), args.batch_size.to_string()),
-        ("lr".into(), args.lr.to_string()),
+    ];
+    provenance.extend(match args.arch {
+        Arch::Mlp => vec![
+            ("epochs".into(), args.epochs.to_string()),
+            ("batch_size".into(), args.batch_size.to_string()),
+            ("lr".into(), args.lr.to_string()),
+        ],
+        Arch::Linear => vec![
+            ("arch".into(), "linear (least squares)".to_owned()),
+            ("ridge".into(), args.ridge.to_string()),
+        ],
+    });
+    provenance.extend([
         ("person_target".into(), args.person_target.to_string()),
         ("seed".into(), args.seed.to_string()),
         ("final_mse".into(), format!("{last_loss:.6}")),
         ("mean_cosine_to_new".into(), format!("{agreement:.4}")),
     ]);
+    transform.set_provenance(provenance);
     transform
         .save(&args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
@@ -431,6 +543,7 @@ mod tests {
                 to_space: "b".into(),
                 from_dim: 8,
                 to_dim: 8,
+                arch: TransformArch::Mlp,
                 inner_dim: 64,
                 side_info,
                 provenance: Vec::new(),
@@ -531,6 +644,54 @@ mod tests {
         // 0.87-0.95 measured (the seed is global: parallel tests draw from it
         // too); unrelated vectors have cosine about 0.
         assert!(cosine > 0.75, "unseen vectors mapped to cosine {cosine}");
+    }
+
+    /// The closed-form linear map: without a ridge it recovers an exact
+    /// affine relation (side-information included, the bias unpenalised);
+    /// with one it solves the ridge's normal equations, Xᵀ(XW + b - Y) =
+    /// -λW, shrinking the weights; too few pairs without a ridge are refused.
+    #[test]
+    fn the_linear_map_is_the_ridge_least_squares_solution() {
+        let options = (Kind::Double, Device::Cpu);
+        tch::manual_seed(7);
+        let old = l2_normalize(&Tensor::randn([40, 5], options));
+        let side = l2_normalize(&Tensor::randn([40, 3], options));
+        let (m_old, m_side) = (Tensor::randn([5, 6], options), Tensor::randn([3, 6], options));
+        let offset = Tensor::randn([6], options);
+        let new = old.matmul(&m_old) + side.matmul(&m_side) + &offset;
+        let (weight, bias) = fit_linear(&old, Some(&side), &new, 0.0).expect("fit");
+        assert_eq!(weight.size(), [6, 8]);
+        assert!(weight.allclose(&Tensor::cat(&[&m_old, &m_side], 0).tr(), 1e-8, 1e-8, false));
+        assert!(bias.allclose(&offset, 1e-8, 1e-8, false));
+
+        let noisy = &new + Tensor::randn([40, 6], options);
+        let (plain, _) = fit_linear(&old, None, &noisy, 0.0).expect("fit");
+        let (shrunk, bias) = fit_linear(&old, None, &noisy, 0.5).expect("fit");
+        let lambda = 0.5 * old.square().sum(Kind::Double).double_value(&[]) / 5.0;
+        let residual = old.matmul(&shrunk.tr()) + &bias - &noisy;
+        assert!(
+            old.tr()
+                .matmul(&residual)
+                .allclose(&(shrunk.tr() * -lambda), 1e-8, 1e-8, false)
+        );
+        assert!(
+            residual
+                .sum_dim_intlist([0i64].as_slice(), false, Kind::Double)
+                .abs()
+                .max()
+                .double_value(&[])
+                < 1e-8
+        );
+        let norm = |w: &Tensor| w.square().sum(Kind::Double).double_value(&[]);
+        assert!(norm(&shrunk) < norm(&plain));
+
+        let err = fit_linear(&old.narrow(0, 0, 4), None, &new.narrow(0, 0, 4), 0.0)
+            .expect_err("4 pairs cannot determine a 5-wide map and its bias")
+            .to_string();
+        assert!(err.contains("--ridge"), "{err}");
+        let (weight, _) =
+            fit_linear(&old.narrow(0, 0, 4), None, &new.narrow(0, 0, 4), 1e-3).expect("a ridge decides");
+        assert_eq!(weight.size(), [6, 5]);
     }
 
     /// Person targets: 0 changes nothing, 1 gives every row of a person
