@@ -47,7 +47,9 @@
 # paper's targets, by default), TRANSFORM_ARCH (fit-transform --arch: mlp,
 # the paper's network, by default; linear: one affine map fitted in closed
 # form, written to transform-linear/ and evaluated in transformed-linear/,
-# so that KEEP=1 adds it beside the MLP's), RIDGE (its --ridge).
+# so that KEEP=1 adds it beside the MLP's), RIDGE (its --ridge, 0.001 by
+# default, or auto; when given, the folders are named with it:
+# transform-linear-ridge-auto/, transformed-linear-ridge-auto/).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$(dirname "$here")")"
@@ -203,7 +205,7 @@ transforms="${TRANSFORM_EPOCHS:-200}"
 arch="${TRANSFORM_ARCH:-mlp}"
 case "$arch" in
   mlp) t="" ;;
-  linear) t="-linear" ;;
+  linear) t="-linear${RIDGE:+-ridge-$RIDGE}" ;;
   *) echo "TRANSFORM_ARCH must be mlp or linear" >&2; exit 2 ;;
 esac
 fit_args=(--arch "$arch" --ridge "${RIDGE:-0.001}" --epochs "$transforms" --batch-size "${TRANSFORM_BATCH:-32}"

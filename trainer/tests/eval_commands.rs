@@ -347,7 +347,8 @@ fn a_fitted_transform_maps_old_galleries_for_the_new_model() {
 
     // The linear transform: one affine map in closed form, its
     // architecture in the manifest (no inner width), evaluated the same way;
-    // a negative ridge is refused by name.
+    // `--ridge auto` records the ridge it chose from the grid and how; a
+    // negative ridge is refused by name.
     let linear = fit_with("splits.tsv", "t-linear", &["--arch", "linear", "--ridge", "0.01"]);
     assert!(
         linear.status.success(),
@@ -368,11 +369,41 @@ fn a_fitted_transform_maps_old_galleries_for_the_new_model() {
     assert!(eval(Some("t-linear"), "with-linear").status.success());
     assert!(read("with-linear/report.md").contains("M(B,T(A))"));
     assert_ne!(read("with-linear/report.csv"), read("with/report.csv"));
-    let refused = fit_with("splits.tsv", "t-bad", &["--arch", "linear", "--ridge=-1"]);
-    assert!(!refused.status.success());
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(stderr.contains("--ridge must be"), "{stderr}");
-    assert!(!path("t-bad").exists(), "nothing written");
+    let auto = fit_with("splits.tsv", "t-auto", &["--arch", "linear", "--ridge", "auto"]);
+    assert!(auto.status.success(), "{}", String::from_utf8_lossy(&auto.stderr));
+    let said = String::from_utf8_lossy(&auto.stdout);
+    assert!(said.contains("--ridge auto: "), "{said}");
+    let provenance: serde_yaml::Value =
+        serde_yaml::from_str(&read("t-auto/transform.yaml")).expect("transform.yaml");
+    let entry = |key: &str| {
+        provenance["provenance"]
+            .as_sequence()
+            .expect("provenance")
+            .iter()
+            .find(|pair| pair[0].as_str() == Some(key))
+            .and_then(|pair| pair[1].as_str().map(str::to_owned))
+            .unwrap_or_else(|| panic!("no {key} in {provenance:?}"))
+    };
+    let chosen: f64 = entry("ridge").parse().expect("a number");
+    assert!(
+        handid_trainer::commands::fit_transform::RIDGE_GRID.contains(&chosen),
+        "{chosen}"
+    );
+    assert!(
+        entry("ridge_selection").starts_with("auto, held-out cosine"),
+        "{provenance:?}"
+    );
+    assert!(said.contains(&format!("--ridge auto: {chosen} ")), "{said}");
+    for bad in ["--ridge=-1", "--ridge=NaN", "--ridge=often"] {
+        let refused = fit_with("splits.tsv", "t-bad", &["--arch", "linear", bad]);
+        assert!(!refused.status.success(), "{bad}");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            stderr.contains("--ridge") && stderr.contains("`auto` or a finite number of at least 0"),
+            "{stderr}"
+        );
+        assert!(!path("t-bad").exists(), "nothing written");
+    }
 
     // A transform of other models is refused, naming them.
     let wrong = Command::new(env!("CARGO_BIN_EXE_handid-trainer"))

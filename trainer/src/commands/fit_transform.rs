@@ -40,6 +40,13 @@
 //! and maps new persons' templates worse than a linear map does; measured
 //! in docs/model-upgrades.md. The epochs, batch, learning-rate, weight
 //! decay, width and seed options are the network's and do not apply.
+//! `--ridge auto` chooses the ridge from [`RIDGE_GRID`] by cross-validation
+//! over the fitting persons: the persons fall into five folds, each fold's
+//! images are mapped by the map fitted on the other folds, and the ridge
+//! whose held-out mapped embeddings come closest to their targets (mean
+//! cosine) is the one fitted on all of them. A person's images are never
+//! split between the fitted and the held-out side, as a new person's
+//! templates are never among the fitting images.
 //!
 //! `--views N` adds N - 1 augmented views of every fitting image (the
 //! trainer's augmentation: padding + random crop and random erasing), each
@@ -123,15 +130,57 @@ pub struct Args {
     pub arch: Arch,
     /// `--arch linear`'s ridge penalty on the map's weights, relative to
     /// the mean eigenvalue of the inputs' Gram matrix (0: plain least
-    /// squares).
-    #[arg(long, default_value_t = 1e-3)]
-    pub ridge: f64,
+    /// squares), or `auto`: chosen by cross-validation over the fitting
+    /// persons.
+    #[arg(long, default_value = "0.001", value_parser = parse_ridge)]
+    pub ridge: Ridge,
     /// How far each fitting image's target moves from its own new
     /// embedding toward its person's mean new embedding: 0 (the paper)
     /// regresses onto the image's own embedding, 1 onto the person's mean.
     #[arg(long, default_value_t = 0.0)]
     pub person_target: f64,
 }
+
+/// `--ridge`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Ridge {
+    /// This penalty.
+    Fixed(f64),
+    /// The penalty of [`RIDGE_GRID`] that maps held-out persons best.
+    Auto,
+}
+
+impl std::fmt::Display for Ridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Fixed(ridge) => write!(f, "{ridge}"),
+            Self::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+fn parse_ridge(text: &str) -> Result<Ridge, String> {
+    if text == "auto" {
+        return Ok(Ridge::Auto);
+    }
+    match text.parse::<f64>() {
+        Ok(ridge) if ridge >= 0.0 && ridge.is_finite() => Ok(Ridge::Fixed(ridge)),
+        _ => Err(format!(
+            "expected `auto` or a finite number of at least 0, got {text:?}"
+        )),
+    }
+}
+
+/// The ridges `--ridge auto` chooses from (relative, as `--ridge`): none
+/// (plain least squares, where the pairs determine the map), then half
+/// decades from 1e-6 to 1.
+pub const RIDGE_GRID: [f64; 14] = [
+    0.0, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0,
+];
+
+/// Folds of `--ridge auto`'s cross-validation (fewer when there are fewer
+/// persons).
+const RIDGE_FOLDS: usize = 5;
 
 /// `--arch`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -283,16 +332,101 @@ pub fn fit_linear(
     ))
 }
 
+/// The fold of every row for a cross-validation over persons: row `r` is
+/// an image of `persons[r % persons.len()]` (views follow the images), the
+/// persons sorted by name and dealt to `folds` folds in turn, so that all
+/// of a person's rows share a fold. Returns the folds of the rows and how
+/// many folds there are (`folds`, or the number of persons when fewer).
+fn person_folds(rows: usize, persons: &[&str], folds: usize) -> (Vec<usize>, usize) {
+    let names: BTreeSet<&str> = persons.iter().copied().collect();
+    let folds = folds.min(names.len()).max(1);
+    let fold_of: std::collections::HashMap<&str, usize> = names
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| (name, i % folds))
+        .collect();
+    let row_folds = (0..rows).map(|r| fold_of[persons[r % persons.len()]]).collect();
+    (row_folds, folds)
+}
+
+/// How well each ridge of `grid` maps persons it was not fitted on: per
+/// ridge, the mean cosine between the held-out rows mapped (the map fitted
+/// on the other folds, see [`person_folds`]) and their targets `new`, over
+/// every row (NaN for a ridge that does not determine the map on every
+/// fold); and the number of folds. Needs at least two persons.
+pub fn cross_validate_ridge(
+    old: &Tensor,
+    side: Option<&Tensor>,
+    new: &Tensor,
+    persons: &[&str],
+    grid: &[f64],
+) -> anyhow::Result<(usize, Vec<(f64, f64)>)> {
+    let rows = old.size()[0] as usize;
+    let (row_folds, folds) = person_folds(rows, persons, RIDGE_FOLDS);
+    anyhow::ensure!(
+        folds >= 2,
+        "--ridge auto needs images of at least two persons to hold one out"
+    );
+    let cpu = |t: &Tensor| t.to_device(Device::Cpu).to_kind(Kind::Double);
+    let (old, new) = (cpu(old), cpu(new));
+    let side = side.map(cpu);
+    let mut cosine_sums = vec![0.0; grid.len()];
+    for fold in 0..folds {
+        let pick = |held: bool| {
+            let index: Vec<i64> = (0..rows)
+                .filter(|&r| (row_folds[r] == fold) == held)
+                .map(|r| r as i64)
+                .collect();
+            Tensor::from_slice(&index)
+        };
+        let (fitted, held) = (pick(false), pick(true));
+        let part = |t: &Tensor, index: &Tensor| t.index_select(0, index);
+        let side_fitted = side.as_ref().map(|s| part(s, &fitted));
+        let inputs = match &side {
+            Some(side) => Tensor::cat(&[part(&old, &held), part(side, &held)], 1),
+            None => part(&old, &held),
+        };
+        let targets = l2_normalize(&part(&new, &held));
+        for (sum, &ridge) in cosine_sums.iter_mut().zip(grid) {
+            // A ridge too small to determine the map on some fold (0 on
+            // fewer pairs than the width) is out of the choice: NaN.
+            *sum += match fit_linear(
+                &part(&old, &fitted),
+                side_fitted.as_ref(),
+                &part(&new, &fitted),
+                ridge,
+            ) {
+                Ok((weight, bias)) => {
+                    let mapped = l2_normalize(&(inputs.matmul(&weight.tr()) + &bias));
+                    (mapped * &targets).sum(Kind::Double).double_value(&[])
+                }
+                Err(_) => f64::NAN,
+            };
+        }
+    }
+    let scores = grid
+        .iter()
+        .zip(cosine_sums)
+        .map(|(&ridge, sum)| (ridge, sum / rows as f64))
+        .collect();
+    Ok((folds, scores))
+}
+
+/// The ridge of the best held-out cosine (the larger ridge of a tie; NaN
+/// scores never win).
+fn best_ridge(scores: &[(f64, f64)]) -> (f64, f64) {
+    scores
+        .iter()
+        .copied()
+        .fold((f64::NAN, f64::MIN), |best, (ridge, cosine)| {
+            if cosine >= best.1 { (ridge, cosine) } else { best }
+        })
+}
+
 /// Runs the command.
 pub fn run(args: Args) -> anyhow::Result<()> {
     if args.epochs == 0 || args.batch_size < 2 || args.inner_dim == 0 {
         bail!("--epochs and --inner-dim must be at least 1, --batch-size at least 2");
-    }
-    if !(args.ridge >= 0.0 && args.ridge.is_finite()) {
-        bail!(
-            "--ridge must be a finite number of at least 0, got {}",
-            args.ridge
-        );
     }
     if !(0.0..=1.0).contains(&args.person_target) {
         bail!(
@@ -390,7 +524,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         device,
     );
     let side = side.map(|(features, _)| features);
-    let last_loss = match args.arch {
+    // How `--ridge auto` chose `--arch linear`'s ridge.
+    let mut ridge_selection = None;
+    let (last_loss, fitted_ridge) = match args.arch {
         Arch::Mlp => {
             let progress = bar(args.epochs, "fitting the transform")?;
             let schedule = Schedule {
@@ -405,17 +541,48 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 progress.inc(1);
             })?;
             progress.finish_and_clear();
-            last_loss
+            (last_loss, None)
         }
         Arch::Linear => {
-            let (weight, bias) = fit_linear(&old, side.as_ref(), &new, args.ridge)?;
+            let ridge = match args.ridge {
+                Ridge::Fixed(ridge) => ridge,
+                Ridge::Auto => {
+                    let persons: Vec<&str> = entries.iter().map(|e| e.person.as_str()).collect();
+                    let (folds, scores) =
+                        cross_validate_ridge(&old, side.as_ref(), &new, &persons, &RIDGE_GRID)?;
+                    let (ridge, cosine) = best_ridge(&scores);
+                    anyhow::ensure!(
+                        ridge.is_finite(),
+                        "--ridge auto: no ridge of the grid determines the map on every fold"
+                    );
+                    let table = scores
+                        .iter()
+                        .map(|(ridge, cosine)| {
+                            if cosine.is_nan() {
+                                format!("{ridge}: not determined")
+                            } else {
+                                format!("{ridge}: {cosine:.4}")
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    println!(
+                        "--ridge auto: {ridge} (mean cosine of held-out persons' mapped embeddings to their \
+                         targets, {folds} folds of persons: {table})"
+                    );
+                    ridge_selection = Some(format!("auto, held-out cosine {cosine:.4} ({table})"));
+                    ridge
+                }
+            };
+            let (weight, bias) = fit_linear(&old, side.as_ref(), &new, ridge)?;
             transform.set_affine(&weight, &bias)?;
-            tch::no_grad(|| {
+            let loss = tch::no_grad(|| {
                 transform
                     .forward_t(&old, side.as_ref(), false)
                     .mse_loss(&new, tch::Reduction::Mean)
             })
-            .double_value(&[])
+            .double_value(&[]);
+            (loss, Some(ridge))
         }
     };
     // How close the mapped old embeddings come to the new ones (the cosine
@@ -449,9 +616,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ],
         Arch::Linear => vec![
             ("arch".into(), "linear (least squares)".to_owned()),
-            ("ridge".into(), args.ridge.to_string()),
+            ("ridge".into(), fitted_ridge.unwrap_or(0.0).to_string()),
         ],
     });
+    if let Some(selection) = ridge_selection {
+        provenance.push(("ridge_selection".into(), selection));
+    }
     provenance.extend([
         ("person_target".into(), args.person_target.to_string()),
         ("seed".into(), args.seed.to_string()),
@@ -692,6 +862,127 @@ mod tests {
         let (weight, _) =
             fit_linear(&old.narrow(0, 0, 4), None, &new.narrow(0, 0, 4), 1e-3).expect("a ridge decides");
         assert_eq!(weight.size(), [6, 5]);
+    }
+
+    /// Cross-validation folds hold whole persons: every row of a person
+    /// (views included) in one fold, persons dealt in turn by name, no more
+    /// folds than persons.
+    #[test]
+    fn person_folds_keep_each_persons_rows_together() {
+        // Four images of three persons, two views each: eight rows.
+        let persons = ["q", "p", "r", "p"];
+        let (folds, count) = person_folds(8, &persons, 5);
+        assert_eq!(count, 3);
+        assert_eq!(folds, [1, 0, 2, 0, 1, 0, 2, 0]);
+        let (folds, count) = person_folds(8, &persons, 2);
+        assert_eq!(count, 2);
+        assert_eq!(folds, [1, 0, 0, 0, 1, 0, 0, 0]);
+        assert_eq!(person_folds(2, &["p", "p"], 5).1, 1);
+    }
+
+    /// Standard normal doubles of `shape` from a small generator of the
+    /// test's own (xorshift64*, Box-Muller), advancing `state`.
+    fn gaussian(state: &mut u64, shape: &[i64]) -> Tensor {
+        let mut uniform = || {
+            *state ^= *state >> 12;
+            *state ^= *state << 25;
+            *state ^= *state >> 27;
+            let bits = state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11;
+            (bits as f64 + 0.5) / (1u64 << 53) as f64
+        };
+        let count: i64 = shape.iter().product();
+        let values: Vec<f64> = (0..count)
+            .map(|_| {
+                let (u, v) = (uniform(), uniform());
+                (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+            })
+            .collect();
+        Tensor::from_slice(&values).view(shape)
+    }
+
+    /// `--ridge auto`'s criterion: an exact affine relation is best fitted
+    /// with the least shrinkage of the grid; targets that are mostly noise,
+    /// with about as many pairs as the map's width, with a large ridge; a
+    /// ridge that leaves the map undetermined is never chosen.
+    /// And it scores persons held out: targets that are each person's own
+    /// random vector, unrelated to the old embeddings, are learnt by a row
+    /// split (a person's other images seen) but not by the person folds.
+    #[test]
+    fn ridge_auto_scores_maps_on_persons_held_out() {
+        // Drawn from the test's own generator: libtorch's is global, and
+        // tests running beside this one draw from it too.
+        let mut draws = 11u64;
+        let mut randn = |shape: &[i64]| gaussian(&mut draws, shape);
+        let names: Vec<String> = (0..40).map(|i| format!("p{i:02}")).collect();
+        let persons: Vec<&str> = (0..200).map(|r| names[r % 40].as_str()).collect();
+        let old = l2_normalize(&randn(&[200, 8]));
+        let new = old.matmul(&randn(&[8, 6])) + randn(&[6]);
+        let (folds, scores) = cross_validate_ridge(&old, None, &new, &persons, &RIDGE_GRID).expect("cv");
+        assert_eq!(folds, 5);
+        assert_eq!(scores.len(), RIDGE_GRID.len());
+        let (ridge, cosine) = best_ridge(&scores);
+        assert!(ridge <= 1e-6, "{scores:?}");
+        assert!(cosine > 0.999, "{scores:?}");
+
+        let old = l2_normalize(&randn(&[48, 32]));
+        let signal = old.matmul(&randn(&[32, 6]));
+        let new = &signal * 0.2 + randn(&[48, 6]);
+        let persons: Vec<&str> = (0..48).map(|r| names[r % 16].as_str()).collect();
+        let (_, scores) = cross_validate_ridge(&old, None, &new, &persons, &RIDGE_GRID).expect("cv");
+        let (ridge, _) = best_ridge(&scores);
+        assert!(ridge >= 0.1, "{scores:?}");
+        // Fewer pairs than the width: no ridge, no one map; out of the
+        // choice.
+        let (_, scores) = cross_validate_ridge(
+            &old.narrow(0, 0, 30),
+            None,
+            &new.narrow(0, 0, 30),
+            &persons[..30],
+            &RIDGE_GRID,
+        )
+        .expect("cv");
+        assert!(
+            scores[0].1.is_nan() && scores[1..].iter().all(|s| s.1.is_finite()),
+            "{scores:?}"
+        );
+        assert!(best_ridge(&scores).0 > 0.0);
+        assert!(best_ridge(&[(0.0, f64::NAN)]).0.is_nan());
+
+        // Six images of each of 20 persons: near-identical old embeddings
+        // per person, a random new vector per person.
+        let codes = randn(&[20, 32]);
+        let index: Vec<i64> = (0..120).map(|r| r % 20).collect();
+        let index = Tensor::from_slice(&index);
+        let old = l2_normalize(&(codes.index_select(0, &index) + randn(&[120, 32]) * 0.05));
+        let new = randn(&[20, 6]).index_select(0, &index);
+        let persons: Vec<&str> = (0..120).map(|r| names[r % 20].as_str()).collect();
+        let (_, scores) = cross_validate_ridge(&old, None, &new, &persons, &[1e-3]).expect("cv");
+        assert!(scores[0].1 < 0.3, "held-out persons: {scores:?}");
+        // The same fit scored on rows of persons it saw (every person's
+        // rows but one image): near the targets.
+        let fitted: Vec<i64> = (20..120).collect();
+        let seen: Vec<i64> = (0..20).collect();
+        let (fitted, seen) = (Tensor::from_slice(&fitted), Tensor::from_slice(&seen));
+        let (weight, bias) = fit_linear(
+            &old.index_select(0, &fitted),
+            None,
+            &new.index_select(0, &fitted),
+            1e-3,
+        )
+        .expect("fit");
+        let mapped = l2_normalize(&(old.index_select(0, &seen).matmul(&weight.tr()) + bias));
+        let on_seen = (mapped * l2_normalize(&new.index_select(0, &seen)))
+            .sum(Kind::Double)
+            .double_value(&[])
+            / 20.0;
+        assert!(on_seen > 0.8, "seen persons: {on_seen}");
+
+        assert!(
+            cross_validate_ridge(&old.narrow(0, 0, 3), None, &new.narrow(0, 0, 3), &["p"], &[1e-3])
+                .expect_err("one person")
+                .to_string()
+                .contains("two persons")
+        );
     }
 
     /// Person targets: 0 changes nothing, 1 gives every row of a person
