@@ -87,6 +87,39 @@ impl TransformArch {
     }
 }
 
+impl TransformManifest {
+    /// How many values the network's linear weights hold at least (its
+    /// norms and biases add more), for this manifest's architecture and
+    /// widths; `None` when that overflows. [`TemplateTransform::load`]
+    /// checks it against the weights file before allocating the network,
+    /// so that a manifest naming absurd widths is refused, not allocated.
+    fn weight_floor(&self) -> Option<u64> {
+        let (from, to, inner) = (self.from_dim as u64, self.to_dim as u64, self.inner_dim as u64);
+        let side = self.side_info.as_ref().map(|s| s.dim as u64);
+        let product = |a: u64, b: u64| a.checked_mul(b);
+        let sum = |terms: &[Option<u64>]| {
+            terms
+                .iter()
+                .try_fold(0u64, |total, term| total.checked_add((*term)?))
+        };
+        match self.arch {
+            TransformArch::Linear => product(from.checked_add(side.unwrap_or(0))?, to),
+            TransformArch::Mlp => {
+                let side = side.unwrap_or(from);
+                sum(&[
+                    product(from, from.checked_mul(2)?),
+                    product(from.checked_mul(2)?, to.checked_mul(2)?),
+                    product(side, side.checked_mul(2)?),
+                    product(side.checked_mul(2)?, to.checked_mul(2)?),
+                    product(to.checked_mul(4)?, inner),
+                    product(inner, inner),
+                    product(inner, to),
+                ])
+            }
+        }
+    }
+}
+
 /// The side-information model a transform was fitted with: its features of
 /// the enrolment images are stored beside the old templates, and the
 /// transform needs them to map a template.
@@ -380,8 +413,37 @@ impl TemplateTransform {
                     .to_owned(),
             });
         }
+        // Each value takes at least two bytes (half precision) in the file.
+        let weights = dir.join(TRANSFORM_WEIGHTS);
+        let file_bytes = fs::metadata(&weights)
+            .map_err(|source| Error::Io {
+                path: weights.clone(),
+                source,
+            })?
+            .len();
+        if manifest
+            .weight_floor()
+            .and_then(|values| values.checked_mul(2))
+            .is_none_or(|bytes| bytes > file_bytes)
+        {
+            return Err(Error::Manifest {
+                path,
+                reason: format!(
+                    "its widths (from_dim {}, to_dim {}, inner_dim {}{}) need more weights than {} holds \
+                     ({file_bytes} bytes)",
+                    manifest.from_dim,
+                    manifest.to_dim,
+                    manifest.inner_dim,
+                    manifest
+                        .side_info
+                        .as_ref()
+                        .map_or(String::new(), |s| format!(", side_info.dim {}", s.dim)),
+                    weights.display()
+                ),
+            });
+        }
         let transform = Self::new(manifest, device);
-        let tensors = Tensor::read_safetensors(dir.join(TRANSFORM_WEIGHTS))?;
+        let tensors = Tensor::read_safetensors(&weights)?;
         crate::checkpoint::load_strict(&transform.vs, tensors)?;
         Ok(transform)
     }
@@ -430,6 +492,37 @@ mod tests {
         );
         // Side-information given to a transform fitted without it.
         assert!(back.apply(&old, Some(&old)).is_err());
+
+        // A manifest whose widths the weights file cannot hold is refused
+        // before the network is allocated (here 100000 wide: 80 GB of
+        // weights; and widths whose product overflows), naming them; one
+        // that merely disagrees with the weights, by the weights' names
+        // and shapes.
+        let with = |edit: &dyn Fn(&mut TransformManifest)| {
+            let mut edited = manifest();
+            edit(&mut edited);
+            let path = dir.path().join(TRANSFORM_MANIFEST);
+            fs::write(&path, serde_yaml::to_string(&edited).expect("yaml")).expect("write");
+            TemplateTransform::load(dir.path(), Device::Cpu).map(|_| ())
+        };
+        let huge = with(&|m| m.from_dim = 100_000).expect_err("100000 wide");
+        assert!(
+            matches!(&huge, Error::Manifest { reason, .. } if reason.contains("from_dim 100000")),
+            "{huge}"
+        );
+        let overflow = with(&|m| m.inner_dim = usize::MAX / 2).expect_err("overflow");
+        assert!(matches!(overflow, Error::Manifest { .. }), "{overflow}");
+        let mut linear = manifest();
+        linear.arch = TransformArch::Linear;
+        linear.side_info = Some(SideInfo {
+            model: "s".into(),
+            space: "s".into(),
+            dim: usize::MAX,
+        });
+        assert_eq!(linear.weight_floor(), None);
+        let other = with(&|m| m.to_dim = 5).expect_err("other shapes");
+        assert!(matches!(other, Error::WeightMismatch { .. }), "{other}");
+        with(&|_| {}).expect("the manifest as written loads again");
     }
 
     #[test]
