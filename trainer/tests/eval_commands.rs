@@ -273,16 +273,18 @@ fn a_fitted_transform_maps_old_galleries_for_the_new_model() {
             String::from_utf8_lossy(&fitted.stderr)
         );
     }
-    let manifest3: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(path("t3/transform.yaml")).expect("transform.yaml"))
-            .expect("YAML");
-    let views = manifest3["provenance"]
-        .as_sequence()
-        .expect("provenance")
-        .iter()
-        .find(|pair| pair[0].as_str() == Some("views"))
-        .and_then(|pair| pair[1].as_str().map(str::to_owned));
-    assert_eq!(views.as_deref(), Some("3"));
+    // A transform manifest's provenance entry.
+    let provenance = |transform: &str, key: &str| -> Option<String> {
+        let text = std::fs::read_to_string(path(transform).join("transform.yaml")).expect("transform.yaml");
+        let manifest: serde_yaml::Value = serde_yaml::from_str(&text).expect("YAML");
+        manifest["provenance"]
+            .as_sequence()
+            .expect("provenance")
+            .iter()
+            .find(|pair| pair[0].as_str() == Some(key))
+            .and_then(|pair| pair[1].as_str().map(str::to_owned))
+    };
+    assert_eq!(provenance("t3", "views").as_deref(), Some("3"));
     let weights = |t: &str| std::fs::read(path(t).join("transform.safetensors")).expect("weights");
     assert_eq!(weights("t3"), weights("t3-again"), "deterministic");
     assert_ne!(weights("t3"), weights("t"), "the views changed the fit");
@@ -373,26 +375,16 @@ fn a_fitted_transform_maps_old_galleries_for_the_new_model() {
     assert!(auto.status.success(), "{}", String::from_utf8_lossy(&auto.stderr));
     let said = String::from_utf8_lossy(&auto.stdout);
     assert!(said.contains("--ridge auto: "), "{said}");
-    let provenance: serde_yaml::Value =
-        serde_yaml::from_str(&read("t-auto/transform.yaml")).expect("transform.yaml");
-    let entry = |key: &str| {
-        provenance["provenance"]
-            .as_sequence()
-            .expect("provenance")
-            .iter()
-            .find(|pair| pair[0].as_str() == Some(key))
-            .and_then(|pair| pair[1].as_str().map(str::to_owned))
-            .unwrap_or_else(|| panic!("no {key} in {provenance:?}"))
-    };
-    let chosen: f64 = entry("ridge").parse().expect("a number");
+    let chosen: f64 = provenance("t-auto", "ridge")
+        .expect("ridge")
+        .parse()
+        .expect("a number");
     assert!(
         handid_trainer::commands::fit_transform::RIDGE_GRID.contains(&chosen),
         "{chosen}"
     );
-    assert!(
-        entry("ridge_selection").starts_with("auto, held-out cosine"),
-        "{provenance:?}"
-    );
+    let selection = provenance("t-auto", "ridge_selection").expect("ridge_selection");
+    assert!(selection.starts_with("auto, held-out cosine"), "{selection}");
     assert!(said.contains(&format!("--ridge auto: {chosen} ")), "{said}");
     for bad in ["--ridge=-1", "--ridge=NaN", "--ridge=often"] {
         let refused = fit_with("splits.tsv", "t-bad", &["--arch", "linear", bad]);
