@@ -34,7 +34,16 @@
 # trained first on another synthetic population (PRETRAIN_PERSONS persons,
 # 1600, synth seed 7, P's seed 10, EPOCHS epochs), as two fine-tunings of
 # one CLIP checkpoint do; for the 11k sample too, P then being of
-# synthetic hands at the sample's config; default own),
+# synthetic hands at the sample's config; clip: every model starts from
+# the CLIP weights CLIP_WEIGHTS, the product's case, with CONFIG one of
+# configs/ for real weights; default own),
+# CONFIG (the training config of every model: default the proof configs,
+# configs/hands11k_sample_small_vit.yaml and configs/demo_tiny.yaml; any
+# method that trains, e.g. configs/clip_reid_vitb16.yaml, whose EPOCHS
+# default to its own; with real, the sample's train_extra split is added
+# to its data when it names none), DEVICE (--device of every training,
+# fit and evaluation, e.g. cuda; default: the config's for training, cpu
+# for the rest),
 # TRANSFORM_EPOCHS=0 (no transform), KEEP=1 (reuse what OUT already holds:
 # data, splits, every model already exported, the transform; to add BCT
 # variants to a run), OLD_PERSONS (half, quarter or all: above),
@@ -54,10 +63,25 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$(dirname "$here")")"
 which="${1:-}"
+config_given="${CONFIG:-}"
 case "$which" in
-  real) CONFIG="$root/configs/hands11k_sample_small_vit.yaml" ;;
-  synthetic) CONFIG="$root/configs/demo_tiny.yaml" ;;
+  real) CONFIG="${CONFIG:-$root/configs/hands11k_sample_small_vit.yaml}" ;;
+  synthetic) CONFIG="${CONFIG:-$root/configs/demo_tiny.yaml}" ;;
   *) echo "usage: $0 real|synthetic" >&2; exit 2 ;;
+esac
+[ -f "$CONFIG" ] || { echo "no config $CONFIG (CONFIG)" >&2; exit 2; }
+CONFIG="$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")"
+# The method line that BCT's compatibility key goes under.
+grep -Eq '^  kind: (finetune|clip_reid|prompt_sg)$' "$CONFIG" ||
+  { echo "$CONFIG trains no model (method.kind finetune, clip_reid or prompt_sg)" >&2; exit 2; }
+device=()
+[ -z "${DEVICE:-}" ] || device=(--device "$DEVICE")
+case "${START:-own}" in
+  clip)
+    [ -f "${CLIP_WEIGHTS:-}" ] || { echo "START=clip needs CLIP_WEIGHTS, a CLIP weights file (got '${CLIP_WEIGHTS:-}')" >&2; exit 2; }
+    CLIP_WEIGHTS="$(cd "$(dirname "$CLIP_WEIGHTS")" && pwd)/$(basename "$CLIP_WEIGHTS")"
+    start_id="clip $CLIP_WEIGHTS" ;;
+  *) start_id="${START:-own}" ;;
 esac
 OUT="${OUT:-${TMPDIR:-/tmp}/handid-upgrade-$which}"
 
@@ -75,6 +99,7 @@ if [ "$which" = real ]; then
   [ -f "$OUT/splits.tsv" ] ||
     "$ht" splits --data "$DATA" --layout 11k --train-extra --out "$OUT/splits.tsv" > /dev/null
   fit_splits+=(--split train_extra)
+  # Empty: the config's own (a two-stage method's are under its stages).
   epochs="${EPOCHS:-$(sed -n 's/^  epochs: //p' "$CONFIG" | head -n 1)}"
 else
   if [ ! -f "$OUT/splits.tsv" ]; then
@@ -82,6 +107,7 @@ else
     "$ht" splits --data "$OUT/data" --layout folder --test-fraction 0.5 --out "$OUT/splits.tsv" > /dev/null
   fi
   epochs="${EPOCHS:-400}"
+  [ -z "$config_given" ] || epochs="${EPOCHS:-$(sed -n 's/^  epochs: //p' "$CONFIG" | head -n 1)}"
 fi
 
 # The old model's manifest: the papers' protocol (BCT's and FCT's ImageNet
@@ -96,7 +122,9 @@ old_persons="${OLD_PERSONS:-half}"
 case "$old_persons" in
   half) old_epochs="$epochs"; keep_every=2 ;;
   quarter) old_epochs="$epochs"; keep_every=4 ;;
-  all) old_epochs=$(( (epochs + 2) / 3 )); keep_every=1 ;;
+  all)
+    [ -n "$epochs" ] || { echo "OLD_PERSONS=all needs EPOCHS with $CONFIG (a third of them for A)" >&2; exit 2; }
+    old_epochs=$(( (epochs + 2) / 3 )); keep_every=1 ;;
   *) echo "OLD_PERSONS must be half, quarter or all" >&2; exit 2 ;;
 esac
 # KEEP=1 reuses A only when it learnt the persons this run asks for (a
@@ -130,29 +158,36 @@ train() { # NAME SEED MANIFEST EPOCHS [METHOD_LINE]
   [ -f "$OUT/$1/serving/handid.yaml" ] && return
   rm -rf "${OUT:?}/$1"
   sed -e "s/^name: .*/name: $1/" -e "s/^seed: .*/seed: $2/" "$CONFIG" > "$OUT/$1.yaml"
-  # P's synthetic manifest has no train_extra split (the sample's config trains it).
-  [ "$1" != pretrain ] || sed -i '/^  extra_train_splits:/d' "$OUT/$1.yaml"
-  if [ -n "${5:-}" ]; then
-    sed -i "/^  kind: finetune$/a\\$5" "$OUT/$1.yaml"
+  if [ "$1" = pretrain ]; then
+    # P's synthetic manifest has no train_extra split (the sample's config trains it).
+    sed -i '/^  extra_train_splits:/d' "$OUT/$1.yaml"
+  elif [ "$which" = real ] && ! grep -q '^  extra_train_splits:' "$OUT/$1.yaml"; then
+    # The sample's training persons' other images (48 in the protocol's train split alone).
+    sed -i '/^data:$/a\  extra_train_splits: [train_extra]' "$OUT/$1.yaml"
   fi
-  local start=$SECONDS
-  "$ht" train --config "$OUT/$1.yaml" --manifest "$3" --out "$OUT/$1/run" --epochs "$4" --quiet \
-    "${clip_weights[@]}"
+  if [ -n "${5:-}" ]; then
+    sed -i -E "/^  kind: (finetune|clip_reid|prompt_sg)$/a\\$5" "$OUT/$1.yaml"
+  fi
+  local start=$SECONDS epochs_arg=()
+  [ -z "$4" ] || epochs_arg=(--epochs "$4")
+  "$ht" train --config "$OUT/$1.yaml" --manifest "$3" --out "$OUT/$1/run" "${epochs_arg[@]}" --quiet \
+    "${clip_weights[@]}" "${device[@]}"
   "$ht" export --run "$OUT/$1/run" --out "$OUT/$1/serving" > /dev/null
-  echo "[upgrade] $1: $4 epochs in $((SECONDS - start)) s"
+  echo "[upgrade] $1: ${4:-the configured} epochs in $((SECONDS - start)) s"
 }
 clip_weights=()
 case "${START:-own}" in
-  own|pretrained) new_seed=12 ;;
+  own|pretrained|clip) new_seed=12 ;;
   shared) new_seed=11 ;;
-  *) echo "START must be own, shared or pretrained" >&2; exit 2 ;;
+  *) echo "START must be own, shared, pretrained or clip" >&2; exit 2 ;;
 esac
 # KEEP=1 reuses B and BCT only when they started where this run asks.
-if [ -f "$OUT/start" ] && [ "$(cat "$OUT/start")" != "${START:-own}" ]; then
-  echo "$OUT holds models of START=$(cat "$OUT/start"), not ${START:-own} (use another OUT)" >&2
+if [ -f "$OUT/start" ] && [ "$(cat "$OUT/start")" != "$start_id" ]; then
+  echo "$OUT holds models of START=$(cat "$OUT/start"), not $start_id (use another OUT)" >&2
   exit 2
 fi
-echo "${START:-own}" > "$OUT/start"
+echo "$start_id" > "$OUT/start"
+[ "${START:-own}" != clip ] || clip_weights=(--clip-weights "$CLIP_WEIGHTS")
 if [ "${START:-own}" = pretrained ]; then
   # P: every person of its own synthetic population a training person (a
   # tenth held out for validation), never one of this run's persons.
@@ -213,7 +248,7 @@ fit_args=(--arch "$arch" --ridge "${RIDGE:-0.001}" --epochs "$transforms" --batc
 if [ "$transforms" != 0 ] && [ ! -f "$OUT/transform$t/transform.yaml" ]; then
   start=$SECONDS
   "$ht" fit-transform --old "$OUT/old/serving" --new "$OUT/new/serving" --manifest "$OUT/splits.tsv" \
-    "${fit_splits[@]}" "${fit_args[@]}" --out "$OUT/transform$t"
+    "${fit_splits[@]}" "${fit_args[@]}" "${device[@]}" --out "$OUT/transform$t"
   echo "[upgrade] transform fitted in $((SECONDS - start)) s"
 fi
 
@@ -241,7 +276,7 @@ if [ "${SIDE:-0}" != 0 ] && [ "$transforms" != 0 ]; then
   if [ ! -f "$OUT/transform-side$t/transform.yaml" ]; then
     start=$SECONDS
     "$ht" fit-transform --old "$OUT/old/serving" --new "$OUT/new/serving" --side-info "$OUT/side/serving" \
-      --manifest "$OUT/splits.tsv" "${fit_splits[@]}" "${fit_args[@]}" --out "$OUT/transform-side$t"
+      --manifest "$OUT/splits.tsv" "${fit_splits[@]}" "${fit_args[@]}" "${device[@]}" --out "$OUT/transform-side$t"
     echo "[upgrade] transform with side-information fitted in $((SECONDS - start)) s"
   fi
 fi
@@ -249,7 +284,7 @@ fi
 across() { # OUT [--transform DIR]
   local out="$1"; shift
   "$ht" eval --query-model "$OUT/new/serving" --gallery-model "$OUT/old/serving" \
-    --manifest "$OUT/splits.tsv" --out "$OUT/$out" "$@" > /dev/null
+    --manifest "$OUT/splits.tsv" --out "$OUT/$out" "${device[@]}" "$@" > /dev/null
 }
 across plain
 [ "$transforms" = 0 ] || across "transformed$t" --transform "$OUT/transform$t"
@@ -259,7 +294,7 @@ fi
 for v in "${variants[@]}"; do
   name="$(bct_name "$v")"
   "$ht" eval --query-model "$OUT/$name/serving" --gallery-model "$OUT/old/serving" \
-    --manifest "$OUT/splits.tsv" --out "$OUT/$name-old" > /dev/null
+    --manifest "$OUT/splits.tsv" --out "$OUT/$name-old" "${device[@]}" > /dev/null
 done
 
 echo
