@@ -384,7 +384,6 @@ pub async fn run_with_listeners(
                     services: tonic::service::Routes::new(handid.clone())
                         .add_service(admin.clone())
                         .add_service(health_service.clone()),
-                    auth: Arc::clone(live.auth()),
                     stop: gateway_stopped,
                 },
             )
@@ -450,7 +449,6 @@ pub async fn run_with_listeners(
 struct GatewayParts {
     protection: crate::layers::ProtectionLayer,
     services: tonic::service::Routes,
-    auth: Arc<LiveAuth>,
     stop: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -461,7 +459,6 @@ async fn start_gateway(
     settings: &Settings,
     parts: GatewayParts,
 ) -> Result<tokio::task::JoinHandle<()>, ServeError> {
-    use tower::Layer;
     if let Ok(local) = listener.local_addr()
         && !local.ip().is_loopback()
         && settings.tls.cert_file.is_none()
@@ -481,12 +478,10 @@ async fn start_gateway(
         }
         _ => None,
     };
-    let protected = parts.protection.layer(parts.services);
     let gateway = Arc::new(crate::gateway::Gateway::new(
-        tower::util::BoxCloneSyncService::new(protected),
-        parts.auth,
+        &parts.protection,
+        tower::util::BoxCloneSyncService::new(parts.services),
         settings.limits.max_message_bytes,
-        settings.request_timeout(),
     ));
     Ok(tokio::spawn(crate::gateway::serve(
         listener,

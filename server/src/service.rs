@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 use crate::engine::{ActiveModel, Caller, Decision, Engine};
 use crate::live::LiveSettings;
 use crate::store::SubjectRecord;
+use crate::telemetry::caller_text;
 use crate::validate;
 
 /// The `handid.v1.HandId` service.
@@ -116,7 +117,7 @@ fn model_info(m: &ActiveModel) -> pb::ModelInfo {
 
 #[tonic::async_trait]
 impl HandId for HandIdService {
-    #[tracing::instrument(skip_all, fields(gallery = %request.get_ref().gallery_id, images = request.get_ref().images.len()))]
+    #[tracing::instrument(skip_all, fields(gallery = %caller_text(&request.get_ref().gallery_id), images = request.get_ref().images.len()))]
     async fn enroll(
         &self,
         request: Request<pb::EnrollRequest>,
@@ -135,7 +136,7 @@ impl HandId for HandIdService {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(gallery = %request.get_ref().gallery_id, top_k = request.get_ref().top_k))]
+    #[tracing::instrument(skip_all, fields(gallery = %caller_text(&request.get_ref().gallery_id), top_k = request.get_ref().top_k))]
     async fn identify(
         &self,
         request: Request<pb::IdentifyRequest>,
@@ -165,7 +166,7 @@ impl HandId for HandIdService {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(gallery = %request.get_ref().gallery_id))]
+    #[tracing::instrument(skip_all, fields(gallery = %caller_text(&request.get_ref().gallery_id)))]
     async fn verify(
         &self,
         request: Request<pb::VerifyRequest>,
@@ -197,7 +198,7 @@ impl HandId for HandIdService {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(gallery = %request.get_ref().gallery_id))]
+    #[tracing::instrument(skip_all, fields(gallery = %caller_text(&request.get_ref().gallery_id)))]
     async fn delete_subject(
         &self,
         request: Request<pb::DeleteSubjectRequest>,
@@ -215,7 +216,7 @@ impl HandId for HandIdService {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(gallery = %request.get_ref().gallery_id))]
+    #[tracing::instrument(skip_all, fields(gallery = %caller_text(&request.get_ref().gallery_id)))]
     async fn delete_gallery(
         &self,
         request: Request<pb::DeleteGalleryRequest>,
@@ -230,7 +231,7 @@ impl HandId for HandIdService {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(gallery = %request.get_ref().gallery_id))]
+    #[tracing::instrument(skip_all, fields(gallery = %caller_text(&request.get_ref().gallery_id)))]
     async fn get_subject(
         &self,
         request: Request<pb::GetSubjectRequest>,
@@ -248,7 +249,7 @@ impl HandId for HandIdService {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(gallery = %request.get_ref().gallery_id))]
+    #[tracing::instrument(skip_all, fields(gallery = %caller_text(&request.get_ref().gallery_id)))]
     async fn list_subjects(
         &self,
         request: Request<pb::ListSubjectsRequest>,
@@ -298,7 +299,7 @@ impl Admin for AdminService {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(path = %request.get_ref().path, mode = request.get_ref().mode))]
+    #[tracing::instrument(skip_all, fields(path = %caller_text(&request.get_ref().path), mode = request.get_ref().mode))]
     async fn reload_model(
         &self,
         request: Request<pb::ReloadModelRequest>,

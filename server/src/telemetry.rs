@@ -146,6 +146,42 @@ pub fn init(settings: &TelemetrySettings, default_filter: &str) -> Result<Teleme
     Ok(telemetry)
 }
 
+/// A caller's text as a span or log field: recorded before the call is
+/// validated, so bounded and escaped. An identifier as the API allows it
+/// (printable ASCII, at most [`FIELD_CHARS`] characters) is written as it
+/// is; anything else is cut to that many characters, escaped (no line
+/// break or control character reaches a log line or a trace backend), and
+/// followed by its length in bytes. A caller cannot make a span hold
+/// megabytes of its text.
+pub fn caller_text(text: &str) -> CallerText<'_> {
+    CallerText(text)
+}
+
+/// The characters of a caller's text a field keeps (an identifier's
+/// longest).
+pub const FIELD_CHARS: usize = 128;
+
+/// See [`caller_text`].
+#[derive(Debug, Clone, Copy)]
+pub struct CallerText<'a>(&'a str);
+
+impl std::fmt::Display for CallerText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = self.0;
+        if text.len() <= FIELD_CHARS && text.bytes().all(|b| b.is_ascii_graphic()) {
+            return f.write_str(text);
+        }
+        let mut chars = text.chars();
+        for c in chars.by_ref().take(FIELD_CHARS) {
+            write!(f, "{}", c.escape_debug())?;
+        }
+        if chars.next().is_some() {
+            write!(f, "... ({} bytes)", text.len())?;
+        }
+        Ok(())
+    }
+}
+
 /// The service's instruments. Names follow the OpenTelemetry semantic
 /// conventions' style (`handid.<thing>`, seconds for durations).
 #[derive(Debug, Clone)]
@@ -306,5 +342,27 @@ impl Metrics {
                 })
                 .build()
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caller_text_is_bounded_and_escaped() {
+        assert_eq!(caller_text("site-a:door.3").to_string(), "site-a:door.3");
+        let long = "x".repeat(10 << 20);
+        let field = caller_text(&long).to_string();
+        assert!(field.len() < 200, "{} bytes", field.len());
+        assert!(field.ends_with("... (10485760 bytes)"), "{field}");
+        let forged = caller_text("a\ninfo forged line\u{1b}[2J").to_string();
+        assert!(!forged.contains('\n') && !forged.contains('\u{1b}'), "{forged}");
+        assert!(forged.starts_with("a\\ninfo"), "{forged}");
+        // Cut by characters, never inside one.
+        let wide = "é".repeat(300);
+        let field = caller_text(&wide).to_string();
+        assert!(field.ends_with("... (600 bytes)"), "{field}");
+        assert_eq!(caller_text("").to_string(), "");
     }
 }

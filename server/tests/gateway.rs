@@ -418,3 +418,77 @@ async fn the_gateway_and_grpc_share_each_callers_rate_limit(_pool: PgPoolOptions
     assert_eq!(http(gw, "GET", "/healthz", None, None).await.0, 200);
     server.stop().await.expect("clean stop");
 }
+
+/// Sends the head of a POST and `partial`, a part of its body, and waits
+/// at most `wait` for the answer's status line; the rest of the body is
+/// never sent.
+async fn status_before_the_body(
+    addr: SocketAddr,
+    path: &str,
+    api_key: &str,
+    partial: &str,
+    wait: std::time::Duration,
+) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {api_key}\r\n\
+         content-type: application/json\r\ncontent-length: 1000000\r\n\r\n{partial}"
+    );
+    stream.write_all(head.as_bytes()).await.expect("send the head");
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(wait, stream.read(&mut answer))
+        .await
+        .ok()?
+        .expect("read the answer");
+    let text = String::from_utf8_lossy(&answer[..n]).into_owned();
+    Some(text.lines().next().unwrap_or("").to_owned())
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_body_is_read_only_once_the_stack_admits_the_call(_pool: PgPoolOptions, options: PgConnectOptions) {
+    // A burst of 2 calls, refilled at one call a minute; calls end after 2 s.
+    let (server, gw, _model) = start_with(&options, |s| {
+        s.server.rate_limit_per_second = 1.0 / 60.0;
+        s.server.rate_limit_burst = 2;
+        s.server.request_timeout_ms = 2_000;
+    })
+    .await;
+    let path = "/v1/galleries/site-a:identify";
+    let wait = std::time::Duration::from_secs(10);
+    // The desk's burst is spent; its next call is refused at once, its
+    // body (a megabyte announced, a few bytes sent) never read: a caller
+    // over its limits cannot make the gateway buffer and parse bodies.
+    for _ in 0..2 {
+        let (code, _) = post(gw, path, DESK, json!({ "topK": 0 })).await;
+        assert_eq!(code, 400, "within the burst: the service's refusal of top_k 0");
+    }
+    let started = std::time::Instant::now();
+    let line = status_before_the_body(gw, path, DESK, "{\"topK\": 1, \"image\": {\"data\": \"", wait)
+        .await
+        .expect("answered without the body");
+    assert!(line.starts_with("HTTP/1.1 429"), "{line}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    // Without a key, the same: 401 before the body.
+    let line = status_before_the_body(gw, path, "hid_wrong", "{", wait)
+        .await
+        .expect("answered without the body");
+    assert!(line.starts_with("HTTP/1.1 401"), "{line}");
+    // An admitted call whose body does not arrive ends with the call's
+    // deadline, as a gRPC call's would: the deadline bounds the body too.
+    let started = std::time::Instant::now();
+    let line = status_before_the_body(gw, path, DOOR, "{\"topK\": 1,", wait)
+        .await
+        .expect("answered at the deadline");
+    assert!(line.starts_with("HTTP/1.1 504"), "{line}");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(1_900),
+        "{:?}",
+        started.elapsed()
+    );
+    server.stop().await.expect("clean stop");
+}

@@ -12,17 +12,28 @@
 //! (`google.rpc.Code`), with a JSON body `{"error": {"code", "status",
 //! "message"}}`.
 //!
-//! Two limits are the gateway's own: a body larger than the largest gRPC
-//! message could be once base64-encoded is refused (413) while it is read,
-//! and a caller whose key is refused gets its refusal without its body
-//! being read at all.
+//! The body is read and translated *inside* that stack, by [`Translate`],
+//! its innermost service: a caller is authenticated, rate-limited and given
+//! one of the server's concurrency slots before a byte of its body is read,
+//! as tonic reads a gRPC message only once the stack has admitted the call.
+//! A caller whose key is refused gets its refusal without its body being
+//! read at all, and the call's deadline bounds the body's arrival.
+//!
+//! One limit is the gateway's own: a body larger than the largest gRPC
+//! message could be once base64-encoded is refused (413) while it is read.
+//! The JSON is decoded straight into the protobuf message (no tree of the
+//! whole document), so a body costs memory in proportion to its bytes.
 
 pub mod openapi;
 pub mod routes;
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -32,20 +43,25 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use serde_json::value::RawValue;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tonic::Code;
 use tonic::transport::server::{Connected, TcpConnectInfo};
-use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
+use tower::{Layer, ServiceExt};
 
-use crate::live::LiveAuth;
+use crate::layers::ProtectionLayer;
 use routes::{Found, Route};
 
-/// The gRPC services behind the protection stack, as the gateway calls
-/// them.
-pub type Protected =
+/// The gRPC services alone, as [`Translate`] calls them.
+pub type Services =
     BoxCloneSyncService<http::Request<Full<Bytes>>, http::Response<tonic::body::Body>, Infallible>;
+
+/// [`Translate`] and the services behind the protection stack, as the
+/// gateway calls them: a request for a gRPC path whose body is still the
+/// HTTP request's, and a [`Payload`] saying what it holds.
+pub type Protected = BoxCloneSyncService<http::Request<Body>, http::Response<tonic::body::Body>, Infallible>;
 
 /// The path of the gRPC health check, asked by `/healthz`.
 const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
@@ -54,28 +70,22 @@ const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
 #[derive(Debug)]
 pub struct Gateway {
     grpc: Protected,
-    auth: Arc<LiveAuth>,
-    max_body_bytes: usize,
-    body_timeout: Duration,
     openapi: Bytes,
 }
 
 impl Gateway {
-    /// A gateway calling `grpc` (the services behind the protection stack);
-    /// `auth` is the stack's own key table, consulted before a body is
-    /// read; bodies are refused past the base64 size of `max_message_bytes`
-    /// and when they take longer than `body_timeout` to arrive.
-    pub fn new(
-        grpc: Protected,
-        auth: Arc<LiveAuth>,
-        max_message_bytes: usize,
-        body_timeout: Duration,
-    ) -> Self {
-        Self {
-            grpc,
-            auth,
+    /// A gateway calling `services` through `protection` (the gRPC
+    /// listener's stack, whose limits it shares), with [`Translate`]
+    /// innermost: bodies are refused past the base64 size of
+    /// `max_message_bytes`.
+    pub fn new(protection: &ProtectionLayer, services: Services, max_message_bytes: usize) -> Self {
+        let translate = Translate {
+            services,
             max_body_bytes: max_body_bytes(max_message_bytes),
-            body_timeout,
+            max_message_bytes,
+        };
+        Self {
+            grpc: BoxCloneSyncService::new(protection.layer(translate)),
             openapi: Bytes::from(openapi::document().to_string()),
         }
     }
@@ -101,7 +111,7 @@ fn max_body_bytes(max_message_bytes: usize) -> usize {
 }
 
 /// A refusal as the gateway answers it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Refusal {
     http: StatusCode,
     code: Code,
@@ -120,7 +130,21 @@ impl Refusal {
     fn from_status(status: &tonic::Status) -> Self {
         Self::new(http_status(status.code()), status.code(), status.message())
     }
+
+    /// The refusal as a gRPC answer, for the layers above [`Translate`] to
+    /// see (the audit row records its code) and the gateway to turn back
+    /// into this refusal, HTTP status included.
+    fn into_grpc(self) -> http::Response<tonic::body::Body> {
+        let mut response = tonic::Status::new(self.code, self.message).into_http();
+        response.extensions_mut().insert(HttpStatus(self.http));
+        response
+    }
 }
+
+/// The HTTP status of a refusal [`Translate`] made, which may be more
+/// precise than its gRPC code's (413, 415).
+#[derive(Debug, Clone, Copy)]
+struct HttpStatus(StatusCode);
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
@@ -171,7 +195,13 @@ async fn openapi_document(State(gateway): State<Arc<Gateway>>) -> Response {
 async fn health(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
     let (parts, _) = request.into_parts();
     let answer = gateway
-        .unary(HEALTH_CHECK, &parts.headers, parts.extensions, Vec::new())
+        .unary(
+            HEALTH_CHECK,
+            &parts.headers,
+            parts.extensions,
+            Payload::Message(Bytes::new()),
+            Body::empty(),
+        )
         .await;
     let serving = answer
         .ok()
@@ -222,24 +252,28 @@ impl Gateway {
                 ));
             }
         };
-        // A caller the keys refuse is answered without reading its body;
-        // the empty message still goes through the stack, so the refusal
-        // is the gRPC one, audited like it.
-        let admitted = self
-            .auth
-            .current()
-            .check(route.grpc, &parts.headers, &parts.extensions)
-            .is_ok();
-        let message = if admitted {
-            let json = self.request_json(route, &parts, body).await?;
-            self.message(route, json, fields)?
+        // Only what the headers and the path say is looked at here; the
+        // body is read by `Translate`, once the stack has admitted the call.
+        let payload = if route.body {
+            Payload::Json {
+                route,
+                fields,
+                content_type: parts.headers.get(header::CONTENT_TYPE).cloned(),
+                declared: parts
+                    .headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok()),
+            }
         } else {
-            Vec::new()
+            Payload::Query {
+                route,
+                fields,
+                query: parts.uri.query().unwrap_or("").to_owned(),
+            }
         };
         let bytes = self
-            .unary(route.grpc, &parts.headers, parts.extensions, message)
-            .await
-            .map_err(|status| Refusal::from_status(&status))?;
+            .unary(route.grpc, &parts.headers, parts.extensions, payload, body)
+            .await?;
         let json = (route.encode)(&bytes).map_err(|e| {
             tracing::error!(method = route.grpc, error = %e, "a response could not be written as JSON");
             Refusal::new(
@@ -251,29 +285,166 @@ impl Gateway {
         Ok(json_response(StatusCode::OK, json.into()))
     }
 
-    /// The request's fields as JSON: the body (POST) or the query string.
-    async fn request_json(
+    /// One unary call through the protection stack: the request's body and
+    /// what it holds in, the response message's bytes or the call's
+    /// refusal out.
+    async fn unary(
         &self,
-        route: &Route,
-        parts: &http::request::Parts,
+        path: &'static str,
+        headers: &HeaderMap,
+        extensions: http::Extensions,
+        payload: Payload,
         body: Body,
-    ) -> Result<serde_json::Value, Refusal> {
-        let bad = |message: String| Refusal::new(StatusCode::BAD_REQUEST, Code::InvalidArgument, message);
-        if !route.body {
-            let pairs = routes::query_pairs(parts.uri.query().unwrap_or(""))
-                .ok_or_else(|| bad("the query string is not valid percent-encoded UTF-8".to_owned()))?;
-            let mut object = serde_json::Map::new();
-            for (name, value) in pairs {
-                if object
-                    .insert(name.clone(), serde_json::Value::String(value))
-                    .is_some()
-                {
-                    return Err(bad(format!("query parameter {name:?} is given twice")));
-                }
+    ) -> Result<Bytes, Refusal> {
+        let mut request = http::Request::new(body);
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = http::Uri::from_static(path);
+        *request.extensions_mut() = extensions;
+        request.extensions_mut().insert(payload);
+        let grpc_headers = request.headers_mut();
+        grpc_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        grpc_headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        // Only the credentials cross over: no other header of the HTTP
+        // request can become gRPC metadata.
+        for name in [header::AUTHORIZATION.as_str(), "x-api-key"] {
+            for value in headers.get_all(name) {
+                grpc_headers.append(name, value.clone());
             }
-            return Ok(serde_json::Value::Object(object));
         }
-        if let Some(kind) = parts.headers.get(header::CONTENT_TYPE) {
+        let Ok(response) = self.grpc.clone().oneshot(request).await;
+        let (parts, body) = response.into_parts();
+        if let Some(status) = tonic::Status::from_header_map(&parts.headers)
+            && status.code() != Code::Ok
+        {
+            return Err(match parts.extensions.get::<HttpStatus>() {
+                Some(HttpStatus(http)) => Refusal::new(*http, status.code(), status.message()),
+                None => Refusal::from_status(&status),
+            });
+        }
+        let internal = |message: String| Refusal::from_status(&tonic::Status::internal(message));
+        let collected = body
+            .collect()
+            .await
+            .map_err(|e| internal(format!("reading the response: {e}")))?;
+        let trailers = collected.trailers().cloned().unwrap_or_default();
+        let data = collected.to_bytes();
+        match tonic::Status::from_header_map(&trailers) {
+            Some(status) if status.code() != Code::Ok => Err(Refusal::from_status(&status)),
+            _ => match (data.first(), data.get(5..)) {
+                (Some(0), Some(message)) => Ok(data.slice(5..5 + message.len())),
+                _ => Err(internal("the service answered without a message".to_owned())),
+            },
+        }
+    }
+}
+
+/// What [`Translate`] makes of a call's body; the gateway puts it in the
+/// request's extensions.
+#[derive(Debug, Clone)]
+enum Payload {
+    /// The body is the route's JSON object (POST); the path's fields go
+    /// into it. The request's own `Content-Type` and `Content-Length`,
+    /// which the gRPC request's headers replace.
+    Json {
+        route: &'static Route,
+        fields: Vec<(&'static str, String)>,
+        content_type: Option<HeaderValue>,
+        declared: Option<u64>,
+    },
+    /// The fields are the query string's (GET, DELETE), with the path's.
+    Query {
+        route: &'static Route,
+        fields: Vec<(&'static str, String)>,
+        query: String,
+    },
+    /// The call's protobuf message, whole (the health check's).
+    Message(Bytes),
+}
+
+/// The innermost service of the gateway's stack: turns the admitted call's
+/// [`Payload`] and body into the protobuf message and calls the service.
+/// A body that is not the call's message is refused here, after the
+/// layers above have admitted (and will audit) the call.
+#[derive(Clone)]
+pub struct Translate {
+    services: Services,
+    max_body_bytes: usize,
+    max_message_bytes: usize,
+}
+
+impl std::fmt::Debug for Translate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Translate")
+            .field("max_body_bytes", &self.max_body_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bodies larger than this are decoded on the blocking pool, not on the
+/// runtime's threads (tens of megabytes of JSON take a while).
+const BLOCKING_DECODE_BYTES: usize = 256 * 1024;
+
+impl tower::Service<http::Request<Body>> for Translate {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { Ok(this.translate(request).await) })
+    }
+}
+
+impl Translate {
+    async fn translate(self, request: http::Request<Body>) -> http::Response<tonic::body::Body> {
+        let (mut parts, body) = request.into_parts();
+        let message = match parts.extensions.remove::<Payload>() {
+            Some(Payload::Json {
+                route,
+                fields,
+                content_type,
+                declared,
+            }) => {
+                self.body_message(route, fields, content_type.as_ref(), declared, body)
+                    .await
+            }
+            Some(Payload::Query { route, fields, query }) => query_message(route, fields, &query),
+            Some(Payload::Message(message)) => Ok(message),
+            None => Err(Refusal::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Code::Internal,
+                "the gateway sent a call without its payload",
+            )),
+        };
+        let message = match message {
+            Ok(message) => message,
+            Err(refusal) => return refusal.into_grpc(),
+        };
+        let mut framed = Vec::with_capacity(message.len() + 5);
+        framed.push(0);
+        framed.extend_from_slice(&u32::try_from(message.len()).unwrap_or(u32::MAX).to_be_bytes());
+        framed.extend_from_slice(&message);
+        drop(message);
+        let request = http::Request::from_parts(parts, Full::new(Bytes::from(framed)));
+        let Ok(response) = self.services.oneshot(request).await;
+        response
+    }
+
+    /// The message of a call whose fields come in a JSON body.
+    async fn body_message(
+        &self,
+        route: &'static Route,
+        fields: Vec<(&'static str, String)>,
+        content_type: Option<&HeaderValue>,
+        declared: Option<u64>,
+        body: Body,
+    ) -> Result<Bytes, Refusal> {
+        let bad = |message: String| Refusal::new(StatusCode::BAD_REQUEST, Code::InvalidArgument, message);
+        if let Some(kind) = content_type {
             let json = kind
                 .to_str()
                 .ok()
@@ -297,123 +468,123 @@ impl Gateway {
                 ),
             )
         };
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|n| n > self.max_body_bytes as u64) {
             return Err(too_large());
         }
-        let limited = http_body_util::Limited::new(body, self.max_body_bytes);
-        let bytes = match tokio::time::timeout(self.body_timeout, limited.collect()).await {
-            Err(_) => {
-                return Err(Refusal::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    Code::DeadlineExceeded,
-                    format!(
-                        "the body did not arrive within {} ms (server.request_timeout_ms)",
-                        self.body_timeout.as_millis()
-                    ),
-                ));
-            }
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
-            Ok(Err(_)) => return Err(bad("the body could not be read".to_owned())),
-            Ok(Ok(collected)) => collected.to_bytes(),
-        };
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Ok(serde_json::Value::Object(serde_json::Map::new()));
-        }
-        match serde_json::from_slice(&bytes) {
-            Ok(value @ serde_json::Value::Object(_)) => Ok(value),
-            Ok(_) => Err(bad("the body must be a JSON object".to_owned())),
-            Err(e) => Err(bad(format!("the body is not valid JSON: {}", json_error(&e)))),
-        }
-    }
-
-    /// The protobuf message of the call: `json` with the path's fields.
-    fn message(
-        &self,
-        route: &Route,
-        mut json: serde_json::Value,
-        fields: Vec<(&'static str, String)>,
-    ) -> Result<Vec<u8>, Refusal> {
-        let bad = |message: String| Refusal::new(StatusCode::BAD_REQUEST, Code::InvalidArgument, message);
-        let object = json
-            .as_object_mut()
-            .ok_or_else(|| bad("the body must be a JSON object".to_owned()))?;
-        for (field, value) in fields {
-            // The path names the resource; the body may repeat it, not
-            // contradict it (either spelling of the field).
-            for name in [field.to_owned(), camel_case(field)] {
-                match object.get(&name) {
-                    Some(serde_json::Value::String(v)) if *v == value => {
-                        object.remove(&name);
-                    }
-                    Some(_) => {
-                        return Err(bad(format!("{name} in the body differs from the path's {field}")));
-                    }
-                    None => {}
-                }
-            }
-            object.insert(field.to_owned(), serde_json::Value::String(value));
-        }
-        (route.decode)(json).map_err(|e| {
-            let (_, method) = route.grpc.rsplit_once('/').unwrap_or(("", route.grpc));
-            bad(format!(
-                "the request is not a valid {method} request in the proto3 JSON mapping: {}",
-                json_error(&e)
-            ))
-        })
-    }
-
-    /// One unary call through the protection stack: the message's bytes
-    /// in, the response message's bytes or the call's status out.
-    async fn unary(
-        &self,
-        path: &'static str,
-        headers: &HeaderMap,
-        extensions: http::Extensions,
-        message: Vec<u8>,
-    ) -> Result<Bytes, tonic::Status> {
-        let mut framed = Vec::with_capacity(message.len() + 5);
-        framed.push(0);
-        framed.extend_from_slice(&u32::try_from(message.len()).unwrap_or(u32::MAX).to_be_bytes());
-        framed.extend_from_slice(&message);
-        let mut request = http::Request::new(Full::new(Bytes::from(framed)));
-        *request.method_mut() = http::Method::POST;
-        *request.uri_mut() = http::Uri::from_static(path);
-        *request.extensions_mut() = extensions;
-        let grpc_headers = request.headers_mut();
-        grpc_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        grpc_headers.insert(header::TE, HeaderValue::from_static("trailers"));
-        // Only the credentials cross over: no other header of the HTTP
-        // request can become gRPC metadata.
-        for name in [header::AUTHORIZATION.as_str(), "x-api-key"] {
-            for value in headers.get_all(name) {
-                grpc_headers.append(name, value.clone());
-            }
-        }
-        let Ok(response) = self.grpc.clone().oneshot(request).await;
-        let (parts, body) = response.into_parts();
-        if let Some(status) = tonic::Status::from_header_map(&parts.headers)
-            && status.code() != Code::Ok
-        {
-            return Err(status);
-        }
-        let collected = body
+        // The call's deadline (the stack's) bounds how long this may take.
+        let bytes = match http_body_util::Limited::new(body, self.max_body_bytes)
             .collect()
             .await
-            .map_err(|e| tonic::Status::internal(format!("reading the response: {e}")))?;
-        let trailers = collected.trailers().cloned().unwrap_or_default();
-        let data = collected.to_bytes();
-        match tonic::Status::from_header_map(&trailers) {
-            Some(status) if status.code() != Code::Ok => Err(status),
-            _ => match (data.first(), data.get(5..)) {
-                (Some(0), Some(message)) => Ok(data.slice(5..5 + message.len())),
-                _ => Err(tonic::Status::internal("the service answered without a message")),
-            },
+        {
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+            Err(_) => return Err(bad("the body could not be read".to_owned())),
+            Ok(collected) => collected.to_bytes(),
+        };
+        let max_message_bytes = self.max_message_bytes;
+        if bytes.len() <= BLOCKING_DECODE_BYTES {
+            return json_message(route, fields, &bytes, max_message_bytes);
         }
+        tokio::task::spawn_blocking(move || json_message(route, fields, &bytes, max_message_bytes))
+            .await
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "decoding a request body failed");
+                Err(Refusal::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    Code::Internal,
+                    "internal error",
+                ))
+            })
     }
+}
+
+/// A JSON document's top-level members, each kept as its own text: the
+/// document is checked as JSON, but no tree of it is built.
+type Members = BTreeMap<String, Box<RawValue>>;
+
+/// The message of a body call: the JSON object `bytes` with the path's
+/// fields.
+fn json_message(
+    route: &Route,
+    fields: Vec<(&'static str, String)>,
+    bytes: &[u8],
+    max_message_bytes: usize,
+) -> Result<Bytes, Refusal> {
+    let bad = |message: String| Refusal::new(StatusCode::BAD_REQUEST, Code::InvalidArgument, message);
+    let members = if bytes.iter().all(u8::is_ascii_whitespace) {
+        Members::new()
+    } else {
+        serde_json::from_slice::<Members>(bytes).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => bad("the body must be a JSON object".to_owned()),
+            _ => bad(format!("the body is not valid JSON: {}", json_error(&e))),
+        })?
+    };
+    message(route, members, fields, max_message_bytes)
+}
+
+/// The message of a query-string call.
+fn query_message(route: &Route, fields: Vec<(&'static str, String)>, query: &str) -> Result<Bytes, Refusal> {
+    let bad = |message: String| Refusal::new(StatusCode::BAD_REQUEST, Code::InvalidArgument, message);
+    let pairs = routes::query_pairs(query)
+        .ok_or_else(|| bad("the query string is not valid percent-encoded UTF-8".to_owned()))?;
+    let mut members = Members::new();
+    for (name, value) in pairs {
+        if members.contains_key(&name) {
+            return Err(bad(format!("query parameter {name:?} is given twice")));
+        }
+        members.insert(name, json_string(&value));
+    }
+    message(route, members, fields, usize::MAX)
+}
+
+/// `value` as a JSON string.
+fn json_string(value: &str) -> Box<RawValue> {
+    // A string always serialises, and its serialisation is valid JSON.
+    RawValue::from_string(serde_json::Value::String(value.to_owned()).to_string())
+        .unwrap_or_else(|_| unreachable!("a serialised string is JSON"))
+}
+
+/// The protobuf message of the call: `members` with the path's fields.
+fn message(
+    route: &Route,
+    mut members: Members,
+    fields: Vec<(&'static str, String)>,
+    max_message_bytes: usize,
+) -> Result<Bytes, Refusal> {
+    let bad = |message: String| Refusal::new(StatusCode::BAD_REQUEST, Code::InvalidArgument, message);
+    for (field, value) in fields {
+        // The path names the resource; the body may repeat it, not
+        // contradict it (either spelling of the field).
+        for name in [field.to_owned(), camel_case(field)] {
+            if let Some(given) = members.get(&name) {
+                if serde_json::from_str::<String>(given.get()).is_ok_and(|v| v == value) {
+                    members.remove(&name);
+                } else {
+                    return Err(bad(format!("{name} in the body differs from the path's {field}")));
+                }
+            }
+        }
+        members.insert(field.to_owned(), json_string(&value));
+    }
+    let document = serde_json::to_vec(&members).map_err(|e| bad(json_error(&e)))?;
+    drop(members);
+    let message = (route.decode)(&document).map_err(|e| {
+        let (_, method) = route.grpc.rsplit_once('/').unwrap_or(("", route.grpc));
+        bad(format!(
+            "the request is not a valid {method} request in the proto3 JSON mapping: {}",
+            json_error(&e)
+        ))
+    })?;
+    if message.len() > max_message_bytes {
+        return Err(Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Code::OutOfRange,
+            format!(
+                "the request's message is {} bytes, more than limits.max_message_bytes ({max_message_bytes})",
+                message.len()
+            ),
+        ));
+    }
+    Ok(Bytes::from(message))
 }
 
 /// `gallery_id` -> `galleryId`, as the proto3 JSON mapping names fields.

@@ -14,9 +14,9 @@ use serde::de::DeserializeOwned;
 
 use handid_proto::v1 as pb;
 
-/// Turns a JSON request into the protobuf bytes of the call's message, or
+/// Turns a JSON request (its text) into the protobuf bytes of the call's message, or
 /// says why it is not one.
-pub type DecodeRequest = fn(serde_json::Value) -> Result<Vec<u8>, serde_json::Error>;
+pub type DecodeRequest = fn(&[u8]) -> Result<Vec<u8>, serde_json::Error>;
 /// Turns the call's protobuf response into JSON.
 pub type EncodeResponse = fn(&[u8]) -> Result<Vec<u8>, String>;
 
@@ -39,10 +39,8 @@ pub struct Route {
     pub encode: EncodeResponse,
 }
 
-fn decode<M: prost::Message + DeserializeOwned>(
-    value: serde_json::Value,
-) -> Result<Vec<u8>, serde_json::Error> {
-    Ok(serde_json::from_value::<M>(value)?.encode_to_vec())
+fn decode<M: prost::Message + DeserializeOwned>(json: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
+    Ok(serde_json::from_slice::<M>(json)?.encode_to_vec())
 }
 
 fn encode<M: prost::Message + Default + Serialize>(bytes: &[u8]) -> Result<Vec<u8>, String> {
