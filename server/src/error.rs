@@ -195,6 +195,20 @@ pub enum ServiceError {
     /// A concurrent change (e.g. the gallery was deleted meanwhile); retry.
     #[error("the call conflicted with a concurrent change and was rolled back; retry")]
     Conflict,
+    /// An Enroll whose images were embedded by a model whose templates the
+    /// serving model cannot compare: a rollback, a promotion or another
+    /// replica's change replaced it meanwhile. Nothing was stored; a retry
+    /// embeds the images with the serving model.
+    #[error(
+        "the serving model changed while the images were embedded (by model {embedded_by}; model \
+         {serving} serves now and cannot compare its templates); nothing was stored: retry the call"
+    )]
+    ModelChanged {
+        /// The model that embedded the images.
+        embedded_by: String,
+        /// The model serving now.
+        serving: String,
+    },
     /// The database cannot be reached.
     #[error("the database is unavailable; retry with backoff")]
     Unavailable,
@@ -254,6 +268,10 @@ impl From<StoreError> for ServiceError {
                 tracing::info!(%constraint, "concurrent modification");
                 ServiceError::Conflict
             }
+            StoreError::ModelChanged { model_id, active } => ServiceError::ModelChanged {
+                embedded_by: model_id,
+                serving: active,
+            },
             StoreError::GalleryNotFound(gallery) => ServiceError::GalleryNotFound(gallery),
             StoreError::SubjectNotFound { gallery, subject } => {
                 ServiceError::SubjectNotFound { gallery, subject }
@@ -311,7 +329,7 @@ impl ServiceError {
             ServiceError::GalleryNotFound(_)
             | ServiceError::SubjectNotFound { .. }
             | ServiceError::NoTemplatesForModel { .. } => Code::NotFound,
-            ServiceError::Conflict => Code::Aborted,
+            ServiceError::Conflict | ServiceError::ModelChanged { .. } => Code::Aborted,
             ServiceError::GalleryQuota { .. } => Code::ResourceExhausted,
             ServiceError::GalleryDenied { .. } | ServiceError::EmbedDenied { .. } => Code::PermissionDenied,
             ServiceError::Unavailable | ServiceError::ShuttingDown | ServiceError::ModelUnavailable => {
@@ -398,6 +416,13 @@ mod tests {
             ),
             (ServiceError::GalleryNotFound("g".to_owned()), Code::NotFound),
             (ServiceError::IdempotencyKeyReused, Code::AlreadyExists),
+            (
+                ServiceError::ModelChanged {
+                    embedded_by: "c".to_owned(),
+                    serving: "a".to_owned(),
+                },
+                Code::Aborted,
+            ),
             (
                 ServiceError::from(StoreError::Unavailable(sqlx::Error::PoolTimedOut)),
                 Code::Unavailable,

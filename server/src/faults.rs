@@ -1,7 +1,8 @@
 //! Faults a test injects into a running server, to prove it survives them:
 //! a panic or a device error in the forward thread, a model that cannot run
-//! at all, a non-finite embedding, a pause between a write's commit and its
-//! index update or a reload's load and publication, a follower that dies.
+//! at all, a non-finite embedding, a pause between an enrolment's embedding
+//! and its commit, between a write's commit and its index update or a
+//! reload's load and publication, a follower that dies.
 //!
 //! Only with the `fault-injection` feature (the server's own tests turn it
 //! on through their dev-dependency on this crate); without it every probe
@@ -34,6 +35,7 @@ mod armed {
     pub(super) struct Faults {
         pub(super) forward: Vec<ForwardFault>,
         pub(super) model_broken: bool,
+        pub(super) pause_before_commit: Option<Duration>,
         pub(super) pause_after_commit: Option<Duration>,
         pub(super) pause_after_index_load: Option<Duration>,
         pub(super) follower_panics: usize,
@@ -42,6 +44,7 @@ mod armed {
     pub(super) static FAULTS: Mutex<Faults> = Mutex::new(Faults {
         forward: Vec::new(),
         model_broken: false,
+        pause_before_commit: None,
         pause_after_commit: None,
         pause_after_index_load: None,
         follower_panics: 0,
@@ -63,6 +66,13 @@ pub fn arm_forward(fault: ForwardFault) {
 #[cfg(feature = "fault-injection")]
 pub fn break_model(broken: bool) {
     armed::with(|f| f.model_broken = broken);
+}
+
+/// Every enrolment pauses this long between embedding its images and its
+/// commit (`None`: no pause).
+#[cfg(feature = "fault-injection")]
+pub fn pause_before_commit(pause: Option<Duration>) {
+    armed::with(|f| f.pause_before_commit = pause);
 }
 
 /// Every write pauses this long between its commit and its index update
@@ -117,6 +127,16 @@ pub(crate) fn model_broken() -> bool {
     }
     #[cfg(not(feature = "fault-injection"))]
     false
+}
+
+/// The pause between an enrolment's embedding and its commit.
+pub(crate) fn before_commit() -> Option<Duration> {
+    #[cfg(feature = "fault-injection")]
+    {
+        armed::with(|f| f.pause_before_commit)
+    }
+    #[cfg(not(feature = "fault-injection"))]
+    None
 }
 
 /// The pause between a write's commit and its index update.

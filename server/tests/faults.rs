@@ -1,8 +1,9 @@
 //! Partial failures against a real server, with faults injected through
 //! `handid_server::faults` (this crate's tests build it with the
 //! `fault-injection` feature): a client that gives up after its write
-//! committed, a reload racing deletions, a panic or a device error in the
-//! forward thread, a model that cannot run, a follower that dies.
+//! committed, a reload racing deletions, an enrolment racing a rollback, a
+//! panic or a device error in the forward thread, a model that cannot run,
+//! a follower that dies.
 //!
 //! The faults are process-wide, so the tests of this binary run one at a
 //! time ([`SERIAL`]).
@@ -376,6 +377,123 @@ async fn a_subject_deleted_during_a_reload_is_never_returned_afterwards(
         .into_inner();
     assert_eq!(identified.gallery_size as usize, 3000 - gone);
     assert_eq!(identified.model_id, model_b.model_id);
+    server.stop().await.expect("graceful stop");
+}
+
+#[sqlx::test(migrations = false)]
+async fn an_enrolment_embedded_before_a_rollback_is_refused_and_its_retry_is_found(
+    _: PgPoolOptions,
+    options: PgConnectOptions,
+) {
+    let _one = isolated().await;
+    let (a_dir, c_dir) = (tempfile::tempdir().expect("a"), tempfile::tempdir().expect("c"));
+    let a = checkpoint_in(a_dir.path(), 11, None);
+    let c = checkpoint_in(c_dir.path(), 13, None);
+    let server = TestServer::start(settings(&options, a_dir.path())).await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let mut client = server.client().await;
+    let mut admin = AdminClient::connect(format!("http://{}", server.addr))
+        .await
+        .expect("admin");
+    let people = common::people(2, 2);
+    let (early, late) = (&people[0], &people[1]);
+    // A migration from A to C (another space), the one subject enrolled
+    // under both: C serves, and A, the rollback target, compares everyone.
+    client
+        .enroll(enroll("site", &early.0, &early.1[0]))
+        .await
+        .expect("enrol under A");
+    admin
+        .reload_model(common::reload(c_dir.path(), pb::ReloadMode::StageMigration))
+        .await
+        .expect("stage C");
+    client
+        .enroll(enroll("site", &early.0, &early.1[1]))
+        .await
+        .expect("dual enrol");
+    admin
+        .promote_model(pb::PromoteModelRequest {
+            require_full_coverage: true,
+        })
+        .await
+        .expect("promote C");
+
+    // The late subject's images are embedded by C; its commit waits until
+    // the rollback has made A serve again.
+    faults::pause_before_commit(Some(Duration::from_secs(5)));
+    let enrolling = {
+        let (mut client, subject, image) = (client.clone(), late.0.clone(), late.1[0].clone());
+        tokio::spawn(async move { client.enroll(enroll("site", &subject, &image)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let back = admin
+        .rollback_model(pb::RollbackModelRequest {})
+        .await
+        .expect("roll back to A: every subject committed so far has a template of A")
+        .into_inner();
+    assert_eq!(back.active.expect("active").model_id, a.model_id);
+    assert!(
+        !enrolling.is_finished(),
+        "the enrolment committed before the rollback"
+    );
+    faults::pause_before_commit(None);
+    // Refused, retryably, naming both models; nothing stored.
+    let refused = enrolling
+        .await
+        .expect("task")
+        .expect_err("C's templates committed while A serves");
+    assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
+    for want in [c.model_id.as_str(), a.model_id.as_str(), "retry"] {
+        assert!(
+            refused.message().contains(want),
+            "{want:?} missing from {}",
+            refused.message()
+        );
+    }
+    let missing = client
+        .get_subject(pb::GetSubjectRequest {
+            gallery_id: "site".to_owned(),
+            subject_id: late.0.clone(),
+        })
+        .await
+        .expect_err("nothing stored");
+    assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
+    assert_eq!(
+        audit_rows(&options, "enroll").await.last(),
+        Some(&(None, "ABORTED".to_owned()))
+    );
+
+    // The retry is embedded by A, stored, and found.
+    let retried = client
+        .enroll(enroll("site", &late.0, &late.1[0]))
+        .await
+        .expect("the retry")
+        .into_inner();
+    assert_eq!(retried.model_id, a.model_id);
+    let found = client
+        .identify(common::identify("site", &late.1[0]))
+        .await
+        .expect("identify under A")
+        .into_inner();
+    assert_eq!(found.model_id, a.model_id);
+    assert_eq!(found.gallery_size, 2);
+    assert_eq!(found.candidates[0].subject_id, late.0);
+    assert!(found.candidates[0].score > 0.999, "{:?}", found.candidates[0]);
+    // No subject is left with only templates A cannot compare.
+    let pool = PgPoolOptions::new()
+        .connect_with(options.clone())
+        .await
+        .expect("pool");
+    let uncovered: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM subjects s WHERE NOT EXISTS (
+             SELECT 1 FROM templates t JOIN models m ON m.model_id = t.model_id
+             WHERE t.subject = s.id AND m.embedding_space = $1)",
+    )
+    .bind(&a.embedding_space)
+    .fetch_one(&pool)
+    .await
+    .expect("coverage");
+    assert_eq!(uncovered, 0);
     server.stop().await.expect("graceful stop");
 }
 

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use handid_server::store::{
-    AuditEntry, Coverage, Enrolled, Erased, ModelRecord, NewEnrollment, Role, StagedEmbeddings, Store,
-    StoreError, TemplateRow, images_sha256,
+    AuditEntry, Coverage, Enrolled, Erased, ModelRecord, NewEnrollment, Role, Rollback, StagedEmbeddings,
+    Store, StoreError, TemplateRow, images_sha256,
 };
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use uuid::Uuid;
@@ -310,6 +310,219 @@ async fn an_unknown_model_is_a_server_fault_not_a_conflict(pool: PgPool) {
     // The failed transaction left nothing behind, its audit row included.
     assert!(!store.gallery_exists("g").await.expect("exists"));
     assert_eq!(audit_count(&pool).await, 0);
+}
+
+/// Records `model_id` of `space` and `dim`, its manifest declaring
+/// `compatible` spaces.
+async fn record(store: &Store, model_id: &str, space: &str, dim: usize, compatible: &[&str]) {
+    store
+        .record_model(&ModelRecord {
+            model_id: model_id.to_owned(),
+            embedding_space: space.to_owned(),
+            architecture: "tiny".to_owned(),
+            embedding_dim: dim,
+            manifest_json: serde_json::json!({ "compatible_spaces": compatible }).to_string(),
+        })
+        .await
+        .expect("record model");
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn an_enrolment_the_active_model_cannot_compare_is_refused_and_stores_nothing(pool: PgPool) {
+    let store = store(pool.clone()).await;
+    record(&store, "model-c", "space-c", 2, &[]).await;
+    record(&store, "model-d", "space-d", 2, &["space-a"]).await;
+    record(&store, "model-w", "space-a", 3, &[]).await;
+    let one = vec![vec![1.0, 0.0]];
+    // No model recorded as active (no server started on this database):
+    // nothing to check against.
+    store
+        .enroll(&enrollment("g", "first", &one, None), &AUDIT)
+        .await
+        .expect("no active model");
+
+    // C is active: A's embeddings (made before C replaced A) are refused,
+    // retryably, and leave nothing behind.
+    store
+        .assign_role("model-c", Role::Active, "/models/c")
+        .await
+        .expect("C active");
+    let (rows, last) = (audit_count(&pool).await, store.last_change().await.expect("last"));
+    let err = store
+        .enroll(&enrollment("g2", "s", &one, None), &AUDIT)
+        .await
+        .expect_err("C cannot compare A's templates");
+    assert!(
+        matches!(&err, StoreError::ModelChanged { model_id, active } if model_id == MODEL && active == "model-c"),
+        "{err:?}"
+    );
+    let status = tonic::Status::from(handid_server::ServiceError::from(err));
+    assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
+    for want in [MODEL, "model-c", "retry"] {
+        assert!(
+            status.message().contains(want),
+            "{want:?} missing from {}",
+            status.message()
+        );
+    }
+    assert!(!store.gallery_exists("g2").await.expect("exists"));
+    assert_eq!(audit_count(&pool).await, rows);
+    assert_eq!(store.last_change().await.expect("last"), last);
+    // A dual enrolment whose staged model became the active one (a
+    // promotion in between) is stored: C compares its staged templates.
+    let mut dual = enrollment("g", "dual", &one, None);
+    dual.staged = Some(StagedEmbeddings {
+        model_id: "model-c",
+        embeddings: &one,
+    });
+    let stored = store.enroll(&dual, &AUDIT).await.expect("dual enrolment");
+    assert_eq!((stored.templates.len(), stored.staged_templates.len()), (1, 1));
+
+    // A model declaring A's space compatible compares them; one of A's
+    // space but another width does not.
+    store
+        .assign_role("model-d", Role::Active, "/models/d")
+        .await
+        .expect("D active");
+    store
+        .enroll(&enrollment("g", "under-d", &one, None), &AUDIT)
+        .await
+        .expect("D compares space-a");
+    store
+        .assign_role("model-w", Role::Active, "/models/w")
+        .await
+        .expect("W active");
+    let err = store
+        .enroll(&enrollment("g", "under-w", &one, None), &AUDIT)
+        .await
+        .expect_err("W is of another width");
+    assert!(matches!(err, StoreError::ModelChanged { .. }), "{err:?}");
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_rollback_and_the_enrolments_of_the_model_it_replaces_wait_for_each_other(pool: PgPool) {
+    let store = store(pool.clone()).await;
+    record(&store, "model-c", "space-c", 2, &[]).await;
+    let one = vec![vec![1.0, 0.0]];
+    // A served, then C: A is the rollback target, "early" has its template.
+    store
+        .assign_role(MODEL, Role::Active, "/models/a")
+        .await
+        .expect("A active");
+    store
+        .enroll(&enrollment("g", "early", &one, None), &AUDIT)
+        .await
+        .expect("enrol under A");
+    store
+        .assign_role("model-c", Role::Active, "/models/c")
+        .await
+        .expect("C active");
+    let spaces_a = vec!["space-a".to_owned()];
+
+    // An enrolment of C on another replica, in flight: it holds the active
+    // model's row as `Store::enroll` does, and commits its subject (C's
+    // template only) while the rollback waits. The rollback's check runs
+    // after it and refuses.
+    let mut replica = pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM models WHERE role = 'active' FOR SHARE")
+        .execute(&mut *replica)
+        .await
+        .expect("lock the active model");
+    let rolling = {
+        let (store, spaces) = (store.clone(), spaces_a.clone());
+        tokio::spawn(async move { store.roll_back_to(MODEL, "/models/a", &spaces).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !rolling.is_finished(),
+        "the rollback did not wait for the enrolment holding the active model"
+    );
+    sqlx::query(
+        "WITH s AS (INSERT INTO subjects (gallery_id, subject_id) VALUES ('g', 'late') RETURNING id)
+         INSERT INTO templates (template_id, subject, gallery_id, model_id, dimension, embedding)
+         SELECT gen_random_uuid(), s.id, 'g', 'model-c', 2, decode('3f80000000000000', 'hex') FROM s",
+    )
+    .execute(&mut *replica)
+    .await
+    .expect("C's template");
+    replica.commit().await.expect("commit");
+    let refused = rolling.await.expect("task").expect("rollback");
+    assert_eq!(
+        refused,
+        Rollback::Uncovered(vec![Coverage {
+            gallery_id: "g".to_owned(),
+            subjects: 2,
+            covered: 1
+        }])
+    );
+    assert_eq!(
+        store
+            .model_roles()
+            .await
+            .expect("roles")
+            .active
+            .map(|m| m.model_id),
+        Some("model-c".to_owned()),
+        "a refused rollback changes nothing"
+    );
+
+    // Once that subject is gone the rollback goes through.
+    store.delete_subject("g", "late", &AUDIT).await.expect("delete");
+    assert_eq!(
+        store
+            .roll_back_to(MODEL, "/models/a", &spaces_a)
+            .await
+            .expect("rollback"),
+        Rollback::Recorded
+    );
+    let roles = store.model_roles().await.expect("roles");
+    assert_eq!(roles.active.map(|m| m.model_id), Some(MODEL.to_owned()));
+
+    // C active again, then a role change back to A in flight (a transaction
+    // holding the rows as the rollback's does): an enrolment of C that
+    // reaches the active row meanwhile waits for the change, then finds A
+    // active and is refused.
+    store
+        .assign_role("model-c", Role::Active, "/models/c")
+        .await
+        .expect("C active");
+    let mut change = pool.begin().await.expect("begin");
+    sqlx::query("UPDATE models SET role = 'retired', active_until = now() WHERE model_id = 'model-c'")
+        .execute(&mut *change)
+        .await
+        .expect("retire C");
+    sqlx::query("UPDATE models SET role = 'active', active_until = NULL WHERE model_id = $1")
+        .bind(MODEL)
+        .execute(&mut *change)
+        .await
+        .expect("A active again");
+    let enrolling = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let one = vec![vec![1.0, 0.0]];
+            let mut new = enrollment("g", "during", &one, None);
+            new.model_id = "model-c";
+            store.enroll(&new, &AUDIT).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !enrolling.is_finished(),
+        "the enrolment did not wait for the role change"
+    );
+    change.commit().await.expect("commit the role change");
+    let err = enrolling
+        .await
+        .expect("task")
+        .expect_err("A cannot compare C's templates");
+    assert!(
+        matches!(&err, StoreError::ModelChanged { model_id, active } if model_id == "model-c" && active == MODEL),
+        "{err:?}"
+    );
+    store
+        .get_subject("g", "during")
+        .await
+        .expect_err("nothing stored");
 }
 
 async fn audit_count(pool: &PgPool) -> i64 {

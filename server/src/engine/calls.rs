@@ -110,11 +110,50 @@ impl Engine {
 
     /// Commits an embedded enrolment with its audit row (one transaction),
     /// then adds it to the indexes. Runs detached from the call.
-    async fn commit_enrolment(&self, caller: &Caller, e: EmbeddedEnrolment) -> Result<Enrolled> {
-        let (gallery, subject) = (&e.gallery, &e.subject);
-        let writer = self.writer(&gallery.0);
+    ///
+    /// Refused (ABORTED, nothing stored) when the serving model compares
+    /// none of its templates: a rollback, a promotion or another replica's
+    /// change replaced the model that embedded the images meanwhile, and
+    /// the subject would be stored where no search finds it. The retry
+    /// embeds them with the serving model.
+    async fn commit_enrolment(&self, caller: &Caller, mut e: EmbeddedEnrolment) -> Result<Enrolled> {
+        if let Some(pause) = crate::faults::before_commit() {
+            tokio::time::sleep(pause).await;
+        }
+        let writer = self.writer(&e.gallery.0);
         let _serialised = writer.lock().await;
+        // Models change with writers held off (reloads, promotions, and the
+        // database's record of them): from here to the index update they
+        // stay as read below.
         let _published = self.publishing.read().await;
+        let serving = self.active();
+        // The staged embeddings are kept while their model is still staged
+        // here, or became the active one (a promotion); a migration
+        // cancelled or replaced since drops them, as the store does when
+        // the database retired the model.
+        let staged_now = self.staged();
+        if let Some((slot, _)) = &e.staged
+            && slot.model_id() != serving.model_id()
+            && staged_now
+                .as_ref()
+                .is_none_or(|now| now.model_id() != slot.model_id())
+        {
+            e.staged = None;
+        }
+        let compared =
+            serving.compares(&e.active) || e.staged.as_ref().is_some_and(|(slot, _)| serving.compares(slot));
+        let (gallery, subject) = (&e.gallery, &e.subject);
+        if !compared {
+            let changed = ServiceError::ModelChanged {
+                embedded_by: e.active.model_id().to_owned(),
+                serving: serving.model_id().to_owned(),
+            };
+            return self
+                .audited(caller, "enroll", Some(gallery), Err(changed), |_: &Enrolled| {
+                    (None, None)
+                })
+                .await;
+        }
         let stored = self
             .store
             .enroll(
@@ -199,7 +238,6 @@ impl Engine {
         templates: &[crate::store::CreatedTemplate],
         embeddings: &[Vec<f32>],
     ) {
-        let space = &by.model.embedder.manifest().embedding_space;
         let rows: Vec<NewRow<'_>> = templates
             .iter()
             .zip(embeddings)
@@ -210,7 +248,7 @@ impl Engine {
             })
             .collect();
         for slot in self.slots() {
-            if !slot.spaces.contains(space) || slot.model.embedder.dim() != by.model.embedder.dim() {
+            if !slot.compares(by) {
                 continue;
             }
             if let Err(error) = lock(&slot.indexes.get_or_create(&gallery.0)).append(&rows) {

@@ -12,7 +12,12 @@
 //! slot atomically, and calls in flight finish on the one they took, which
 //! lives until the last of them drops it. During a migration a second,
 //! staged slot receives every enrolment too (both templates in one
-//! transaction); Identify and Verify use the active slot only.
+//! transaction); Identify and Verify use the active slot only. An
+//! enrolment whose images were embedded by a model the serving one cannot
+//! compare (a rollback or a promotion in between, here or on another
+//! replica) is refused, retryably, rather than stored where no search finds
+//! it: checked against this replica's slot and, in the enrolment's
+//! transaction, against the model the database records as active.
 //!
 //! Replicas: each committed change of the database is numbered (the
 //! `changes` table); [`Engine::apply_changes`] re-reads the subjects changed

@@ -14,7 +14,7 @@ use crate::error::ServiceError;
 use crate::index::Indexes;
 use crate::live::{LiveSettings, SettingsReloaded};
 use crate::reload::{self, ReloadMode};
-use crate::store::{ModelRecord, RecordedModel, Role};
+use crate::store::{Coverage, ModelRecord, RecordedModel, Role, Rollback};
 use crate::telemetry::metrics;
 
 /// Why a checkpoint is loaded.
@@ -263,31 +263,7 @@ impl Engine {
     /// Subjects that no template of `spaces` covers, per gallery, as
     /// RollbackModel's refusal.
     async fn uncovered(&self, spaces: &[String], model_id: &str) -> Result<()> {
-        let lacking: Vec<String> = self
-            .store
-            .coverage(spaces)
-            .await?
-            .into_iter()
-            .filter(|c| c.covered < c.subjects)
-            .map(|c| {
-                format!(
-                    "{} ({} of {} subjects)",
-                    c.gallery_id,
-                    c.subjects - c.covered,
-                    c.subjects
-                )
-            })
-            .collect();
-        if lacking.is_empty() {
-            return Ok(());
-        }
-        Err(ServiceError::RollbackRefused(format!(
-            "subjects have no template model {model_id} can compare (enrolled after it was \
-             replaced, by a model of another embedding space): {}; stage model {model_id} as a \
-             migration (ReloadModel RELOAD_MODE_STAGE_MIGRATION with its folder), re-enrol them \
-             and promote it",
-            lacking.join(", ")
-        )))
+        refuse_uncovered(self.store.coverage(spaces).await?, model_id)
     }
 
     /// A reload or the restoration of a staged model, one at a time.
@@ -328,7 +304,7 @@ impl Engine {
                 role == Role::Staged
             }
             // Going back: the templates decide, not the direction of
-            // compatibility (checked below, and again under the lock).
+            // compatibility (checked below, and again as it is recorded).
             (_, Purpose::Rollback(_)) => false,
             (Ok(()), _) => false,
             (Err(_), Purpose::Reload(ReloadMode::StageMigration) | Purpose::Restore(_)) => true,
@@ -406,6 +382,7 @@ impl Engine {
             batcher,
             spaces,
         });
+        let role = if staging { Role::Staged } else { Role::Active };
         let from = self.store.last_change().await?;
         if !shared {
             self.load_indexes(&slot)
@@ -427,11 +404,33 @@ impl Engine {
                     ServiceError::Internal(format!("catching the new model's indexes up: {e}"))
                 })?;
             }
-            // Writers are held off: no subject can be enrolled without a
-            // template of the model rolled back to between this check and
-            // the publication.
-            if let Purpose::Rollback(expected) = purpose {
-                self.uncovered(&slot.spaces, expected).await?;
+            // The database records the change first, still with writers
+            // held off, so this replica's writers see the database and this
+            // slot agree (a write that finds this model serving finds the
+            // database recording it), and a refusal changes nothing here. A
+            // restart and every other replica then serve this model (the
+            // model it replaces retired); a replica following that record
+            // has nothing to write.
+            let path = slot.model.path.display().to_string();
+            match purpose {
+                Purpose::Follow(..) => {}
+                // The coverage checked again in the transaction that records
+                // the rollback, after every enrolment that could still add a
+                // subject without a template of this model (here, before
+                // writers were held off, or on another replica) committed;
+                // later ones are refused ([`crate::store::Store::enroll`]).
+                Purpose::Rollback(expected) => {
+                    if let Rollback::Uncovered(lacking) = self
+                        .store
+                        .roll_back_to(slot.model_id(), &path, &slot.spaces)
+                        .await?
+                    {
+                        refuse_uncovered(lacking, expected)?;
+                    }
+                }
+                _ => {
+                    self.store.assign_role(slot.model_id(), role, &path).await?;
+                }
             }
             if staging {
                 *self
@@ -445,20 +444,10 @@ impl Engine {
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::clone(&slot);
             }
         }
-        let role = if staging { Role::Staged } else { Role::Active };
-        // The database records the swap (the model it replaces retired), so
-        // a restart and every other replica serve this model; a replica
-        // following that record has nothing to write.
-        if !matches!(purpose, Purpose::Follow(..)) {
-            self.store
-                .assign_role(slot.model_id(), role, &slot.model.path.display().to_string())
-                .await?;
-        }
-        let role = role.as_str();
         tracing::info!(
             previous = %active.model_id(),
             loaded = %slot.model_id(),
-            role,
+            role = role.as_str(),
             seconds = started.elapsed().as_secs_f32(),
             "model reloaded"
         );
@@ -768,4 +757,31 @@ impl Engine {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = reason;
     }
+}
+
+/// RollbackModel's refusal to go back to `model_id` while some subjects
+/// have no template it compares (`coverage` of its spaces says which).
+fn refuse_uncovered(coverage: Vec<Coverage>, model_id: &str) -> Result<()> {
+    let lacking: Vec<String> = coverage
+        .into_iter()
+        .filter(|c| c.covered < c.subjects)
+        .map(|c| {
+            format!(
+                "{} ({} of {} subjects)",
+                c.gallery_id,
+                c.subjects - c.covered,
+                c.subjects
+            )
+        })
+        .collect();
+    if lacking.is_empty() {
+        return Ok(());
+    }
+    Err(ServiceError::RollbackRefused(format!(
+        "subjects have no template model {model_id} can compare (enrolled after it was \
+         replaced, by a model of another embedding space): {}; stage model {model_id} as a \
+         migration (ReloadModel RELOAD_MODE_STAGE_MIGRATION with its folder), re-enrol them \
+         and promote it",
+        lacking.join(", ")
+    )))
 }

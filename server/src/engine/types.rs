@@ -374,6 +374,14 @@ impl Slot {
     pub fn model_id(&self) -> &str {
         self.model.embedder.model_id()
     }
+
+    /// Whether this slot compares the templates `by`'s model makes: of one
+    /// of its spaces, and of its width.
+    pub(super) fn compares(&self, by: &Slot) -> bool {
+        self.spaces
+            .contains(&by.model.embedder.manifest().embedding_space)
+            && self.model.embedder.dim() == by.model.embedder.dim()
+    }
 }
 
 /// How new slots are built (the forward thread's settings).

@@ -18,6 +18,14 @@ impl Store {
     ///
     /// `audit` is appended in the same transaction: the enrolment and its
     /// record commit together (a replay appends nothing here).
+    ///
+    /// Refused ([`StoreError::ModelChanged`], nothing stored) when the model
+    /// the database records as active compares none of the templates it
+    /// would store: the active model changed (a rollback, a promotion, on
+    /// any replica) after the images were embedded, and the subject would be
+    /// stored where no search finds it. The active model's row stays share
+    /// locked until commit, so a role change waits for this enrolment and
+    /// then sees its templates ([`Store::roll_back_to`]).
     pub async fn enroll(&self, new: &NewEnrollment<'_>, audit: &AuditEntry<'_>) -> StoreResult<Enrolled> {
         if let Some(key) = new.idempotency_key
             && let Some(first) = self.find_replay(&new.replay_of(key)).await?
@@ -65,10 +73,32 @@ impl Store {
             }
             None => None,
         };
+        // The active model's row is locked before the staged one's, in the
+        // order a promotion updates them, so the two cannot deadlock.
+        let serving = lock_serving(&mut tx).await?;
+        let staged = match new.staged {
+            Some(staged) if in_use(&mut tx, staged.model_id).await? => Some(staged),
+            _ => None,
+        };
+        if let Some(serving) = serving {
+            // After a promotion the staged embeddings are the active model's.
+            let compared = serving.compares(&mut tx, new.model_id).await?
+                || match staged {
+                    Some(staged) => serving.compares(&mut tx, staged.model_id).await?,
+                    None => false,
+                };
+            if !compared {
+                tx.rollback().await?;
+                return Err(StoreError::ModelChanged {
+                    model_id: new.model_id.to_owned(),
+                    active: serving.model_id,
+                });
+            }
+        }
         let templates =
             insert_templates(&mut tx, subject, enrollment, new, new.model_id, new.embeddings).await?;
-        let staged_templates = match new.staged {
-            Some(staged) if in_use(&mut tx, staged.model_id).await? => {
+        let staged_templates = match staged {
+            Some(staged) => {
                 insert_templates(
                     &mut tx,
                     subject,
@@ -79,7 +109,7 @@ impl Store {
                 )
                 .await?
             }
-            _ => Vec::new(),
+            None => Vec::new(),
         };
         if let Some(side) = new.side {
             insert_side_features(&mut tx, &templates, side).await?;
@@ -230,6 +260,74 @@ async fn create_gallery(tx: &mut Transaction<'_, Postgres>, new: &NewEnrollment<
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+/// Times [`lock_serving`] looks for the active model's row again after a
+/// role change moved it.
+const SERVING_ATTEMPTS: u32 = 3;
+
+/// The model the database records as active, and the spaces it compares.
+#[derive(Debug)]
+struct Serving {
+    model_id: String,
+    /// Its embedding space and those its manifest declares compatible
+    /// (`compatible_spaces`): [`crate::reload::spaces`], as recorded.
+    spaces: Vec<String>,
+    dim: i32,
+}
+
+impl Serving {
+    /// Whether this model compares the templates of `model_id`: of one of
+    /// its spaces and of its width (as the engine's slots decide which
+    /// templates they index). An unrecorded model is let through: its
+    /// templates' insert fails on the foreign key, a server fault rather
+    /// than this refusal.
+    async fn compares(&self, tx: &mut Transaction<'_, Postgres>, model_id: &str) -> StoreResult<bool> {
+        let recorded: Option<(String, i32)> =
+            sqlx::query_as("SELECT embedding_space, embedding_dim FROM models WHERE model_id = $1")
+                .bind(model_id)
+                .fetch_optional(&mut **tx)
+                .await?;
+        Ok(recorded.is_none_or(|(space, dim)| dim == self.dim && self.spaces.contains(&space)))
+    }
+}
+
+/// The active model, its row share locked until commit: a role change
+/// (which updates that row) waits for this transaction, and one that
+/// committed first is seen. `None` when no model is recorded as active (a
+/// database no server has started on): nothing to check against.
+///
+/// A role change committed while this statement waited for the row leaves
+/// that row no longer active, and the statement returns nothing (Postgres
+/// checks a locked row's new version against the condition, and the newly
+/// active row is not in the statement's snapshot); the next statement's
+/// snapshot finds it.
+async fn lock_serving(tx: &mut Transaction<'_, Postgres>) -> StoreResult<Option<Serving>> {
+    for _ in 0..SERVING_ATTEMPTS {
+        let row: Option<(String, String, i32, Vec<String>)> = sqlx::query_as(
+            "SELECT model_id, embedding_space, embedding_dim,
+                    ARRAY(SELECT jsonb_array_elements_text(
+                        COALESCE(manifest -> 'compatible_spaces', '[]'::jsonb)))
+             FROM models WHERE role = 'active' FOR SHARE",
+        )
+        .fetch_optional(&mut **tx)
+        .await?;
+        if let Some((model_id, space, dim, compatible)) = row {
+            return Ok(Some(Serving {
+                model_id,
+                spaces: std::iter::once(space).chain(compatible).collect(),
+                dim,
+            }));
+        }
+        let any: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM models WHERE role = 'active')")
+            .fetch_one(&mut **tx)
+            .await?;
+        if !any {
+            return Ok(None);
+        }
+    }
+    // Role changes faster than this enrolment can look: let it retry.
+    Err(StoreError::Conflict("models_one_per_role".to_owned()))
 }
 
 /// Whether `model_id` is still staged (or was promoted meanwhile), under a

@@ -67,6 +67,16 @@ pub enum StoreError {
     /// back); named by the constraint or condition that caught it.
     #[error("concurrent modification caught by {0}")]
     Conflict(String),
+    /// Embeddings of a model whose templates the model the database records
+    /// as active cannot compare (another space or width): the active model
+    /// changed while the images were embedded. Nothing was stored.
+    #[error("model {active} is active and cannot compare the templates of model {model_id}")]
+    ModelChanged {
+        /// The model that made the embeddings.
+        model_id: String,
+        /// The active model.
+        active: String,
+    },
     /// Templates of a model that is retired now (its migration cancelled
     /// while they were written).
     #[error("model {0} is retired (its migration was cancelled)")]

@@ -101,6 +101,17 @@ pub enum Claim {
     Disagrees(RecordedModel),
 }
 
+/// What [`Store::roll_back_to`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rollback {
+    /// The model is recorded as active again; the model it replaced is
+    /// retired.
+    Recorded,
+    /// Subjects lack a template the model compares, in these galleries:
+    /// nothing changed.
+    Uncovered(Vec<Coverage>),
+}
+
 /// An enrolment to store.
 #[derive(Debug, Clone)]
 pub struct NewEnrollment<'a> {
@@ -376,6 +387,38 @@ impl Store {
         Ok(retired)
     }
 
+    /// RollbackModel's record: makes `model_id`, loaded from `path`, the
+    /// active model again (as [`Store::assign_role`]), provided every
+    /// subject has a template of `spaces` (the spaces it compares);
+    /// otherwise changes nothing and returns the galleries lacking.
+    ///
+    /// The check and the role change are one transaction, after the active
+    /// model's row is locked: an enrolment (on any replica) that locked it
+    /// first ([`Store::enroll`]) has committed by then and the check sees
+    /// its templates, and one that comes later waits for the change and is
+    /// refused unless `model_id` compares its templates. No subject enrolled
+    /// with only templates of the model replaced is left behind.
+    pub async fn roll_back_to(&self, model_id: &str, path: &str, spaces: &[String]) -> StoreResult<Rollback> {
+        let mut tx = self.pool.begin().await?;
+        lock_roles(&mut tx).await?;
+        sqlx::query("SELECT model_id FROM models WHERE role = 'active' FOR UPDATE")
+            .fetch_optional(&mut *tx)
+            .await?;
+        // A statement of its own, begun once the lock is held: its snapshot
+        // holds every enrolment that held the row before.
+        let lacking: Vec<Coverage> = coverage_in(&mut tx, spaces)
+            .await?
+            .into_iter()
+            .filter(|c| c.covered < c.subjects)
+            .collect();
+        if !lacking.is_empty() {
+            return Ok(Rollback::Uncovered(lacking));
+        }
+        assign(&mut tx, model_id, Role::Active, path).await?;
+        tx.commit().await?;
+        Ok(Rollback::Recorded)
+    }
+
     /// Makes the staged model `model_id`, loaded from `path`, the active
     /// one (retiring the active one), provided the database still records
     /// it as staged; `false` when it does not (another replica cancelled
@@ -531,26 +574,31 @@ impl Store {
     /// Per gallery: its subjects, and those with a template of a model of
     /// `spaces` (a staged model's enrolment coverage).
     pub async fn coverage(&self, spaces: &[String]) -> StoreResult<Vec<Coverage>> {
-        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT g.gallery_id, count(s.id),
+        coverage_in(&mut *self.pool.acquire().await?, spaces).await
+    }
+}
+
+/// [`Store::coverage`], on `conn` (within its transaction, if any).
+async fn coverage_in(conn: &mut sqlx::PgConnection, spaces: &[String]) -> StoreResult<Vec<Coverage>> {
+    let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT g.gallery_id, count(s.id),
                     count(s.id) FILTER (WHERE EXISTS (
                         SELECT 1 FROM templates t JOIN models m ON m.model_id = t.model_id
                         WHERE t.subject = s.id AND m.embedding_space = ANY($1)))
              FROM galleries g LEFT JOIN subjects s ON s.gallery_id = g.gallery_id
              GROUP BY g.gallery_id ORDER BY g.gallery_id",
-        )
-        .bind(spaces)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(gallery_id, subjects, covered)| Coverage {
-                gallery_id,
-                subjects: to_u32(subjects),
-                covered: to_u32(covered),
-            })
-            .collect())
-    }
+    )
+    .bind(spaces)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(gallery_id, subjects, covered)| Coverage {
+            gallery_id,
+            subjects: to_u32(subjects),
+            covered: to_u32(covered),
+        })
+        .collect())
 }
 
 /// Serialises role changes (reloads, promotions, starts of every replica):
