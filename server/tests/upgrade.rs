@@ -790,3 +790,97 @@ async fn a_backward_compatible_model_is_swapped_in_and_searches_the_old_template
     );
     server.stop().await.expect("stop");
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_server_without_replication_promotes_an_index_holding_every_upgraded_template(
+    _: PgPoolOptions,
+    options: PgConnectOptions,
+) {
+    let (a_dir, a, c_dir, c) = a_and_c();
+    let mut config = settings(&options, a_dir.path());
+    // Alone: no follower applies the change feed, so the upgrade's
+    // templates (another process's writes) reach the staged model's index
+    // only through the promotion's catch-up.
+    config.replication.enabled = false;
+    let server = TestServer::start(config).await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let mut client = server.client().await;
+    let people = people(4, 2);
+    for (subject, photos) in &people {
+        client
+            .enroll(enroll("site", subject, &photos[..1]))
+            .await
+            .expect("enrol under A");
+    }
+    server
+        .admin()
+        .await
+        .reload_model(reload(c_dir.path(), pb::ReloadMode::StageMigration))
+        .await
+        .expect("stage C");
+    let pool = PgPoolOptions::new()
+        .connect(&database_url(&options))
+        .await
+        .expect("pool");
+    let t = transform(&a, &c);
+    let never = AtomicBool::new(false);
+    let done = upgrade_templates(
+        &Store::from_pool(pool),
+        &t,
+        &UpgradeOptions::default(),
+        &never,
+        |_| {},
+    )
+    .await
+    .expect("upgrade");
+    assert_eq!((done.derived, done.remaining), (4, 0));
+    // The database says C covers everyone; the promotion requires it.
+    assert_eq!(coverage(&server).await, [("site".to_owned(), 4, 4)]);
+    server
+        .admin()
+        .await
+        .promote_model(pb::PromoteModelRequest {
+            require_full_coverage: true,
+        })
+        .await
+        .expect("promote with full coverage");
+
+    // Identify with C finds every upgraded subject, each with the cosine of
+    // C's probe embedding and the transform of A's enrolled embedding,
+    // computed here offline.
+    let (embed_a, embed_c) = (
+        Embedder::load(a_dir.path(), Device::Cpu).expect("A offline"),
+        Embedder::load(c_dir.path(), Device::Cpu).expect("C offline"),
+    );
+    let probe = &people[0].1[1];
+    let probe_c = offline_embedding(&embed_c, probe);
+    let found = client
+        .identify(pb::IdentifyRequest {
+            top_k: 4,
+            ..identify("site", probe)
+        })
+        .await
+        .expect("identify with C")
+        .into_inner();
+    assert_eq!(found.model_id, c.model_id);
+    assert_eq!(
+        found.gallery_size, 4,
+        "the promoted index lacks upgraded subjects"
+    );
+    assert_eq!(found.candidates.len(), 4);
+    for candidate in &found.candidates {
+        let (_, photos) = people
+            .iter()
+            .find(|(s, _)| *s == candidate.subject_id)
+            .expect("an enrolled subject");
+        let template = mapped(&t, &offline_embedding(&embed_a, &photos[0]));
+        let want = cosine(&probe_c, &template);
+        assert!(
+            (candidate.score - want).abs() < 1e-3,
+            "{}: score {} vs {want} offline",
+            candidate.subject_id,
+            candidate.score
+        );
+    }
+    server.stop().await.expect("clean stop");
+}

@@ -64,8 +64,9 @@ impl Engine {
     }
 
     /// Applies every change after `from` to `slot` alone: a slot being
-    /// loaded, not yet published, so no other code touches it. The caller
-    /// holds the change lock.
+    /// loaded, not yet published, or one writers are held off from (the
+    /// caller holds `publishing` exclusively), so no other code touches its
+    /// indexes. The caller holds the change lock.
     pub(super) async fn catch_up_slot(&self, slot: &Slot, from: i64) -> Result<(), LoadError> {
         let mut after = from;
         loop {

@@ -505,6 +505,18 @@ impl Engine {
                 return Err(ServiceError::CoverageIncomplete(lacking.join(", ")));
             }
         }
+        // The staged slot must hold every template the database has for it
+        // before it serves. Those another process wrote (`handid-server
+        // upgrade-templates`, another replica) reach it only through the
+        // change feed, which nothing else applies on a server without
+        // replication: applied here first with writers going on (to every
+        // slot, as the follower does; without a follower, every change since
+        // the start or the last promotion), then the few committed since
+        // with writers held off, up to the publication.
+        self.apply_changes().await?;
+        let _applying = self.applying.lock().await;
+        let _published = self.publishing.write().await;
+        self.catch_up_slot(&staged, self.applied_change()).await?;
         // Recorded in one transaction, first: the staged model becomes the
         // active one, the previous active model is retired, unless another
         // replica cancelled the migration (its templates are gone) and this
