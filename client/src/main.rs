@@ -178,7 +178,13 @@ enum ModelCommand {
     /// staged model's templates are deleted (but those still needed).
     Cancel,
     /// Make the previous model active again.
-    Rollback,
+    Rollback {
+        /// Only while this model (an id, as `handid model get` shows it) is
+        /// the active one: run again after a call whose answer was lost, it
+        /// changes nothing instead of rolling forward again.
+        #[arg(long, value_name = "MODEL_ID")]
+        from: Option<String>,
+    },
 }
 
 /// How a score becomes a decision: the model's default operating point
@@ -628,9 +634,14 @@ async fn run(cli: &Cli) -> Result<ExitCode, Failure> {
                 .into_inner();
             cancelled(&r)
         }
-        Command::Model(ModelCommand::Rollback) => {
+        Command::Model(ModelCommand::Rollback { from }) => {
             let r = admin
-                .rollback_model(request(key, pb::RollbackModelRequest {})?)
+                .rollback_model(request(
+                    key,
+                    pb::RollbackModelRequest {
+                        expected_active: from.clone().unwrap_or_default(),
+                    },
+                )?)
                 .await?
                 .into_inner();
             swapped(r.active.as_ref(), r.previous.as_ref())

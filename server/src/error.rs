@@ -192,6 +192,19 @@ pub enum ServiceError {
         /// The limit.
         max: u32,
     },
+    /// The subject may not hold more templates.
+    #[error(
+        "subject {subject:?} holds {held} templates of the serving model and may hold at most {max} \
+         (limits.max_templates_per_subject); delete the subject and enrol it again with its best images"
+    )]
+    TemplateQuota {
+        /// Subject id.
+        subject: String,
+        /// Its templates before the refused enrolment.
+        held: u32,
+        /// The limit.
+        max: u32,
+    },
     /// A concurrent change (e.g. the gallery was deleted meanwhile); retry.
     #[error("the call conflicted with a concurrent change and was rolled back; retry")]
     Conflict,
@@ -264,6 +277,9 @@ impl From<StoreError> for ServiceError {
             }
             StoreError::IdempotencyKeyReused => ServiceError::IdempotencyKeyReused,
             StoreError::GalleryQuota { caller, max } => ServiceError::GalleryQuota { caller, max },
+            StoreError::TemplateQuota { subject, held, max } => {
+                ServiceError::TemplateQuota { subject, held, max }
+            }
             StoreError::Conflict(constraint) => {
                 tracing::info!(%constraint, "concurrent modification");
                 ServiceError::Conflict
@@ -330,7 +346,7 @@ impl ServiceError {
             | ServiceError::SubjectNotFound { .. }
             | ServiceError::NoTemplatesForModel { .. } => Code::NotFound,
             ServiceError::Conflict | ServiceError::ModelChanged { .. } => Code::Aborted,
-            ServiceError::GalleryQuota { .. } => Code::ResourceExhausted,
+            ServiceError::GalleryQuota { .. } | ServiceError::TemplateQuota { .. } => Code::ResourceExhausted,
             ServiceError::GalleryDenied { .. } | ServiceError::EmbedDenied { .. } => Code::PermissionDenied,
             ServiceError::Unavailable | ServiceError::ShuttingDown | ServiceError::ModelUnavailable => {
                 Code::Unavailable

@@ -331,7 +331,9 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::RollbackModelRequest>,
     ) -> Result<Response<pb::RollbackModelResponse>, Status> {
-        let out = self.engine.rollback(&caller(&request)).await?;
+        let caller = caller(&request);
+        let expected = Some(request.into_inner().expected_active).filter(|m| !m.is_empty());
+        let out = self.engine.rollback(&caller, expected).await?;
         Ok(Response::new(pb::RollbackModelResponse {
             active: Some(model_info(&out.loaded)),
             previous: Some(model_info(&out.previous)),

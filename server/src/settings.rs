@@ -268,6 +268,10 @@ pub struct LimitSettings {
     /// with auth off) may have created and not deleted. Enroll creates a
     /// gallery on first use; beyond this it is RESOURCE_EXHAUSTED.
     pub max_galleries_per_caller: u32,
+    /// Templates of one model a subject may hold (every Enroll adds one per
+    /// image); beyond this Enroll is RESOURCE_EXHAUSTED. Bounds what one
+    /// subject costs the index, GetSubject and ListSubjects.
+    pub max_templates_per_subject: u32,
 }
 
 impl Default for LimitSettings {
@@ -284,6 +288,7 @@ impl Default for LimitSettings {
             max_images_per_request: 16,
             max_top_k: 100,
             max_galleries_per_caller: 1_000,
+            max_templates_per_subject: 100,
         }
     }
 }
@@ -619,6 +624,12 @@ impl Settings {
         }
         if s.limits.max_images_per_request == 0 {
             return bad("limits.max_images_per_request", "must be at least 1");
+        }
+        if (s.limits.max_templates_per_subject as usize) < s.limits.max_images_per_request {
+            return bad(
+                "limits.max_templates_per_subject",
+                "must be at least limits.max_images_per_request (one Enroll of a new subject)",
+            );
         }
         if s.limits.max_galleries_per_caller == 0 {
             return bad("limits.max_galleries_per_caller", "must be at least 1");

@@ -427,7 +427,7 @@ async fn an_enrolment_embedded_before_a_rollback_is_refused_and_its_retry_is_fou
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
     let back = admin
-        .rollback_model(pb::RollbackModelRequest {})
+        .rollback_model(pb::RollbackModelRequest::default())
         .await
         .expect("roll back to A: every subject committed so far has a template of A")
         .into_inner();

@@ -217,6 +217,7 @@ async fn a_cancelled_migration_leaves_the_active_model_and_no_staged_template_on
                 images_sha256: "",
                 caller: "test",
                 max_galleries: 10,
+                max_templates: 100,
                 staged: Some(StagedEmbeddings {
                     model_id: &c.model_id,
                     embeddings: std::slice::from_ref(&probe),

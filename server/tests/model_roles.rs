@@ -392,7 +392,19 @@ async fn a_model_without_thresholds_is_reported_and_warned_about(
 
 async fn rollback(admin: &mut AdminClient<Channel>) -> Result<pb::RollbackModelResponse, tonic::Status> {
     admin
-        .rollback_model(pb::RollbackModelRequest {})
+        .rollback_model(pb::RollbackModelRequest::default())
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn rollback_from(
+    admin: &mut AdminClient<Channel>,
+    expected_active: &str,
+) -> Result<pb::RollbackModelResponse, tonic::Status> {
+    admin
+        .rollback_model(pb::RollbackModelRequest {
+            expected_active: expected_active.to_owned(),
+        })
         .await
         .map(tonic::Response::into_inner)
 }
@@ -541,6 +553,18 @@ async fn rollback_returns_to_the_previous_model_while_its_templates_cover_every_
     assert_eq!(detail["from_model"], c.model_id);
     assert_eq!(detail["to_model"], a.model_id);
     assert_eq!(detail["path"], display(a_dir.path()));
+    // A retry of that rollback (its answer lost), conditional on the model
+    // it rolled back from, changes nothing: a bare retry would roll
+    // forward to C.
+    refused_with(
+        rollback_from(&mut admin, &c.model_id).await,
+        &[&c.model_id, &a.model_id, "nothing changed"],
+    );
+    assert_eq!(role_of(&pool, &a.model_id).await.0, "active");
+    assert_eq!(
+        report(&mut admin).await.active.expect("active").model_id,
+        a.model_id
+    );
     server.stop().await.expect("clean stop");
 
     // The rollback is the database's: a restart on A's folder serves A.
@@ -552,8 +576,11 @@ async fn rollback_returns_to_the_previous_model_while_its_templates_cover_every_
         a.model_id
     );
 
-    // Rolling back again returns to C: the subject has its template of C.
-    let forward = rollback(&mut admin).await.expect("roll forward to C");
+    // Rolling back again returns to C: the subject has its template of C
+    // (conditional on A, which is active).
+    let forward = rollback_from(&mut admin, &a.model_id)
+        .await
+        .expect("roll forward to C");
     assert_eq!(forward.active.expect("active").model_id, c.model_id);
     let found = client
         .identify(identify("site", &early.1[1]))

@@ -689,3 +689,66 @@ async fn shutdown_drains_in_flight_calls(_: PgPoolOptions, options: PgConnectOpt
         .expect("the in-flight call was answered");
     assert_eq!(answered.into_inner().embeddings.len(), 1);
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_subject_holds_at_most_its_template_quota(_: PgPoolOptions, options: PgConnectOptions) {
+    let dir = checkpoint();
+    let mut s = settings(&options, dir.path());
+    s.limits.max_images_per_request = 2;
+    s.limits.max_templates_per_subject = 3;
+    let server = TestServer::start(s).await;
+    let mut client = server.client().await;
+    let person = people().remove(0).1;
+    let two = [person[0].clone(), person[1].clone()];
+    client
+        .enroll(enroll_request("g", "p", &two, ""))
+        .await
+        .expect("two templates");
+    // Two more would make four: refused whole, nothing stored, naming the
+    // setting; one more fits.
+    let status = client
+        .enroll(enroll_request("g", "p", &two, ""))
+        .await
+        .expect_err("over the quota");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    for says in [
+        "\"p\"",
+        "holds 2 templates",
+        "at most 3",
+        "limits.max_templates_per_subject",
+    ] {
+        assert!(
+            status.message().contains(says),
+            "{says:?} in {}",
+            status.message()
+        );
+    }
+    let held = |r: pb::GetSubjectResponse| r.subject.map_or(0, |s| s.templates.len());
+    let get = pb::GetSubjectRequest {
+        gallery_id: "g".to_owned(),
+        subject_id: "p".to_owned(),
+    };
+    assert_eq!(
+        held(client.get_subject(get.clone()).await.expect("get").into_inner()),
+        2
+    );
+    client
+        .enroll(enroll_request("g", "p", std::slice::from_ref(&person[2]), ""))
+        .await
+        .expect("the third template");
+    assert_eq!(held(client.get_subject(get).await.expect("get").into_inner()), 3);
+    // Another subject has its own quota.
+    client
+        .enroll(enroll_request("g", "q", &two, ""))
+        .await
+        .expect("another subject");
+    // A quota below one Enroll's images cannot be configured.
+    let mut s = settings(&options, dir.path());
+    s.limits.max_templates_per_subject = 1;
+    let refused = s.validate().expect_err("below max_images_per_request");
+    assert!(
+        refused.to_string().contains("limits.max_templates_per_subject"),
+        "{refused}"
+    );
+    server.stop().await.expect("clean stop");
+}

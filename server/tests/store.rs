@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use handid_server::store::{
-    AuditEntry, Coverage, Enrolled, Erased, ModelRecord, NewEnrollment, Role, Rollback, StagedEmbeddings,
-    Store, StoreError, TemplateRow, images_sha256,
+    AuditEntry, Coverage, Enrolled, Erased, ModelRecord, NewEnrollment, Promotion, Role, Rollback,
+    StagedEmbeddings, Store, StoreError, TemplateRow, images_sha256,
 };
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use uuid::Uuid;
@@ -57,6 +57,7 @@ fn enrollment<'a>(
         images_sha256: digest_of(embeddings),
         caller: "tester",
         max_galleries: 1_000,
+        max_templates: 100,
         staged: None,
         side: None,
     }
@@ -430,7 +431,7 @@ async fn a_rollback_and_the_enrolments_of_the_model_it_replaces_wait_for_each_ot
         .expect("lock the active model");
     let rolling = {
         let (store, spaces) = (store.clone(), spaces_a.clone());
-        tokio::spawn(async move { store.roll_back_to(MODEL, "/models/a", &spaces).await })
+        tokio::spawn(async move { store.roll_back_to(MODEL, "/models/a", &spaces, None).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
@@ -470,7 +471,7 @@ async fn a_rollback_and_the_enrolments_of_the_model_it_replaces_wait_for_each_ot
     store.delete_subject("g", "late", &AUDIT).await.expect("delete");
     assert_eq!(
         store
-            .roll_back_to(MODEL, "/models/a", &spaces_a)
+            .roll_back_to(MODEL, "/models/a", &spaces_a, None)
             .await
             .expect("rollback"),
         Rollback::Recorded
@@ -737,6 +738,7 @@ async fn each_caller_creates_at_most_its_quota_of_galleries(pool: PgPool) {
     let by = |gallery: &'static str, creator: &'static str| NewEnrollment {
         caller: creator,
         max_galleries: 2,
+        max_templates: 100,
         ..enrollment(gallery, "s", &one, None)
     };
     store.enroll(&by("a1", "alice"), &AUDIT).await.expect("first");
@@ -774,6 +776,7 @@ async fn each_caller_creates_at_most_its_quota_of_galleries(pool: PgPool) {
                     &NewEnrollment {
                         caller: "carol",
                         max_galleries: 2,
+                        max_templates: 100,
                         ..enrollment(g, "s", &one, None)
                     },
                     &AUDIT,
@@ -814,4 +817,130 @@ async fn a_changed_migration_is_refused_by_the_schema_check(pool: PgPool) {
         "{refused:?}"
     );
     assert!(refused.to_string().contains(&version.to_string()), "{refused}");
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_covered_promotion_and_a_conditional_rollback_decide_in_their_transaction(pool: PgPool) {
+    let store = store(pool.clone()).await;
+    record(&store, "model-c", "space-c", 2, &[]).await;
+    let one = vec![vec![1.0, 0.0]];
+    store
+        .assign_role(MODEL, Role::Active, "/models/a")
+        .await
+        .expect("A active");
+    store
+        .enroll(&enrollment("g", "early", &one, None), &AUDIT)
+        .await
+        .expect("enrol under A");
+    store
+        .assign_role("model-c", Role::Staged, "/models/c")
+        .await
+        .expect("C staged");
+    let spaces_c = vec!["space-c".to_owned()];
+    let roles = |store: Store| async move {
+        let roles = store.model_roles().await.expect("roles");
+        (roles.active.map(|m| m.model_id), roles.staged.map(|m| m.model_id))
+    };
+    let (a, c) = (Some(MODEL.to_owned()), Some("model-c".to_owned()));
+    // "early" has no template of C: a promotion requiring coverage is
+    // refused and changes nothing.
+    assert_eq!(
+        store
+            .promote_staged("model-c", "/models/c", Some(&spaces_c))
+            .await
+            .expect("promote"),
+        Promotion::Uncovered(vec![Coverage {
+            gallery_id: "g".to_owned(),
+            subjects: 1,
+            covered: 0
+        }])
+    );
+    assert_eq!(roles(store.clone()).await, (a.clone(), c.clone()));
+
+    // Another replica, which has not followed the staging, enrols "late"
+    // with A alone while "early" gets its template of C (upgrade-templates):
+    // the promotion waits for that transaction, holding the active model's
+    // row as `Store::enroll` does, and its check then sees "late".
+    let mut replica = pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM models WHERE role = 'active' FOR SHARE")
+        .execute(&mut *replica)
+        .await
+        .expect("lock the active model");
+    let promoting = {
+        let (store, spaces) = (store.clone(), spaces_c.clone());
+        tokio::spawn(async move { store.promote_staged("model-c", "/models/c", Some(&spaces)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !promoting.is_finished(),
+        "the promotion did not wait for the enrolment holding the active model"
+    );
+    sqlx::query(
+        "INSERT INTO templates (template_id, subject, gallery_id, model_id, dimension, embedding)
+         SELECT gen_random_uuid(), s.id, 'g', 'model-c', 2, decode('3f80000000000000', 'hex')
+         FROM subjects s WHERE s.gallery_id = 'g' AND s.subject_id = 'early'",
+    )
+    .execute(&mut *replica)
+    .await
+    .expect("early's template of C");
+    sqlx::query(
+        "WITH s AS (INSERT INTO subjects (gallery_id, subject_id) VALUES ('g', 'late') RETURNING id)
+         INSERT INTO templates (template_id, subject, gallery_id, model_id, dimension, embedding)
+         SELECT gen_random_uuid(), s.id, 'g', $1, 2, decode('3f80000000000000', 'hex') FROM s",
+    )
+    .bind(MODEL)
+    .execute(&mut *replica)
+    .await
+    .expect("late's template of A");
+    replica.commit().await.expect("commit");
+    assert_eq!(
+        promoting.await.expect("task").expect("promote"),
+        Promotion::Uncovered(vec![Coverage {
+            gallery_id: "g".to_owned(),
+            subjects: 2,
+            covered: 1
+        }])
+    );
+    assert_eq!(roles(store.clone()).await, (a.clone(), c.clone()));
+    // Without "late" it goes through; without the requirement it would
+    // have anyway.
+    store.delete_subject("g", "late", &AUDIT).await.expect("delete");
+    assert_eq!(
+        store
+            .promote_staged("model-c", "/models/c", Some(&spaces_c))
+            .await
+            .expect("promote"),
+        Promotion::Recorded
+    );
+    assert_eq!(roles(store.clone()).await, (c.clone(), None));
+    assert_eq!(
+        store
+            .promote_staged("model-c", "/models/c", None)
+            .await
+            .expect("promote again"),
+        Promotion::NotStaged
+    );
+
+    // A rollback conditional on a model that is not the active one changes
+    // nothing and names the active one; conditional on C it goes back to A,
+    // and the same call again (a retry) then changes nothing.
+    let spaces_a = vec!["space-a".to_owned()];
+    assert_eq!(
+        store
+            .roll_back_to(MODEL, "/models/a", &spaces_a, Some(MODEL))
+            .await
+            .expect("rollback"),
+        Rollback::NotActive(c.clone())
+    );
+    assert_eq!(roles(store.clone()).await, (c.clone(), None));
+    for expected in [Rollback::Recorded, Rollback::NotActive(a.clone())] {
+        assert_eq!(
+            store
+                .roll_back_to(MODEL, "/models/a", &spaces_a, Some("model-c"))
+                .await
+                .expect("rollback"),
+            expected
+        );
+        assert_eq!(roles(store.clone()).await, (a.clone(), None));
+    }
 }

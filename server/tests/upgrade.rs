@@ -779,7 +779,7 @@ async fn a_backward_compatible_model_is_swapped_in_and_searches_the_old_template
     let refused = server
         .admin()
         .await
-        .rollback_model(pb::RollbackModelRequest {})
+        .rollback_model(pb::RollbackModelRequest::default())
         .await
         .expect_err("rollback past a B-only enrolment");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");

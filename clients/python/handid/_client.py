@@ -287,11 +287,15 @@ class Client:
         request = pb.CancelMigrationRequest()
         return MigrationCancelled._from(self._call(self._admin.CancelMigration, request))
 
-    def rollback_model(self) -> ModelSwap:
+    def rollback_model(self, expected_active: Optional[str] = None) -> ModelSwap:
         """Makes the previous model active again; refused
         (:class:`handid.FailedPrecondition`, saying why) when there is none
-        or it cannot serve every subject."""
-        return ModelSwap._from(self._call(self._admin.RollbackModel, pb.RollbackModelRequest()))
+        or it cannot serve every subject. With ``expected_active`` (a model
+        id), only while that model is the active one: a retry of a rollback
+        whose answer was lost is then refused instead of rolling forward
+        again."""
+        request = pb.RollbackModelRequest(expected_active=expected_active or "")
+        return ModelSwap._from(self._call(self._admin.RollbackModel, request))
 
     def reload_settings(self) -> SettingsReload:
         """Makes the server read its settings file again and apply its API

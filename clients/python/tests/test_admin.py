@@ -134,7 +134,12 @@ def test_migration_cancel_promote_and_rollback(
     promoted = operator.promote_model()
     assert (promoted.active.model_id, promoted.previous.model_id) == (staged.loaded.model_id, first)
     assert operator.get_model().rollback_target.model_id == first
-    rolled_back = operator.rollback_model()
+    rolled_back = operator.rollback_model(expected_active=staged.loaded.model_id)
     assert (rolled_back.active.model_id, rolled_back.previous.model_id) == (first, staged.loaded.model_id)
+    assert operator.get_model().active.model_id == first
+    # The same call again (its answer lost, say) changes nothing.
+    with pytest.raises(handid.FailedPrecondition) as refused:
+        operator.rollback_model(expected_active=staged.loaded.model_id)
+    assert "nothing changed" in refused.value.message
     assert operator.get_model().active.model_id == first
     operator.delete_gallery(GALLERY)

@@ -166,6 +166,7 @@ impl Engine {
                     images_sha256: &e.digest,
                     caller: &caller.id,
                     max_galleries: self.limits.max_galleries_per_caller,
+                    max_templates: self.limits.max_templates_per_subject,
                     staged: e.staged.as_ref().map(|(slot, embeddings)| StagedEmbeddings {
                         model_id: slot.model_id(),
                         embeddings,

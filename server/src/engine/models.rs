@@ -14,7 +14,7 @@ use crate::error::ServiceError;
 use crate::index::Indexes;
 use crate::live::{LiveSettings, SettingsReloaded};
 use crate::reload::{self, ReloadMode};
-use crate::store::{Coverage, ModelRecord, RecordedModel, Role, Rollback};
+use crate::store::{Coverage, ModelRecord, Promotion, RecordedModel, Role, Rollback};
 use crate::telemetry::metrics;
 
 /// Why a checkpoint is loaded.
@@ -24,8 +24,9 @@ enum Purpose<'a> {
     Reload(ReloadMode),
     /// At start, staging again the recorded staged model of this id.
     Restore(&'a str),
-    /// RollbackModel, to the previous active model of this id.
-    Rollback(&'a str),
+    /// RollbackModel, to the previous active model of this id (`to`),
+    /// provided the active one is still `from` when one is given.
+    Rollback { to: &'a str, from: Option<&'a str> },
     /// Following another replica's change: the database records the model
     /// of this id in this role already.
     Follow(&'a str, Role),
@@ -197,13 +198,20 @@ impl Engine {
     /// embedding space. Refused while a migration is staged, without a
     /// previous model, when its folder holds another model now, and when a
     /// subject has no template it can compare (enrolled after it was
-    /// replaced, by a model of another space). Detached and audited
-    /// (`rollback`) as a reload.
-    pub async fn rollback(self: &Arc<Self>, caller: &Caller) -> Result<Reloaded> {
+    /// replaced, by a model of another space). With `expected_active`,
+    /// refused unless that model is the active one, here and in the
+    /// database as the rollback is recorded: a retry of a rollback whose
+    /// answer was lost changes nothing instead of rolling forward again.
+    /// Detached and audited (`rollback`) as a reload.
+    pub async fn rollback(
+        self: &Arc<Self>,
+        caller: &Caller,
+        expected_active: Option<String>,
+    ) -> Result<Reloaded> {
         let (engine, caller) = (Arc::clone(self), caller.clone());
         self.detach(async move {
             let from = engine.model_id();
-            let (result, target) = engine.rollback_inner().await;
+            let (result, target) = engine.rollback_inner(expected_active.as_deref()).await;
             let mut detail = serde_json::json!({ "from_model": from });
             if let Some(target) = &target {
                 detail["to_model"] = target.model_id.clone().into();
@@ -226,8 +234,16 @@ impl Engine {
     }
 
     /// The rollback, and the model it went back to (or tried to).
-    async fn rollback_inner(&self) -> (Result<Reloaded>, Option<RecordedModel>) {
+    async fn rollback_inner(
+        &self,
+        expected_active: Option<&str>,
+    ) -> (Result<Reloaded>, Option<RecordedModel>) {
         let _one = self.reloading.lock().await;
+        if let Some(expected) = expected_active
+            && self.model_id() != expected
+        {
+            return (Err(not_active(expected, Some(&self.model_id()))), None);
+        }
         if let Some(staged) = self.staged() {
             let reason = format!(
                 "a migration to model {} is staged: promote it before rolling back",
@@ -255,7 +271,13 @@ impl Engine {
             return (Err(ServiceError::RollbackRefused(reason)), Some(target));
         };
         let result = self
-            .load_and_publish(PathBuf::from(path), Purpose::Rollback(&target.model_id))
+            .load_and_publish(
+                PathBuf::from(path),
+                Purpose::Rollback {
+                    to: &target.model_id,
+                    from: expected_active,
+                },
+            )
             .await;
         (result, Some(target))
     }
@@ -305,14 +327,14 @@ impl Engine {
             }
             // Going back: the templates decide, not the direction of
             // compatibility (checked below, and again as it is recorded).
-            (_, Purpose::Rollback(_)) => false,
+            (_, Purpose::Rollback { .. }) => false,
             (Ok(()), _) => false,
             (Err(_), Purpose::Reload(ReloadMode::StageMigration) | Purpose::Restore(_)) => true,
             (Err(reason), Purpose::Reload(ReloadMode::Swap)) => {
                 return Err(ServiceError::IncompatibleModel(reason));
             }
         };
-        if let Purpose::Rollback(expected) = purpose {
+        if let Purpose::Rollback { to: expected, .. } = purpose {
             if embedder.model_id() != expected {
                 return Err(ServiceError::RollbackRefused(format!(
                     "{} now holds model {}, not model {expected}: put model {expected} back in its \
@@ -419,13 +441,17 @@ impl Engine {
                 // subject without a template of this model (here, before
                 // writers were held off, or on another replica) committed;
                 // later ones are refused ([`crate::store::Store::enroll`]).
-                Purpose::Rollback(expected) => {
-                    if let Rollback::Uncovered(lacking) = self
+                Purpose::Rollback { to, from } => {
+                    match self
                         .store
-                        .roll_back_to(slot.model_id(), &path, &slot.spaces)
+                        .roll_back_to(slot.model_id(), &path, &slot.spaces, from)
                         .await?
                     {
-                        refuse_uncovered(lacking, expected)?;
+                        Rollback::Recorded => {}
+                        Rollback::Uncovered(lacking) => refuse_uncovered(lacking, to)?,
+                        Rollback::NotActive(active) => {
+                            return Err(not_active(from.unwrap_or_default(), active.as_deref()));
+                        }
                     }
                 }
                 _ => {
@@ -493,16 +519,16 @@ impl Engine {
         let _one = self.reloading.lock().await;
         let staged = self.staged().ok_or(ServiceError::NothingStaged)?;
         if require_full_coverage {
-            let lacking: Vec<String> = self
+            // A first look, before the catch-up: most refusals come here.
+            let lacking: Vec<Coverage> = self
                 .store
                 .coverage(&staged.spaces)
                 .await?
                 .into_iter()
                 .filter(|c| c.covered < c.subjects)
-                .map(|c| format!("{} ({} of {} subjects)", c.gallery_id, c.covered, c.subjects))
                 .collect();
             if !lacking.is_empty() {
-                return Err(ServiceError::CoverageIncomplete(lacking.join(", ")));
+                return Err(coverage_incomplete(lacking));
             }
         }
         // The staged slot must hold every template the database has for it
@@ -521,16 +547,28 @@ impl Engine {
         // active one, the previous active model is retired, unless another
         // replica cancelled the migration (its templates are gone) and this
         // one has not followed yet.
-        let promoted = self
+        // With full coverage required, checked again in that transaction,
+        // after every enrolment that could still add a subject without a
+        // template of the staged model (on a replica that has not followed
+        // the staging) committed; later ones are refused.
+        let promotion = self
             .store
-            .promote_staged(staged.model_id(), &staged.model.path.display().to_string())
+            .promote_staged(
+                staged.model_id(),
+                &staged.model.path.display().to_string(),
+                require_full_coverage.then_some(staged.spaces.as_slice()),
+            )
             .await?;
-        if !promoted {
-            return Err(ServiceError::NoMigration(format!(
-                "model {} is no longer staged in the database (another replica cancelled the \
-                 migration; this one follows within replication.poll_interval_ms)",
-                staged.model_id()
-            )));
+        match promotion {
+            Promotion::Recorded => {}
+            Promotion::NotStaged => {
+                return Err(ServiceError::NoMigration(format!(
+                    "model {} is no longer staged in the database (another replica cancelled the \
+                     migration; this one follows within replication.poll_interval_ms)",
+                    staged.model_id()
+                )));
+            }
+            Promotion::Uncovered(lacking) => return Err(coverage_incomplete(lacking)),
         }
         let previous = self.publish_promotion(&staged);
         tracing::info!(previous = %previous.model_id(), active = %staged.model_id(), "staged model promoted");
@@ -773,6 +811,26 @@ impl Engine {
 
 /// RollbackModel's refusal to go back to `model_id` while some subjects
 /// have no template it compares (`coverage` of its spaces says which).
+/// PromoteModel's refusal with full coverage required: the galleries
+/// lacking it, each with its counts.
+fn coverage_incomplete(lacking: Vec<Coverage>) -> ServiceError {
+    let lacking: Vec<String> = lacking
+        .into_iter()
+        .map(|c| format!("{} ({} of {} subjects)", c.gallery_id, c.covered, c.subjects))
+        .collect();
+    ServiceError::CoverageIncomplete(lacking.join(", "))
+}
+
+/// RollbackModel's refusal when the model the caller expected to roll back
+/// from is not the active one.
+fn not_active(expected: &str, active: Option<&str>) -> ServiceError {
+    ServiceError::RollbackRefused(format!(
+        "model {expected} is not the active model ({}): a rollback already took effect, or \
+         another change did; nothing changed",
+        active.map_or_else(|| "none is recorded".to_owned(), |a| format!("{a} is"))
+    ))
+}
+
 fn refuse_uncovered(coverage: Vec<Coverage>, model_id: &str) -> Result<()> {
     let lacking: Vec<String> = coverage
         .into_iter()

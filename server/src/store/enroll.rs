@@ -116,6 +116,17 @@ impl Store {
             insert_side_features(&mut tx, &staged_templates, side).await?;
         }
         let template_count = count_templates(&mut tx, subject, new.model_id).await?;
+        // Counted with this enrolment's rows, in its transaction: two
+        // enrolments of one subject at once (on any replicas) cannot both
+        // pass, as the subject's row, updated above, serialises them.
+        if template_count > new.max_templates {
+            tx.rollback().await?;
+            return Err(StoreError::TemplateQuota {
+                subject: new.subject_id.to_owned(),
+                held: template_count.saturating_sub(u32::try_from(new.embeddings.len()).unwrap_or(u32::MAX)),
+                max: new.max_templates,
+            });
+        }
         super::audit::insert(&mut *tx, audit).await?;
         tx.commit().await?;
         Ok(Enrolled {

@@ -62,6 +62,16 @@ pub enum StoreError {
         /// The quota.
         max: u32,
     },
+    /// The enrolment would take the subject past its template quota.
+    #[error("subject {subject:?} holds {held} templates of the model; {max} is its limit")]
+    TemplateQuota {
+        /// The subject.
+        subject: String,
+        /// Its templates of the enrolling model before this enrolment.
+        held: u32,
+        /// The quota.
+        max: u32,
+    },
     /// A concurrent change won (e.g. the gallery was deleted during an
     /// enrolment, or a deadlock was broken by rolling this transaction
     /// back); named by the constraint or condition that caught it.

@@ -110,6 +110,24 @@ pub enum Rollback {
     /// Subjects lack a template the model compares, in these galleries:
     /// nothing changed.
     Uncovered(Vec<Coverage>),
+    /// The caller expected another model to be active than this one (a
+    /// rollback or another change took effect since it looked): nothing
+    /// changed.
+    NotActive(Option<String>),
+}
+
+/// What [`Store::promote_staged`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Promotion {
+    /// The staged model is recorded as active; the one it replaced is
+    /// retired.
+    Recorded,
+    /// The model is no longer staged (another replica cancelled or
+    /// promoted it): nothing changed.
+    NotStaged,
+    /// Full coverage was required and subjects lack a template of the
+    /// staged model's spaces, in these galleries: nothing changed.
+    Uncovered(Vec<Coverage>),
 }
 
 /// An enrolment to store.
@@ -134,6 +152,10 @@ pub struct NewEnrollment<'a> {
     /// How many galleries `caller` may have created; creating one more
     /// is refused ([`super::StoreError::GalleryQuota`]).
     pub max_galleries: u32,
+    /// How many templates of the enrolling model the subject may hold; an
+    /// enrolment that would take it past that is refused
+    /// ([`super::StoreError::TemplateQuota`]), nothing stored.
+    pub max_templates: u32,
     /// During a model migration: the same images embedded by the staged
     /// model, stored in the same transaction (after the active model's, so
     /// a replay finds the active model's templates first).
@@ -398,12 +420,26 @@ impl Store {
     /// its templates, and one that comes later waits for the change and is
     /// refused unless `model_id` compares its templates. No subject enrolled
     /// with only templates of the model replaced is left behind.
-    pub async fn roll_back_to(&self, model_id: &str, path: &str, spaces: &[String]) -> StoreResult<Rollback> {
+    ///
+    /// With `expected_active`, the rollback is made only while that model is
+    /// the active one: a retry of a rollback whose answer was lost finds
+    /// the model it went back to active and changes nothing, instead of
+    /// rolling forward again.
+    pub async fn roll_back_to(
+        &self,
+        model_id: &str,
+        path: &str,
+        spaces: &[String],
+        expected_active: Option<&str>,
+    ) -> StoreResult<Rollback> {
         let mut tx = self.pool.begin().await?;
         lock_roles(&mut tx).await?;
-        sqlx::query("SELECT model_id FROM models WHERE role = 'active' FOR UPDATE")
-            .fetch_optional(&mut *tx)
-            .await?;
+        let active = lock_active(&mut tx).await?;
+        if let Some(expected) = expected_active
+            && active.as_deref() != Some(expected)
+        {
+            return Ok(Rollback::NotActive(active));
+        }
         // A statement of its own, begun once the lock is held: its snapshot
         // holds every enrolment that held the row before.
         let lacking: Vec<Coverage> = coverage_in(&mut tx, spaces)
@@ -421,20 +457,44 @@ impl Store {
 
     /// Makes the staged model `model_id`, loaded from `path`, the active
     /// one (retiring the active one), provided the database still records
-    /// it as staged; `false` when it does not (another replica cancelled
-    /// the migration): nothing changed.
-    pub async fn promote_staged(&self, model_id: &str, path: &str) -> StoreResult<bool> {
+    /// it as staged, and with `require_coverage` (the staged model's
+    /// spaces), provided every subject has a template of them.
+    ///
+    /// As for a rollback ([`Store::roll_back_to`]), the coverage is checked
+    /// in the transaction that records the promotion, after the active
+    /// model's row is locked: an enrolment of the active model alone (on a
+    /// replica that has not yet followed the staging) that locked it first
+    /// is seen by the check, and one that comes later waits and is refused
+    /// unless the promoted model compares its templates ([`Store::enroll`]).
+    pub async fn promote_staged(
+        &self,
+        model_id: &str,
+        path: &str,
+        require_coverage: Option<&[String]>,
+    ) -> StoreResult<Promotion> {
         let mut tx = self.pool.begin().await?;
         lock_roles(&mut tx).await?;
+        lock_active(&mut tx).await?;
         let staged: Option<String> = sqlx::query_scalar("SELECT model_id FROM models WHERE role = 'staged'")
             .fetch_optional(&mut *tx)
             .await?;
         if staged.as_deref() != Some(model_id) {
-            return Ok(false);
+            return Ok(Promotion::NotStaged);
+        }
+        if let Some(spaces) = require_coverage {
+            // A statement of its own, begun once the lock is held.
+            let lacking: Vec<Coverage> = coverage_in(&mut tx, spaces)
+                .await?
+                .into_iter()
+                .filter(|c| c.covered < c.subjects)
+                .collect();
+            if !lacking.is_empty() {
+                return Ok(Promotion::Uncovered(lacking));
+            }
         }
         assign(&mut tx, model_id, Role::Active, path).await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(Promotion::Recorded)
     }
 
     /// At start: makes `model_id` (the model of `model.path`, loaded from
@@ -603,6 +663,17 @@ async fn coverage_in(conn: &mut sqlx::PgConnection, spaces: &[String]) -> StoreR
 
 /// Serialises role changes (reloads, promotions, starts of every replica):
 /// the first writer of an empty table and a concurrent swap cannot both win.
+/// The active model's id, its row locked for update until commit: the
+/// enrolments that share-lock it ([`Store::enroll`]) have committed, and
+/// later ones wait for this transaction.
+async fn lock_active(tx: &mut sqlx::PgConnection) -> StoreResult<Option<String>> {
+    Ok(
+        sqlx::query_scalar("SELECT model_id FROM models WHERE role = 'active' FOR UPDATE")
+            .fetch_optional(tx)
+            .await?,
+    )
+}
+
 async fn lock_roles(tx: &mut sqlx::PgConnection) -> StoreResult<()> {
     sqlx::query("SELECT pg_advisory_xact_lock(7460373270431950002)")
         .execute(tx)
