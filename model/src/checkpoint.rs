@@ -26,6 +26,16 @@ pub const MANIFEST_FILE: &str = "handid.yaml";
 /// The manifest format this crate writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
 
+/// The longest side of a model's input (the preprocessing's output) a
+/// manifest may ask for: CLIP's models take 224-448 pixels, and every
+/// input a self-test or a call embeds is this size, so a manifest asking
+/// for 65536 x 65536 would ask for tens of gigabytes per image (or, within
+/// memory, a ViT attending over millions of tokens for hours).
+pub const MAX_INPUT_SIDE: u32 = 1024;
+
+/// The longest embedding space name (a model id is 64 hex characters).
+pub const MAX_SPACE_CHARS: usize = 128;
+
 /// A decision threshold calibrated at a false match rate.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -142,6 +152,7 @@ impl Manifest {
             )));
         }
         manifest.vision.validate().map_err(|e| bad(e.to_string()))?;
+        manifest.check_values().map_err(bad)?;
         let dim =
             ImageEncoder::feature_dim(&manifest.vision, manifest.feature).map_err(|e| bad(e.to_string()))?;
         if dim as usize != manifest.embedding_dim {
@@ -151,6 +162,91 @@ impl Manifest {
             )));
         }
         Ok(manifest)
+    }
+
+    /// The values a model's users act on, each within its meaning: the
+    /// thresholds (a threshold of -1 would accept every probe, NaN none),
+    /// the input size, the embedding spaces (stored and compared as names).
+    fn check_values(&self) -> std::result::Result<(), String> {
+        let mut fmrs = BTreeSet::new();
+        for point in &self.thresholds {
+            if !(point.fmr.is_finite() && point.fmr > 0.0 && point.fmr < 1.0) {
+                return Err(format!("threshold fmr {} is not a rate in (0, 1)", point.fmr));
+            }
+            // A cosine; calibration may land a rounding step above 1.
+            if !(point.threshold.is_finite() && (-1.001..=1.001).contains(&point.threshold)) {
+                return Err(format!(
+                    "the threshold at fmr {} is {}, not a cosine score in [-1, 1]",
+                    point.fmr, point.threshold
+                ));
+            }
+            if !fmrs.insert(point.fmr.to_bits()) {
+                return Err(format!("fmr {} has two thresholds", point.fmr));
+            }
+        }
+        let (height, width) = self.preprocess.input_size();
+        let stride = self.vision.total_stride();
+        for side in [height, width] {
+            if side > MAX_INPUT_SIDE || i64::from(side) < stride {
+                return Err(format!(
+                    "preprocess makes {height}x{width} inputs: each side must be between the \
+                     model's stride {stride} and {MAX_INPUT_SIDE} pixels"
+                ));
+            }
+        }
+        for space in std::iter::once(&self.embedding_space).chain(&self.compatible_spaces) {
+            if space.is_empty()
+                || space.len() > MAX_SPACE_CHARS
+                || !space.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(format!(
+                    "embedding space {:?} is not a name of 1 to {MAX_SPACE_CHARS} printable ASCII characters",
+                    space.chars().take(MAX_SPACE_CHARS).collect::<String>()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A lower bound on the parameters of the manifest's model: the image
+    /// tower's ([`ClipVisionConfig::parameter_floor`]) and PromptSG's
+    /// interaction module's (a cross-attention, 4 width^2, and 12 width^2
+    /// per block); `None` when the count overflows.
+    pub fn parameter_floor(&self) -> Option<u128> {
+        let head = match self.feature {
+            Feature::PromptSg { blocks, .. } => {
+                let width = u128::try_from(self.vision.output_dim).ok()?;
+                let blocks = u128::try_from(blocks.max(0)).ok()?;
+                width
+                    .checked_mul(width)?
+                    .checked_mul(blocks.checked_mul(12)?.checked_add(4)?)?
+            }
+            _ => 0,
+        };
+        self.vision.parameter_floor()?.checked_add(head)
+    }
+
+    /// Refuses a manifest whose model needs more values than `weights`
+    /// (its weights file, `bytes` long) can hold at 16 bits each, before
+    /// anything is allocated for it.
+    pub fn check_weights_hold(&self, weights: &Path, bytes: u64) -> Result<()> {
+        let floor = self.parameter_floor();
+        if floor.is_some_and(|n| n.saturating_mul(2) <= u128::from(bytes)) {
+            return Ok(());
+        }
+        let needs = floor.map_or_else(
+            || "more parameters than can be counted".to_owned(),
+            |n| format!("at least {n} parameters"),
+        );
+        Err(Error::Manifest {
+            path: weights.with_file_name(MANIFEST_FILE),
+            reason: format!(
+                "its model ({}) needs {needs}, more than {} ({bytes} bytes) holds: an edited or \
+                 damaged manifest",
+                self.vision.architecture(),
+                weights.display()
+            ),
+        })
     }
 
     /// Writes `dir/handid.yaml` atomically (a temporary file renamed over

@@ -175,6 +175,50 @@ impl ClipVisionConfig {
         self.image_size / self.total_stride()
     }
 
+    /// A lower bound on the image tower's parameters, counted from its
+    /// largest weights without allocating anything; `None` when the count
+    /// overflows. A ViT has its patch embedding, its positional embedding
+    /// and 12 width^2 per block (attention 4, MLP 8); a ResNet the 3x3
+    /// convolution of every bottleneck (9 planes^2, planes doubling by stage
+    /// from the width) and its attention pool on 32 x width channels (query,
+    /// key and value projections, positional embedding); both their output
+    /// projection. A weights file must hold at least this many values, so a
+    /// manifest naming layers or widths its weights cannot hold is refused
+    /// before the tower is built ([`crate::Embedder::load`]): building it
+    /// first would allocate what the manifest asks, terabytes from one
+    /// edited number.
+    pub fn parameter_floor(&self) -> Option<u128> {
+        let count = |n: i64| u128::try_from(n).ok();
+        let (width, out) = (count(self.width)?, count(self.output_dim)?);
+        let grid = count(self.grid())?;
+        let positions = grid.checked_mul(grid)?.checked_add(1)?;
+        match self.backbone {
+            Backbone::Vit { patch_size, layers } => {
+                let patch = count(patch_size)?;
+                let stem = width.checked_mul(3)?.checked_mul(patch.checked_mul(patch)?)?;
+                let blocks = count(layers)?.checked_mul(width.checked_mul(width)?.checked_mul(12)?)?;
+                stem.checked_add(positions.checked_mul(width)?)?
+                    .checked_add(blocks)?
+                    .checked_add(width.checked_mul(out)?)
+            }
+            Backbone::ModifiedResnet { layers, .. } => {
+                let mut total: u128 = 0;
+                for (stage, &blocks) in layers.iter().enumerate() {
+                    let planes = width.checked_mul(1 << stage)?;
+                    let convs = count(blocks)?.checked_mul(planes.checked_mul(planes)?.checked_mul(9)?)?;
+                    total = total.checked_add(convs)?;
+                }
+                let embed = width.checked_mul(32)?;
+                let pool = embed
+                    .checked_mul(embed)?
+                    .checked_mul(3)?
+                    .checked_add(positions.checked_mul(embed)?)?
+                    .checked_add(embed.checked_mul(out)?)?;
+                total.checked_add(pool)
+            }
+        }
+    }
+
     /// Checks that the sizes are consistent (a config read from YAML may not be).
     pub fn validate(&self) -> Result<()> {
         let bad = |why: String| Err(Error::InvalidInput(format!("vision config: {why}")));

@@ -73,6 +73,14 @@ impl Embedder {
                 actual,
             });
         }
+        // Nothing is allocated for a model its weights cannot hold.
+        let bytes = std::fs::metadata(&weights_path)
+            .map_err(|source| Error::Io {
+                path: weights_path.clone(),
+                source,
+            })?
+            .len();
+        manifest.check_weights_hold(&weights_path, bytes)?;
         let mut vs = nn::VarStore::new(device);
         let encoder = ImageEncoder::new(vs.root() / "visual", &manifest.vision)?;
         let promptsg = match manifest.feature {

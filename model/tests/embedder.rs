@@ -269,3 +269,116 @@ fn a_batch_norm_neck_is_applied_with_its_running_statistics() {
         .to_string();
     assert!(err.contains("neck.running_mean"), "{err}");
 }
+
+/// `Embedder::load`'s refusal of `dir`'s manifest, which must be a
+/// manifest error saying `says`.
+fn refused(dir: &Path, says: &str) {
+    match Embedder::load(dir, Device::Cpu) {
+        Err(Error::Manifest { reason, .. }) => assert!(reason.contains(says), "{says:?} not in: {reason}"),
+        other => panic!("expected a manifest error saying {says:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_parameter_floor_is_below_what_real_checkpoints_hold() {
+    for config in [ClipVisionConfig::tiny_vit(), ClipVisionConfig::tiny_resnet()] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let manifest = create_random_checkpoint(dir.path(), &config, 3).expect("checkpoint");
+        let held: i64 = checkpoint::read_safetensors(&dir.path().join(WEIGHTS_FILE))
+            .expect("weights")
+            .iter()
+            .map(|(_, t)| t.numel() as i64)
+            .sum();
+        let floor = manifest.parameter_floor().expect("counted") as i64;
+        // Below what the file holds, and close enough to it to matter.
+        assert!(
+            floor <= held && floor * 2 > held,
+            "{config:?}: floor {floor}, held {held}"
+        );
+    }
+}
+
+#[test]
+fn a_manifest_asking_for_more_than_its_weights_hold_is_refused_before_anything_is_allocated() {
+    // Each of these, built, would ask for terabytes (or a vector of 10^16
+    // blocks, which aborts the process): the weights file decides first.
+    let (dir, manifest) = tiny_checkpoint(5);
+    let edited = |edit: &dyn Fn(&mut Manifest)| {
+        let mut m = manifest.clone();
+        edit(&mut m);
+        m.write(dir.path()).expect("write");
+    };
+    edited(&|m| {
+        m.vision.backbone = handid_model::Backbone::Vit {
+            patch_size: 8,
+            layers: 10_000_000_000_000_000,
+        }
+    });
+    refused(dir.path(), "needs at least");
+    edited(&|m| m.vision.width = 32_768);
+    refused(dir.path(), "needs at least");
+    edited(&|m| m.vision.image_size = 8 * 65_536);
+    refused(dir.path(), "needs at least");
+    edited(&|m| {
+        m.feature = handid_model::visual::Feature::PromptSg {
+            heads: 2,
+            blocks: 10_000_000_000_000_000,
+        }
+    });
+    refused(dir.path(), "needs at least");
+    let mut resnet = ClipVisionConfig::tiny_resnet();
+    resnet.backbone = handid_model::Backbone::ModifiedResnet {
+        layers: [1, 1, 1_000_000, 1],
+        last_stride: 2,
+    };
+    edited(&|m| {
+        m.vision = resnet.clone();
+        m.preprocess = Preprocess::Clip { size: 64 };
+    });
+    refused(dir.path(), "needs at least");
+    // The manifest as written loads.
+    manifest.write(dir.path()).expect("write");
+    Embedder::load(dir.path(), Device::Cpu).expect("the real manifest");
+}
+
+#[test]
+fn thresholds_input_sizes_and_space_names_are_checked() {
+    let (dir, manifest) = tiny_checkpoint(6);
+    let edited = |edit: &dyn Fn(&mut Manifest)| {
+        let mut m = manifest.clone();
+        edit(&mut m);
+        m.write(dir.path()).expect("write");
+    };
+    let point = |fmr: f64, threshold: f32| handid_model::OperatingPoint { fmr, threshold };
+    // A threshold of -1 would accept every probe, NaN none.
+    for (points, says) in [
+        (vec![point(1e-3, -2.0)], "not a cosine score"),
+        (vec![point(1e-3, f32::NAN)], "not a cosine score"),
+        (vec![point(0.0, 0.5)], "not a rate"),
+        (vec![point(f64::NAN, 0.5)], "not a rate"),
+        (vec![point(1e-3, 0.5), point(1e-3, 0.6)], "two thresholds"),
+    ] {
+        edited(&|m| m.thresholds = points.clone());
+        refused(dir.path(), says);
+    }
+    for size in [65_536, 4] {
+        edited(&|m| m.preprocess = Preprocess::Clip { size });
+        refused(dir.path(), "each side must be between");
+    }
+    edited(&|m| {
+        m.preprocess = Preprocess::Resize {
+            height: 1024,
+            width: 8,
+        }
+    });
+    Embedder::load(dir.path(), Device::Cpu).expect("the largest and smallest sides allowed");
+    let long = "s".repeat(129);
+    for space in ["", "two words", "line\nbreak", long.as_str()] {
+        edited(&|m| m.embedding_space = space.to_owned());
+        refused(dir.path(), "is not a name");
+        edited(&|m| m.compatible_spaces = vec![space.to_owned()]);
+        refused(dir.path(), "is not a name");
+    }
+    edited(&|m| m.thresholds = vec![point(1e-2, 0.3), point(1e-3, 1.0)]);
+    Embedder::load(dir.path(), Device::Cpu).expect("valid thresholds");
+}
