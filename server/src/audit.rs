@@ -42,6 +42,9 @@ use crate::telemetry::metrics;
 /// Rows waiting for the writer at most (a row is a few hundred bytes).
 pub const QUEUE: usize = 4096;
 
+/// Refusals left unrecorded ([`CallRecord::leave_unrecorded`]) since start.
+static UNRECORDED: AtomicU64 = AtomicU64::new(0);
+
 /// What is known of one call for its audit row; shared by the layers, the
 /// handler and the core through the request's extensions and the
 /// [`crate::engine::Caller`]. Dropped unaudited, it sends its row.
@@ -76,6 +79,26 @@ impl CallRecord {
     /// The core wrote this call's row.
     pub fn mark_audited(&self) {
         self.audited.store(true, Ordering::SeqCst);
+    }
+
+    /// Closes the record without a row: a refusal past its peer's budget
+    /// (the protection stack's access control), counted in
+    /// `handid.audit.unrecorded` and logged at every power of two instead.
+    pub fn leave_unrecorded(&self) {
+        self.audited.store(true, Ordering::SeqCst);
+        metrics().audit_unrecorded();
+        let n = UNRECORDED.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(
+                unrecorded = n,
+                "refused calls past their address's budget are not audited one by one (handid.audit.unrecorded)"
+            );
+        }
+    }
+
+    /// Who calls, when access control knew (even if it then refused).
+    pub fn actor(&self) -> Option<String> {
+        lock(&self.actor).clone()
     }
 
     /// Access control knows who calls (even if it then refuses).

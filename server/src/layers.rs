@@ -17,7 +17,7 @@ use tonic::Status;
 use tower::layer::util::{Identity, Stack};
 use tower::{Layer, Service, ServiceBuilder};
 
-use crate::audit::{AuditLayer, AuditSink};
+use crate::audit::{AuditLayer, AuditSink, CallRecord};
 use crate::auth::{Access, access_of};
 use crate::engine::Caller;
 use crate::index::lock;
@@ -68,8 +68,19 @@ impl Protection {
             // 3. Authentication and scope: who is calling (API key or client
             //    certificate) and whether the method's scope is granted.
             //    UNAUTHENTICATED / PERMISSION_DENIED before any work is done.
-            //    Health and reflection stay open.
-            .layer(GateLayer(Arc::new(Authenticate(auth))))
+            //    Health and reflection stay open. Refusals are rate-limited
+            //    per peer address with the settings of layer 4: each leaves
+            //    an audit row, so a caller without a key could otherwise
+            //    fill the audit log (and crowd out other refusals' rows);
+            //    past its budget a peer's refusals are RESOURCE_EXHAUSTED,
+            //    counted (`handid.audit.unrecorded`) instead of recorded.
+            .layer(GateLayer(Arc::new(Authenticate {
+                auth,
+                refusals: RateLimit::new(
+                    settings.server.rate_limit_per_second,
+                    settings.server.rate_limit_burst,
+                ),
+            })))
             // 4. Per-caller rate limit (a token bucket per key id,
             //    certificate grant, or peer IP with auth off; 100/s, burst
             //    200 by default): one noisy client cannot take the capacity
@@ -313,21 +324,48 @@ where
 /// Authentication and scope check; puts the [`Caller`] in the request's
 /// extensions, where tonic hands it to the handler.
 #[derive(Debug)]
-pub struct Authenticate(Arc<LiveAuth>);
+pub struct Authenticate {
+    auth: Arc<LiveAuth>,
+    /// Refusals per peer address.
+    refusals: RateLimit,
+}
 
 impl Gate for Authenticate {
     type Ticket = ();
     fn admit<B>(&self, request: &mut http::Request<B>) -> Result<(), Status> {
         let path = request.uri().path().to_owned();
-        let caller = self
-            .0
+        let refused = match self
+            .auth
             .current()
             .check(&path, request.headers(), request.extensions())
-            .inspect_err(|status| {
-                tracing::info!(method = %path, code = ?status.code(), "call refused by access control");
-            })?;
-        request.extensions_mut().insert(caller);
-        Ok(())
+        {
+            Ok(caller) => {
+                request.extensions_mut().insert(caller);
+                return Ok(());
+            }
+            Err(status) => status,
+        };
+        // Charged to the key when access control knew it (a scope it
+        // lacks), else to the peer's address (no key, an unknown one).
+        let record = request.extensions().get::<Arc<CallRecord>>().cloned();
+        let who = match record.as_ref().and_then(|r| r.actor()) {
+            Some(actor) => format!("key {actor:?}"),
+            None => crate::auth::peer_addr(request.extensions())
+                .map_or_else(|| "an unknown address".to_owned(), |a| a.ip().to_string()),
+        };
+        if self.refusals.per_second > 0.0 && !self.refusals.take(format!("refused: {who}")) {
+            // Past the budget: the call's record closes without a row,
+            // counted and logged sparsely instead.
+            if let Some(record) = record {
+                record.leave_unrecorded();
+            }
+            return Err(Status::resource_exhausted(format!(
+                "too many refused calls from {who} (server.rate_limit_per_second, \
+                 server.rate_limit_burst); retry later with a valid key"
+            )));
+        }
+        tracing::info!(method = %path, code = ?refused.code(), "call refused by access control");
+        Err(refused)
     }
 }
 
@@ -352,6 +390,27 @@ impl RateLimit {
     }
 }
 
+impl RateLimit {
+    /// Takes a token from `key`'s bucket; `false` when it is empty.
+    fn take(&self, key: String) -> bool {
+        let now = Instant::now();
+        let mut buckets = lock(&self.buckets);
+        if buckets.len() >= RATE_LIMIT_TABLE {
+            // A bucket idle long enough to be full again carries no state.
+            let refill = Duration::from_secs_f64(self.burst / self.per_second);
+            buckets.retain(|_, (_, last)| now.duration_since(*last) < refill);
+        }
+        let (tokens, last) = buckets.entry(key).or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.per_second).min(self.burst);
+        *last = now;
+        if *tokens < 1.0 {
+            return false;
+        }
+        *tokens -= 1.0;
+        true
+    }
+}
+
 impl Gate for RateLimit {
     type Ticket = ();
     fn admit<B>(&self, request: &mut http::Request<B>) -> Result<(), Status> {
@@ -364,25 +423,14 @@ impl Gate for RateLimit {
             return Ok(());
         };
         let key = limit_key(caller);
-        let now = Instant::now();
-        let mut buckets = lock(&self.buckets);
-        if buckets.len() >= RATE_LIMIT_TABLE {
-            // A bucket idle long enough to be full again carries no state.
-            let refill = Duration::from_secs_f64(self.burst / self.per_second);
-            buckets.retain(|_, (_, last)| now.duration_since(*last) < refill);
+        if self.take(key.clone()) {
+            return Ok(());
         }
-        let (tokens, last) = buckets.entry(key.clone()).or_insert((self.burst, now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.per_second).min(self.burst);
-        *last = now;
-        if *tokens < 1.0 {
-            return Err(Status::resource_exhausted(format!(
-                "rate limit of {} calls per second (burst {}) exceeded for {key:?} \
-                 (server.rate_limit_per_second, server.rate_limit_burst); retry later",
-                self.per_second, self.burst
-            )));
-        }
-        *tokens -= 1.0;
-        Ok(())
+        Err(Status::resource_exhausted(format!(
+            "rate limit of {} calls per second (burst {}) exceeded for {key:?} \
+             (server.rate_limit_per_second, server.rate_limit_burst); retry later",
+            self.per_second, self.burst
+        )))
     }
 }
 

@@ -196,6 +196,7 @@ pub struct Metrics {
     failed_changes: Counter<u64>,
     replication_lag: Gauge<f64>,
     audit_dropped: Counter<u64>,
+    audit_unrecorded: Counter<u64>,
     pending_changes: Gauge<u64>,
     gallery_sizes: Arc<OnceLock<ObservableGauge<u64>>>,
 }
@@ -259,6 +260,12 @@ pub fn metrics() -> &'static Metrics {
                 .u64_counter("handid.audit.dropped")
                 .with_description("Audit rows of refused calls dropped because the audit queue was full")
                 .build(),
+            audit_unrecorded: meter
+                .u64_counter("handid.audit.unrecorded")
+                .with_description(
+                    "Calls refused by access control past their address's budget, counted instead of audited",
+                )
+                .build(),
             gallery_sizes: Arc::new(OnceLock::new()),
         }
     })
@@ -315,6 +322,11 @@ impl Metrics {
     /// A change kept failing and was passed over.
     pub fn change_failed(&self) {
         self.failed_changes.add(1, &[]);
+    }
+
+    /// A refused call past its address's budget was not audited.
+    pub fn audit_unrecorded(&self) {
+        self.audit_unrecorded.add(1, &[]);
     }
 
     /// A refused call's audit row was dropped (queue full).

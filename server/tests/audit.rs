@@ -383,3 +383,73 @@ async fn refused_and_cancelled_calls_leave_rows_too(pool_options: PgPoolOptions,
     expected.sort();
     assert_eq!(got, expected);
 }
+
+#[sqlx::test(migrations = false)]
+async fn refusals_past_their_budget_are_counted_not_recorded(
+    pool_options: PgPoolOptions,
+    options: PgConnectOptions,
+) {
+    let dir = checkpoint();
+    let desk = generate_key();
+    let mut s = settings(&options, dir.path());
+    s.auth.enabled = true;
+    s.auth.keys = vec![ApiKeySettings {
+        id: "desk".to_owned(),
+        sha256: hash_key(&desk),
+        scopes: vec![Scope::Identify],
+        galleries: Vec::new(),
+    }];
+    // Three refusals per address (or key), then one every 100 s.
+    s.server.rate_limit_per_second = 0.01;
+    s.server.rate_limit_burst = 3;
+    let server = TestServer::start(s).await;
+    let mut client = server.client().await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let get = || pb::GetSubjectRequest {
+        gallery_id: "g".to_owned(),
+        subject_id: "s".to_owned(),
+    };
+    // A caller without a key: three rows, then refusals that leave none,
+    // so a flood cannot fill the log or crowd out other rows.
+    let mut codes = Vec::new();
+    for _ in 0..8 {
+        let status = client.get_subject(get()).await.expect_err("no key");
+        if status.code() == tonic::Code::ResourceExhausted {
+            assert!(
+                status.message().contains("too many refused calls from 127.0.0.1"),
+                "{}",
+                status.message()
+            );
+        }
+        codes.push(status.code());
+    }
+    assert_eq!(codes[..3], [tonic::Code::Unauthenticated; 3]);
+    assert_eq!(codes[3..], [tonic::Code::ResourceExhausted; 5]);
+    // A valid key from the same address is not held by them.
+    let status = client
+        .get_subject(keyed(get(), &desk))
+        .await
+        .expect_err("no such gallery, or no scope for it");
+    assert!(
+        !matches!(
+            status.code(),
+            tonic::Code::ResourceExhausted | tonic::Code::Unauthenticated
+        ),
+        "{status:?}"
+    );
+    server.stop().await.expect("graceful stop");
+    let pool = pool_options.connect_with(options.clone()).await.expect("pool");
+    let rows: Vec<(String, String)> = sqlx::query_as("SELECT actor, outcome FROM audit_log ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .expect("audit rows");
+    let unauthenticated = rows
+        .iter()
+        .filter(|(actor, _)| actor == "unauthenticated")
+        .count();
+    assert_eq!(unauthenticated, 3, "{rows:?}");
+    assert!(
+        rows.iter().all(|(_, outcome)| outcome != "RESOURCE_EXHAUSTED"),
+        "{rows:?}"
+    );
+}
