@@ -85,7 +85,7 @@ impl Grant {
 }
 
 /// How a certificate grant recognises its client.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 enum CertMatch {
     /// The subject's attributes, parsed ([`parse_dn`]), equal as a set.
     Subject(Vec<(String, String)>),
@@ -108,9 +108,52 @@ impl CertMatch {
     }
 }
 
-/// Checks a certificate grant's subject or san (settings validation).
-pub fn check_grant(grant: &CertificateGrant) -> Result<(), NameError> {
-    CertMatch::of(grant).map(|_| ())
+/// Longest grant subject or san accepted: the text is the caller's name in
+/// the audit log and in every log line of its calls.
+pub const MAX_GRANT_NAME: usize = 1024;
+
+/// Which certificates a grant recognises, as settings validation compares
+/// two grants: equal when they would match the same certificates (the same
+/// subject attributes, or the same san), whatever their text.
+#[derive(Debug, PartialEq, Eq)]
+pub struct GrantMatch(CertMatch);
+
+/// Checks a certificate grant's subject or san (settings validation) and
+/// returns what it matches. Its text is the caller id the audit log records,
+/// so it must also be a name that log can hold on one line: no control
+/// characters (parse_dn would take them as part of a value) and at most
+/// [`MAX_GRANT_NAME`] bytes.
+pub fn check_grant(grant: &CertificateGrant) -> Result<GrantMatch, NameError> {
+    let text = grant.id();
+    let fail = |problem| NameError {
+        text: text.clone(),
+        problem,
+    };
+    if text.chars().any(char::is_control) {
+        return Err(fail(NameProblem::ControlCharacter));
+    }
+    if text.len() > MAX_GRANT_NAME {
+        return Err(fail(NameProblem::TooLong));
+    }
+    CertMatch::of(grant).map(GrantMatch)
+}
+
+/// Longest API key id accepted.
+pub const MAX_KEY_ID: usize = 128;
+
+/// Checks an API key id: 1 to [`MAX_KEY_ID`] characters of `A-Z a-z 0-9 .
+/// _ : @ -`. Key ids are written into YAML by `handid-server keygen` and
+/// name the caller in the audit log, the logs, rate limits and gallery
+/// quotas, so they are kept plain wherever they come from: the keygen
+/// command line or an entry edited by hand in the settings file.
+pub fn check_key_id(id: &str) -> Result<(), String> {
+    let plain = |b: u8| b.is_ascii_alphanumeric() || b"._:@-".contains(&b);
+    if id.is_empty() || id.len() > MAX_KEY_ID || !id.bytes().all(plain) {
+        return Err(format!(
+            "{id:?}: use 1-{MAX_KEY_ID} characters of A-Z a-z 0-9 . _ : @ -"
+        ));
+    }
+    Ok(())
 }
 
 /// Decides who a call comes from and whether it may proceed.
@@ -454,6 +497,16 @@ pub enum NameProblem {
     /// A subject alternative name of no known kind, or empty.
     #[error("a san is dns:NAME, uri:URI or email:ADDRESS")]
     BadSan,
+    /// A control character (a line break, a tab) in the text, which names
+    /// the caller in the audit log: escape it in a subject (`\0A`).
+    #[error("a control character in the text, which names the caller in the audit log (escape it as \\XX)")]
+    ControlCharacter,
+    /// A text longer than [`MAX_GRANT_NAME`] bytes.
+    #[error(
+        "longer than {} bytes, too long for the caller's name in the audit log",
+        MAX_GRANT_NAME
+    )]
+    TooLong,
 }
 
 /// Parses RFC 4514 text (`CN=desk,O=Example`; spaces around separators

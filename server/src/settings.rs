@@ -650,13 +650,22 @@ impl Settings {
         if s.replication.poll_interval_ms == 0 {
             return bad("replication.poll_interval_ms", "must be at least 1");
         }
-        let mut ids = std::collections::HashSet::new();
+        // Every key id and grant text names one caller: in the audit log, in
+        // rate limits and gallery quotas, and in what a reload reports. Two
+        // holders with one name would be counted and recorded as one.
+        let mut ids = std::collections::HashMap::new();
+        // A key is found by its hash; with two entries holding the same
+        // hash the later would silently take the key's calls.
+        let mut hashes = std::collections::HashMap::new();
         for key in &s.auth.keys {
-            if key.id.is_empty() {
-                return bad("auth.keys.id", "must not be empty");
+            if let Err(problem) = crate::auth::check_key_id(&key.id) {
+                return bad("auth.keys.id", &problem);
             }
-            if !ids.insert(key.id.as_str()) {
-                return bad("auth.keys.id", &format!("{:?} is used by two keys", key.id));
+            if ids.insert(key.id.clone(), "key").is_some() {
+                return bad(
+                    "auth.keys.id",
+                    &format!("{:?} is used by two keys: give each key its own id", key.id),
+                );
             }
             if key.sha256.len() != 64 || !key.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return bad(
@@ -667,18 +676,68 @@ impl Settings {
                     ),
                 );
             }
+            if let Some(first) = hashes.insert(key.sha256.to_ascii_lowercase(), key.id.as_str()) {
+                return bad(
+                    "auth.keys.sha256",
+                    &format!(
+                        "keys {first:?} and {:?} have the same sha256, so one key would be both \
+                         callers: remove one entry, or give one of them a new key (handid-server keygen)",
+                        key.id
+                    ),
+                );
+            }
             if key.scopes.is_empty() {
                 return bad("auth.keys.scopes", &format!("key {:?} has no scope", key.id));
             }
-        }
-        for grant in &s.auth.certificates {
-            if let Err(problem) = crate::auth::check_grant(grant) {
-                return bad("auth.certificates", &problem.to_string());
+            if key.scopes.contains(&Scope::Admin) && !key.galleries.is_empty() {
+                return bad(
+                    "auth.keys.galleries",
+                    &format!(
+                        "key {:?} has the admin scope and a galleries list, but admin acts on every \
+                         gallery (ReloadModel, RollbackModel, CancelMigration ...) and no list limits \
+                         it: give admin to a key without galleries",
+                        key.id
+                    ),
+                );
             }
-            if grant.scopes.is_empty() {
+        }
+        let mut matches: Vec<(crate::auth::GrantMatch, String)> = Vec::new();
+        for grant in &s.auth.certificates {
+            let id = grant.id();
+            let matched = match crate::auth::check_grant(grant) {
+                Ok(matched) => matched,
+                Err(problem) => return bad("auth.certificates", &problem.to_string()),
+            };
+            if let Some((_, first)) = matches.iter().find(|(m, _)| *m == matched) {
                 return bad(
                     "auth.certificates",
-                    &format!("grant {:?} has no scope", grant.id()),
+                    &format!(
+                        "grants {first:?} and {id:?} match the same certificates, and only the first \
+                         would ever apply: keep one grant"
+                    ),
+                );
+            }
+            if let Some(holder) = ids.insert(id.clone(), "certificate grant") {
+                return bad(
+                    "auth.certificates",
+                    &format!(
+                        "{id:?} names a certificate grant and a {holder}, which the audit log and the \
+                         per-caller limits would take for one caller: rename the key"
+                    ),
+                );
+            }
+            matches.push((matched, id.clone()));
+            if grant.scopes.is_empty() {
+                return bad("auth.certificates", &format!("grant {id:?} has no scope"));
+            }
+            if grant.scopes.contains(&Scope::Admin) && !grant.galleries.is_empty() {
+                return bad(
+                    "auth.certificates",
+                    &format!(
+                        "grant {id:?} has the admin scope and a galleries list, but admin acts on every \
+                         gallery (ReloadModel, RollbackModel, CancelMigration ...) and no list limits \
+                         it: give admin to a grant without galleries"
+                    ),
                 );
             }
         }
@@ -851,5 +910,139 @@ mod tests {
             let err = Settings::from_yaml_and_env(yaml, env(&[])).expect_err(yaml);
             assert_eq!(key_of(err), key, "{yaml}");
         }
+    }
+
+    const HASH_A: &str = "a665a45920422f9d417e4867efdc4fb8a04a1f3fff1fa07e998e86f7f7a27ae3";
+    const HASH_B: &str = "b3a8e0e1f9ab1bfe3a36f231f676f78bb30a519d2b21e6c530c0eee8ebb4a5d0";
+
+    /// The refusal of `yaml`: its key and its message.
+    fn refusal(yaml: &str) -> (String, String) {
+        match Settings::from_yaml_and_env(yaml, env(&[])).expect_err(yaml) {
+            SettingsError::Key { key, message } => (key, message),
+            other => panic!("expected a key error, got {other}"),
+        }
+    }
+
+    #[test]
+    fn admin_keys_and_grants_cannot_be_limited_to_galleries() {
+        let (key, message) = refusal(&format!(
+            "auth:\n  keys:\n    - {{id: site-ops, sha256: {HASH_A}, scopes: [identify, admin], \
+             galleries: [site-1]}}\n"
+        ));
+        assert_eq!(key, "auth.keys.galleries");
+        assert!(
+            message.contains("\"site-ops\"") && message.contains("admin acts on every gallery"),
+            "{message}"
+        );
+        let (key, message) = refusal(
+            "auth:\n  certificates:\n    - {san: 'dns:ops.example', scopes: [admin], galleries: [site-1]}\n",
+        );
+        assert_eq!(key, "auth.certificates");
+        assert!(
+            message.contains("\"dns:ops.example\"") && message.contains("admin acts on every gallery"),
+            "{message}"
+        );
+        // The same entries without admin, or admin without galleries, are fine.
+        Settings::from_yaml_and_env(
+            &format!(
+                "auth:\n  keys:\n    - {{id: site-desk, sha256: {HASH_A}, scopes: [identify, enroll], \
+                 galleries: [site-1]}}\n    - {{id: ops, sha256: {HASH_B}, scopes: [admin]}}\n  \
+                 certificates:\n    - {{san: 'dns:ops.example', scopes: [admin]}}\n    \
+                 - {{san: 'dns:desk.example', scopes: [enroll], galleries: [site-1]}}\n"
+            ),
+            env(&[]),
+        )
+        .expect("admin without galleries, galleries without admin");
+    }
+
+    #[test]
+    fn two_keys_with_one_hash_or_one_id_are_refused_naming_both() {
+        // The same key twice, the second written in upper case (the lookup
+        // ignores case): the later entry would take every call.
+        let (key, message) = refusal(&format!(
+            "auth:\n  keys:\n    - {{id: door, sha256: {HASH_A}, scopes: [identify]}}\n    \
+             - {{id: ops, sha256: {}, scopes: [admin]}}\n",
+            HASH_A.to_ascii_uppercase()
+        ));
+        assert_eq!(key, "auth.keys.sha256");
+        assert!(
+            message.contains("\"door\"") && message.contains("\"ops\"") && message.contains("same sha256"),
+            "{message}"
+        );
+        let (key, message) = refusal(&format!(
+            "auth:\n  keys:\n    - {{id: door, sha256: {HASH_A}, scopes: [identify]}}\n    \
+             - {{id: door, sha256: {HASH_B}, scopes: [admin]}}\n"
+        ));
+        assert_eq!(key, "auth.keys.id");
+        assert!(message.contains("\"door\" is used by two keys"), "{message}");
+    }
+
+    #[test]
+    fn key_ids_in_the_file_follow_the_keygen_rule() {
+        let long = "k".repeat(129);
+        for id in [
+            "''",
+            "'door 1'",
+            "\"door\\nops\"",
+            "'d\u{f6}or'",
+            "'door/1'",
+            long.as_str(),
+        ] {
+            let (key, message) = refusal(&format!(
+                "auth:\n  keys:\n    - {{id: {id}, sha256: {HASH_A}, scopes: [identify]}}\n"
+            ));
+            assert_eq!(key, "auth.keys.id", "{id}");
+            assert!(message.contains("1-128 characters"), "{id}: {message}");
+        }
+        let longest = "k".repeat(128);
+        Settings::from_yaml_and_env(
+            &format!(
+                "auth:\n  keys:\n    - {{id: '{longest}', sha256: {HASH_A}, scopes: [identify]}}\n    \
+                 - {{id: 'ops.site-1:door_7@example', sha256: {HASH_B}, scopes: [identify]}}\n"
+            ),
+            env(&[]),
+        )
+        .expect("plain ids");
+    }
+
+    #[test]
+    fn grant_names_are_one_caller_each_and_fit_the_audit_log() {
+        // Two texts of one subject: only the first grant would ever apply.
+        let (key, message) = refusal(
+            "auth:\n  certificates:\n    - {subject: 'CN=desk,O=Example', scopes: [identify]}\n    \
+             - {subject: 'O=Example, CN=desk', scopes: [enroll]}\n",
+        );
+        assert_eq!(key, "auth.certificates");
+        assert!(
+            message.contains("\"CN=desk,O=Example\"") && message.contains("\"O=Example, CN=desk\""),
+            "{message}"
+        );
+        // A key id that is also a grant's text: one caller to the audit log.
+        let (key, message) = refusal(&format!(
+            "auth:\n  keys:\n    - {{id: 'dns:door-7.example', sha256: {HASH_A}, scopes: [identify]}}\n  \
+             certificates:\n    - {{san: 'dns:door-7.example', scopes: [identify]}}\n"
+        ));
+        assert_eq!(key, "auth.certificates");
+        assert!(
+            message.contains("\"dns:door-7.example\" names a certificate grant and a key"),
+            "{message}"
+        );
+        // A line break would start a new line in the log: refused, while
+        // its escape is a value like any other.
+        let (key, message) =
+            refusal("auth:\n  certificates:\n    - {subject: \"CN=desk\\nO=Evil\", scopes: [identify]}\n");
+        assert_eq!(key, "auth.certificates");
+        assert!(message.contains("control character"), "{message}");
+        Settings::from_yaml_and_env(
+            "auth:\n  certificates:\n    - {subject: 'CN=desk\\0Aops', scopes: [identify]}\n",
+            env(&[]),
+        )
+        .expect("an escaped line break");
+        let (key, message) = refusal(&format!(
+            "auth:\n  certificates:\n    - {{subject: 'CN={}', scopes: [identify]}}\n",
+            "d".repeat(1030)
+        ));
+        assert_eq!(key, "auth.certificates");
+        assert!(message.contains("longer than 1024 bytes"), "{message}");
     }
 }
