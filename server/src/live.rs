@@ -49,7 +49,7 @@ pub struct SettingsReloaded {
     /// Key and grant ids that are gone.
     pub removed: Vec<String>,
     /// Ids kept with another hash, scopes or galleries, and `auth.enabled`
-    /// when it changed.
+    /// when a reload turned it on.
     pub changed: Vec<String>,
     /// Settings whose value in the file differs from the running one and
     /// that apply at the next start.
@@ -69,6 +69,16 @@ pub enum SettingsReloadError {
         path: PathBuf,
         /// Why.
         source: crate::settings::SettingsError,
+    },
+    /// The file turns access control off while it is on.
+    #[error(
+        "the settings file {path} sets auth.enabled: false, refused while the server runs (it would \
+         open every method to every caller at once), the running keys stay in force: auth can only \
+         be turned off by a restart with the new file"
+    )]
+    AuthDisabled {
+        /// The file.
+        path: PathBuf,
     },
 }
 
@@ -104,13 +114,26 @@ impl LiveSettings {
 
     /// Reads the settings file again (with the `HANDID__*` variables, as at
     /// start) and applies its `auth` section. Blocking (a small file read).
+    ///
+    /// A file that turns `auth.enabled` off while it is on is refused whole
+    /// (a reload is the quick, routine path, which should never open the
+    /// server to everyone); a restart with that file does it. Turning auth
+    /// on is applied like any other change.
     pub fn reload(&self) -> Result<SettingsReloaded, SettingsReloadError> {
         let path = self.file.clone().ok_or(SettingsReloadError::NoFile)?;
+        // The file is read under the lock: two reloads overlapping an edit
+        // (a SIGHUP and a ReloadSettings) then apply in the order they read
+        // the file, so the last applied is the newest text. Read before the
+        // lock, the older text could be applied last and bring back a key
+        // the edit had removed.
+        let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
         let next = Settings::load(Some(&path)).map_err(|source| SettingsReloadError::Invalid {
             path: path.clone(),
             source,
         })?;
-        let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        if running.auth.enabled && !next.auth.enabled {
+            return Err(SettingsReloadError::AuthDisabled { path });
+        }
         let mut reloaded = grant_changes(&running.auth, &next.auth);
         reloaded.path = path;
         reloaded.restart_required = restart_required(&running, &next);
@@ -272,5 +295,98 @@ mod tests {
         started.file = None;
         let fileless = LiveSettings::new(&started, Arc::new(LiveAuth::new(&started.auth)));
         assert!(matches!(fileless.reload(), Err(SettingsReloadError::NoFile)));
+    }
+
+    /// Whether `key` may call Identify under the grants in force.
+    fn identifies(live: &LiveSettings, key: Option<&str>) -> bool {
+        let mut headers = http::HeaderMap::new();
+        if let Some(key) = key {
+            headers.insert(
+                crate::auth::AUTHORIZATION,
+                format!("Bearer {key}").parse().expect("header"),
+            );
+        }
+        live.auth()
+            .current()
+            .check("/handid.v1.HandId/Identify", &headers, &http::Extensions::new())
+            .is_ok()
+    }
+
+    #[test]
+    fn a_reload_may_turn_auth_on_but_never_off() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("server.yaml");
+        let write = |text: &str| std::fs::write(&file, text).expect("write settings");
+        let door = |enabled: bool| {
+            format!(
+                "auth:\n  enabled: {enabled}\n  keys:\n    - {{id: door, sha256: {}, scopes: [identify]}}\n",
+                crate::auth::hash_key("door-key")
+            )
+        };
+        write(&door(true));
+        let started = Settings::load(Some(&file)).expect("settings");
+        let live = LiveSettings::new(&started, Arc::new(LiveAuth::new(&started.auth)));
+        let before = live.auth().current();
+        assert!(identifies(&live, Some("door-key")) && !identifies(&live, None));
+
+        // Off by a reload: refused whole, auth stays on with the same keys.
+        write(&door(false));
+        let refused = live.reload().expect_err("auth turned off by a reload");
+        assert!(
+            matches!(refused, SettingsReloadError::AuthDisabled { .. }),
+            "{refused}"
+        );
+        let message = refused.to_string();
+        assert!(
+            message.contains("server.yaml")
+                && message.contains("auth.enabled: false")
+                && message.contains("restart"),
+            "{message}"
+        );
+        assert!(Arc::ptr_eq(&before, &live.auth().current()));
+        assert!(identifies(&live, Some("door-key")) && !identifies(&live, None));
+        assert!(live.running.lock().expect("running").auth.enabled);
+
+        // Started with auth off (a restart with that file), a reload turns
+        // it on.
+        let started = Settings::load(Some(&file)).expect("settings");
+        let live = LiveSettings::new(&started, Arc::new(LiveAuth::new(&started.auth)));
+        assert!(identifies(&live, None));
+        write(&door(true));
+        let applied = live.reload().expect("auth turned on");
+        assert_eq!(applied.changed, ["auth.enabled"]);
+        assert!(identifies(&live, Some("door-key")) && !identifies(&live, None));
+    }
+
+    #[test]
+    fn a_reload_applies_the_file_as_it_is_once_it_holds_the_running_settings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("server.yaml");
+        let write = |text: &str| std::fs::write(&file, text).expect("write settings");
+        write(&format!(
+            "auth:\n  keys:\n    - {{id: door, sha256: {KEY_A}, scopes: [identify]}}\n"
+        ));
+        let started = Settings::load(Some(&file)).expect("settings");
+        let live = Arc::new(LiveSettings::new(
+            &started,
+            Arc::new(LiveAuth::new(&started.auth)),
+        ));
+        // Another reload holds the running settings while this one starts;
+        // the file is edited (the door key revoked) before it lets go. Were
+        // the file read before the lock, the revoked key would come back
+        // once this reload applied what it read.
+        let other = live.running.lock().expect("running");
+        let reloading = {
+            let live = Arc::clone(&live);
+            std::thread::spawn(move || live.reload())
+        };
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        write(&format!(
+            "auth:\n  keys:\n    - {{id: ops, sha256: {KEY_B}, scopes: [admin]}}\n"
+        ));
+        drop(other);
+        let applied = reloading.join().expect("reload thread").expect("valid file");
+        assert_eq!(applied.added, ["ops"]);
+        assert_eq!(applied.removed, ["door"]);
     }
 }

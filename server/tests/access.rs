@@ -1051,3 +1051,87 @@ async fn a_listener_other_hosts_reach_needs_tls_or_allow_plaintext(
     wait_for_health(&server, ServingStatus::Serving).await;
     server.stop().await.expect("graceful stop");
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_settings_reload_cannot_turn_auth_off(pool_options: PgPoolOptions, options: PgConnectOptions) {
+    let dir = checkpoint();
+    let files = tempfile::tempdir().expect("tempdir");
+    let config = files.path().join("server.yaml");
+    let write = |s: &Settings| {
+        std::fs::write(&config, serde_yaml::to_string(s).expect("yaml")).expect("write settings");
+    };
+    let (ops, reader) = (generate_key(), generate_key());
+    let mut s = settings(&options, dir.path());
+    s.auth.enabled = true;
+    s.auth.keys = vec![
+        key("ops", &ops, &[Scope::Admin], &[]),
+        key("reader", &reader, &[Scope::Identify], &[]),
+    ];
+    write(&s);
+    s.file = Some(config.clone());
+    let server = TestServer::start(s.clone()).await;
+    server.client().await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut admin = AdminClient::new(channel.clone());
+
+    // The file now turns auth off: ReloadSettings refuses it, naming the
+    // way that is allowed.
+    let mut open = s.clone();
+    open.auth.enabled = false;
+    write(&open);
+    let refused = admin
+        .reload_settings(with_key(pb::ReloadSettingsRequest {}, Some(&ops)))
+        .await
+        .expect_err("auth turned off by a reload");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("auth.enabled: false") && refused.message().contains("restart"),
+        "{}",
+        refused.message()
+    );
+
+    // Auth is still on, with the same keys.
+    let (got, message) = call(&channel, Rpc::ListSubjects, None, GONE, 0).await;
+    assert_eq!(got, Code::Unauthenticated, "{message}");
+    let (got, message) = call(&channel, Rpc::ListSubjects, Some(&reader), GONE, 0).await;
+    assert_eq!(got, Code::NotFound, "the reader key still works: {message}");
+    let (got, message) = call(&channel, Rpc::GetModel, Some(&reader), GONE, 0).await;
+    assert_eq!(got, Code::PermissionDenied, "{message}");
+    let (got, message) = call(&channel, Rpc::GetModel, Some(&ops), GONE, 0).await;
+    assert_eq!(got, Code::Ok, "the admin key still works: {message}");
+
+    // The audit log records the refusal, by whom and why.
+    let pool = pool_options.connect_with(options.clone()).await.expect("pool");
+    let mut rows: Vec<(String, String, String)> = Vec::new();
+    for _ in 0..100 {
+        rows = sqlx::query_as(
+            "SELECT actor, outcome, detail::text FROM audit_log WHERE action = 'reload_settings' ORDER BY id",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("audit rows");
+        if !rows.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        (rows[0].0.as_str(), rows[0].1.as_str()),
+        ("ops", "FAILED_PRECONDITION")
+    );
+    assert!(rows[0].2.contains("auth.enabled: false"), "{}", rows[0].2);
+
+    // The same file with auth on applies as usual.
+    write(&s);
+    admin
+        .reload_settings(with_key(pb::ReloadSettingsRequest {}, Some(&ops)))
+        .await
+        .expect("a file that keeps auth on");
+    server.stop().await.expect("graceful stop");
+}
