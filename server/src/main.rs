@@ -94,11 +94,9 @@ enum Command {
 }
 
 /// Key ids land in YAML and in the audit log: keep them plain.
+/// The rule the settings apply to every key id ([`handid_server::auth::check_key_id`]).
 fn parse_key_id(id: &str) -> Result<String, String> {
-    let plain = |b: u8| b.is_ascii_alphanumeric() || b"._:@-".contains(&b);
-    if id.is_empty() || id.len() > 128 || !id.bytes().all(plain) {
-        return Err(format!("{id:?}: use 1-128 characters of A-Z a-z 0-9 . _ : @ -"));
-    }
+    handid_server::auth::check_key_id(id)?;
     Ok(id.to_owned())
 }
 
@@ -143,6 +141,20 @@ async fn tools(command: Command) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    // The settings refuse such an entry (admin acts on every gallery):
+    // keygen does not print one.
+    if let Command::Keygen {
+        scopes, galleries, ..
+    } = &command
+        && scopes.contains(&Scope::Admin)
+        && !galleries.is_empty()
+    {
+        anyhow::bail!(
+            "--scopes admin with --galleries: the admin scope acts on every gallery (model \
+             reloads, promotions, rollbacks), so a key holding it cannot be limited to some; make \
+             one key for admin and another limited to the galleries"
+        );
+    }
     match command {
         Command::Serve { .. } => anyhow::bail!("serve is not a tool command"),
         Command::Keygen {

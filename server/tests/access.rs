@@ -319,6 +319,35 @@ fn keygen(id: &str, scopes: &str) -> (String, Settings) {
     (key, settings)
 }
 
+#[test]
+fn keygen_prints_no_entry_the_settings_would_refuse() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_handid-server"))
+            .arg("keygen")
+            .args(args)
+            .output()
+            .expect("run keygen")
+    };
+    let out = run(&[
+        "--id",
+        "ops",
+        "--scopes",
+        "admin,identify",
+        "--galleries",
+        "site-1",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("acts on every gallery"), "{stderr}");
+    assert!(out.stdout.is_empty(), "printed a key or an entry");
+    // The id rule is the settings' own.
+    let out = run(&["--id", "door one", "--scopes", "identify"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("A-Z a-z 0-9 . _ : @ -"));
+    let out = run(&["--id", "door-1", "--scopes", "identify", "--galleries", "site-1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 #[sqlx::test(migrations = false)]
 async fn every_key_kind_gets_the_right_status_on_every_rpc(
     pool_options: PgPoolOptions,
