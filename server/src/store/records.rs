@@ -442,11 +442,7 @@ impl Store {
         }
         // A statement of its own, begun once the lock is held: its snapshot
         // holds every enrolment that held the row before.
-        let lacking: Vec<Coverage> = coverage_in(&mut tx, spaces)
-            .await?
-            .into_iter()
-            .filter(|c| c.covered < c.subjects)
-            .collect();
+        let lacking = lacking_in(&mut tx, spaces).await?;
         if !lacking.is_empty() {
             return Ok(Rollback::Uncovered(lacking));
         }
@@ -483,11 +479,7 @@ impl Store {
         }
         if let Some(spaces) = require_coverage {
             // A statement of its own, begun once the lock is held.
-            let lacking: Vec<Coverage> = coverage_in(&mut tx, spaces)
-                .await?
-                .into_iter()
-                .filter(|c| c.covered < c.subjects)
-                .collect();
+            let lacking = lacking_in(&mut tx, spaces).await?;
             if !lacking.is_empty() {
                 return Ok(Promotion::Uncovered(lacking));
             }
@@ -639,6 +631,15 @@ impl Store {
 }
 
 /// [`Store::coverage`], on `conn` (within its transaction, if any).
+/// The galleries where some subject has no template of `spaces`.
+async fn lacking_in(conn: &mut sqlx::PgConnection, spaces: &[String]) -> StoreResult<Vec<Coverage>> {
+    Ok(coverage_in(conn, spaces)
+        .await?
+        .into_iter()
+        .filter(|c| c.covered < c.subjects)
+        .collect())
+}
+
 async fn coverage_in(conn: &mut sqlx::PgConnection, spaces: &[String]) -> StoreResult<Vec<Coverage>> {
     let rows: Vec<(String, i64, i64)> = sqlx::query_as(
         "SELECT g.gallery_id, count(s.id),
