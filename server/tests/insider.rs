@@ -150,6 +150,9 @@ async fn the_service_role_serves_but_cannot_rewrite_the_audit_log(
         "DELETE FROM changes",
         "ALTER TABLE templates DROP CONSTRAINT templates_embedding_finite",
         "CREATE TABLE shadow (x int)",
+        // Rows are timed and numbered by the database, not back-dated.
+        "INSERT INTO audit_log (actor, action, outcome, at) VALUES ('insider', 'note', 'ok', '2001-01-01')",
+        "INSERT INTO audit_log (id, actor, action, outcome) OVERRIDING SYSTEM VALUE VALUES (1, 'insider', 'note', 'ok')",
     ] {
         let err = sqlx::query(sql).execute(&insider).await.expect_err(sql);
         let code = err

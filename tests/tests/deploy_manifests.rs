@@ -203,6 +203,19 @@ fn check_deploy(deploy: &Path, configs: &Path) -> Vec<String> {
         }
         Err(e) => problems.push(format!("compose.yaml: settings rejected by the server: {e}")),
     }
+    // The local stack speaks plain text (gRPC, OTLP): nothing of it is
+    // published beyond the host's loopback.
+    for (name, service) in compose["services"].as_mapping().into_iter().flatten() {
+        for port in service["ports"].as_sequence().into_iter().flatten() {
+            let port = port.as_str().unwrap_or_default();
+            if !port.starts_with("127.0.0.1:") {
+                problems.push(format!(
+                    "compose.yaml: {} publishes {port:?} beyond loopback",
+                    name.as_str().unwrap_or("?")
+                ));
+            }
+        }
+    }
     for service in ["server", "migrate"] {
         if compose["services"][service]["image"].as_str() != Some(IMAGE) {
             problems.push(format!("compose.yaml: {service} image is not {IMAGE}"));
