@@ -294,6 +294,11 @@ impl Serving {
     /// templates' insert fails on the foreign key, a server fault rather
     /// than this refusal.
     async fn compares(&self, tx: &mut Transaction<'_, Postgres>, model_id: &str) -> StoreResult<bool> {
+        // Every Enroll asks this: the usual answer, its own model, costs
+        // no query.
+        if model_id == self.model_id {
+            return Ok(true);
+        }
         let recorded: Option<(String, i32)> =
             sqlx::query_as("SELECT embedding_space, embedding_dim FROM models WHERE model_id = $1")
                 .bind(model_id)
